@@ -1,0 +1,31 @@
+# `make demo`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
+# A re-run with a ready .venv skips what is installed and rebuilds only what changed.
+PY := .venv/bin/python
+CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup demo test bench lint
+setup: .venv/.skd-deps .venv/.skd-ext
+
+.venv/.skd-deps: pyproject.toml setup.py
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+# The extension: ninja recompiles only the changed sources.
+.venv/.skd-ext: .venv/.skd-deps $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+demo: setup
+	$(PY) -m benchmarks.kernels
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.kernels
+
+lint: setup
+	.venv/bin/ruff check .

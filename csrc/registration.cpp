@@ -1,0 +1,18 @@
+// The one registration file: operator schemas of the skd_kernels library and the Python module stub.
+// Kernels register their implementations next to their code (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cu: CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(skd_kernels, m) {
+  // x (N, G*r), w (N,) -> (weight_sum 0-d fp32, sum (G, r) fp32, sum_outer (G, r, r) fp32) of this batch.
+  m.def("weighted_covariance(Tensor x, Tensor w, int groups) -> (Tensor, Tensor, Tensor)");
+  // act, grad (B, T, C) -> (token (B, T) fp32 = |sum_c g*a|, channel (C,) fp32 = sum_b |sum_t g*a|).
+  m.def("taylor_scores(Tensor act, Tensor grad) -> (Tensor, Tensor)");
+  // y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]); activation in {none, gelu, gelu_tanh}.
+  m.def("prefix_linear(Tensor x, Tensor weight, Tensor? bias, int k_in, int k_out, str activation) -> Tensor");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "skd_kernels compiled operators", -1, nullptr};
+  return PyModule_Create(&module);
+}

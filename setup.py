@@ -1,0 +1,50 @@
+"""Builds skd_kernels._C: the C++ CPU kernels always, the CUDA kernels when a toolkit and a CUDA torch exist.
+
+SKD_SKIP_CUDA_BUILD=1 skips CUDA; TORCH_CUDA_ARCH_LIST overrides the default "8.0;9.0".
+Build against the installed torch: `pip install --no-build-isolation -e .`.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit folder (the one whose bin/ holds nvcc), or None."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+_cuda_home = None if os.environ.get("SKD_SKIP_CUDA_BUILD") == "1" else _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home  # read by torch.utils.cpp_extension at import
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(__file__))
+sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+with_cuda = bool(_cuda_home) and torch.version.cuda is not None and bool(cuda_sources)
+
+cxx_flags = ["-O3", "-fopenmp", "-march=native" if os.environ.get("SKD_NATIVE") == "1" else "-mavx2",
+             "-mfma"]
+if with_cuda:
+    ext = CUDAExtension(
+        "skd_kernels._C",
+        sources + cuda_sources,
+        extra_compile_args={"cxx": [*cxx_flags, "-DSKD_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    ext = CppExtension("skd_kernels._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

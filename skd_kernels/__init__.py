@@ -1,0 +1,24 @@
+"""skd_kernels: fused kernels for stratified ViTs — weighted covariance, Taylor scores, prefix GEMM.
+
+Every op dispatches CUDA ext → Triton → CPU ext → reference by device, dtype and availability;
+`available_backends(device)` lists the usable ones and `use_backend(name)` forces one.
+Nothing here knows about models.
+"""
+
+from ._dispatch import BACKENDS, available_backends, forced_backend, use_backend
+from ._ops import LOAD_ERROR as EXTENSION_LOAD_ERROR
+from .covariance import CovState, weighted_covariance
+from .prefix import prefix_linear
+from .taylor import taylor_scores
+
+__all__ = [
+    "BACKENDS",
+    "EXTENSION_LOAD_ERROR",
+    "CovState",
+    "available_backends",
+    "forced_backend",
+    "prefix_linear",
+    "taylor_scores",
+    "use_backend",
+    "weighted_covariance",
+]
