@@ -1,0 +1,32 @@
+"""skd: turn a pretrained timm Vision Transformer into a stratified knowledge-density super-network.
+
+WPAC (`skd.wpac`) reorders/rotates its weights so knowledge sits in the leading dims, PIAD
+(`skd.PIADTrainer`) trains every prefix subnetwork at once, and `skd.ElasticViT` runs any size of it
+in O(1). Built only on skd_kernels' public ops.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> defining module; imported on first use so `import skd` stays light.
+_EXPORTS = {
+    "UnsupportedModelError": "skd.errors",
+    "ElasticViT": "skd.elastic",
+    "Subnet": "skd.subnet",
+    "DropoutList": "skd.subnet",
+    "wpac": "skd.wpac",
+    "PIADTrainer": "skd.piad",
+    "save": "skd.io",
+    "load": "skd.io",
+}
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'skd' has no attribute {name!r}")
