@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -108,21 +109,19 @@ def train_digits_vit(train: TensorDataset | None = None, progress: bool = True) 
     gen = torch.Generator().manual_seed(r["seed"])
     torch.manual_seed(r["seed"])
     model = vit_digits()
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    opt = create_optimizer_v2(model, "adamw", lr=r["lr"], weight_decay=r["weight_decay"])
     loader = DataLoader(train, batch_size=r["batch_size"], shuffle=True, generator=gen, drop_last=True)
-    total = r["epochs"] * len(loader)
-    warmup = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-    )
+    sched = CosineLRScheduler(opt, t_initial=r["epochs"] * len(loader), warmup_t=len(loader), t_in_epochs=False)
     model.train()
+    step = 0
     for _ in tqdm(range(r["epochs"]), desc="train vit_digits", disable=not progress):
         for images, labels in loader:
             loss = F.cross_entropy(model(shift_augment(images)), labels, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            sched.step_update(step)
     return model.eval()
 
 
