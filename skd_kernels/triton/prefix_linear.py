@@ -1,0 +1,130 @@
+"""Triton prefix_linear: y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]).
+
+A tiled GEMM that reads the leading (k_out, k_in) block of the full weight through its strides (the
+weight is never copied or made contiguous), accumulates in fp32 and fuses bias + GELU (erf or tanh)
+into the epilogue before the one cast back to x's dtype. Registered as the custom op
+`skd_kernels::triton_prefix_linear` with a fake kernel (torch.compile) and the shared backward.
+
+Equivalent to::
+
+    y = F.gelu(F.linear(x[..., :k_in], weight[:k_out, :k_in], bias[:k_out]))  # activation="gelu"
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._ops import prefix_linear_fake, register_prefix_autograd
+from ._utils import dot_dtype, fp32_dot_precision, pick_configs
+
+
+def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+# Tiles that cover the shapes of ViT linears (M = batch*197 tokens, N and K 192..3072) on sm_80/sm_90:
+# big tiles for the compute-bound case, narrow ones for small k_out/M where occupancy matters.
+_CONFIGS = pick_configs(
+    [
+        _cfg(128, 256, 64, 3, 8),
+        _cfg(256, 128, 64, 3, 8),
+        _cfg(128, 128, 64, 4, 8),
+        _cfg(128, 128, 32, 4, 4),
+        _cfg(128, 64, 32, 4, 4),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+        _cfg(64, 32, 32, 5, 2),
+        _cfg(32, 64, 32, 5, 2),
+    ],
+    _cfg(32, 32, 32, 1, 4),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "ACTIVATION", "HAS_BIAS"])
+@triton.jit
+def _prefix_linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = act(x[M, :K] @ w[:N, :K]^T + b[:N]); one program per (BLOCK_M, BLOCK_N) output tile."""
+    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    # Rows/columns past M/N wrap around (always in bounds, so the K loop needs only the K mask);
+    # the wrapped results are dropped by the masked store. int64: M * stride can pass 2^31.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols * stride_b, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "gelu":
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u), with u = sqrt(2/pi) * (z + 0.044715 z^3).
+        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@torch.library.custom_op("skd_kernels::triton_prefix_linear", mutates_args=())
+def _prefix_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int, activation: str
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])  # a view for any x whose leading dims can be flattened by strides
+    m = x2.shape[0]
+    y = torch.empty((m, k_out), dtype=x.dtype, device=x.device)
+    if m and k_out:  # k_in == 0 still launches: the epilogue gives act(bias) (or act(0))
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),)
+
+        _prefix_linear_kernel[grid](
+            x2, weight, bias if bias is not None else weight, y,
+            m, k_out, k_in,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0, y.stride(0),
+            HAS_BIAS=bias is not None, ACTIVATION=activation, DOT_DTYPE=dot_dtype(x.dtype),
+            PRECISION=fp32_dot_precision(),
+        )
+    return y.reshape(*x.shape[:-1], k_out)
+
+
+_prefix_linear_op.register_fake(prefix_linear_fake)
+register_prefix_autograd("skd_kernels::triton_prefix_linear", _prefix_linear_op)
+
+
+def prefix_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int, activation: str
+) -> torch.Tensor:
+    """act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]) through the Triton GEMM.
+
+    x: (..., I') with I' >= k_in, weight: (O, I), bias: (O,) or None, one dtype (fp32/fp16/bf16), any
+    strides; 0 <= k_in <= I, 0 <= k_out <= O; activation "none" | "gelu" | "gelu_tanh".
+    Returns (..., k_out) in x's dtype. Differentiable in x, weight and bias (the custom op's autograd).
+    """
+    return _prefix_linear_op(x, weight, bias, k_in, k_out, activation)

@@ -1,0 +1,79 @@
+"""Triton taylor_scores: token |Σ_c g·a| and channel Σ_b |Σ_t g·a| in one pass over act and grad.
+
+One program per (sample b, block of tokens) walks all channels: its token sums are complete, so it
+stores their |·| directly; its per-channel partial sums over its tokens are atomically added into an
+fp32 (B, C) scratch, whose |·| summed over b (one small torch reduction, B·C floats) is the channel
+score. The fp32 atomics make the channel scores exact to rounding but not bitwise reproducible.
+
+Equivalent to::
+
+    p = grad.float() * act.float(); p.sum(-1).abs(), p.sum(1).abs().sum(0)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import pick_configs
+
+
+def _cfg(bt: int, bc: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=warps)
+
+
+# Streaming kernel: wide channel blocks for coalesced loads, enough token rows to keep the atomics
+# (one per channel per token block) a few percent of the traffic.
+_CONFIGS = pick_configs(
+    [_cfg(16, 256, 4), _cfg(32, 128, 4), _cfg(32, 256, 8), _cfg(64, 128, 8), _cfg(64, 64, 4)],
+    _cfg(32, 128, 4),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["T", "C"], reset_to_zero=["chan_ptr"])
+@triton.jit
+def _taylor_kernel(
+    a_ptr, g_ptr, tok_ptr, chan_ptr,
+    T, C,
+    stride_ab, stride_at, stride_ac, stride_gb, stride_gt, stride_gc,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """tok[b, t] = |Σ_c a·g| for the program's tokens; chan[b, c] += Σ_t a·g over them (atomic)."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok_t = rows < T
+    a_rows = a_ptr + b * stride_ab + rows.to(tl.int64)[:, None] * stride_at
+    g_rows = g_ptr + b * stride_gb + rows.to(tl.int64)[:, None] * stride_gt
+    tok = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok_c = cols < C
+        mask = ok_t[:, None] & ok_c[None, :]
+        a = tl.load(a_rows + cols[None, :] * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_rows + cols[None, :] * stride_gc, mask=mask, other=0.0).to(tl.float32)
+        p = a * g
+        tok += tl.sum(p, axis=1)
+        tl.atomic_add(chan_ptr + b * C + cols, tl.sum(p, axis=0), mask=ok_c)
+    tl.store(tok_ptr + b * T + rows, tl.abs(tok), mask=ok_t)
+
+
+def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order Taylor scores, reading act and grad once.
+
+    act, grad: (B, T, C) fp32/fp16/bf16, any strides.
+    Returns token (B, T) fp32 = |Σ_c g·a| and channel (C,) fp32 = Σ_b |Σ_t g·a|.
+    """
+    b, t, c = act.shape
+    token = torch.zeros((b, t), dtype=torch.float32, device=act.device)  # zero when C == 0
+    per_sample = torch.zeros((b, c), dtype=torch.float32, device=act.device)  # atomics add into it
+    if b and t and c:
+        def grid(meta: dict) -> tuple[int, int]:
+            return (b, triton.cdiv(t, meta["BLOCK_T"]))
+
+        _taylor_kernel[grid](
+            act, grad, token, per_sample,
+            t, c,
+            *act.stride(), *grad.stride(),
+        )
+    return token, torch.linalg.vector_norm(per_sample, ord=1, dim=0)
