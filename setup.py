@@ -35,8 +35,10 @@ sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 with_cuda = bool(_cuda_home) and torch.version.cuda is not None and bool(cuda_sources)
 
+# csrc/cpu vectorises through ATen's header-only Vectorized<T>: CPU_CAPABILITY selects its AVX2 variant,
+# which the -mavx2/-mfma/-mf16c (fp16 loads) instruction sets then compile to.
 cxx_flags = ["-O3", "-fopenmp", "-march=native" if os.environ.get("SKD_NATIVE") == "1" else "-mavx2",
-             "-mfma"]
+             "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-Wno-unknown-pragmas"]
 if with_cuda:
     ext = CUDAExtension(
         "skd_kernels._C",

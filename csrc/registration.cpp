@@ -14,5 +14,16 @@ TORCH_LIBRARY(skd_kernels, m) {
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "skd_kernels compiled operators", -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* mod = PyModule_Create(&module);
+  // WITH_CUDA: whether csrc/cuda was compiled in, so tests can tell "no CUDA build" from "CUDA kernels missing".
+#ifdef SKD_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (mod != nullptr && PyModule_AddIntConstant(mod, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
 }

@@ -10,12 +10,17 @@ import functools
 
 import torch
 
+from .reference import accumulation_dtype
+
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.skd_kernels.*)
+    from . import _C  # registers torch.ops.skd_kernels.*
 
     LOAD_ERROR: str | None = None
+    # Whether the extension was compiled with csrc/cuda (a CUDA toolkit and a CUDA torch at build time).
+    BUILT_WITH_CUDA: bool = bool(_C.WITH_CUDA)
 except ImportError as exc:  # a build without the extension still imports; ops fall back
     LOAD_ERROR = str(exc)
+    BUILT_WITH_CUDA = False
 
 
 @functools.cache
@@ -33,14 +38,15 @@ def covariance_fake(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torc
     torch._check(x.dim() == 2 and w.dim() == 1 and w.shape[0] == x.shape[0], lambda: "x (N, G*r), w (N,)")
     torch._check(groups >= 1 and x.shape[1] % groups == 0, lambda: "groups must divide x's width")
     r = x.shape[1] // groups
-    f32 = dict(dtype=torch.float32, device=x.device)
-    return x.new_empty((), **f32), x.new_empty((groups, r), **f32), x.new_empty((groups, r, r), **f32)
+    acc = dict(dtype=accumulation_dtype(x.dtype), device=x.device)
+    return x.new_empty((), **acc), x.new_empty((groups, r), **acc), x.new_empty((groups, r, r), **acc)
 
 
 def taylor_fake(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     torch._check(act.dim() == 3 and act.shape == grad.shape, lambda: "act, grad (B, T, C) of one shape")
     b, t, c = act.shape
-    return act.new_empty((b, t), dtype=torch.float32), act.new_empty((c,), dtype=torch.float32)
+    acc = accumulation_dtype(act.dtype)
+    return act.new_empty((b, t), dtype=acc), act.new_empty((c,), dtype=acc)
 
 
 def prefix_linear_fake(

@@ -12,16 +12,23 @@ import torch.nn.functional as F
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated and returned in: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def weighted_covariance(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
     """One batch of weighted second-moment statistics.
 
     x: (N, G*r) fp32/bf16/fp16, w: (N,) >= 0.
-    Returns (weight_sum () fp32, sum (G, r) fp32 = Σ w x, sum_outer (G, r, r) fp32 = Σ w x x^T).
+    Returns (weight_sum () fp32, sum (G, r) fp32 = Σ w x, sum_outer (G, r, r) fp32 = Σ w x x^T);
+    float64 instead of fp32 for float64 x.
     """
     n, d = x.shape
     r = d // groups
-    xf = x.float().reshape(n, groups, r)
-    wf = w.float()
+    acc = accumulation_dtype(x.dtype)
+    xf = x.to(acc).reshape(n, groups, r)
+    wf = w.to(acc)
     xw = xf * wf[:, None, None]
     sum_outer = torch.einsum("ngi,ngj->gij", xw, xf)
     return wf.sum(), xw.sum(0), sum_outer
@@ -31,9 +38,10 @@ def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
     """First-order Taylor scores.
 
     act, grad: (B, T, C) fp32/bf16/fp16.
-    Returns token (B, T) fp32 = |Σ_c g·a| and channel (C,) fp32 = Σ_b |Σ_t g·a|.
+    Returns token (B, T) fp32 = |Σ_c g·a| and channel (C,) fp32 = Σ_b |Σ_t g·a|; float64 for float64 input.
     """
-    prod = grad.float() * act.float()
+    acc = accumulation_dtype(act.dtype)
+    prod = grad.to(acc) * act.to(acc)
     return prod.sum(-1).abs(), prod.sum(1).abs().sum(0)
 
 
