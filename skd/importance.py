@@ -1,0 +1,177 @@
+"""PIAD importance: module sensitivity, dimension and unit importance, MACs per unit.
+
+For a subnetwork `subnet` of an ElasticViT (the super-network as truncated so far) and a proxy set:
+
+- module sensitivity  γ_m = (L(bypass m) − L) / L, L the subnet's mean cross-entropy on the proxy set
+  and "bypass m" the subnet with module m's residual branch skipped (width 0);
+- dimension importance I_i = γ_m · α_i, α the first-order Taylor channel importance
+  Σ_samples |Σ_tokens g·a| of the full network (WPAC's streamed calibration pass, `skd.stats.calibrate`,
+  reused rather than collected a second way), normalised to sum 1 over the module's kept dims. An
+  attention dim is a rank index j: q, k and v of dim j of every head together (a PIAD group drops it in
+  all heads at once); an MLP dim is a hidden unit;
+- unit importance      I_u = Σ_{i∈u} I_i / MACs(u), MACs(u) the analytic MACs per image of the unit's
+  dims (ElasticViT.macs is linear in the widths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .elastic import ElasticViT
+from .models import adapter_for
+from .stats import QKV, calibrate
+from .subnet import DropoutList, Group, Subnet
+
+Module = tuple[int, str]  # (block index, "attn" | "mlp")
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes when torch.distributed is initialised (importance statistics add up)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class Importance:
+    """Importance of one subnetwork's modules and dims.
+
+    gamma[(b, m)]: module sensitivity (float; may be < 0 when bypassing m lowers the loss).
+    alpha[(b, m)]: (kept width,) float64 Taylor importance of the module's kept dims, summing to 1
+    (uniform when all scores are 0). loss: the subnet's mean proxy-set cross-entropy.
+    """
+
+    gamma: dict[Module, float]
+    alpha: dict[Module, torch.Tensor]
+    loss: float
+
+    def dims(self, module: Module) -> torch.Tensor:
+        """(kept width,) float64 dimension importance I_i = γ_m · α_i."""
+        return self.gamma[module] * self.alpha[module]
+
+
+def _device(elastic: ElasticViT) -> torch.device:
+    return next(elastic.parameters()).device
+
+
+@torch.no_grad()
+def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet]) -> list[float]:
+    """Mean cross-entropy of each subnet over `data` (all processes' shares together)."""
+    dev = _device(elastic)
+    sums = torch.zeros(len(subnets) + 1, dtype=torch.float64, device=dev)  # last entry: sample count
+    for images, labels in data:
+        images, labels = images.to(dev), labels.to(dev)
+        for j, s in enumerate(subnets):
+            elastic.set_subnet(s)
+            sums[j] += F.cross_entropy(elastic(images).float(), labels, reduction="sum").double()
+        sums[-1] += len(labels)
+    _all_reduce(sums)
+    if sums[-1] == 0:
+        raise ValueError("the proxy set is empty")
+    return (sums[:-1] / sums[-1]).tolist()
+
+
+def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int) -> dict[Module, torch.Tensor]:
+    """Full-width Taylor channel scores (width,) float64 per module, from WPAC's calibration pass.
+
+    Attention: q, k and v scores of rank j summed over heads (timm's head-major channels h*hd + j).
+    """
+    with elastic.standard_layout() as model:
+        blocks = adapter_for(model).blocks
+        stats = calibrate(model, blocks, data, num_samples=num_samples, covariance=None, progress=False)
+    out: dict[Module, torch.Tensor] = {}
+    for b, (spec, feats) in enumerate(zip(blocks, stats.blocks, strict=True)):
+        out[b, "attn"] = sum(feats[f].taylor.view(spec.num_heads, spec.head_dim).sum(0) for f in QKV)
+        out[b, "mlp"] = feats["hidden"].taylor
+    return out
+
+
+def estimate_importance(
+    elastic: ElasticViT, data: Iterable, num_samples: int, subnet: Subnet | None = None
+) -> Importance:
+    """Module sensitivity and normalised Taylor importance of `subnet` (default: full) on the proxy `data`.
+
+    data: a re-iterable of (images (B, C, H, W), labels (B,) int64) batches, e.g. a DataLoader over the
+    proxy set; num_samples: the proxy set's size (over all processes). Under torch.distributed each
+    process passes its own shard (num_samples // world, +1 on the first num_samples % world ranks) and
+    the statistics are all-reduced. Runs in eval mode; train/eval mode and active subnet are restored.
+    """
+    base = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens) if subnet is None else subnet
+    base.validate(elastic.head_dims, elastic.hiddens)
+    was_training, active = elastic.training, elastic.subnet
+    elastic.eval()
+    try:
+        modules = [(b, m) for m in ("attn", "mlp") for b, w in enumerate(getattr(base, m)) if w]
+        bypassed = []
+        for b, m in modules:
+            widths = {"attn": list(base.attn), "mlp": list(base.mlp)}
+            widths[m][b] = 0
+            bypassed.append(Subnet(**widths))
+        losses = _mean_losses(elastic, data, [base, *bypassed])
+        if losses[0] <= 0:
+            raise ValueError(f"the subnet's proxy loss is {losses[0]}: relative sensitivities are undefined")
+        gamma = {mod: (lb - losses[0]) / losses[0] for mod, lb in zip(modules, losses[1:], strict=True)}
+        alpha = {}
+        for mod, t in _taylor(elastic, data, num_samples).items():
+            t = t[: getattr(base, mod[1])[mod[0]]]  # the kept dims (a prefix) share the module's mass
+            if len(t) == 0:
+                continue
+            total = t.sum()
+            alpha[mod] = t / total if total > 0 else torch.full_like(t, 1.0 / len(t))
+        return Importance(gamma=gamma, alpha=alpha, loss=losses[0])
+    finally:
+        elastic.set_subnet(active)
+        elastic.train(was_training)
+
+
+def macs_per_dim(elastic: ElasticViT) -> dict[Module, int]:
+    """MACs per image that one dim of each module costs (exact: ElasticViT.macs is linear in widths)."""
+    full = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens)
+    full_macs, out = elastic.macs(full), {}
+    for m, widths in (("attn", elastic.head_dims), ("mlp", elastic.hiddens)):
+        for b, n in enumerate(widths):
+            w = {"attn": list(full.attn), "mlp": list(full.mlp)}
+            w[m][b] = 0
+            out[b, m] = (full_macs - elastic.macs(Subnet(**w))) // n
+    return out
+
+
+def unit_macs(per_dim: dict[Module, int], module: Module, group: Group) -> int:
+    """MACs per image of the dims [group.start, group.stop) of `module`."""
+    return per_dim[module] * (group.stop - group.start)
+
+
+def unit_importance(imp: Importance, per_dim: dict[Module, int], module: Module, group: Group) -> float:
+    """I_u = Σ_{i∈u} γ_m α_i / MACs(u) for the group of `module` (its dims within the kept width).
+
+    An empty group (more groups than dims) costs and holds nothing: -inf, so it is dropped first.
+    """
+    if group.stop == group.start:
+        return float("-inf")
+    return float(imp.dims(module)[group.start : group.stop].sum()) / unit_macs(per_dim, module, group)
+
+
+def extend_dropout_list(
+    dl: DropoutList, imp: Importance, per_dim: dict[Module, int], goal_macs: float
+) -> list[tuple[int, str]]:
+    """Append the least important droppable unit until the list's dropped MACs reach goal_macs; return them.
+
+    Importance was estimated on dl.subnet(len(dl)), whose kept dims are exactly what is droppable.
+    Only a module's last kept group is droppable, so the list stays prefix-consistent.
+    """
+    dropped = sum(unit_macs(per_dim, dl.units[n], dl.unit_group(n)) for n in range(len(dl)))
+    added = []
+    while dropped < goal_macs:
+        candidates = dl.droppable()
+        if not candidates:
+            raise ValueError(f"every unit is dropped and the list covers {dropped} MACs < goal {goal_macs:.0f}")
+        unit = min(candidates, key=lambda u: (unit_importance(imp, per_dim, u, candidates[u]), u))
+        dl.append(unit)
+        added.append(unit)
+        dropped += unit_macs(per_dim, unit, candidates[unit])
+    return added
