@@ -1,0 +1,146 @@
+"""Save and load super-networks: safetensors for tensors + JSON metadata; atomic writes; no pickle.
+
+File format: one safetensors file whose metadata holds a single key "skd" with a JSON document:
+    format ("skd"), skd_version, kind ("elastic" | "model" | "tensors"), and for models:
+    architecture (timm model name), model_args (timm's reconstruction kwargs), layout
+    (LAYOUT_VERSION for rank-major ElasticViT weights, "timm" for head-major ones), subnet, dropout_list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import __version__
+from .elastic import LAYOUT_VERSION, ElasticViT
+from .subnet import DropoutList, Subnet
+
+_META_KEY = "skd"
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write `tensors` (name -> tensor, any device/dtype) and JSON-serialisable `metadata` to `path` atomically.
+
+    The file is written to a temporary file in the same folder and renamed over `path`, so a crash
+    never leaves a half-written file under `path`. Tensors must not share storage (safetensors rule).
+    """
+    try:
+        meta = json.dumps(metadata)
+    except TypeError as e:
+        raise ValueError(f"metadata is not JSON-serialisable: {e}") from e
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(flat, tmp, metadata={_META_KEY: meta})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not land before the data does
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by `save_tensors`: (tensors on CPU, metadata). Never unpickles.
+
+    Raises ValueError when the file is truncated, corrupted or was not written by skd.
+    """
+    try:
+        with safetensors.safe_open(os.fspath(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for bad headers / short files
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+    if raw is None:
+        raise ValueError(f"{path} has no skd metadata: it was not written by skd")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: skd metadata is not valid JSON: {e}") from e
+    return tensors, metadata
+
+
+def _model_source(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """timm's name and reconstruction kwargs for `model` (recorded by timm.create_model)."""
+    from timm.models import get_model_args
+
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if arch is None:
+        raise ValueError("obj's model was not built with timm.create_model, so skd cannot record how to rebuild it; "
+                         "create it with timm.create_model(name, **kwargs)")
+    args = get_model_args(model)
+    for k, v in args.items():
+        try:
+            json.dumps(v)
+        except TypeError as e:
+            raise ValueError(f"model argument {k}={v!r} cannot be stored in JSON; pass a string name instead") from e
+    return arch, args
+
+
+def save(obj: ElasticViT | nn.Module, path: str | os.PathLike) -> None:
+    """Save an ElasticViT (weights in its layout, subnet, dropout list) or a bare timm model, atomically."""
+    if isinstance(obj, ElasticViT):
+        model, layout = obj.model, LAYOUT_VERSION
+        extra = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
+                 "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}
+    elif isinstance(obj, nn.Module):
+        model, layout, extra = obj, "timm", {"kind": "model"}
+    else:
+        raise ValueError(f"obj must be an ElasticViT or a timm model, got {type(obj).__name__}")
+    arch, args = _model_source(model)
+    metadata = {"format": "skd", "skd_version": __version__, "architecture": arch, "model_args": args,
+                "layout": layout, **extra}
+    save_tensors(path, model.state_dict(), metadata)
+
+
+def load(path: str | os.PathLike) -> ElasticViT:
+    """Load a file written by `save` as an ElasticViT (rebuilding the timm model from its metadata).
+
+    Raises ValueError when the file is truncated/corrupted, not an skd model file, written with an
+    unknown layout, or when its tensors do not match the architecture its metadata names.
+    """
+    import timm
+
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != "skd" or meta.get("kind") not in ("elastic", "model"):
+        raise ValueError(f"{path} is not an skd model file (metadata kind={meta.get('kind')!r})")
+    if meta.get("layout") not in (LAYOUT_VERSION, "timm"):
+        raise ValueError(f"{path} has weight layout {meta.get('layout')!r}; this skd reads {LAYOUT_VERSION} and 'timm'")
+    try:
+        model = timm.create_model(meta["architecture"], pretrained=False, **meta["model_args"])
+    except Exception as e:
+        raise ValueError(f"{path}: cannot rebuild timm model {meta.get('architecture')!r} "
+                         f"with {meta.get('model_args')}: {e}") from e
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: tensors do not match {meta['architecture']} {meta['model_args']}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
+    rank_major = meta["layout"] == LAYOUT_VERSION
+    if not rank_major:
+        model.load_state_dict(tensors, assign=True)
+    elastic = ElasticViT(model)
+    if rank_major:  # the file holds the re-laid weights: load them after wrapping
+        model.load_state_dict(tensors, assign=True)
+    if meta.get("dropout_list") is not None:
+        elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])
+    if meta.get("subnet") is not None:
+        elastic.set_subnet(subnet=Subnet.from_dict(meta["subnet"]))
+    return elastic

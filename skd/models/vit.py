@@ -1,0 +1,79 @@
+"""Adapter for timm VisionTransformer: ViT, DeiT (class token or average pooling, register tokens,
+LayerScale, qkv bias on or off) and VisionTransformerDistilled (distilled DeiT)."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Attention, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..subnet import Subnet
+from . import AttnFn, BlockSpec, MlpFn, ModelAdapter, check_type, mlp_blocking
+
+
+class ViTAdapter(ModelAdapter):
+    family = "vit"
+
+    def __init__(self, model: VisionTransformer) -> None:
+        check_type(model.patch_embed, PatchEmbed, "patch_embed")  # hybrid CNN stems: MACs not modelled
+        if model.attn_pool is not None:
+            raise UnsupportedModelError(f"attn_pool ({type(model.attn_pool).__name__}) is not supported: "
+                                        "its MACs are not modelled")
+        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        blocks = []
+        for i, blk in enumerate(model.blocks):
+            where = f"blocks.{i}"
+            check_type(blk, Block, where)
+            check_type(blk.attn, Attention, f"{where}.attn")
+            check_type(blk.mlp, Mlp, f"{where}.mlp")
+            attn, mlp = blk.attn, blk.mlp
+            has_qk_norm = not isinstance(attn.q_norm, nn.Identity)
+            blocking = mlp_blocking(mlp, where)
+            if has_qk_norm:
+                blocking.append(f"{where}.attn has qk_norm: a norm over each head's dims changes when dims are dropped")
+            if not isinstance(attn.norm, nn.Identity):
+                blocking.append(f"{where}.attn has scale_norm over all attention dims")
+            if attn.gate is not None:
+                blocking.append(f"{where}.attn is gated: the gate is not truncated with the heads")
+            blocks.append(BlockSpec(
+                name=where, block=blk, attn=attn, qkv=attn.qkv, proj=attn.proj, mlp=mlp, fc1=mlp.fc1,
+                fc2=mlp.fc2, act=mlp.act, num_heads=attn.num_heads, head_dim=attn.head_dim,
+                hidden=mlp.fc1.out_features, has_qk_norm=has_qk_norm, tokens=tokens, sequences=1,
+                blocking=tuple(blocking),
+            ))
+        super().__init__(model, blocks)
+
+    def forward(self, x: torch.Tensor, subnet: Subnet, attn_fn: AttnFn, mlp_fn: MlpFn) -> torch.Tensor:
+        """x: (B, C, H, W) images -> the model's head output (logits (B, classes) for classifiers)."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        for i, spec in enumerate(self.blocks):
+            blk = spec.block
+            if subnet.attn[i]:
+                x = x + blk.drop_path1(blk.ls1(attn_fn(i, blk.norm1(x), None)))
+            if subnet.mlp[i]:
+                x = x + blk.drop_path2(blk.ls2(mlp_fn(i, blk.norm2(x))))
+        return m.forward_head(m.norm(x))
+
+    def other_macs(self) -> int:
+        m = self.model
+        macs = m.patch_embed.num_patches * m.patch_embed.proj.weight.numel()
+        for name in ("head", "head_dist"):  # head_dist: distilled DeiT's second classifier
+            head = getattr(m, name, None)
+            if isinstance(head, nn.Linear):
+                macs += head.weight.numel()
+        return macs
+
+    def new_attention(self, i: int, head_dim: int) -> nn.Module:
+        old = self.blocks[i].attn
+        w = old.qkv.weight
+        new = Attention(
+            old.qkv.in_features, num_heads=old.num_heads, attn_head_dim=head_dim,
+            dim_out=old.proj.out_features, qkv_bias=old.qkv.bias is not None,
+            proj_bias=old.proj.bias is not None, attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p,
+            device=w.device, dtype=w.dtype,
+        )
+        new.fused_attn = old.fused_attn
+        return new

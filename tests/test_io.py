@@ -1,0 +1,116 @@
+"""skd.save / skd.load and the lower-level save_tensors / load_tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import skd
+from skd import DropoutList, ElasticViT, Subnet
+from skd.io import load_tensors, save_tensors
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
+
+
+def _elastic() -> ElasticViT:
+    model = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+    return ElasticViT(model).eval()
+
+
+def test_round_trip_identical_outputs_subnet_and_dropout_list(tmp_path: Path) -> None:
+    elastic = _elastic()
+    elastic.dropout_list = DropoutList([(1, "mlp"), (0, "attn")], elastic.head_dims, elastic.hiddens)
+    elastic.set_subnet(subnet=Subnet(attn=[7, 0, 16], mlp=[192, 33, 1]))
+    path = tmp_path / "m.safetensors"
+    skd.save(elastic, path)
+    loaded = skd.load(path).eval()
+    assert loaded.subnet == elastic.subnet and loaded.dropout_list == elastic.dropout_list
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), elastic(x))
+        assert torch.equal(loaded.set_subnet(keep=1.0)(x), elastic.set_subnet(keep=1.0)(x))
+    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+
+
+def test_bare_model_saves_head_major_and_loads_elastic(tmp_path: Path) -> None:
+    model = timm.create_model("deit_tiny_distilled_patch16_224", **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    skd.save(model, tmp_path / "bare.safetensors")
+    _, meta = load_tensors(tmp_path / "bare.safetensors")
+    assert meta["layout"] == "timm" and meta["architecture"] == "deit_tiny_distilled_patch16_224"
+    with torch.no_grad():
+        torch.testing.assert_close(skd.load(tmp_path / "bare.safetensors").eval()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_or_garbage_file_raises(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    skd.save(_elastic(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        skd.load(path)
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        skd.load(path)
+
+
+def test_mismatched_metadata_raises(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    elastic = _elastic()
+    skd.save(elastic, path)
+    tensors, meta = load_tensors(path)
+    save_tensors(path, tensors, dict(meta, model_args=dict(meta["model_args"], embed_dim=96)))
+    with pytest.raises(ValueError, match="wrong shape"):
+        skd.load(path)
+    save_tensors(path, tensors, dict(meta, model_args=dict(meta["model_args"], depth=2)))
+    with pytest.raises(ValueError, match=r"unexpected \['blocks\.2"):
+        skd.load(path)
+    save_tensors(path, tensors, dict(meta, layout=99))
+    with pytest.raises(ValueError, match="layout 99"):
+        skd.load(path)
+    save_tensors(path, tensors, {"format": "something else"})
+    with pytest.raises(ValueError, match="not an skd model file"):
+        skd.load(path)
+    save_tensors(path, tensors, dict(meta, subnet={"attn": [17, 16, 16], "mlp": [1, 1, 1]}))
+    with pytest.raises(ValueError, match=r"subnet\.attn\[0\]=17"):
+        skd.load(path)
+
+
+def test_save_tensors_round_trip_atomic_and_checks(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.safetensors"
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2, 2).t()}  # non-contiguous
+    save_tensors(path, tensors, {"step": 3, "lr": [0.1, 0.2]})
+    loaded, meta = load_tensors(path)
+    assert meta == {"step": 3, "lr": [0.1, 0.2]}
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="JSON"):
+        save_tensors(path, tensors, {"bad": object()})
+    with pytest.raises(ValueError, match=r"tensors\['x'\]"):
+        save_tensors(path, {"x": [1, 2]}, {})
+    assert path.read_bytes() == before  # a failed save leaves the old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+def test_model_not_from_create_model_is_refused(tmp_path: Path) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    with pytest.raises(ValueError, match=r"timm\.create_model"):
+        skd.save(ElasticViT(VisionTransformer(**TINY)), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="obj must be"):
+        skd.save({"a": 1}, tmp_path / "x.safetensors")
+
+
+def test_metadata_is_plain_json(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    skd.save(_elastic(), path)
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8: 8 + header_len])
+    meta = json.loads(header["__metadata__"]["skd"])
+    assert meta["skd_version"] == skd.__version__ and meta["layout"] == 1 and meta["kind"] == "elastic"
