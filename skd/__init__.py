@@ -18,12 +18,15 @@ _EXPORTS = {
     "ElasticViT": "skd.elastic",
     "Subnet": "skd.subnet",
     "DropoutList": "skd.subnet",
-    "wpac": "skd.wpac",
     "PIADTrainer": "skd.piad",
     "save": "skd.io",
     "load": "skd.io",
 }
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__", "wpac"]
+
+# Eager, unlike the rest: the function shares its submodule's name, and importing `skd.wpac` (from
+# anywhere, at any time) binds the package attribute to the module, which a lazy lookup never undoes.
+from .wpac import wpac  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

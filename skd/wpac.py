@@ -1,0 +1,241 @@
+"""WPAC: the function-preserving transform that puts each block's most important knowledge first.
+
+Per block (DESIGN.md, "The method, precisely"), with per-head transforms applied block-diagonally:
+  V/O: rows of T_h = eigenvectors (descending) of the Θ-weighted covariance of v_h;
+       Wv_h <- T_h Wv_h, bv_h <- T_h bv_h, Wo[:, h] <- Wo[:, h] T_h^T.
+  Q/K: U_h from C^q_h + C^k_h, applied to the q and k rows and biases (scores q·k unchanged).
+  MLP: hidden units permuted into Taylor importance order (fc1 rows and bias, fc2 columns).
+Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
+instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
+Transforms are computed and applied in float64, then cast back to the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from skd_kernels import CovState
+
+from .models import BlockSpec, adapter_for
+from .stats import CalibrationStats, LossFn, calibrate
+
+CRITERIA = ("wpac", "pca", "taylor", "magnitude", "random", "hessian")
+ROTATIONS = ("wpac", "pca")  # criteria that rotate V/O and Q/K; the others permute
+RELATIVE_DAMPING = 1e-10  # δ = RELATIVE_DAMPING * tr(C)/r added to C before eigh
+RANDOM_SEED = 0
+
+
+@dataclass
+class BlockReport:
+    """What WPAC did to one block. H heads of hd dims, m MLP hidden units; all float64 on CPU.
+
+    qk / vo: "rotation" or "permutation". qk_spectrum, vo_spectrum: (H, hd) eigenvalues of the per-head
+    covariance, descending (None for permutation criteria). qk_importance, vo_importance: (H, hd) scores
+    of the dims in their new order (None for rotations). mlp_importance: (m,) scores in the new order.
+    """
+
+    name: str
+    qk: str
+    vo: str
+    qk_spectrum: torch.Tensor | None
+    vo_spectrum: torch.Tensor | None
+    qk_importance: torch.Tensor | None
+    vo_importance: torch.Tensor | None
+    mlp_importance: torch.Tensor
+
+
+@dataclass
+class WPACReport:
+    """`model.skd_report` after `skd.wpac`: criterion, samples used, wall time (s), one BlockReport per block."""
+
+    criterion: str
+    samples: int
+    seconds: float
+    blocks: list[BlockReport]
+
+
+def wpac(
+    model: nn.Module,
+    data: Iterable | Dataset,
+    *,
+    num_samples: int = 1024,
+    criterion: str = "wpac",
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Stratify `model` in place so the leading dims of every head and MLP hold the most knowledge.
+
+    model: a timm VisionTransformer / DeiT / Swin, or an `skd.ElasticViT` (transformed through its
+    `standard_layout()`); any float dtype (statistics are fp32, transforms float64). data: yields
+    (images (B, C, H, W), labels (B,)) batches, or a map-style Dataset of (image, label) samples; at most
+    `num_samples` samples are used (under torch.distributed: in total over all processes, each reading
+    its own shard). criterion: one of CRITERIA; "magnitude" and "random" read no data. loss_fn(outputs,
+    labels) -> scalar summed over the batch; default cross-entropy. Returns the same model, computing the
+    same function, with `model.skd_report` (a WPACReport).
+
+    Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
+    images, activations or gradients). Models with qk_norm keep their V/O rotation and MLP order, but Q/K
+    is only permuted, with one order shared by all heads because the norm's affine is shared (warned).
+    """
+    from .elastic import ElasticViT  # deferred: elastic is only needed when given a wrapped model
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} must be one of {CRITERIA}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be a positive int")
+    if isinstance(model, ElasticViT):
+        with model.standard_layout() as inner:
+            model.skd_report = _stratify(inner, data, num_samples, criterion, loss_fn, progress)
+        return model
+    model.skd_report = _stratify(model, data, num_samples, criterion, loss_fn, progress)
+    return model
+
+
+def _stratify(model: nn.Module, data: Iterable | Dataset, num_samples: int, criterion: str,
+              loss_fn: LossFn | None, progress: bool) -> WPACReport:
+    start = time.perf_counter()
+    blocks = adapter_for(model).blocks
+    stats = None
+    if criterion not in ("magnitude", "random"):
+        stats = calibrate(model, blocks, data, num_samples=num_samples, loss_fn=loss_fn, progress=progress,
+                          covariance={"wpac": "weighted", "pca": "uniform"}.get(criterion),
+                          fisher=criterion == "hessian")
+    normed = [s.name for s in blocks if s.has_qk_norm]
+    if normed:
+        warnings.warn(f"{', '.join(normed)}: qk_norm normalises over each head's dims, so Q/K cannot be rotated; "
+                      "Q/K dims are permuted into importance order instead, one order shared by all heads "
+                      "(the norm's affine is shared). V/O and MLP are transformed as usual.", stacklevel=3)
+    generator = torch.Generator().manual_seed(RANDOM_SEED)
+    with torch.no_grad():
+        reports = [_transform_block(spec, i, stats, criterion, generator) for i, spec in enumerate(blocks)]
+    samples = 0 if stats is None else int(stats.samples)
+    return WPACReport(criterion, samples, time.perf_counter() - start, reports)
+
+
+# ----------------------------------------------------------------------------------------- per block
+def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, criterion: str,
+                     generator: torch.Generator) -> BlockReport:
+    feats = None if stats is None else stats.blocks[i]
+    h, hd = spec.num_heads, spec.head_dim
+    qkv = spec.qkv.weight.detach().double().view(3, h, hd, -1)
+    fc1 = spec.fc1.weight.detach().double()
+    proj = spec.proj.weight.detach().double().view(-1, h, hd)
+
+    def scores(name: str) -> torch.Tensor:
+        """(channels,) importance of feature `name` under a permutation criterion."""
+        if criterion == "random":
+            return torch.rand(spec.hidden if name == "hidden" else h * hd, generator=generator, dtype=torch.float64)
+        if criterion == "magnitude":  # L2 norms of every weight attached to the dim, in and out
+            if name == "hidden":
+                return fc1.norm(dim=1) + spec.fc2.weight.detach().double().norm(dim=0)
+            if name == "v":
+                return (qkv[2].norm(dim=-1) + proj.norm(dim=0)).reshape(-1)
+            return qkv["qk".index(name)].norm(dim=-1).reshape(-1)
+        f = feats[name]
+        return (f.fisher if criterion == "hessian" else f.taylor).cpu()
+
+    def qk_scores() -> torch.Tensor:
+        return (scores("q") + scores("k")).view(h, hd)
+
+    report = dict(name=spec.name, qk_spectrum=None, vo_spectrum=None, qk_importance=None, vo_importance=None)
+    if criterion in ROTATIONS:
+        cov = {n: _covariance(spec, n, feats[n].cov) for n in ("q", "k", "v")}
+        vo, report["vo_spectrum"] = principal_axes(cov["v"])
+        report["vo"] = "rotation"
+        if spec.has_qk_norm:
+            qk_imp = (feats["q"].taylor + feats["k"].taylor).cpu().view(h, hd)
+        else:
+            qk, report["qk_spectrum"] = principal_axes(cov["q"] + cov["k"])
+            report["qk"] = "rotation"
+        mlp_imp = feats["hidden"].taylor.cpu()
+    else:
+        qk_imp, vo_imp, mlp_imp = qk_scores(), scores("v").view(h, hd), scores("hidden")
+        vo, report["vo_importance"] = _permutation_matrices(vo_imp)
+        report["vo"] = "permutation"
+        if not spec.has_qk_norm:
+            qk, report["qk_importance"] = _permutation_matrices(qk_imp)
+            report["qk"] = "permutation"
+    if spec.has_qk_norm:
+        # The norm's weight/bias has hd entries shared by the heads: only one common order can be absorbed.
+        shared = torch.sort(qk_imp.sum(0), descending=True, stable=True).indices
+        qk = torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd)
+        report["qk_importance"] = qk_imp[:, shared]
+        report["qk"] = "permutation"
+        for norm in (spec.attn.q_norm, spec.attn.k_norm):
+            for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+                if p is not None:
+                    p.copy_(p[shared.to(p.device)])
+    mlp_order = torch.sort(mlp_imp, descending=True, stable=True).indices
+    _apply_attention(spec, qk, vo)
+    _permute_mlp(spec, mlp_order)
+    return BlockReport(mlp_importance=mlp_imp[mlp_order], **report)
+
+
+def _covariance(spec: BlockSpec, name: str, state: CovState) -> torch.Tensor:
+    """(H, hd, hd) float64 CPU covariance of feature `name`; zeros when it carried no weight (Σw = 0)."""
+    if float(state.weight_sum) <= 0:
+        warnings.warn(f"{spec.name} {name}: all token weights were zero (no gradient reached it); "
+                      "its heads are left as they are", stacklevel=5)
+        return torch.zeros_like(state.sum_outer, device="cpu")
+    cov = state.covariance().cpu()
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(f"{spec.name} {name}: covariance contains NaN or Inf (activations overflowed fp32)")
+    return cov
+
+
+def principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal per-group transforms from covariances.
+
+    cov: (G, r, r) float64 symmetric PSD. Returns T (G, r, r) float64 whose rows are the eigenvectors by
+    descending eigenvalue, each signed so its largest-magnitude entry is positive (deterministic, so runs
+    on slightly different sums agree), and the eigenvalues (G, r) float64 descending, clamped at 0.
+    eigh runs on C + δI with δ = RELATIVE_DAMPING·tr(C)/r: the eigenvectors are C's, and ill-conditioned
+    or singular C neither fails nor gives NaN. An all-zero group gets T = I.
+    """
+    g, r, _ = cov.shape
+    eye = torch.eye(r, dtype=torch.float64).expand(g, r, r)
+    delta = RELATIVE_DAMPING * cov.diagonal(dim1=1, dim2=2).sum(-1) / r  # (G,)
+    evals, evecs = torch.linalg.eigh(cov + delta[:, None, None] * eye)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    idx = evecs.abs().argmax(dim=1, keepdim=True)  # (G, 1, r): row of each column's largest entry
+    evecs = evecs * torch.gather(evecs, 1, idx).sign()
+    transform, evals = evecs.transpose(1, 2), (evals - delta[:, None]).clamp_min(0)
+    zero = delta <= 0
+    return torch.where(zero[:, None, None], eye, transform), torch.where(zero[:, None], 0.0, evals)
+
+
+def _permutation_matrices(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """importance (H, hd) -> (permutation matrices (H, hd, hd) float64 sorting each head's dims by
+    descending importance, the sorted importance (H, hd))."""
+    hd = importance.shape[1]
+    order = torch.sort(importance, dim=1, descending=True, stable=True).indices
+    return torch.eye(hd, dtype=torch.float64)[order], torch.gather(importance, 1, order)
+
+
+def _apply_attention(spec: BlockSpec, qk: torch.Tensor, vo: torch.Tensor) -> None:
+    """qk, vo: (H, hd, hd) float64 orthogonal. q_h, k_h rows <- U_h·, v_h rows <- T_h·, proj[:, h] <- ·T_h^T."""
+    h, hd = spec.num_heads, spec.head_dim
+    qkv_w, qkv_b, proj_w = spec.qkv.weight, spec.qkv.bias, spec.proj.weight
+    transforms = torch.stack([qk, qk, vo]).to(qkv_w.device)  # (3, H, hd, hd)
+    w = torch.einsum("shij,shjd->shid", transforms, qkv_w.double().view(3, h, hd, -1))
+    qkv_w.copy_(w.reshape(qkv_w.shape))
+    if qkv_b is not None:
+        qkv_b.copy_(torch.einsum("shij,shj->shi", transforms, qkv_b.double().view(3, h, hd)).reshape(-1))
+    o = torch.einsum("ohj,hij->ohi", proj_w.double().view(-1, h, hd), vo.to(proj_w.device))
+    proj_w.copy_(o.reshape(proj_w.shape))
+
+
+def _permute_mlp(spec: BlockSpec, order: torch.Tensor) -> None:
+    """Hidden unit order[n] becomes unit n: fc1 rows and bias, fc2 columns."""
+    order = order.to(spec.fc1.weight.device)
+    spec.fc1.weight.copy_(spec.fc1.weight[order])
+    if spec.fc1.bias is not None:
+        spec.fc1.bias.copy_(spec.fc1.bias[order])
+    spec.fc2.weight.copy_(spec.fc2.weight[:, order])
