@@ -65,7 +65,8 @@ def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
     Returns token (B, T) fp32 = |Σ_c g·a| and channel (C,) fp32 = Σ_b |Σ_t g·a|.
     """
     b, t, c = act.shape
-    token = torch.zeros((b, t), dtype=torch.float32, device=act.device)  # zero when C == 0
+    # The kernel writes every token score; with C == 0 they are sums of nothing, zero.
+    token = (torch.empty if c else torch.zeros)((b, t), dtype=torch.float32, device=act.device)
     per_sample = torch.zeros((b, c), dtype=torch.float32, device=act.device)  # atomics add into it
     if b and t and c:
         def grid(meta: dict) -> tuple[int, int]:
