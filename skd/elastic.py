@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import copy
 import math
+import numbers
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -57,7 +58,7 @@ def _fused_activation(act: nn.Module) -> str | None:
 
 
 def _check_fraction(name: str, f: object) -> float:
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
+    if isinstance(f, bool) or not isinstance(f, numbers.Real) or not math.isfinite(f) or not 0 < f <= 1:
         raise ValueError(f"{name}={f!r} must be a finite number in (0, 1]")
     return float(f)
 
@@ -318,7 +319,7 @@ class ElasticViT(nn.Module):
         return mono[k - 1] + w * (mono[k] - mono[k - 1])
 
     def _by_latency(self, latency_ms: float) -> Subnet:
-        if isinstance(latency_ms, bool) or not isinstance(latency_ms, (int, float)) or not (
+        if isinstance(latency_ms, bool) or not isinstance(latency_ms, numbers.Real) or not (
                 math.isfinite(latency_ms) and latency_ms > 0):
             raise ValueError(f"latency_ms={latency_ms!r} must be a finite number > 0")
         if not self._latency_table:
@@ -373,8 +374,9 @@ class ElasticViT(nn.Module):
         with torch.no_grad():
             for i, (spec, r, h) in enumerate(zip(self._adapter.blocks, subnet.attn, subnet.mlp, strict=True)):
                 block = out.get_submodule(spec.name)
-                block.attn = self._extract_attention(i, spec, r)
-                block.mlp = self._extract_mlp(spec, h)
+                # fresh modules start in train mode; follow the copied block's (dropout would differ)
+                block.attn = self._extract_attention(i, spec, r).train(block.training)
+                block.mlp = self._extract_mlp(spec, h).train(block.training)
         return out
 
     def _extract_attention(self, i: int, spec: BlockSpec, r: int) -> nn.Module:

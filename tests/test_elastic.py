@@ -75,6 +75,7 @@ def test_extract_is_smaller_plain_timm_and_keeps_full_scale(x: torch.Tensor) -> 
     assert n_small < 0.6 * n_full
     assert all(not type(m).__module__.startswith("skd") for m in small.modules())
     assert all(not m._forward_pre_hooks for m in small.modules())
+    assert not any(m.training for m in small.modules())  # follows the eval-mode source
     assert small.blocks[0].attn.head_dim == 8 and small.blocks[0].mlp.fc1.out_features == 96
     # Forgetting the sqrt(r/hd) fold (timm then uses 1/sqrt(r)) would change the output measurably.
     with torch.no_grad():

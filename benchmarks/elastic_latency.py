@@ -1,0 +1,111 @@
+"""Elastic latency: ElasticViT at MACs fractions vs the extract()ed dense model of the same shape.
+
+For vit_tiny / vit_small / vit_base shapes (random init, 224 px) and MACs fractions 1/4, 1/3, 1/2,
+2/3, 1, prints per fraction: elastic ms, extracted ms, their ratio (target <= 1.05), latency(f) /
+latency(1) (target <= f + 0.10) and the width-switch time (target < 1 ms, flat across sizes).
+Elastic and extracted runs are interleaved and the median taken (and the best-of ratio shown too),
+so load from other processes on the machine hits both alike.
+
+    python benchmarks/elastic_latency.py [--device cpu|cuda] [--repeats 7] [--threads N] [--models vit_tiny ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+import skd_kernels
+from skd import ElasticViT
+
+FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
+# batch per model: a full forward of ~0.1-1 s on this 2-core CPU
+MODELS = {"vit_tiny": ("vit_tiny_patch16_224", 8), "vit_small": ("vit_small_patch16_224", 4),
+          "vit_base": ("vit_base_patch16_224", 1)}
+
+
+def _time_ms(fn, x: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _switch_us(elastic: ElasticViT, n: int = 2000) -> float:
+    """Median over n calls of set_subnet(subnet=...) alternating between two subnets, in microseconds."""
+    a, b = elastic.uniform(1 / 3), elastic.uniform(2 / 3)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        elastic.set_subnet(subnet=a if i % 2 else b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _macs_switch_us(elastic: ElasticViT, n: int = 200) -> float:
+    """Median time of set_subnet(macs=f) (budget search included), in microseconds."""
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        elastic.set_subnet(macs=FRACTIONS[i % len(FRACTIONS)])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def bench(name: str, device: str, repeats: int) -> list[dict]:
+    arch, batch = MODELS[name]
+    torch.manual_seed(0)
+    elastic = ElasticViT(timm.create_model(arch).to(device).eval()).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    rows = []
+    with torch.no_grad():
+        for f in FRACTIONS:
+            elastic.set_subnet(macs=f)
+            dense = elastic.extract().eval()
+            elastic(x), dense(x)  # warm-up both
+            e_ms, d_ms = [], []
+            for _ in range(repeats):
+                e_ms.append(_time_ms(elastic, x))
+                d_ms.append(_time_ms(dense, x))
+            rows.append(dict(model=name, batch=batch, f=f, macs_frac=elastic.macs() / elastic.full_macs,
+                             elastic_ms=statistics.median(e_ms), extract_ms=statistics.median(d_ms),
+                             ratio_min=min(e_ms) / min(d_ms)))
+    full = rows[-1]["elastic_ms"]
+    switch, macs_switch = _switch_us(elastic), _macs_switch_us(elastic)
+    for r in rows:
+        r.update(ratio=r["elastic_ms"] / r["extract_ms"], rel=r["elastic_ms"] / full,
+                 switch_us=switch, macs_switch_us=macs_switch)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads; 1 avoids OpenMP spin-wait stalls when other processes load the cores")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {dev}; torch {torch.__version__}; timm {timm.__version__}; "
+          f"prefix_linear backend order: {skd_kernels.available_backends(args.device)}")
+    print("| model | batch | f | MACs frac | elastic ms | extract ms | elastic/extract | (best-of) | lat(f)/lat(1) | "
+          "f+0.10 | switch µs (subnet=) | switch µs (macs=) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for r in bench(name, args.device, args.repeats):
+            print(f"| {r['model']} | {r['batch']} | {r['f']:.3f} | {r['macs_frac']:.3f} | {r['elastic_ms']:.1f} | "
+                  f"{r['extract_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_min']:.3f} | {r['rel']:.3f} | "
+                  f"{r['f'] + 0.10:.3f} | {r['switch_us']:.1f} | {r['macs_switch_us']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
