@@ -1,10 +1,10 @@
 // weighted_covariance on CPU: per-group Σw, Σ w x, Σ w x x^T of one batch, x read once.
 //
 // Rows are processed in chunks that fit in L2: one parallel pass writes Y = sqrt(w) * x (widened to the
-// accumulation type), then BLAS reads Y from cache for Σ w x = Y^T sqrt(w) and Σ w x x^T = Y_g^T Y_g.
-// Y_g^T Y_g is symmetric, so for wide groups only the blocks on and above the diagonal are multiplied
-// (a blocked SYRK through at::addmm_, which ATen exposes; it saves up to half the flops) and the lower
-// blocks are mirrored once at the end.
+// accumulation type) and adds Σ w x, then BLAS reads Y from cache for Σ w x x^T = Y_g^T Y_g. Narrow
+// groups (ViT heads) take one batched GEMM per chunk. Y_g^T Y_g is symmetric, so for wide groups only the
+// blocks on and above the diagonal are multiplied (a blocked SYRK through at::addmm_: ATen exposes no
+// syrk) and the lower blocks are mirrored once at the end.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,30 +15,44 @@
 namespace skd::cpu {
 namespace {
 
-// Target bytes of one chunk of Y: comfortably inside a 1-2 MiB L2.
+// Target bytes of one chunk of Y: inside a 1-2 MiB L2 with room for the GEMM's packed panels
+// (measured: 512 KiB beat 256 KiB and 1-4 MiB on ViT-S/B shapes).
 constexpr int64_t kChunkBytes = 512 * 1024;
-// Symmetric blocking kicks in above this group width; blocks are about kSyrkBlock wide.
+// Symmetric blocking kicks in from this group width; blocks are at most kSyrkBlock wide (r = 384 -> 3
+// blocks, 6 of 9 GEMMs; r = 768 -> 5 blocks, 15 of 25). Narrower blocks save more flops but each
+// at::addmm_ call costs ~10 µs and runs the GEMM less efficiently; 128-192 measured best.
 constexpr int64_t kSyrkMin = 256;
-constexpr int64_t kSyrkBlock = 192;
+constexpr int64_t kSyrkBlock = 160;
 
-// Y[i, :] = sqrt_w[i] * x[n0 + i, :] for i in [0, m), in the accumulation type.
+// Y[i, :] = sqrt_w[i] * x[n0 + i, :] for i in [0, m), in the accumulation type; the same pass adds
+// Σ w x of these rows into partial[thread] (D wide), so Y is never read back for it.
 template <typename scalar_t>
-void scale_rows(const at::Tensor& x, const at::Tensor& sqrt_w, int64_t n0, int64_t m, at::Tensor& y) {
+void scale_rows(const at::Tensor& x, const at::Tensor& sqrt_w, int64_t n0, int64_t m, at::Tensor& y,
+                at::Tensor& partial) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
   const int64_t D = x.size(1), sx = x.stride(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>() + n0 * sx;
   const acc* sw = sqrt_w.const_data_ptr<acc>() + n0;
   acc* yp = y.mutable_data_ptr<acc>();
+  acc* part = partial.mutable_data_ptr<acc>();
   const int64_t vec_end = D - D % Vec::size();
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    acc* ps = part + at::get_thread_num() * D;
     for (int64_t i = r0; i < r1; ++i) {
       const scalar_t* xr = xp + i * sx;
       acc* yr = yp + i * D;
       const Vec s(sw[i]);
       int64_t c = 0;
-      for (; c < vec_end; c += Vec::size()) (load_acc(xr + c) * s).store(yr + c);
-      for (; c < D; ++c) yr[c] = sw[i] * static_cast<acc>(xr[c]);
+      for (; c < vec_end; c += Vec::size()) {
+        const Vec v = load_acc(xr + c) * s;
+        v.store(yr + c);
+        (Vec::loadu(ps + c) + v * s).store(ps + c);
+      }
+      for (; c < D; ++c) {
+        yr[c] = sw[i] * static_cast<acc>(xr[c]);
+        ps[c] += sw[i] * yr[c];
+      }
     }
   });
 }
@@ -64,9 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
   const auto opts = x.options().dtype(acc_type);
 
   at::Tensor weight_sum = w.sum();
-  at::Tensor sum = at::zeros({D}, opts);
   at::Tensor sum_outer = at::zeros({groups, r, r}, opts);
-  if (N == 0 || D == 0) return {weight_sum, sum.view({groups, r}), sum_outer};
+  // Σ w x, one row per thread (summed at the end): threads never write the same row.
+  at::Tensor partial = at::zeros({at::get_num_threads(), D}, opts);
+  if (N == 0 || D == 0) return {weight_sum, partial.sum(0).view({groups, r}), sum_outer};
 
   const at::Tensor sqrt_w = w.sqrt();
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (D * at::elementSize(acc_type)), 64, N);
@@ -78,9 +93,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
     const int64_t m = std::min(chunk, N - n0);
     at::Tensor y = y_buf.narrow(0, 0, m);
     SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_weighted_covariance", [&] {
-      scale_rows<scalar_t>(x, sqrt_w, n0, m, y);
+      scale_rows<scalar_t>(x, sqrt_w, n0, m, y, partial);
     });
-    sum.addmv_(y.t(), sqrt_w.narrow(0, n0, m));  // Σ sqrt(w) * (sqrt(w) x)
+    if (nblk == 1) {
+      // Narrow groups: one batched GEMM over all groups, on strided views of Y (no copy).
+      const at::Tensor yg = y.view({m, groups, r}).transpose(0, 1);  // (G, m, r)
+      sum_outer.baddbmm_(yg.transpose(1, 2), yg);
+      continue;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       at::Tensor out = sum_outer.select(0, g);
       for (int64_t bi = 0; bi < nblk; ++bi) {
@@ -103,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
       }
     }
   }
-  return {weight_sum, sum.view({groups, r}), sum_outer};
+  return {weight_sum, partial.sum(0).view({groups, r}), sum_outer};
 }
 
 }  // namespace

@@ -1,0 +1,332 @@
+"""Kernel benchmark: one table of speed ratios, each pair measured side by side in one run.
+
+    python -m benchmarks.kernels            # full table (ViT-S and ViT-B shapes), CPU and CUDA if present
+    python -m benchmarks.kernels --quick    # a few representative shapes, < 1 minute
+
+Every row times a backend and its baseline interleaved (round-robin, same inputs), so machine noise hits
+both alike, and prints the ratio baseline_time / backend_time (higher is better) at the 20th and 50th
+percentile with its target. Baselines: on CPU the plain-PyTorch reference (taylor_scores,
+weighted_covariance) and F.linear on the weight block already extracted as a contiguous tensor
+(prefix_linear); on CUDA cuBLAS's F.linear on the extracted block, cuBLAS's X^T X of the same x (the
+covariance's GEMM throughput), and a copy moving the bytes taylor_scores reads (copy bandwidth).
+Each timing is appended to benchmarks/results.csv as (op, backend, shape, dtype, p20, p50, p80 in ms,
+device, commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import skd_kernels
+from skd_kernels import reference
+
+RESULTS_CSV = Path(__file__).with_name("results.csv")
+CSV_FIELDS = ("op", "backend", "shape", "dtype", "p20", "p50", "p80", "device", "commit")
+TOKENS = 197
+# name: (embedding width d, heads, MLP hidden width)
+MODELS = {"vit_s": (384, 6, 1536), "vit_b": (768, 12, 3072)}
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# Lower bounds on baseline_time / backend_time (DESIGN.md's targets).
+CPU_TARGETS = {"taylor_scores": 2.0, "weighted_covariance": 1.3, "prefix_linear": 0.95}
+GPU_TARGETS = {"taylor_scores": 0.8, "weighted_covariance": 0.7, "prefix_linear": 0.9}
+# Each timing sample runs the op repeatedly for at least this long, so µs-scale GPU ops are measurable.
+MIN_SAMPLE_S = 2e-3
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Percentiles of one op's time per call, in milliseconds."""
+
+    p20: float
+    p50: float
+    p80: float
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row: a backend's op and its baseline on the same inputs."""
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    backend: str
+    run: Callable[[], object]
+    baseline: str
+    run_baseline: Callable[[], object]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """A function timing `n` back-to-back calls of `fn` on `device`, in seconds."""
+    if device.type == "cuda":
+
+        def cuda_time(fn: Callable[[], object], n: int) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], object], n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return time.perf_counter() - t0
+
+    return cpu_time
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, Timing]:
+    """Per-call time percentiles of each fn, sampled round-robin `reps` times so noise is shared."""
+    timer = _timer(device)
+    inner = {}
+    for name, fn in fns.items():  # warm-up (autotune, allocator, caches), then calls per sample
+        fn()
+        once = max(timer(fn, 1), 1e-7)
+        inner[name] = max(1, min(1000, round(MIN_SAMPLE_S / once)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(timer(fn, inner[name]) / inner[name] * 1e3)
+    return {name: Timing(*(_percentile(v, q) for q in (0.2, 0.5, 0.8))) for name, v in samples.items()}
+
+
+def _timed_backends(device: torch.device) -> list[str]:
+    """Backends worth timing on `device`: not the reference (a baseline) nor Triton's CPU interpreter."""
+    names = [n for n in skd_kernels.available_backends(device) if n != "reference"]
+    return [n for n in names if not (n == "triton" and device.type == "cpu")]
+
+
+def _with_backend(name: str, fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    def run() -> object:
+        with skd_kernels.use_backend(name):
+            return fn(*args)
+
+    return run
+
+
+def _gelu(y: torch.Tensor) -> torch.Tensor:
+    return F.gelu(y)
+
+
+def prefix_cases(device: torch.device, backends: list[str], models: list[str], fractions: tuple[float, ...],
+                 dtypes: list[torch.dtype], batch: int) -> list[Case]:
+    """MLP layers at prefix fractions: fc1 keeps k_out = f·m outputs (+GELU), fc2 reads k_in = f·m inputs.
+
+    The baseline is what an extracted model runs: F.linear (+ GELU) on a contiguous copy of the block.
+    x has exactly k_in columns in both, as the previous prefix layer produces it.
+    """
+    cases = []
+    for model in models:
+        d, _, m = MODELS[model]
+        for frac in fractions:
+            k = max(1, round(frac * m))
+            for dtype in dtypes:
+                for layer, (out_f, in_f, k_in, k_out, act) in {
+                    "fc1": (m, d, d, k, "gelu"),
+                    "fc2": (d, m, k, d, None),
+                }.items():
+                    weight = torch.randn(out_f, in_f, device=device, dtype=dtype) * in_f**-0.5
+                    bias = torch.randn(out_f, device=device, dtype=dtype)
+                    x = torch.randn(batch * TOKENS, k_in, device=device, dtype=dtype)
+                    w_blk = weight[:k_out, :k_in].contiguous()
+                    b_blk = bias[:k_out].contiguous()
+                    post = _gelu if act else (lambda y: y)
+                    shape = (f"{model}.{layer} f={frac:g} x({batch * TOKENS},{k_in}) "
+                             f"W[:{k_out},:{k_in}] of ({out_f},{in_f})")
+                    for name in backends:
+                        cases.append(Case(
+                            "prefix_linear", shape, dtype, name,
+                            _with_backend(name, skd_kernels.prefix_linear, x, weight, bias, k_in, k_out, act),
+                            "F.linear(extracted)",
+                            functools.partial(lambda x, w, b, p: p(F.linear(x, w, b)), x, w_blk, b_blk, post),
+                        ))
+    return cases
+
+
+def covariance_cases(device: torch.device, backends: list[str], models: list[str], dtypes: list[torch.dtype],
+                     batches: list[int]) -> list[Case]:
+    """x = (197·batch, d) with groups = heads (per-head V/QK statistics) and groups = 1 (whole width).
+
+    CPU baseline: the reference. CUDA baseline: cuBLAS X^T X of the same x per group (the GEMM the op
+    must approach); the ratio is then the op's throughput over cuBLAS's.
+    """
+    cases = []
+    for model in models:
+        d, heads, _ = MODELS[model]
+        for batch in batches:
+            for groups in (heads, 1):
+                for dtype in dtypes:
+                    n = TOKENS * batch
+                    x = torch.randn(n, d, device=device, dtype=dtype)
+                    w = torch.rand(n, device=device, dtype=dtype)
+                    shape = f"{model} x({n},{d}) groups={groups}"
+                    if device.type == "cuda":
+                        xg = x.view(n, groups, d // groups).transpose(0, 1)
+                        base_name = "cuBLAS X^T X"
+                        base = functools.partial(lambda a: torch.bmm(a.transpose(1, 2), a), xg)
+                    else:
+                        base_name = "reference"
+                        base = functools.partial(reference.weighted_covariance, x, w, groups)
+                    for name in backends:
+                        cases.append(Case(
+                            "weighted_covariance", shape, dtype, name,
+                            _with_backend(name, skd_kernels.weighted_covariance, x, w, groups),
+                            base_name, base,
+                        ))
+    return cases
+
+
+def taylor_cases(device: torch.device, backends: list[str], models: list[str], dtypes: list[torch.dtype],
+                 batch: int) -> list[Case]:
+    """(act, grad) of shape (batch, 197, C) for C = d (attention features) and C = m (MLP hidden).
+
+    CPU baseline: the reference. CUDA baseline: copying a tensor of act's size, which moves (reads +
+    writes) as many bytes as taylor_scores reads, so the ratio is the op's share of copy bandwidth.
+    """
+    cases = []
+    for model in models:
+        d, _, m = MODELS[model]
+        for c in (d, m):
+            for dtype in dtypes:
+                act = torch.randn(batch, TOKENS, c, device=device, dtype=dtype)
+                grad = torch.randn(batch, TOKENS, c, device=device, dtype=dtype)
+                shape = f"{model} ({batch},{TOKENS},{c})"
+                if device.type == "cuda":
+                    dst = torch.empty_like(act)
+                    base_name, base = "copy", functools.partial(dst.copy_, act)
+                else:
+                    base_name, base = "reference", functools.partial(reference.taylor_scores, act, grad)
+                for name in backends:
+                    cases.append(Case(
+                        "taylor_scores", shape, dtype, name,
+                        _with_backend(name, skd_kernels.taylor_scores, act, grad), base_name, base,
+                    ))
+    return cases
+
+
+def build_cases(device: torch.device, quick: bool) -> list[Case]:
+    backends = _timed_backends(device)
+    if quick:
+        models, fractions, dtypes, batch = ["vit_s"], (0.5, 1.0), [torch.float32], 8
+        return (taylor_cases(device, backends, models, dtypes, batch)
+                + covariance_cases(device, backends, models, dtypes, [batch])
+                + prefix_cases(device, backends, models, fractions, dtypes, batch))
+    models, low = list(MODELS), [torch.float32, torch.bfloat16]
+    batch = 8 if device.type == "cpu" else 64
+    return (taylor_cases(device, backends, models, low, batch)
+            + covariance_cases(device, backends, models, low, [batch, 4 * batch])
+            + prefix_cases(device, backends, models, FRACTIONS, [torch.float32], batch)
+            + prefix_cases(device, backends, models, (0.5, 1.0), [torch.bfloat16], batch))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def run(devices: list[torch.device], quick: bool, reps: int, csv_path: Path | None) -> list[dict[str, object]]:
+    """Times every case, prints the ratio table and appends the timings to `csv_path`; returns the rows."""
+    commit = git_commit()
+    table, csv_rows = [], []
+    for device in devices:
+        targets = GPU_TARGETS if device.type == "cuda" else CPU_TARGETS
+        name = device_name(device)
+        cases = build_cases(device, quick)
+        if not cases:
+            print(f"{device.type}: no compiled backend to time (extension: {skd_kernels.EXTENSION_LOAD_ERROR})")
+        for case in cases:
+            t = time_side_by_side({"op": case.run, "base": case.run_baseline}, reps, device)
+            op_t, base_t = t["op"], t["base"]
+            target = targets[case.op]
+            ratio50, ratio20 = base_t.p50 / op_t.p50, base_t.p20 / op_t.p20
+            table.append(dict(op=case.op, device=device.type, backend=case.backend, dtype=_dtype_name(case.dtype),
+                              shape=case.shape, baseline=case.baseline, base_ms=base_t.p50, op_ms=op_t.p50,
+                              ratio20=ratio20, ratio50=ratio50, target=target))
+            for backend, timing in ((case.backend, op_t), (case.baseline, base_t)):
+                csv_rows.append(dict(op=case.op, backend=backend, shape=case.shape, dtype=_dtype_name(case.dtype),
+                                     p20=f"{timing.p20:.4f}", p50=f"{timing.p50:.4f}", p80=f"{timing.p80:.4f}",
+                                     device=name, commit=commit))
+        print(f"device: {name}")
+    print_table(table)
+    if csv_path is not None and csv_rows:
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(csv_rows)
+        print(f"appended {len(csv_rows)} timings to {csv_path}")
+    return table
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    header = (f"{'op':<20} {'dev':<4} {'backend':<7} {'dtype':<8} {'shape':<60} {'baseline':<19} "
+              f"{'base ms':>8} {'op ms':>8} {'x p20':>6} {'x p50':>6} {'target':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ok = "ok" if r["ratio50"] >= r["target"] else "MISS"
+        print(f"{r['op']:<20} {r['device']:<4} {r['backend']:<7} {r['dtype']:<8} {r['shape']:<60} "
+              f"{r['baseline']:<19} {r['base_ms']:8.3f} {r['op_ms']:8.3f} {r['ratio20']:6.2f} {r['ratio50']:6.2f} "
+              f"{'>=' + format(r['target'], 'g'):>6} {ok}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few representative shapes, < 1 minute")
+    parser.add_argument("--reps", type=int, default=None, help="samples per timing (default 15, quick 7)")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="CSV to append timings to")
+    parser.add_argument("--no-csv", action="store_true", help="do not write the CSV")
+    args = parser.parse_args(argv)
+    devices = []
+    if args.device in ("all", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    reps = args.reps or (7 if args.quick else 15)
+    run(devices, args.quick, reps, None if args.no_csv else args.csv)
+
+
+if __name__ == "__main__":
+    main()
