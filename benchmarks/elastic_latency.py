@@ -6,12 +6,13 @@ latency(1) (target <= f + 0.10) and the width-switch time (target < 1 ms, flat a
 Elastic and extracted runs are interleaved and the median taken (and the best-of ratio shown too),
 so load from other processes on the machine hits both alike.
 
-    python benchmarks/elastic_latency.py [--device cpu|cuda] [--repeats 7] [--threads N] [--models vit_tiny ...]
+    python benchmarks/elastic_latency.py [--device cpu|cuda] [--repeats 7] [--threads N] [--backend B] [--models ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -84,19 +85,23 @@ def bench(name: str, device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(stack: contextlib.ExitStack) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads; 1 avoids OpenMP spin-wait stalls when other processes load the cores")
+    p.add_argument("--backend", default=None, choices=skd_kernels.BACKENDS,
+                   help="force skd_kernels' prefix_linear backend (default: automatic choice)")
     args = p.parse_args()
+    if args.backend:
+        stack.enter_context(skd_kernels.use_backend(args.backend))
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {dev}; torch {torch.__version__}; timm {timm.__version__}; "
-          f"prefix_linear backend order: {skd_kernels.available_backends(args.device)}")
+          f"prefix_linear backend: {args.backend or skd_kernels.available_backends(args.device)}")
     print("| model | batch | f | MACs frac | elastic ms | extract ms | elastic/extract | (best-of) | lat(f)/lat(1) | "
           "f+0.10 | switch µs (subnet=) | switch µs (macs=) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -108,4 +113,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.ExitStack() as s:
+        main(s)

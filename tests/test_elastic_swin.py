@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from elastic_oracle import masked_copy, random_subnets, rel_err
+from elastic_oracle import kept_masks, masked_copy, random_subnets, rel_err
 from timm.models.swin_transformer import SwinTransformer
 
 from skd import ElasticViT, Subnet
@@ -85,3 +85,21 @@ def test_swin_save_load_round_trip(tmp_path, x: torch.Tensor) -> None:
     loaded = skd.load(tmp_path / "swin.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), elastic(x))
+
+
+def test_swin_gradients_equal_masking_oracle_on_kept_entries(pair: tuple, x: torch.Tensor) -> None:
+    bare, elastic = pair
+    subnet = Subnet(attn=[5, 12, 0, 9], mlp=[0, 40, 96, 3])
+    target = torch.tensor([2, 5])
+    oracle = masked_copy(bare, subnet)
+    torch.nn.functional.cross_entropy(oracle(x), target).backward()
+    torch.nn.functional.cross_entropy(elastic.set_subnet(subnet=subnet)(x), target).backward()
+    masks, expected = kept_masks(bare, subnet), dict(oracle.named_parameters())
+    with elastic.standard_layout() as model:
+        for n, p in model.named_parameters():
+            g = torch.zeros_like(p) if p.grad is None else p.grad  # skipped branch: None here, exact 0 there
+            ref = expected[n].grad
+            if n in masks:
+                assert not g[~masks[n]].any(), n
+                g, ref = g[masks[n]], ref[masks[n]]
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=n)
