@@ -1,0 +1,89 @@
+"""Accuracy, MACs and latency of an ElasticViT at several MACs budgets."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .elastic import ElasticViT
+
+EVAL_BATCH_SIZE = 256
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 5, device: torch.device | None = None) -> float:
+    """Median wall time of `fn()` in milliseconds over `repeats` runs after one warm-up run."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def loader_for(data: Dataset | DataLoader, batch_size: int = EVAL_BATCH_SIZE) -> DataLoader:
+    """`data` itself if it is a DataLoader, else an ordered DataLoader over the Dataset."""
+    return data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
+
+
+def first_images(loader: DataLoader, n: int) -> torch.Tensor:
+    """The first n images (n, C, H, W) of `loader` (fewer if it holds fewer), reading only what is needed."""
+    chunks, have = [], 0
+    for images, _ in loader:
+        chunks.append(images)
+        have += len(images)
+        if have >= n:
+            break
+    return torch.cat(chunks)[:n]
+
+
+@torch.no_grad()
+def correct_count(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[int, int]:
+    """(top-1 correct, samples) of `model` over `loader`'s (images, labels) batches."""
+    correct = total = 0
+    for images, labels in loader:
+        correct += int((model(images.to(device)).argmax(-1).cpu() == labels).sum())
+        total += len(labels)
+    return correct, total
+
+
+def evaluate_budgets(
+    elastic: ElasticViT,
+    data: Dataset | DataLoader,
+    budgets: Iterable[float],
+    *,
+    latency_batch: int | None = 64,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """One row per MACs budget f: {"budget", "accuracy" in [0, 1], "macs" per image, "macs_fraction",
+    "latency_ms"} — the subnet is the largest with MACs <= f·full (along the dropout list when the model
+    has one, else uniform widths). Latency is the median forward time of `latency_batch` images from
+    `data` (omitted when latency_batch is None). The active subnet is restored afterwards."""
+    loader = loader_for(data)
+    device = next(elastic.parameters()).device
+    active, was_training = elastic.subnet, elastic.training
+    example = None if latency_batch is None else first_images(loader, latency_batch).to(device)
+    elastic.eval()
+    rows = []
+    try:
+        for f in tqdm(list(budgets), desc="evaluate budgets", disable=not progress):
+            elastic.set_subnet(macs=f)
+            correct, total = correct_count(elastic, loader, device)
+            row = {"budget": f, "accuracy": correct / total, "macs": elastic.macs(),
+                   "macs_fraction": elastic.macs() / elastic.full_macs}
+            if example is not None:
+                with torch.no_grad():
+                    row["latency_ms"] = time_ms(lambda: elastic(example), device=device)
+            rows.append(row)
+    finally:
+        elastic.set_subnet(subnet=active)
+        elastic.train(was_training)
+    return rows
