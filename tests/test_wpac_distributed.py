@@ -1,0 +1,58 @@
+"""Distributed calibration: 2 gloo processes on CPU, each reading its own shard, give the same
+statistics and the same transformed weights as one process on all the samples."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from timm.models.vision_transformer import VisionTransformer
+
+import skd
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+CRITERIA = ("wpac", "hessian")
+WORLD = 2
+
+
+def _setup() -> tuple[VisionTransformer, torch.Tensor, torch.Tensor]:
+    """The same model and 40 samples in every process."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**TINY).eval()
+    return model, torch.randn(40, 3, 32, 32), torch.randint(0, 5, (40,))
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model, x, y = _setup()
+        shard = slice(rank * 20, (rank + 1) * 20)  # rank r's shard, as a DistributedSampler would give
+        for criterion in CRITERIA:
+            m = skd.wpac(copy.deepcopy(model), _batches(x[shard], y[shard]), num_samples=40,
+                         criterion=criterion, progress=False)
+            torch.save({"state": m.state_dict(), "samples": m.skd_report.samples},
+                       Path(out_dir) / f"{criterion}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    model, x, y = _setup()
+    for criterion in CRITERIA:
+        single = skd.wpac(copy.deepcopy(model), _batches(x, y), num_samples=40, criterion=criterion,
+                          progress=False).state_dict()
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"{criterion}-{rank}.pt", weights_only=True)
+            assert got["samples"] == 40
+            for name, ref in single.items():
+                err = float((got["state"][name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                assert err <= 1e-6, f"{criterion} rank {rank} {name}: relative difference {err:.2e}"
