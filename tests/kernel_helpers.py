@@ -1,0 +1,63 @@
+"""Shared pieces of the kernel tests: which backends run here, per-dtype tolerances, a printing compare.
+
+Every backend usable on CPU is tested; with TRITON_INTERPRET=1 (tests/conftest.py) that includes Triton,
+whose interpreter is slow, so shapes marked big run on the other backends only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skd_kernels
+from skd_kernels import _dispatch
+
+CPU = torch.device("cpu")
+BACKENDS = skd_kernels.available_backends(CPU)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# (rtol, atol as a fraction of the expected tensor's largest magnitude) of outputs rounded to the dtype.
+OUTPUT_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (2e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+# Statistics (covariance, Taylor) are accumulated in fp32 (fp64) whatever the input dtype, so only the
+# summation order differs from the reference: fp32 rounding, scaled by the magnitude of the terms.
+STAT_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+
+
+def supports(backend: str, dtype: torch.dtype) -> bool:
+    """Whether `backend` claims `dtype` on CPU (a forced backend must then run it)."""
+    return _dispatch._REGISTRY[backend].usable(CPU, dtype)
+
+
+def backend_dtype_shape_params(dtypes: tuple[torch.dtype, ...], shapes: list[tuple]) -> list[object]:
+    """pytest params (backend, dtype, *shape) over backends × supported dtypes × shapes.
+
+    A shape's last element says it is big: big shapes run on every backend but Triton, whose CPU
+    interpreter would take minutes on them (the small shapes exercise the same Triton code paths).
+    """
+    def shape_id(shape: tuple) -> str:
+        return "x".join(map(str, shape[:-1])).replace(" ", "")
+
+    return [pytest.param(b, d, *shape, id=f"{b}-{str(d).removeprefix('torch.')}-{shape_id(shape)}")
+            for b in BACKENDS for d in dtypes if supports(b, d)
+            for shape in shapes if not (shape[-1] and b == "triton")]
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
+    """Prints max/mean |got - want| (then asserts), so a failure shows how far off it was."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    if got.numel():
+        diff = (got.double() - want.double()).abs()
+        print(f"{name}: max diff {diff.max().item():.3e}, mean diff {diff.mean().item():.3e}, "
+              f"max |want| {want.abs().max().item():.3e}, rtol {rtol:g}, atol {atol:.3e}")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def scale(t: torch.Tensor) -> float:
+    """Largest magnitude of `t` (1 when empty or all zero), the unit of the absolute tolerances."""
+    return float(t.abs().max()) if t.numel() and bool(t.any()) else 1.0
