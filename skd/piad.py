@@ -387,10 +387,13 @@ class PIADTrainer:
         return full, masks, f"{self.method} p={p:.3f}"
 
     # -------------------------------------------------------------------------------- training
-    def fit(self) -> ElasticViT:
-        """Train for the remaining epochs; returns the ElasticViT (eval mode, full width) with its dropout_list
-        (None for the baselines other than "piad")."""
-        for epoch in range(self.start_epoch, self.epochs):
+    def fit(self, max_epochs: int | None = None) -> ElasticViT:
+        """Train the remaining epochs (at most `max_epochs` of them, e.g. to fit a time slot; resume later).
+
+        Returns the ElasticViT (eval mode, full width) carrying its dropout_list (None for the baselines).
+        """
+        stop = self.epochs if max_epochs is None else min(self.epochs, self.start_epoch + max_epochs)
+        for epoch in range(self.start_epoch, stop):
             gen = self._reseed(epoch)
             if epoch < self.progressive_epochs and self.method in ("piad", "weighted_channel_dropout"):
                 self._refresh_importance(epoch)
@@ -399,6 +402,7 @@ class PIADTrainer:
             if self.method == "piad":
                 record |= {"list_units": len(self.dropout_list), "list_macs": self.list_macs_fraction()}
             self.history.append(record)
+            self.start_epoch = epoch + 1
             if self.checkpoint_path is not None:
                 if self.rank == 0:
                     self._save_checkpoint(self.checkpoint_path, epoch + 1)
