@@ -7,6 +7,7 @@ prefix_linear's backward is `prefix_linear_backward`, shared with the Triton op.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -77,17 +78,18 @@ def prefix_linear_backward(
         z = op(x, weight, bias, k_in, k_out, "none")
         grad_y = _gelu_grad(grad_y, z, activation)
     w_blk = weight[:k_out, :k_in]
+    rows = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) is ambiguous when k_out = 0
+    g2 = grad_y.reshape(rows, k_out)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         gx = grad_y @ w_blk
         grad_x = gx if x.shape[-1] == k_in else torch.nn.functional.pad(gx, (0, x.shape[-1] - k_in))
     if ctx.needs_input_grad[1]:
         grad_w = torch.zeros_like(weight)
-        g2 = grad_y.reshape(-1, k_out)
-        grad_w[:k_out, :k_in] = g2.t() @ x.reshape(-1, x.shape[-1])[:, :k_in]
+        grad_w[:k_out, :k_in] = g2.t() @ x.reshape(rows, x.shape[-1])[:, :k_in]
     if bias is not None and ctx.needs_input_grad[2]:
         grad_b = torch.zeros_like(bias)
-        grad_b[:k_out] = grad_y.reshape(-1, k_out).sum(0)
+        grad_b[:k_out] = g2.sum(0)
     return grad_x, grad_w, grad_b, None, None, None
 
 
