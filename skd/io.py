@@ -95,6 +95,8 @@ def _model_source(model: nn.Module) -> tuple[str, dict[str, Any]]:
 def save(obj: ElasticViT | nn.Module, path: str | os.PathLike) -> None:
     """Save an ElasticViT (weights in its layout, subnet, dropout list) or a bare timm model, atomically."""
     if isinstance(obj, ElasticViT):
+        if obj._standard:  # the weights are head-major right now; the file would claim rank-major
+            raise ValueError("obj cannot be saved inside standard_layout(); save it after the block")
         model, layout = obj.model, LAYOUT_VERSION
         extra = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
                  "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}

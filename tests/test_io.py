@@ -105,6 +105,10 @@ def test_model_not_from_create_model_is_refused(tmp_path: Path) -> None:
         skd.save(ElasticViT(VisionTransformer(**TINY)), tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="obj must be"):
         skd.save({"a": 1}, tmp_path / "x.safetensors")
+    elastic = _elastic()
+    with elastic.standard_layout(), pytest.raises(ValueError, match="inside standard_layout"):
+        skd.save(elastic, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_metadata_is_plain_json(tmp_path: Path) -> None:
