@@ -1,6 +1,7 @@
 """Builds skd_kernels._C: the C++ CPU kernels always, the CUDA kernels when a toolkit and a CUDA torch exist.
 
-SKD_SKIP_CUDA_BUILD=1 skips CUDA; TORCH_CUDA_ARCH_LIST overrides the default "8.0;9.0".
+SKD_SKIP_CUDA_BUILD=1 skips CUDA; TORCH_CUDA_ARCH_LIST overrides the default "8.0;9.0"; SKD_SKIP_EXT=1
+builds no extension at all (see the end of this file).
 Build against the installed torch: `pip install --no-build-isolation -e .`.
 """
 
@@ -49,4 +50,10 @@ if with_cuda:
 else:
     ext = CppExtension("skd_kernels._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+# SKD_SKIP_EXT=1 installs the Python packages only: `make` does that for `pip install -e` (whose build folder
+# is a fresh temp dir every time, i.e. a full rebuild) and builds the extension with
+# `setup.py build_ext --inplace`, whose ninja folder build/ persists, so a re-run recompiles only what changed.
+setup(
+    ext_modules=[] if os.environ.get("SKD_SKIP_EXT") == "1" else [ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

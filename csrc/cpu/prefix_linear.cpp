@@ -1,7 +1,8 @@
 // prefix_linear on CPU: y = act(x[..., :k_in] @ W[:k_out, :k_in]^T + b[:k_out]).
 //
 // The GEMM runs on strided views: the weight block keeps the full weight's row stride (BLAS's leading
-// dimension), so nothing is copied. Bias and GELU then run as one parallel, vectorised pass over y.
+// dimension), so nothing is copied. With GELU, bias and activation then run as one parallel, vectorised
+// pass over y; without, the bias goes into the GEMM (beta = 1) as in F.linear.
 #include <torch/library.h>
 
 #include <cmath>
@@ -21,23 +22,21 @@ Act parse_activation(std::string_view name) {
   TORCH_CHECK(false, "activation must be none, gelu or gelu_tanh, got ", name);
 }
 
-// GELU on a vector of the accumulation type; the formulas are ATen's (erf form and tanh form).
-template <Act kAct, typename V>
-inline V apply_act(V v) {
+// GELU on a vector of the accumulation type; the formulas are ATen's (erf form, or tanh form).
+template <bool kTanh, typename V>
+inline V gelu(V v) {
   using S = typename V::value_type;
-  if constexpr (kAct == Act::kGelu) {
-    return v * V(S(0.5)) * (V(S(1)) + (v * V(S(M_SQRT1_2))).erf());
-  } else if constexpr (kAct == Act::kGeluTanh) {
+  if constexpr (kTanh) {
     const V inner = V(S(M_2_SQRTPI * M_SQRT1_2)) * (v + V(S(0.044715)) * v * v * v);
     return V(S(0.5)) * v * (V(S(1)) + inner.tanh());
   } else {
-    return v;
+    return v * V(S(0.5)) * (V(S(1)) + (v * V(S(M_SQRT1_2))).erf());
   }
 }
 
-// y (M, N) row-major, in place: y = act(y + bias) with bias (N,) or null.
-template <typename scalar_t, Act kAct>
-void epilogue(at::Tensor& y, const scalar_t* bias) {
+// y (M, N) row-major, in place: y = gelu(y + bias) with bias (N,) or null.
+template <typename scalar_t, bool kTanh>
+void bias_gelu(at::Tensor& y, const scalar_t* bias) {
   const int64_t M = y.size(0), N = y.size(1);
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
   // ~32K elements per task keeps the parallel overhead below a few percent of the pass.
@@ -46,9 +45,9 @@ void epilogue(at::Tensor& y, const scalar_t* bias) {
     for (int64_t r = r0; r < r1; ++r) {
       scalar_t* row = out + r * N;
       if (bias != nullptr) {
-        at::vec::map2([](auto v, auto b) { return apply_act<kAct>(v + b); }, row, row, bias, N);
+        at::vec::map2([](auto v, auto b) { return gelu<kTanh>(v + b); }, row, row, bias, N);
       } else {
-        at::vec::map([](auto v) { return apply_act<kAct>(v); }, row, row, N);
+        at::vec::map([](auto v) { return gelu<kTanh>(v); }, row, row, N);
       }
     }
   });
@@ -74,17 +73,21 @@ at::Tensor prefix_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // The leading block of W, transposed: a strided view, BLAS reads it through its leading dimension.
   const at::Tensor w_t = weight.narrow(0, 0, k_out).narrow(1, 0, k_in).t();
   at::Tensor y = at::empty({x2.size(0), k_out}, x.options());
-  at::mm_out(y, x2, w_t);  // k_in == 0 gives zeros
-
   // Contiguous bias prefix (k_out elements, never the weight) so the epilogue can load it as a vector.
   const at::Tensor b = has_bias ? bias->narrow(0, 0, k_out).contiguous() : at::Tensor();
-  if (has_bias || act != Act::kNone) {
-    SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_prefix_linear_epilogue", [&] {
+  if (act == Act::kNone && has_bias) {
+    // No activation: the bias rides in the GEMM's beta = 1 term, exactly what F.linear does.
+    at::addmm_out(y, b, x2, w_t);
+  } else {
+    at::mm_out(y, x2, w_t);  // k_in == 0 gives zeros
+  }
+  if (act != Act::kNone) {
+    SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_prefix_linear_bias_gelu", [&] {
       const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
-      switch (act) {
-        case Act::kNone: epilogue<scalar_t, Act::kNone>(y, bp); break;
-        case Act::kGelu: epilogue<scalar_t, Act::kGelu>(y, bp); break;
-        case Act::kGeluTanh: epilogue<scalar_t, Act::kGeluTanh>(y, bp); break;
+      if (act == Act::kGeluTanh) {
+        bias_gelu<scalar_t, true>(y, bp);
+      } else {
+        bias_gelu<scalar_t, false>(y, bp);
       }
     });
   }
