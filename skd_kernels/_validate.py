@@ -10,7 +10,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # A sum is finite only if every element is (NaN and Inf propagate), and a plain sum is ~7x cheaper
+    # than isfinite().all() on CPU; the element-wise test only runs to rule out an overflowing sum.
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if not bool(torch.isfinite(t.sum(dtype=acc))) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
