@@ -2,15 +2,16 @@
 
     python -m benchmarks.kernels            # full table (ViT-S and ViT-B shapes), CPU and CUDA if present
     python -m benchmarks.kernels --quick    # a few representative shapes, < 1 minute
+    python -m benchmarks.kernels --threads 1  # one CPU thread: stable ratios on a shared machine
 
 Every row times a backend and its baseline interleaved (round-robin, same inputs), so machine noise hits
 both alike, and prints the ratio baseline_time / backend_time (higher is better) at the 20th and 50th
-percentile with its target. Baselines: on CPU the plain-PyTorch reference (taylor_scores,
-weighted_covariance) and F.linear on the weight block already extracted as a contiguous tensor
-(prefix_linear); on CUDA cuBLAS's F.linear on the extracted block, cuBLAS's X^T X of the same x (the
-covariance's GEMM throughput), and a copy moving the bytes taylor_scores reads (copy bandwidth).
-Each timing is appended to benchmarks/results.csv as (op, backend, shape, dtype, p20, p50, p80 in ms,
-device, commit).
+percentile with its target. Baselines: on CPU the plain-PyTorch reference backend called through the same
+public op, so input validation costs both sides alike (taylor_scores, weighted_covariance), and F.linear on
+the weight block already extracted as a contiguous tensor (prefix_linear); on CUDA cuBLAS's F.linear on the
+extracted block, cuBLAS's X^T X of the same x (the covariance's GEMM throughput), and a copy moving the
+bytes taylor_scores reads (copy bandwidth). Each timing is appended to benchmarks/results.csv as (op,
+backend, shape, dtype, p20, p50, p80 in ms, device, commit).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 import skd_kernels
-from skd_kernels import reference
 
 RESULTS_CSV = Path(__file__).with_name("results.csv")
 CSV_FIELDS = ("op", "backend", "shape", "dtype", "p20", "p50", "p80", "device", "commit")
@@ -167,7 +167,7 @@ def covariance_cases(device: torch.device, backends: list[str], models: list[str
                      batches: list[int]) -> list[Case]:
     """x = (197·batch, d) with groups = heads (per-head V/QK statistics) and groups = 1 (whole width).
 
-    CPU baseline: the reference. CUDA baseline: cuBLAS X^T X of the same x per group (the GEMM the op
+    CPU baseline: the reference backend. CUDA baseline: cuBLAS X^T X of the same x per group (the GEMM the op
     must approach); the ratio is then the op's throughput over cuBLAS's.
     """
     cases = []
@@ -186,7 +186,7 @@ def covariance_cases(device: torch.device, backends: list[str], models: list[str
                         base = functools.partial(lambda a: torch.bmm(a.transpose(1, 2), a), xg)
                     else:
                         base_name = "reference"
-                        base = functools.partial(reference.weighted_covariance, x, w, groups)
+                        base = _with_backend("reference", skd_kernels.weighted_covariance, x, w, groups)
                     for name in backends:
                         cases.append(Case(
                             "weighted_covariance", shape, dtype, name,
@@ -200,7 +200,7 @@ def taylor_cases(device: torch.device, backends: list[str], models: list[str], d
                  batch: int) -> list[Case]:
     """(act, grad) of shape (batch, 197, C) for C = d (attention features) and C = m (MLP hidden).
 
-    CPU baseline: the reference. CUDA baseline: copying a tensor of act's size, which moves (reads +
+    CPU baseline: the reference backend. CUDA baseline: copying a tensor of act's size, which moves (reads +
     writes) as many bytes as taylor_scores reads, so the ratio is the op's share of copy bandwidth.
     """
     cases = []
@@ -215,7 +215,8 @@ def taylor_cases(device: torch.device, backends: list[str], models: list[str], d
                     dst = torch.empty_like(act)
                     base_name, base = "copy", functools.partial(dst.copy_, act)
                 else:
-                    base_name, base = "reference", functools.partial(reference.taylor_scores, act, grad)
+                    base_name = "reference"
+                    base = _with_backend("reference", skd_kernels.taylor_scores, act, grad)
                 for name in backends:
                     cases.append(Case(
                         "taylor_scores", shape, dtype, name,
@@ -318,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="CSV to append timings to")
     parser.add_argument("--no-csv", action="store_true", help="do not write the CSV")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); 1 gives stable ratios on a shared machine")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = []
     if args.device in ("all", "cpu"):
         devices.append(torch.device("cpu"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import select
-from ._validate import check_covariance
+from ._validate import check_covariance, check_finite_result
 
 
 @dataclass
@@ -91,5 +91,7 @@ def weighted_covariance(
         raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
     if x.dtype != w.dtype:
         w = w.to(x.dtype) if x.dtype != torch.float64 else w.double()
-    backend = select(x.device, x.dtype)
-    return state.add_(*backend.weighted_covariance(x, w, groups))
+    weight_sum, s, sum_outer = select(x.device, x.dtype).weighted_covariance(x, w, groups)
+    # NaN/Inf in x shows in Σwx and the diagonal of Σwxx^T; checked before the state is touched.
+    check_finite_result((s, sum_outer.diagonal(dim1=1, dim2=2)), {"x": x})
+    return state.add_(weight_sum, s, sum_outer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import select
-from ._validate import check_taylor
+from ._validate import check_finite_result, check_taylor
 
 
 def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,4 +22,6 @@ def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
     check_taylor(act, grad)
     if grad.dtype != act.dtype:
         grad = grad.to(act.dtype)
-    return select(act.device, act.dtype).taylor_scores(act, grad)
+    token, channel = select(act.device, act.dtype).taylor_scores(act, grad)
+    check_finite_result((token, channel), {"act": act, "grad": grad})
+    return token, channel

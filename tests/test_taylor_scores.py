@@ -98,3 +98,10 @@ def test_bad_input_raises_naming_argument(make: object, arg: str) -> None:
     act, grad = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
     with pytest.raises(ValueError, match=rf"\b{arg}\b"):
         skd_kernels.taylor_scores(*make(act, grad))
+
+
+def test_overflowing_scores_raise() -> None:
+    """Finite inputs whose products overflow fp32 would give Inf scores: an error, not a silent result."""
+    act = torch.full((1, 2, 3), 1e30)
+    with pytest.raises(ValueError, match="overflows"):
+        skd_kernels.taylor_scores(act, act)

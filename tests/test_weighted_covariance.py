@@ -161,3 +161,12 @@ def test_state_of_other_shape_raises() -> None:
     state = skd_kernels.weighted_covariance(x, w, groups=2)
     with pytest.raises(ValueError, match="state"):
         skd_kernels.weighted_covariance(x, w, groups=4, state=state)
+
+
+def test_overflowing_statistics_raise_and_leave_state_untouched() -> None:
+    x, w = _inputs(10, 8, torch.float32)
+    state = skd_kernels.weighted_covariance(x, w, groups=2)
+    before = state.sum_outer.clone()
+    with pytest.raises(ValueError, match="overflows"):
+        skd_kernels.weighted_covariance(torch.full((4, 8), 1e30), torch.ones(4), groups=2, state=state)
+    assert torch.equal(state.sum_outer, before)
