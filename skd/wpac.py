@@ -113,15 +113,32 @@ def _stratify(model: nn.Module, data: Iterable | Dataset, num_samples: int, crit
                       "Q/K dims are permuted into importance order instead, one order shared by all heads "
                       "(the norm's affine is shared). V/O and MLP are transformed as usual.", stacklevel=3)
     generator = torch.Generator().manual_seed(RANDOM_SEED)
+    rotations = _rotations(blocks, stats) if criterion in ROTATIONS else [None] * len(blocks)
     with torch.no_grad():
-        reports = [_transform_block(spec, i, stats, criterion, generator) for i, spec in enumerate(blocks)]
+        reports = [_transform_block(spec, i, stats, criterion, generator, rot)
+                   for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
 
 # ----------------------------------------------------------------------------------------- per block
+Axes = tuple[torch.Tensor, torch.Tensor]  # (transforms (H, hd, hd), spectrum (H, hd)), float64
+
+
+def _rotations(blocks: list[BlockSpec], stats: CalibrationStats) -> list[tuple[Axes, Axes | None]]:
+    """Per block: (V/O axes, Q/K axes or None under qk_norm), from all blocks' covariances at once."""
+    covs = []
+    for spec, feats in zip(blocks, stats.blocks, strict=True):
+        cov = {n: _covariance(spec, n, feats[n].cov) for n in ("q", "k", "v")}
+        covs.append(cov["v"])
+        if not spec.has_qk_norm:
+            covs.append(cov["q"] + cov["k"])
+    axes = iter(principal_axes_many(covs))
+    return [(next(axes), None if spec.has_qk_norm else next(axes)) for spec in blocks]
+
+
 def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, criterion: str,
-                     generator: torch.Generator) -> BlockReport:
+                     generator: torch.Generator, rotation: tuple[Axes, Axes | None] | None) -> BlockReport:
     feats = None if stats is None else stats.blocks[i]
     h, hd = spec.num_heads, spec.head_dim
     qkv = spec.qkv.weight.detach().double().view(3, h, hd, -1)
@@ -145,14 +162,13 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
         return (scores("q") + scores("k")).view(h, hd)
 
     report = dict(name=spec.name, qk_spectrum=None, vo_spectrum=None, qk_importance=None, vo_importance=None)
-    if criterion in ROTATIONS:
-        cov = {n: _covariance(spec, n, feats[n].cov) for n in ("q", "k", "v")}
-        vo, report["vo_spectrum"] = principal_axes(cov["v"])
+    if rotation is not None:
+        (vo, report["vo_spectrum"]), qk_axes = rotation
         report["vo"] = "rotation"
-        if spec.has_qk_norm:
+        if qk_axes is None:
             qk_imp = (feats["q"].taylor + feats["k"].taylor).cpu().view(h, hd)
         else:
-            qk, report["qk_spectrum"] = principal_axes(cov["q"] + cov["k"])
+            qk, report["qk_spectrum"] = qk_axes
             report["qk"] = "rotation"
         mlp_imp = feats["hidden"].taylor.cpu()
     else:
@@ -209,6 +225,21 @@ def principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     transform, evals = evecs.transpose(1, 2), (evals - delta[:, None]).clamp_min(0)
     zero = delta <= 0
     return torch.where(zero[:, None, None], eye, transform), torch.where(zero[:, None], 0.0, evals)
+
+
+def principal_axes_many(covs: list[torch.Tensor]) -> list[Axes]:
+    """`principal_axes` of each (G_i, r_i, r_i) covariance, with one eigh call per distinct r: eighs of
+    small matrices cost mostly per-call (threading) overhead, so the blocks share calls."""
+    out: list[Axes | None] = [None] * len(covs)
+    by_size: dict[int, list[int]] = {}
+    for n, c in enumerate(covs):
+        by_size.setdefault(c.shape[-1], []).append(n)
+    for idx in by_size.values():
+        sizes = [covs[n].shape[0] for n in idx]
+        transforms, spectra = principal_axes(torch.cat([covs[n] for n in idx]))
+        for n, t, e in zip(idx, transforms.split(sizes), spectra.split(sizes), strict=True):
+            out[n] = (t, e)
+    return out
 
 
 def _permutation_matrices(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

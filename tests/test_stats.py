@@ -121,7 +121,7 @@ def test_bad_covariance_mode() -> None:
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, re, sys, torch
     from timm.models.vision_transformer import VisionTransformer
     from skd.models import adapter_for
     from skd.stats import calibrate
@@ -139,12 +139,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
     peaks = []
     for n in (int(a) for a in sys.argv[1:]):
         calibrate(model, blocks, batches(n), num_samples=n, covariance="weighted", fisher=True, progress=False)
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB (Linux: KiB)
+        # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over fork+exec)
+        status = open("/proc/self/status").read()
+        peaks.append(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)  # MiB
     print(json.dumps(peaks))
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from Linux's /proc")
 def test_peak_memory_does_not_grow_with_samples() -> None:
     """Peak RSS (a high-water mark) after 64 samples, then after 256 more: keeping the hooked activations
     across batches would add ≈ 1.3 MiB per sample (≈ 340 MiB over 256); streaming adds nothing."""

@@ -24,7 +24,7 @@ HAS_SWIN_ADAPTER = importlib.util.find_spec("skd.models.swin") is not None
 def tiny_swin() -> torch.nn.Module:
     from timm.models.swin_transformer import SwinTransformer
 
-    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(1, 1),
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(2, 2),
                            num_heads=(2, 4), num_classes=5)
 
 
