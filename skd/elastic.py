@@ -380,6 +380,9 @@ class ElasticViT(nn.Module):
                 # fresh modules start in train mode; follow the copied block's (dropout would differ)
                 block.attn = self._extract_attention(i, spec, r).train(block.training)
                 block.mlp = self._extract_mlp(spec, h).train(block.training)
+        # Plain data (no skd type) so the model still pickles and runs without skd; skd.save reads it
+        # to record how to rebuild this shape.
+        out.skd_subnet = subnet.to_dict()
         return out
 
     def _extract_attention(self, i: int, spec: BlockSpec, r: int) -> nn.Module:

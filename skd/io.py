@@ -93,13 +93,16 @@ def _model_source(model: nn.Module) -> tuple[str, dict[str, Any]]:
 
 
 def save(obj: ElasticViT | nn.Module, path: str | os.PathLike) -> None:
-    """Save an ElasticViT (weights in its layout, subnet, dropout list) or a bare timm model, atomically."""
+    """Save an ElasticViT (weights in its layout, subnet, dropout list), a model from `ElasticViT.extract()`
+    or a bare timm model, atomically."""
     if isinstance(obj, ElasticViT):
         if obj._standard:  # the weights are head-major right now; the file would claim rank-major
             raise ValueError("obj cannot be saved inside standard_layout(); save it after the block")
         model, layout = obj.model, LAYOUT_VERSION
         extra = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
                  "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}
+    elif isinstance(obj, nn.Module) and hasattr(obj, "skd_subnet"):  # set by ElasticViT.extract()
+        model, layout, extra = obj, "timm", {"kind": "extracted", "subnet": Subnet.from_dict(obj.skd_subnet).to_dict()}
     elif isinstance(obj, nn.Module):
         model, layout, extra = obj, "timm", {"kind": "model"}
     else:
@@ -110,8 +113,9 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike) -> None:
     save_tensors(path, model.state_dict(), metadata)
 
 
-def load(path: str | os.PathLike) -> ElasticViT:
-    """Load a file written by `save` as an ElasticViT (rebuilding the timm model from its metadata).
+def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
+    """Load a file written by `save`: an ElasticViT (rebuilding the timm model from its metadata), or for a
+    saved `extract()` the standalone smaller timm model.
 
     Raises ValueError when the file is truncated/corrupted, not an skd model file, written with an
     unknown layout, or when its tensors do not match the architecture its metadata names.
@@ -119,7 +123,7 @@ def load(path: str | os.PathLike) -> ElasticViT:
     import timm
 
     tensors, meta = load_tensors(path)
-    if meta.get("format") != "skd" or meta.get("kind") not in ("elastic", "model"):
+    if meta.get("format") != "skd" or meta.get("kind") not in ("elastic", "model", "extracted"):
         raise ValueError(f"{path} is not an skd model file (metadata kind={meta.get('kind')!r})")
     if meta.get("layout") not in (LAYOUT_VERSION, "timm"):
         raise ValueError(f"{path} has weight layout {meta.get('layout')!r}; this skd reads {LAYOUT_VERSION} and 'timm'")
@@ -128,6 +132,8 @@ def load(path: str | os.PathLike) -> ElasticViT:
     except Exception as e:
         raise ValueError(f"{path}: cannot rebuild timm model {meta.get('architecture')!r} "
                          f"with {meta.get('model_args')}: {e}") from e
+    if meta["kind"] == "extracted":  # rebuild the smaller shape from the full one, then load its weights
+        model = ElasticViT(model).extract(Subnet.from_dict(meta["subnet"]))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -135,6 +141,9 @@ def load(path: str | os.PathLike) -> ElasticViT:
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: tensors do not match {meta['architecture']} {meta['model_args']}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
+    if meta["kind"] == "extracted":
+        model.load_state_dict(tensors)
+        return model
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
         model.load_state_dict(tensors, assign=True)

@@ -118,3 +118,16 @@ def test_metadata_is_plain_json(tmp_path: Path) -> None:
     header = json.loads(path.read_bytes()[8: 8 + header_len])
     meta = json.loads(header["__metadata__"]["skd"])
     assert meta["skd_version"] == skd.__version__ and meta["layout"] == 1 and meta["kind"] == "elastic"
+
+
+def test_extracted_model_round_trip(tmp_path: Path) -> None:
+    elastic = _elastic().set_subnet(subnet=Subnet(attn=[5, 0, 16], mlp=[100, 7, 0]))
+    small = elastic.extract()
+    assert small.skd_subnet == elastic.subnet.to_dict()  # plain data: pickles without skd
+    path = tmp_path / "small.safetensors"
+    skd.save(small, path)
+    loaded = skd.load(path)
+    assert not isinstance(loaded, ElasticViT) and loaded.blocks[0].attn.head_dim == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), small(x))
