@@ -33,3 +33,6 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'skd' has no attribute {name!r}")
+
+# Registers the built-in default `vit_digits` with timm, so saved digits models load by name.
+from . import digits as _digits  # noqa: E402, F401

@@ -73,7 +73,10 @@ def load_model(spec: str, pretrained: bool = False) -> Any:
     from .io import load
 
     if Path(spec).is_file():
-        return load(spec)
+        loaded = load(spec)
+        if not isinstance(loaded, ElasticViT):
+            raise UsageError(f"{spec} holds an extracted standalone model; this command needs a super-network file")
+        return loaded
     if spec.endswith(".safetensors") or os.sep in spec:
         raise UsageError(f"{spec}: no such file")
     if not timm.is_model(spec):
@@ -184,7 +187,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"full MACs:    {elastic.full_macs / 1e6:.2f} M per image")
     print("budget  MACs (M)  fraction")
     for f in (0.25, 1 / 3, 0.5, 2 / 3, 1.0):
-        m = elastic.macs(elastic.set_subnet(macs=f).subnet)
+        try:
+            m = elastic.set_subnet(macs=f).macs()
+        except ValueError:  # below the end of the dropout list
+            print(f"{f:6.3f}  below the smallest subnetwork")
+            continue
         print(f"{f:6.3f}  {m / 1e6:8.2f}  {m / elastic.full_macs:8.3f}")
 
 
