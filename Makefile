@@ -19,13 +19,13 @@ setup: .venv/.skd-deps .venv/.skd-ext
 	touch $@
 
 demo: setup
-	$(PY) -m benchmarks.kernels
+	$(PY) -m skd.cli demo
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m benchmarks.kernels
+	$(PY) -m skd.cli bench
 
 lint: setup
 	.venv/bin/ruff check .
