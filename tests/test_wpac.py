@@ -154,21 +154,24 @@ def test_dataset_input_is_batched(digits_data) -> None:
     assert model.skd_report.samples == 100
 
 
-def test_half_precision_model_calibrates_in_fp32() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_calibrates_in_fp32(dtype: torch.dtype) -> None:
     model = VisionTransformer(**TINY).eval()
     data = random_batches()
     x = torch.cat([b[0] for b in data])
     with torch.no_grad():
         ref = model(x)
-    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        cast_err = max_rel_error(copy.deepcopy(model).to(dtype).float()(x), ref)  # rounding alone
+    model = model.to(dtype)
     skd.wpac(model, data, num_samples=24, progress=False)
     rep = model.skd_report.blocks[0]
     assert rep.vo_spectrum.dtype == torch.float64 and bool(torch.isfinite(rep.vo_spectrum).all())
     assert float(rep.vo_spectrum.max()) > 0
     with torch.no_grad():
         err = max_rel_error(model.float()(x), ref)
-    print(f"max rel error after bf16 rounding {err:.2e}")
-    assert err <= 0.05  # only the bf16 rounding of the transformed weights
+    print(f"max rel error {err:.2e}; casting alone {cast_err:.2e}")
+    assert err <= 3 * cast_err  # WPAC adds no more than the rounding of the transformed weights
 
 
 # ----------------------------------------------------------------------------------- eigen solver
