@@ -310,3 +310,15 @@ def test_torch_compile_inductor_matches(x: torch.Tensor) -> None:
     with torch.no_grad():
         expected = elastic(x)
         assert rel_err(torch.compile(elastic)(x), expected) <= 1e-5
+
+
+def test_bf16_runs_and_matches_extract(x: torch.Tensor) -> None:
+    _, elastic = _make("vit_cls")
+    elastic.set_subnet(subnet=Subnet(attn=[5, 0, 16], mlp=[100, 7, 0]))
+    with torch.no_grad():
+        expected = elastic(x)
+        half = elastic.to(torch.bfloat16)
+        y = half(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        assert rel_err(y.float(), expected) <= 3e-2  # bf16 rounding (8 mantissa bits) through 3 blocks
+        assert rel_err(half.extract()(x.bfloat16()).float(), y.float()) <= 3e-2
