@@ -141,9 +141,6 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
                      generator: torch.Generator, rotation: tuple[Axes, Axes | None] | None) -> BlockReport:
     feats = None if stats is None else stats.blocks[i]
     h, hd = spec.num_heads, spec.head_dim
-    qkv = spec.qkv.weight.detach().double().view(3, h, hd, -1)
-    fc1 = spec.fc1.weight.detach().double()
-    proj = spec.proj.weight.detach().double().view(-1, h, hd)
 
     def scores(name: str) -> torch.Tensor:
         """(channels,) importance of feature `name` under a permutation criterion."""
@@ -151,10 +148,9 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
             return torch.rand(spec.hidden if name == "hidden" else h * hd, generator=generator, dtype=torch.float64)
         if criterion == "magnitude":  # L2 norms of every weight attached to the dim, in and out
             if name == "hidden":
-                return fc1.norm(dim=1) + spec.fc2.weight.detach().double().norm(dim=0)
-            if name == "v":
-                return (qkv[2].norm(dim=-1) + proj.norm(dim=0)).reshape(-1)
-            return qkv["qk".index(name)].norm(dim=-1).reshape(-1)
+                return (spec.fc1.weight.double().norm(dim=1) + spec.fc2.weight.double().norm(dim=0)).cpu()
+            rows = spec.qkv.weight.double().view(3, h * hd, -1)["qkv".index(name)].norm(dim=-1)
+            return (rows + spec.proj.weight.double().norm(dim=0) if name == "v" else rows).cpu()
         f = feats[name]
         return (f.fisher if criterion == "hessian" else f.taylor).cpu()
 
@@ -218,7 +214,14 @@ def principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     g, r, _ = cov.shape
     eye = torch.eye(r, dtype=torch.float64).expand(g, r, r)
     delta = RELATIVE_DAMPING * cov.diagonal(dim1=1, dim2=2).sum(-1) / r  # (G,)
-    evals, evecs = torch.linalg.eigh(cov + delta[:, None, None] * eye)
+    # hd x hd eighs gain nothing from threads, but each LAPACK call pays thread barriers: with 2 threads
+    # on a busy CPU one batched call took 5 s (1 ms on one thread). The global setting is restored.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evals, evecs = torch.linalg.eigh(cov + delta[:, None, None] * eye)
+    finally:
+        torch.set_num_threads(threads)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     idx = evecs.abs().argmax(dim=1, keepdim=True)  # (G, 1, r): row of each column's largest entry
     evecs = evecs * torch.gather(evecs, 1, idx).sign()
