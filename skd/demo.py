@@ -24,22 +24,25 @@ from .piad import PIADTrainer
 from .plots import plot_lines
 from .wpac import wpac
 
-BUDGETS = (0.25, 1 / 3, 0.5, 2 / 3, 1.0)
+BUDGETS = (0.15, 0.25, 1 / 3, 0.5, 2 / 3, 1.0)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo run; `quick()` is a smoke version for tests."""
+    """Sizes of the demo run; `quick()` is a smoke version for tests. The target sits below 1/3 of the MACs
+    because on the digits WPAC alone already holds up at 1/3: the methods separate further down."""
 
     calib_samples: int = 1024
-    epochs: int = 30
-    progressive_epochs: int = 10
-    target_macs: float = 1 / 3
+    proxy_samples: int = 512
+    epochs: int = 20
+    progressive_epochs: int = 6
+    target_macs: float = 0.15
     budgets: tuple[float, ...] = BUDGETS
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(calib_samples=256, epochs=2, progressive_epochs=1, budgets=(1 / 3, 1.0))
+        return cls(calib_samples=256, proxy_samples=128, epochs=2, progressive_epochs=1, target_macs=1 / 3,
+                   budgets=(1 / 3, 1.0))
 
 
 def format_table(results: dict[str, list[dict[str, float]]]) -> str:
@@ -75,7 +78,8 @@ def run_demo(out: str | os.PathLike = "skd-demo", config: DemoConfig | None = No
     taylor = wpac(copy.deepcopy(base), calib, num_samples=config.calib_samples, criterion="taylor",
                   progress=progress)
     trainer = PIADTrainer(ElasticViT(copy.deepcopy(stratified)), train, test, target_macs=config.target_macs,
-                          epochs=config.epochs, progressive_epochs=config.progressive_epochs, progress=progress)
+                          epochs=config.epochs, progressive_epochs=config.progressive_epochs,
+                          proxy_samples=config.proxy_samples, progress=progress)
     supernet = trainer.fit()
     io.save(supernet, out / "supernet.safetensors")
 
