@@ -168,9 +168,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "kernels.py").is_file():
         raise UsageError("skd bench runs the benchmarks of a source checkout; none found next to this install")
-    extra = ["--quick"] if args.quick else []
+    quick = {"benchmarks.kernels": ["--quick", "--no-csv"], "benchmarks.elastic_latency": ["--models", "vit_tiny",
+                                                                                           "--repeats", "3"]}
     for module in ("benchmarks.kernels", "benchmarks.elastic_latency"):
-        subprocess.run([sys.executable, "-m", module, *extra], cwd=root, check=True)
+        subprocess.run([sys.executable, "-m", module, *(quick[module] if args.quick else [])], cwd=root, check=True)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -62,6 +62,13 @@ def test_pipeline_on_image_folder(tmp_path, image_folder):
     assert "vit_digits" in r.stdout and "dropout list:" in r.stdout
 
 
+def test_bench_quick_prints_both_tables():
+    r = skd("bench", "--quick")
+    assert r.returncode == 0, r.stderr
+    assert "taylor_scores" in r.stdout and "prefix_linear" in r.stdout  # the kernel table
+    assert "vit_tiny" in r.stdout  # the elastic latency table
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
