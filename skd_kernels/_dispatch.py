@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from ._ops import compiled_kernel_registered
+from ._ops import COMPILED_KERNELS
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -47,7 +47,7 @@ def _compiled(device_type: str) -> Backend:
     return Backend(
         name=device_type,
         dtypes=_ALL_FLOATS,
-        runs_on=lambda d: d.type == device_type and compiled_kernel_registered(device_type.upper()),
+        runs_on=lambda d: d.type == device_type and COMPILED_KERNELS[device_type.upper()],
         weighted_covariance=lambda x, w, groups: ops.weighted_covariance(x, w, groups),
         taylor_scores=lambda a, g: ops.taylor_scores(a, g),
         prefix_linear=lambda x, wt, b, ki, ko, act: ops.prefix_linear(x, wt, b, ki, ko, act),

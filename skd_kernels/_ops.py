@@ -24,8 +24,7 @@ except ImportError as exc:  # a build without the extension still imports; ops f
     BUILT_WITH_CUDA = False
 
 
-@functools.cache
-def compiled_kernel_registered(dispatch_key: str) -> bool:
+def _registered(dispatch_key: str) -> bool:
     """True when the compiled extension registered kernels for `dispatch_key` ("CPU" or "CUDA")."""
     if LOAD_ERROR is not None:
         return False
@@ -33,6 +32,10 @@ def compiled_kernel_registered(dispatch_key: str) -> bool:
         torch._C._dispatch_has_kernel_for_dispatch_key(f"skd_kernels::{op}", dispatch_key)
         for op in ("weighted_covariance", "taylor_scores", "prefix_linear")
     )
+
+
+# Decided once at import: a cached lookup on every call would be traced (and warned about) by torch.compile.
+COMPILED_KERNELS = {key: _registered(key) for key in ("CPU", "CUDA")}
 
 
 def covariance_fake(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
