@@ -26,6 +26,12 @@ from .subnet import DropoutList, Subnet
 _META_KEY = "skd"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write `tensors` (name -> tensor, any device/dtype) and JSON-serialisable `metadata` to `path` atomically.
 
@@ -47,6 +53,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         safetensors.torch.save_file(flat, tmp, metadata={_META_KEY: meta})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the rename must not land before the data does
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,6 +62,22 @@ def test_pipeline_on_image_folder(tmp_path, image_folder):
     assert "vit_digits" in r.stdout and "dropout list:" in r.stdout
 
 
+def test_train_under_torchrun_two_processes(tmp_path):
+    """`skd train` under torchrun: 2 gloo processes train one super-network and only rank 0 writes it."""
+    strat, trained = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
+    assert skd("wpac", "vit_digits", "--pretrained", "--samples", "64", "--out", str(strat)).returncode == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "skd.cli", "--no-progress", "train", str(strat),
+                        "--epochs", "1", "--batch-size", "32", "--out", str(trained)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("wrote") == 1
+    from skd.io import load
+
+    assert len(load(trained).dropout_list) > 0
+    assert oct(trained.stat().st_mode & 0o777) != oct(0o600)  # an ordinary file mode, not mkstemp's
+
+
 def test_bench_quick_prints_both_tables():
     r = skd("bench", "--quick")
     assert r.returncode == 0, r.stderr
