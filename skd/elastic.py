@@ -18,8 +18,6 @@ import contextlib
 import copy
 import math
 import numbers
-import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -33,6 +31,7 @@ import skd_kernels
 from .errors import UnsupportedModelError
 from .models import BlockSpec, adapter_for
 from .subnet import DropoutList, Subnet
+from .timing import time_ms
 
 LAYOUT_VERSION = 1
 
@@ -284,17 +283,7 @@ class ElasticViT(nn.Module):
                 for j in range(points):  # MACs evenly spaced from the smallest subnet (j = 0) to full
                     target = lowest + j / (points - 1) * (full - lowest)
                     self._subnet = self._largest_under(self.macs, target, "macs", target / full)
-                    self(example_input)  # warm-up
-                    times = []
-                    for _ in range(repeats):
-                        if example_input.is_cuda:
-                            torch.cuda.synchronize(example_input.device)
-                        t0 = time.perf_counter()
-                        self(example_input)
-                        if example_input.is_cuda:
-                            torch.cuda.synchronize(example_input.device)
-                        times.append((time.perf_counter() - t0) * 1e3)
-                    table.append((self.macs(), statistics.median(times)))
+                    table.append((self.macs(), time_ms(lambda: self(example_input), repeats, example_input.device)))
         finally:
             self._subnet = active
         table.sort()

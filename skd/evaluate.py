@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .elastic import ElasticViT
+from .timing import time_ms
 
 EVAL_BATCH_SIZE = 256
-
-
-def time_ms(fn: Callable[[], object], repeats: int = 5, device: torch.device | None = None) -> float:
-    """Median wall time of `fn()` in milliseconds over `repeats` runs after one warm-up run."""
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def loader_for(data: Dataset | DataLoader, batch_size: int = EVAL_BATCH_SIZE) -> DataLoader:
