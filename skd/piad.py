@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from .elastic import LAYOUT_VERSION, ElasticViT
+from .evaluate import EVAL_BATCH_SIZE, correct_count
 from .importance import Importance, estimate_importance, extend_dropout_list, macs_per_dim
 from .io import load_tensors, save_tensors
 from .models import adapter_for
@@ -59,7 +60,6 @@ from .subnet import DropoutList, Subnet, group_bound
 METHODS = ("piad", "random", "channel_dropout", "weighted_channel_dropout", "layerdrop")
 CHECKPOINT_NAME = "piad-last.safetensors"
 CHECKPOINT_FORMAT = 1
-EVAL_BATCH_SIZE = 256
 PROXY_BATCH_SIZE = 128
 
 # on_qkv(block, q, k, v) -> (q, k, v), each (S, H, N, r); on_hidden(block, h (..., kept hidden)) -> h
@@ -493,10 +493,7 @@ class PIADTrainer:
         try:
             for f in budgets:
                 el.set_subnet(macs=f)
-                counts = torch.zeros(2, dtype=torch.float64)
-                for images, labels in loader:
-                    pred = el(images.to(self.device)).argmax(-1).cpu()
-                    counts += torch.tensor([(pred == labels).sum().item(), len(labels)], dtype=torch.float64)
+                counts = torch.tensor(correct_count(el, loader, self.device), dtype=torch.float64)
                 if self.world > 1 and not isinstance(data, DataLoader):
                     dist.all_reduce(counts)
                 out[f] = {"accuracy": float(counts[0] / counts[1]), "macs": el.macs(),
