@@ -1,9 +1,15 @@
 // weighted_covariance on CPU: per-group Σw, Σ w x, Σ w x x^T of one batch, x read once.
 //
-// Rows are processed in chunks that fit in L2: one parallel pass writes Y = sqrt(w) * x (widened to the
-// accumulation type) and adds Σ w x, then BLAS reads Y from cache for Σ w x x^T = Y_g^T Y_g. Narrow
-// groups (ViT heads) take one batched GEMM per chunk. Y_g^T Y_g is symmetric, so for wide groups only the
-// blocks on and above the diagonal are multiplied (a blocked SYRK through at::addmm_: ATen exposes no
+// ONE parallel region per call: each thread takes a contiguous range of rows and, chunk by L2-sized chunk,
+// writes Y = sqrt(w) * x (widened to the accumulation type) into its own buffer, adds Σ w x, and multiplies
+// Y_g^T Y_g into its own Σ w x x^T (the per-thread results are added once at the end). The GEMMs inside run
+// single-threaded: ATen and MKL do not nest parallelism inside an OpenMP region. The earlier design ran a
+// parallel elementwise pass and then a parallel GEMM per chunk (2 to 16 regions per 170-340 rows, 40-160 per
+// call), and every region ends in a barrier: with another process on the 2 cores, each barrier waited for a
+// descheduled thread for a scheduler slice (~5 ms), which made the op 100x slower than on one thread.
+//
+// Narrow groups (ViT heads) take one batched GEMM per chunk. Y_g^T Y_g is symmetric, so for wide groups only
+// the blocks on and above the diagonal are multiplied (a blocked SYRK through at::addmm_: ATen exposes no
 // syrk) and the lower blocks are mirrored once at the end.
 #include <torch/library.h>
 
@@ -18,43 +24,40 @@ namespace {
 // Target bytes of one chunk of Y: inside a 1-2 MiB L2 with room for the GEMM's packed panels
 // (measured: 512 KiB beat 256 KiB and 1-4 MiB on ViT-S/B shapes).
 constexpr int64_t kChunkBytes = 512 * 1024;
+// Fewer rows per thread are not worth a parallel region's start and barrier.
+constexpr int64_t kMinThreadRows = 64;
 // Symmetric blocking kicks in from this group width; blocks are at most kSyrkBlock wide (r = 384 -> 3
 // blocks, 6 of 9 GEMMs; r = 768 -> 5 blocks, 15 of 25). Narrower blocks save more flops but each
 // at::addmm_ call costs ~10 µs and runs the GEMM less efficiently; 128-192 measured best.
 constexpr int64_t kSyrkMin = 256;
 constexpr int64_t kSyrkBlock = 160;
 
-// Y[i, :] = sqrt_w[i] * x[n0 + i, :] for i in [0, m), in the accumulation type; the same pass adds
-// Σ w x of these rows into partial[thread] (D wide), so Y is never read back for it.
+// Y[i, :] = sqrt_w[i] * x[n0 + i, :] for i in [0, m), in the accumulation type; the same pass adds Σ w x of
+// these rows into psum (D wide), so Y is never read back for it. Serial: the caller's thread owns the rows.
 template <typename scalar_t>
-void scale_rows(const at::Tensor& x, const at::Tensor& sqrt_w, int64_t n0, int64_t m, at::Tensor& y,
-                at::Tensor& partial) {
+void scale_rows(const at::Tensor& x, const acc_t<scalar_t>* sw, int64_t n0, int64_t m, acc_t<scalar_t>* yp,
+                acc_t<scalar_t>* psum) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
   const int64_t D = x.size(1), sx = x.stride(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>() + n0 * sx;
-  const acc* sw = sqrt_w.const_data_ptr<acc>() + n0;
-  acc* yp = y.mutable_data_ptr<acc>();
-  acc* part = partial.mutable_data_ptr<acc>();
+  sw += n0;
   const int64_t vec_end = D - D % Vec::size();
-  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    acc* ps = part + at::get_thread_num() * D;
-    for (int64_t i = r0; i < r1; ++i) {
-      const scalar_t* xr = xp + i * sx;
-      acc* yr = yp + i * D;
-      const Vec s(sw[i]);
-      int64_t c = 0;
-      for (; c < vec_end; c += Vec::size()) {
-        const Vec v = load_acc(xr + c) * s;
-        v.store(yr + c);
-        (Vec::loadu(ps + c) + v * s).store(ps + c);
-      }
-      for (; c < D; ++c) {
-        yr[c] = sw[i] * static_cast<acc>(xr[c]);
-        ps[c] += sw[i] * yr[c];
-      }
+  for (int64_t i = 0; i < m; ++i) {
+    const scalar_t* xr = xp + i * sx;
+    acc* yr = yp + i * D;
+    const Vec s(sw[i]);
+    int64_t c = 0;
+    for (; c < vec_end; c += Vec::size()) {
+      const Vec v = load_acc(xr + c) * s;
+      v.store(yr + c);
+      (Vec::loadu(psum + c) + v * s).store(psum + c);
     }
-  });
+    for (; c < D; ++c) {
+      yr[c] = sw[i] * static_cast<acc>(xr[c]);
+      psum[c] += sw[i] * yr[c];
+    }
+  }
 }
 
 // Block boundaries of a width-r group: one block unless r is wide enough for the symmetric saving.
@@ -78,40 +81,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
   const auto opts = x.options().dtype(acc_type);
 
   at::Tensor weight_sum = w.sum();
-  at::Tensor sum_outer = at::zeros({groups, r, r}, opts);
-  // Σ w x, one row per thread (summed at the end): threads never write the same row.
-  at::Tensor partial = at::zeros({at::get_num_threads(), D}, opts);
-  if (N == 0 || D == 0) return {weight_sum, partial.sum(0).view({groups, r}), sum_outer};
+  // Per-thread Σ w x and Σ w x x^T, added at the end: threads never write the same memory.
+  const int64_t threads = at::get_num_threads();
+  at::Tensor part_sum = at::zeros({threads, D}, opts);
+  at::Tensor part_outer = at::zeros({threads, groups, r, r}, opts);
+  if (N == 0 || D == 0) return {weight_sum, part_sum.sum(0).view({groups, r}), part_outer.sum(0)};
 
   const at::Tensor sqrt_w = w.sqrt();
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (D * at::elementSize(acc_type)), 64, N);
-  at::Tensor y_buf = at::empty({chunk, D}, opts);
+  // A chunk fills the L2 budget, but no more than a thread's share of rows (so every thread gets work) unless
+  // that share is under kMinThreadRows.
+  const int64_t per_thread = std::max<int64_t>((N + threads - 1) / threads, kMinThreadRows);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(kChunkBytes / (D * at::elementSize(acc_type)), per_thread));
+  at::Tensor y_bufs = at::empty({threads, chunk, D}, opts);
   const std::vector<int64_t> bounds = syrk_blocks(r);
   const int64_t nblk = static_cast<int64_t>(bounds.size()) - 1;
 
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t m = std::min(chunk, N - n0);
-    at::Tensor y = y_buf.narrow(0, 0, m);
-    SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_weighted_covariance", [&] {
-      scale_rows<scalar_t>(x, sqrt_w, n0, m, y, partial);
-    });
-    if (nblk == 1) {
-      // Narrow groups: one batched GEMM over all groups, on strided views of Y (no copy).
-      const at::Tensor yg = y.view({m, groups, r}).transpose(0, 1);  // (G, m, r)
-      sum_outer.baddbmm_(yg.transpose(1, 2), yg);
-      continue;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      at::Tensor out = sum_outer.select(0, g);
-      for (int64_t bi = 0; bi < nblk; ++bi) {
-        const at::Tensor yi = y.narrow(1, g * r + bounds[bi], bounds[bi + 1] - bounds[bi]);
-        for (int64_t bj = bi; bj < nblk; ++bj) {
-          const at::Tensor yj = y.narrow(1, g * r + bounds[bj], bounds[bj + 1] - bounds[bj]);
-          out.narrow(0, bounds[bi], yi.size(1)).narrow(1, bounds[bj], yj.size(1)).addmm_(yi.t(), yj);
+  // Splits [0, N) into one contiguous range per thread (at::parallel_for calls f once per thread); with the
+  // grain, a batch of at most one chunk runs on the calling thread alone, without a region.
+  at::parallel_for(0, N, chunk, [&](int64_t row0, int64_t row1) {
+    const int64_t tid = at::get_thread_num();
+    at::Tensor y_buf = y_bufs.select(0, tid);
+    at::Tensor outer = part_outer.select(0, tid);
+    for (int64_t n0 = row0; n0 < row1; n0 += chunk) {
+      const int64_t m = std::min(chunk, row1 - n0);
+      at::Tensor y = y_buf.narrow(0, 0, m);
+      SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_weighted_covariance", [&] {
+        using acc = acc_t<scalar_t>;
+        scale_rows<scalar_t>(x, sqrt_w.const_data_ptr<acc>(), n0, m, y.mutable_data_ptr<acc>(),
+                             part_sum.mutable_data_ptr<acc>() + tid * D);
+      });
+      if (nblk == 1) {
+        // Narrow groups: one batched GEMM over all groups, on strided views of Y (no copy).
+        const at::Tensor yg = y.view({m, groups, r}).transpose(0, 1);  // (G, m, r)
+        outer.baddbmm_(yg.transpose(1, 2), yg);
+        continue;
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        at::Tensor out = outer.select(0, g);
+        for (int64_t bi = 0; bi < nblk; ++bi) {
+          const at::Tensor yi = y.narrow(1, g * r + bounds[bi], bounds[bi + 1] - bounds[bi]);
+          for (int64_t bj = bi; bj < nblk; ++bj) {
+            const at::Tensor yj = y.narrow(1, g * r + bounds[bj], bounds[bj + 1] - bounds[bj]);
+            out.narrow(0, bounds[bi], yi.size(1)).narrow(1, bounds[bj], yj.size(1)).addmm_(yi.t(), yj);
+          }
         }
       }
     }
-  }
+  });
+  at::Tensor sum_outer = threads == 1 ? part_outer.select(0, 0) : part_outer.sum(0);
   // Mirror the blocks above the diagonal into the ones below.
   for (int64_t g = 0; g < groups && nblk > 1; ++g) {
     at::Tensor out = sum_outer.select(0, g);
@@ -123,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
       }
     }
   }
-  return {weight_sum, partial.sum(0).view({groups, r}), sum_outer};
+  return {weight_sum, part_sum.sum(0).view({groups, r}), sum_outer};
 }
 
 }  // namespace
