@@ -13,6 +13,9 @@
 namespace skd::cpu {
 namespace {
 
+// Sums of partials (items x C) up to this many elements are added on one thread (~0.3 ms).
+constexpr int64_t kSerialReduce = 1 << 20;
+
 template <typename scalar_t>
 void taylor_kernel(const at::Tensor& act, const at::Tensor& grad, at::Tensor& token, at::Tensor& channel,
                    int64_t t_chunk) {
@@ -57,9 +60,11 @@ void taylor_kernel(const at::Tensor& act, const at::Tensor& grad, at::Tensor& to
     }
   });
 
-  // channel[c] = sum_b |sum_chunks partial[b, chunk, c]|, parallel over channel blocks.
+  // channel[c] = sum_b |sum_chunks partial[b, chunk, c]|. This pass is 1/T of the first (or tiny when tokens
+  // are split), so it runs on the calling thread unless it is large: a second parallel region ends in a
+  // barrier, which costs a scheduler slice whenever another process holds one of the cores.
   acc* ch = channel.mutable_data_ptr<acc>();
-  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, std::max<int64_t>(256, kSerialReduce / items), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc total = 0;
       for (int64_t b = 0; b < B; ++b) {
