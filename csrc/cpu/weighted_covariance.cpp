@@ -1,7 +1,7 @@
 // weighted_covariance on CPU: per-group Σw, Σ w x, Σ w x x^T of one batch, x read once.
 //
-// ONE parallel region per call: each thread takes a contiguous range of rows and, chunk by L2-sized chunk,
-// writes Y = sqrt(w) * x (widened to the accumulation type) into its own buffer, adds Σ w x, and multiplies
+// ONE parallel region per call: each thread claims L2-sized chunks of rows and, chunk by chunk, writes
+// Y = sqrt(w) * x (widened to the accumulation type) into its own buffer, adds Σ w x, and multiplies
 // Y_g^T Y_g into its own Σ w x x^T (the per-thread results are added once at the end). The GEMMs inside run
 // single-threaded: ATen and MKL do not nest parallelism inside an OpenMP region. The earlier design ran a
 // parallel elementwise pass and then a parallel GEMM per chunk (2 to 16 regions per 170-340 rows, 40-160 per
@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "common.h"
@@ -91,19 +92,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
   // A chunk fills the L2 budget, but no more than a thread's share of rows (so every thread gets work) unless
   // that share is under kMinThreadRows.
   const int64_t per_thread = std::max<int64_t>((N + threads - 1) / threads, kMinThreadRows);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(kChunkBytes / (D * at::elementSize(acc_type)), per_thread));
+  const int64_t l2_rows = kChunkBytes / (D * static_cast<int64_t>(at::elementSize(acc_type)));
+  const int64_t chunk = std::max<int64_t>(1, std::min(l2_rows, per_thread));
   at::Tensor y_bufs = at::empty({threads, chunk, D}, opts);
   const std::vector<int64_t> bounds = syrk_blocks(r);
   const int64_t nblk = static_cast<int64_t>(bounds.size()) - 1;
 
-  // Splits [0, N) into one contiguous range per thread (at::parallel_for calls f once per thread); with the
-  // grain, a batch of at most one chunk runs on the calling thread alone, without a region.
-  at::parallel_for(0, N, chunk, [&](int64_t row0, int64_t row1) {
+  // Threads claim chunks from a shared counter instead of taking a fixed half each: when another process
+  // deschedules one thread, the others take over its remaining chunks, so the call waits for at most one
+  // chunk of the slow thread, not for its whole share. The range at::parallel_for hands each thread is
+  // therefore unused; it only sizes the team (one thread when there is one chunk: no region at all).
+  const int64_t n_chunks = (N + chunk - 1) / chunk;
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, n_chunks, 1, [&](int64_t, int64_t) {
     const int64_t tid = at::get_thread_num();
     at::Tensor y_buf = y_bufs.select(0, tid);
     at::Tensor outer = part_outer.select(0, tid);
-    for (int64_t n0 = row0; n0 < row1; n0 += chunk) {
-      const int64_t m = std::min(chunk, row1 - n0);
+    for (int64_t k = next_chunk++; k < n_chunks; k = next_chunk++) {
+      const int64_t n0 = k * chunk, m = std::min(chunk, N - n0);
       at::Tensor y = y_buf.narrow(0, 0, m);
       SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_weighted_covariance", [&] {
         using acc = acc_t<scalar_t>;
