@@ -27,11 +27,12 @@ namespace {
 constexpr int64_t kChunkBytes = 512 * 1024;
 // Fewer rows per thread are not worth a parallel region's start and barrier.
 constexpr int64_t kMinThreadRows = 64;
-// Symmetric blocking kicks in from this group width; blocks are at most kSyrkBlock wide (r = 384 -> 3
-// blocks, 6 of 9 GEMMs; r = 768 -> 5 blocks, 15 of 25). Narrower blocks save more flops but each
-// at::addmm_ call costs ~10 µs and runs the GEMM less efficiently; 128-192 measured best.
+// Symmetric blocking kicks in from this group width; blocks are at most kSyrkBlock wide (r = 384 -> 2
+// blocks of 192, 3 of 4 GEMMs; r = 768 -> 4 blocks of 192, 10 of 16). Measured at 1 and 2 threads, groups = 1:
+// at r = 768, 192 ran 15-20 % faster than 160 (blocks of 154, not a multiple of the GEMM's 16/64-wide tiles)
+// and 5-10 % faster than 128 (more, smaller at::addmm_ calls); at r = 384 one unblocked GEMM ran ~15 % slower.
 constexpr int64_t kSyrkMin = 256;
-constexpr int64_t kSyrkBlock = 160;
+constexpr int64_t kSyrkBlock = 192;
 
 // Y[i, :] = sqrt_w[i] * x[n0 + i, :] for i in [0, m), in the accumulation type; the same pass adds Σ w x of
 // these rows into psum (D wide), so Y is never read back for it. Serial: the caller's thread owns the rows.
