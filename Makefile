@@ -1,7 +1,7 @@
 # `make demo`: set up .venv and run the main job; `make test`: set up .venv and run the tests.
 # A re-run with a ready .venv skips what is installed and rebuilds only what changed.
 PY := .venv/bin/python
-CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: setup demo test bench lint
 setup: .venv/.skd-deps .venv/.skd-ext

@@ -6,21 +6,12 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <string_view>
 
+#include "../prefix_linear_operands.h"
 #include "common.cuh"
 
 namespace skd::cuda {
 namespace {
-
-enum class Act { kNone, kGelu, kGeluTanh };
-
-Act parse_activation(std::string_view name) {
-  if (name == "none") return Act::kNone;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  TORCH_CHECK(false, "activation must be none, gelu or gelu_tanh, got ", name);
-}
 
 // GELU in the accumulation type, ATen's formulas. tanh is written through exp(-2|u|) <= 1: no overflow,
 // and it stays accurate under --use_fast_math (which may swap tanhf for a coarse hardware approximation).
@@ -89,31 +80,16 @@ void launch_bias_act(at::Tensor& y, const scalar_t* bias, int64_t stride_bias) {
 at::Tensor prefix_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               int64_t k_in, int64_t k_out, c10::string_view activation) {
   TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "x and weight must be CUDA tensors");
-  TORCH_CHECK(weight.dim() == 2, "weight must be (out, in)");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= k_in, "x's last dim must be >= k_in");
-  TORCH_CHECK(0 <= k_in && k_in <= weight.size(1) && 0 <= k_out && k_out <= weight.size(0), "k out of range");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must share a dtype");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) >= k_out &&
-                    bias->scalar_type() == x.scalar_type(),
-                "bias must be a 1-D CUDA tensor, >= k_out long, in x's dtype");
-  }
-  const Act act = parse_activation(std::string_view(activation.data(), activation.size()));
-
-  // (..., k_in) -> (M, k_in): a view whenever x's leading dims collapse (always for contiguous x).
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  const at::Tensor x2 = x.narrow(-1, 0, k_in).reshape({rows, k_in});
-  // The leading block of W, transposed: a strided view that cuBLAS reads through its leading dimension.
-  const at::Tensor w_t = weight.narrow(0, 0, k_out).narrow(1, 0, k_in).t();
-  at::Tensor y = at::empty({rows, k_out}, x.options());
-  const at::Tensor b = has_bias ? bias->narrow(0, 0, k_out) : at::Tensor();
+  const PrefixGemm g = prefix_gemm_operands(x, weight, bias, k_in, k_out, activation);
+  const at::Tensor& b = g.bias;
+  const bool has_bias = b.defined();
+  const Act act = g.act;
+  at::Tensor y = at::empty({g.x2.size(0), k_out}, x.options());
 
   if (act == Act::kNone && has_bias) {
-    at::addmm_out(y, b, x2, w_t);  // k_in == 0 gives the broadcast bias
+    at::addmm_out(y, b, g.x2, g.w_t);  // k_in == 0 gives the broadcast bias
   } else {
-    at::mm_out(y, x2, w_t);  // k_in == 0 gives zeros
+    at::mm_out(y, g.x2, g.w_t);  // k_in == 0 gives zeros
     if (act != Act::kNone && y.numel() > 0) {
       SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_prefix_linear_cuda_epilogue", [&] {
         const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -126,9 +102,7 @@ at::Tensor prefix_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
       });
     }
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(k_out);
-  return y.view(out_shape);
+  return y.view(g.out_shape);
 }
 
 }  // namespace
