@@ -85,13 +85,13 @@ def weighted_covariance(
         state.sum_outer += einsum("n,ngi,ngj->gij", w, xg, xg)
     """
     check_covariance(x, w, groups)
-    if state is None:
-        state = CovState.zeros(groups, x.shape[1] // groups, x.device)
-    elif state.sum.shape != (groups, x.shape[1] // groups):
+    if state is not None and state.sum.shape != (groups, x.shape[1] // groups):
         raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
     if x.dtype != w.dtype:
         w = w.to(x.dtype) if x.dtype != torch.float64 else w.double()
     weight_sum, s, sum_outer = select(x.device, x.dtype).weighted_covariance(x, w, groups)
     # NaN/Inf in x shows in Σwx and the diagonal of Σwxx^T; checked before the state is touched.
     check_finite_result((s, sum_outer.diagonal(dim1=1, dim2=2)), {"x": x})
+    if state is None:  # the batch's own sums, in float64, are the new state
+        return CovState(weight_sum.double(), s.double(), sum_outer.double())
     return state.add_(weight_sum, s, sum_outer)
