@@ -4,7 +4,6 @@ comparison on the digits ViT, the eigen-solver's edge cases, and bad input."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
 
 import pytest
@@ -18,7 +17,6 @@ from skd.digits import accuracy
 from skd.wpac import CRITERIA, principal_axes
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
-HAS_SWIN_ADAPTER = importlib.util.find_spec("skd.models.swin") is not None
 
 
 def tiny_swin() -> torch.nn.Module:
@@ -44,7 +42,7 @@ MODELS = {
     "vit_reg_nobias": lambda: VisionTransformer(**TINY, reg_tokens=2, qkv_bias=False),
     "deit_distilled": lambda: VisionTransformerDistilled(**TINY),
     "vit_qk_norm": _qk_norm_vit,
-    "swin": pytest.param(tiny_swin, marks=pytest.mark.skipif(not HAS_SWIN_ADAPTER, reason="no Swin adapter yet")),
+    "swin": tiny_swin,
 }
 
 
