@@ -88,7 +88,7 @@ def weighted_covariance(
     if state is not None and state.sum.shape != (groups, x.shape[1] // groups):
         raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
     if x.dtype != w.dtype:
-        w = w.to(x.dtype) if x.dtype != torch.float64 else w.double()
+        w = w.to(x.dtype)
     weight_sum, s, sum_outer = select(x.device, x.dtype).weighted_covariance(x, w, groups)
     # NaN/Inf in x shows in Σwx and the diagonal of Σwxx^T; checked before the state is touched.
     check_finite_result((s, sum_outer.diagonal(dim1=1, dim2=2)), {"x": x})
