@@ -17,7 +17,6 @@ import bisect
 import contextlib
 import copy
 import math
-import numbers
 from collections.abc import Callable, Iterator
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 import skd_kernels
 
+from ._checks import check_fraction, check_int, check_positive
 from .errors import UnsupportedModelError
 from .models import BlockSpec, adapter_for
 from .subnet import DropoutList, Subnet
@@ -54,12 +54,6 @@ def _fused_activation(act: nn.Module) -> str | None:
     if (type(act) is nn.GELU and act.approximate == "tanh") or type(act) is GELUTanh:
         return "gelu_tanh"
     return None
-
-
-def _check_fraction(name: str, f: object) -> float:
-    if isinstance(f, bool) or not isinstance(f, numbers.Real) or not math.isfinite(f) or not 0 < f <= 1:
-        raise ValueError(f"{name}={f!r} must be a finite number in (0, 1]")
-    return float(f)
 
 
 def _permute_rows_(p: torch.Tensor, perm: torch.Tensor, dim: int) -> None:
@@ -171,7 +165,7 @@ class ElasticViT(nn.Module):
 
     def uniform(self, keep: float) -> Subnet:
         """The subnet keeping floor(keep * n) dims of every module (every head, every MLP)."""
-        keep = _check_fraction("keep", keep)
+        keep = check_fraction("keep", keep)
         # +1e-9: i/n * n must floor to i despite float rounding.
         return Subnet(attn=[math.floor(keep * n + 1e-9) for n in self.head_dims],
                       mlp=[math.floor(keep * n + 1e-9) for n in self.hiddens])
@@ -230,7 +224,7 @@ class ElasticViT(nn.Module):
         elif keep is not None:
             self._subnet = self.uniform(keep)
         elif macs is not None:
-            f = _check_fraction("macs", macs)
+            f = check_fraction("macs", macs)
             self._subnet = self._largest_under(self.macs, f * self.full_macs, "macs", f)
         elif index is not None:
             if self._dropout_list is None:
@@ -271,10 +265,8 @@ class ElasticViT(nn.Module):
         example_input: (B, C, H, W) on the model's device. The table (MACs, ms) is cached and used by
         set_subnet(latency_ms=...); the active subnet is restored afterwards.
         """
-        if not isinstance(points, int) or points < 2:
-            raise ValueError(f"points={points!r} must be an int >= 2")
-        if not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats={repeats!r} must be an int >= 1")
+        check_int("points", points, 2)
+        check_int("repeats", repeats, 1)
         active, table = self._subnet, []
         try:
             with torch.no_grad():
@@ -308,9 +300,7 @@ class ElasticViT(nn.Module):
         return mono[k - 1] + w * (mono[k] - mono[k - 1])
 
     def _by_latency(self, latency_ms: float) -> Subnet:
-        if isinstance(latency_ms, bool) or not isinstance(latency_ms, numbers.Real) or not (
-                math.isfinite(latency_ms) and latency_ms > 0):
-            raise ValueError(f"latency_ms={latency_ms!r} must be a finite number > 0")
+        check_positive("latency_ms", latency_ms)
         if not self._latency_table:
             raise ValueError("latency_ms= needs a latency table: call elastic.profile_latency(example_input) first")
         return self._largest_under(self._predict_ms, latency_ms, "latency_ms", latency_ms)

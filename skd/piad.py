@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
+from ._checks import check_fraction, check_int
 from .elastic import LAYOUT_VERSION, ElasticViT
 from .evaluate import EVAL_BATCH_SIZE, correct_count
 from .importance import Importance, estimate_importance, extend_dropout_list, macs_per_dim
@@ -157,20 +158,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    if not 0 < value < 1:
-        raise ValueError(f"{name}={value!r} must be in (0, 1)")
-    return float(value)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-    return value
-
-
 # --------------------------------------------------------------------------------------- trainer
 class PIADTrainer:
     """Train an ElasticViT super-network so every subnetwork along its Dropout List is good (or a baseline).
@@ -225,16 +212,16 @@ class PIADTrainer:
         seed: int = 0,
         progress: bool = True,
     ) -> None:
-        self.target_macs = _check_fraction("target_macs", target_macs)
-        self.epochs = _check_int("epochs", epochs, 1)
-        self.progressive_epochs = _check_int("progressive_epochs", progressive_epochs, 1)
+        self.target_macs = check_fraction("target_macs", target_macs, include_one=False)
+        self.epochs = check_int("epochs", epochs, 1)
+        self.progressive_epochs = check_int("progressive_epochs", progressive_epochs, 1)
         if progressive_epochs > epochs:
             raise ValueError(f"progressive_epochs={progressive_epochs} must be <= epochs={epochs}")
         if method not in METHODS:
             raise ValueError(f"method={method!r} must be one of {METHODS}")
         self.method = method
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.proxy_samples = _check_int("proxy_samples", proxy_samples, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.proxy_samples = check_int("proxy_samples", proxy_samples, 1)
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ValueError(f"mixup/cutmix need an even batch_size, got {batch_size}")
         if resume and checkpoint_dir is None:
@@ -247,8 +234,8 @@ class PIADTrainer:
         self.device = next(self.elastic.parameters()).device
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         self.dropout_list = DropoutList([], self.elastic.head_dims, self.elastic.hiddens,
-                                        attn_groups=_check_int("mhsa_groups", mhsa_groups, 1),
-                                        mlp_groups=_check_int("mlp_groups", mlp_groups, 1))
+                                        attn_groups=check_int("mhsa_groups", mhsa_groups, 1),
+                                        mlp_groups=check_int("mlp_groups", mlp_groups, 1))
         self._per_dim = macs_per_dim(self.elastic)
         floor = self.elastic.macs(Subnet(attn=[0] * len(self.elastic.head_dims), mlp=[0] * len(self.elastic.hiddens)))
         if floor >= self.target_macs * self.elastic.full_macs:

@@ -14,14 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ._checks import check_int
+
 MODULES = ("attn", "mlp")
-
-
-def _check_int(name: str, value: object) -> int:
-    # bool is an int subclass; True as a width is always a bug.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,7 @@ class Subnet:
             values = getattr(self, name)
             if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
                 raise ValueError(f"subnet.{name} must be a list of ints, got {values!r}")
-            values = tuple(_check_int(f"subnet.{name}[{i}]", v) for i, v in enumerate(values))
+            values = tuple(check_int(f"subnet.{name}[{i}]", v) for i, v in enumerate(values))
             object.__setattr__(self, name, values)  # frozen: normalise lists to hashable tuples
         if len(self.attn) != len(self.mlp):
             raise ValueError(f"subnet.attn has {len(self.attn)} blocks but subnet.mlp has {len(self.mlp)}")
@@ -97,11 +92,9 @@ class DropoutList:
             raise ValueError(f"head_dims has {len(head_dims)} blocks but hiddens has {len(hiddens)}")
         for name, sizes in (("head_dims", head_dims), ("hiddens", hiddens)):
             for i, n in enumerate(sizes):
-                if _check_int(f"{name}[{i}]", n) < 1:
-                    raise ValueError(f"{name}[{i}]={n} must be >= 1")
+                check_int(f"{name}[{i}]", n, 1)
         for name, g in (("attn_groups", attn_groups), ("mlp_groups", mlp_groups)):
-            if _check_int(name, g) < 1:
-                raise ValueError(f"{name}={g} must be >= 1")
+            check_int(name, g, 1)
         self.head_dims = tuple(head_dims)
         self.hiddens = tuple(hiddens)
         self.attn_groups = attn_groups
@@ -132,7 +125,7 @@ class DropoutList:
     def _check_unit(self, unit: object) -> tuple[int, str]:
         if not (isinstance(unit, (tuple, list)) and len(unit) == 2):
             raise ValueError(f"unit must be a (block_index, 'attn'|'mlp') pair, got {unit!r}")
-        block, module = _check_int("unit block index", unit[0]), unit[1]
+        block, module = check_int("unit block index", unit[0]), unit[1]
         if not 0 <= block < len(self.head_dims):
             raise ValueError(f"unit block index {block} is outside 0..{len(self.head_dims) - 1}")
         if module not in MODULES:
@@ -149,7 +142,7 @@ class DropoutList:
         self._dropped[block, module] += 1
 
     def _check_index(self, s: int) -> int:
-        if not 0 <= _check_int("index", s) <= len(self):
+        if not 0 <= check_int("index", s) <= len(self):
             raise ValueError(f"index={s} is outside 0..{len(self)} (the dropout list's length)")
         return s
 
@@ -183,7 +176,7 @@ class DropoutList:
 
     def unit_group(self, n: int) -> Group:
         """The group that the n-th unit of the list drops (n in 0..len-1)."""
-        if not 0 <= _check_int("n", n) < len(self):
+        if not 0 <= check_int("n", n) < len(self):
             raise ValueError(f"n={n} is outside 0..{len(self) - 1}")
         block, module = self._units[n]
         size, groups = self._size_groups(module, block)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from skd_kernels import CovState
 
+from ._checks import check_int
 from .models import BlockSpec, adapter_for
 from .stats import CalibrationStats, LossFn, calibrate
 
@@ -88,8 +89,7 @@ def wpac(
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} must be one of {CRITERIA}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be a positive int")
+    check_int("num_samples", num_samples, 1)
     if isinstance(model, ElasticViT):
         with model.standard_layout() as inner:
             model.skd_report = _stratify(inner, data, num_samples, criterion, loss_fn, progress)
