@@ -17,6 +17,7 @@ import torch
 
 from . import reference
 from ._ops import COMPILED_KERNELS
+from ._validate import FLOAT_DTYPES
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -39,14 +40,11 @@ class Backend:
         return self.runs_on(device) and (dtype is None or dtype in self.dtypes)
 
 
-_ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def _compiled(device_type: str) -> Backend:
     ops = torch.ops.skd_kernels
     return Backend(
         name=device_type,
-        dtypes=_ALL_FLOATS,
+        dtypes=FLOAT_DTYPES,
         runs_on=lambda d: d.type == device_type and COMPILED_KERNELS[device_type.upper()],
         weighted_covariance=lambda x, w, groups: ops.weighted_covariance(x, w, groups),
         taylor_scores=lambda a, g: ops.taylor_scores(a, g),
@@ -84,7 +82,7 @@ _REGISTRY: dict[str, Backend] = {
     "cpu": _compiled("cpu"),
     "reference": Backend(
         name="reference",
-        dtypes=_ALL_FLOATS,
+        dtypes=FLOAT_DTYPES,
         runs_on=lambda d: True,
         weighted_covariance=reference.weighted_covariance,
         taylor_scores=reference.taylor_scores,

@@ -6,16 +6,16 @@ import math
 
 import torch
 
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, accumulation_dtype
 
+# The dtypes every op accepts (the compiled and reference backends run all of them).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
     # A sum is finite only if every element is (NaN and Inf propagate), and a plain sum is ~7x cheaper
     # than isfinite().all() on CPU; the element-wise test only runs to rule out an overflowing sum.
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if not bool(torch.isfinite(t.sum(dtype=acc))) and not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t.sum(dtype=accumulation_dtype(t.dtype)))) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -40,7 +40,7 @@ def _float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (fp32/bf16/fp16), got {t.dtype}")
+        raise ValueError(f"{name} must be a floating tensor (fp32/bf16/fp16/fp64), got {t.dtype}")
 
 
 def check_covariance(x: torch.Tensor, w: torch.Tensor, groups: int) -> None:
