@@ -55,6 +55,13 @@ class Importance:
         return self.gamma[module] * self.alpha[module]
 
 
+def _bypass(subnet: Subnet, module: Module) -> Subnet:
+    """`subnet` with `module`'s residual branch skipped (its width set to 0)."""
+    widths = {"attn": list(subnet.attn), "mlp": list(subnet.mlp)}
+    widths[module[1]][module[0]] = 0
+    return Subnet(**widths)
+
+
 def _device(elastic: ElasticViT) -> torch.device:
     return next(elastic.parameters()).device
 
@@ -107,12 +114,7 @@ def estimate_importance(
     elastic.eval()
     try:
         modules = [(b, m) for m in ("attn", "mlp") for b, w in enumerate(getattr(base, m)) if w]
-        bypassed = []
-        for b, m in modules:
-            widths = {"attn": list(base.attn), "mlp": list(base.mlp)}
-            widths[m][b] = 0
-            bypassed.append(Subnet(**widths))
-        losses = _mean_losses(elastic, data, [base, *bypassed])
+        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)])
         if losses[0] <= 0:
             raise ValueError(f"the subnet's proxy loss is {losses[0]}: relative sensitivities are undefined")
         gamma = {mod: (lb - losses[0]) / losses[0] for mod, lb in zip(modules, losses[1:], strict=True)}
@@ -132,13 +134,9 @@ def estimate_importance(
 def macs_per_dim(elastic: ElasticViT) -> dict[Module, int]:
     """MACs per image that one dim of each module costs (exact: ElasticViT.macs is linear in widths)."""
     full = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens)
-    full_macs, out = elastic.macs(full), {}
-    for m, widths in (("attn", elastic.head_dims), ("mlp", elastic.hiddens)):
-        for b, n in enumerate(widths):
-            w = {"attn": list(full.attn), "mlp": list(full.mlp)}
-            w[m][b] = 0
-            out[b, m] = (full_macs - elastic.macs(Subnet(**w))) // n
-    return out
+    full_macs = elastic.macs(full)
+    return {(b, m): (full_macs - elastic.macs(_bypass(full, (b, m)))) // n
+            for m, widths in (("attn", elastic.head_dims), ("mlp", elastic.hiddens)) for b, n in enumerate(widths)}
 
 
 def unit_macs(per_dim: dict[Module, int], module: Module, group: Group) -> int:
