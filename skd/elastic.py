@@ -94,6 +94,7 @@ class ElasticViT(nn.Module):
         # Every distinct uniform subnet is reached at one of these fractions (widths are floor(t*n)).
         self._uniform_points = sorted({i / n for n in (*self.head_dims, *self.hiddens) for i in range(n + 1)})
         self._full = Subnet(attn=self.head_dims, mlp=self.hiddens)
+        self._empty = Subnet(attn=[0] * len(self.head_dims), mlp=[0] * len(self.hiddens))
         self._subnet = self._full
         self._dropout_list: DropoutList | None = None
         self.dropout_list = dropout_list
@@ -179,8 +180,7 @@ class ElasticViT(nn.Module):
         if dl is not None:
             return len(dl) + 1, dl.subnet
         points = self._uniform_points  # ascending, points[0] == 0
-        empty = Subnet(attn=[0] * len(self.head_dims), mlp=[0] * len(self.hiddens))
-        return len(points), lambda j: empty if j == len(points) - 1 else self.uniform(points[-1 - j])
+        return len(points), lambda j: self._empty if j == len(points) - 1 else self.uniform(points[-1 - j])
 
     def _largest_under(self, cost: Callable[[Subnet], float], limit: float, name: str, value: float) -> Subnet:
         """The largest subnet of the family with cost(subnet) <= limit (cost is non-increasing along it)."""
@@ -279,17 +279,16 @@ class ElasticViT(nn.Module):
         finally:
             self._subnet = active
         table.sort()
-        self._latency_table = table
+        # Kept monotonised: measurement noise must not make a bigger subnet look faster.
+        running, self._latency_table = 0.0, []
+        for m, ms in table:
+            running = max(running, ms)
+            self._latency_table.append((m, running))
         return table
 
     def _predict_ms(self, subnet: Subnet) -> float:
         """Latency predicted by linear interpolation in MACs over the (monotonised) profile table."""
-        table = self._latency_table
-        xs = [m for m, _ in table]
-        running, mono = 0.0, []
-        for _, ms in table:
-            running = max(running, ms)  # measurement noise must not make a bigger subnet look faster
-            mono.append(running)
+        xs, mono = zip(*self._latency_table, strict=True)
         m = self.macs(subnet)
         k = bisect.bisect_left(xs, m)
         if k == 0:
