@@ -1,26 +1,13 @@
-// Shared helpers of the CUDA kernels: accumulation type, dtype dispatch, warp reduction.
+// Shared helpers of the CUDA kernels: warp reduction, ceil_div (accumulation type and dispatch: ../dtypes.h).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <type_traits>
+#include "../dtypes.h"
 
 namespace skd::cuda {
-
-// fp64 inputs accumulate in fp64 (as on CPU); fp32/fp16/bf16 in fp32.
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Every dtype the kernels take: fp32, fp64, bf16, fp16.
-#define SKD_DISPATCH_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 constexpr int kWarp = 32;
 
