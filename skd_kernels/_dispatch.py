@@ -57,7 +57,10 @@ def _triton_runs_on(device: torch.device) -> bool:
 
     if not triton_backend.AVAILABLE:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    # The mode Triton fixed when the kernels were decorated, not the env var as it reads now.
+    from .triton._utils import INTERPRET
+
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
 
 
 def _triton_op(name: str) -> Callable[..., object]:
