@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -30,6 +31,18 @@ def first_images(loader: DataLoader, n: int) -> torch.Tensor:
     return torch.cat(chunks)[:n]
 
 
+@contextmanager
+def eval_mode(elastic: ElasticViT) -> Iterator[ElasticViT]:
+    """`elastic` in eval mode inside the block; its active subnet and train/eval mode are restored on exit."""
+    active, was_training = elastic.subnet, elastic.training
+    elastic.eval()
+    try:
+        yield elastic
+    finally:
+        elastic.set_subnet(active)
+        elastic.train(was_training)
+
+
 @torch.no_grad()
 def correct_count(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[int, int]:
     """(top-1 correct, samples) of `model` over `loader`'s (images, labels) batches."""
@@ -54,11 +67,9 @@ def evaluate_budgets(
     `data` (omitted when latency_batch is None). The active subnet is restored afterwards."""
     loader = loader_for(data)
     device = next(elastic.parameters()).device
-    active, was_training = elastic.subnet, elastic.training
     example = None if latency_batch is None else first_images(loader, latency_batch).to(device)
-    elastic.eval()
     rows = []
-    try:
+    with eval_mode(elastic):
         for f in tqdm(list(budgets), desc="evaluate budgets", disable=not progress):
             elastic.set_subnet(macs=f)
             correct, total = correct_count(elastic, loader, device)
@@ -68,7 +79,4 @@ def evaluate_budgets(
                 with torch.no_grad():
                     row["latency_ms"] = time_ms(lambda: elastic(example), device=device)
             rows.append(row)
-    finally:
-        elastic.set_subnet(subnet=active)
-        elastic.train(was_training)
     return rows

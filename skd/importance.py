@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .elastic import ElasticViT
+from .evaluate import eval_mode
 from .models import adapter_for
 from .stats import QKV, calibrate
 from .subnet import DropoutList, Group, Subnet
@@ -110,9 +111,7 @@ def estimate_importance(
     """
     base = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens) if subnet is None else subnet
     base.validate(elastic.head_dims, elastic.hiddens)
-    was_training, active = elastic.training, elastic.subnet
-    elastic.eval()
-    try:
+    with eval_mode(elastic):
         modules = [(b, m) for m in ("attn", "mlp") for b, w in enumerate(getattr(base, m)) if w]
         losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)])
         if losses[0] <= 0:
@@ -126,9 +125,6 @@ def estimate_importance(
             total = t.sum()
             alpha[mod] = t / total if total > 0 else torch.full_like(t, 1.0 / len(t))
         return Importance(gamma=gamma, alpha=alpha, loss=losses[0])
-    finally:
-        elastic.set_subnet(active)
-        elastic.train(was_training)
 
 
 def macs_per_dim(elastic: ElasticViT) -> dict[Module, int]:

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_fraction, check_int
 from .elastic import LAYOUT_VERSION, ElasticViT
-from .evaluate import EVAL_BATCH_SIZE, correct_count
+from .evaluate import EVAL_BATCH_SIZE, correct_count, eval_mode
 from .importance import Importance, estimate_importance, extend_dropout_list, macs_per_dim
 from .io import load_tensors, save_tensors
 from .models import adapter_for
@@ -474,10 +474,8 @@ class PIADTrainer:
         else:
             ds = _map_dataset(data, "data")
             loader = DataLoader(Subset(ds, range(self.rank, len(ds), self.world)), batch_size=EVAL_BATCH_SIZE)
-        el, active, was_training = self.elastic, self.elastic.subnet, self.elastic.training
-        el.eval()
         out = {}
-        try:
+        with eval_mode(self.elastic) as el:
             for f in budgets:
                 el.set_subnet(macs=f)
                 counts = torch.tensor(correct_count(el, loader, self.device), dtype=torch.float64)
@@ -485,9 +483,6 @@ class PIADTrainer:
                     dist.all_reduce(counts)
                 out[f] = {"accuracy": float(counts[0] / counts[1]), "macs": el.macs(),
                           "macs_fraction": el.macs() / el.full_macs}
-        finally:
-            el.set_subnet(active)
-            el.train(was_training)
         return out
 
     # ----------------------------------------------------------------------------- checkpoints
