@@ -100,7 +100,11 @@ def _check_name(name: str) -> None:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on `device`, in the order they are tried."""
+    """Names of the backends that can run on `device`, in BACKENDS order.
+
+    Automatic choice tries only some of them (on CPU: cpu, then reference; Triton's interpreter runs
+    only when forced).
+    """
     device = torch.device(device)
     return [n for n in BACKENDS if _REGISTRY[n].usable(device)]
 

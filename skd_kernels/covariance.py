@@ -74,9 +74,9 @@ def weighted_covariance(
 ) -> CovState:
     """Adds a batch to per-group weighted covariance statistics and returns the state.
 
-    x: (N, G*r) fp32/bf16/fp16 — N samples, G groups of r features (group g is columns g*r:(g+1)*r).
+    x: (N, G*r) fp32/bf16/fp16/fp64 — N samples, G groups of r features (group g is columns g*r:(g+1)*r).
     w: (N,) >= 0 sample weights. groups: G. state: a CovState to update in place (a new one if None).
-    Within the batch the sums are fp32; across batches float64. x and w are read once.
+    Within the batch the sums are fp32 (float64 for float64 x); across batches float64. x and w are read once.
 
     Equivalent to::
 

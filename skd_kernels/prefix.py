@@ -18,7 +18,7 @@ def prefix_linear(
 ) -> torch.Tensor:
     """y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]), bias and activation fused.
 
-    x: (..., I') with I' >= k_in; weight: (O, I); bias: (O,) or None; all one dtype (fp32/bf16/fp16).
+    x: (..., I') with I' >= k_in; weight: (O, I); bias: (O,) or None; all one dtype (fp32/bf16/fp16/fp64).
     k_in in [0, I] (default I), k_out in [0, O] (default O); activation None | "gelu" | "gelu_tanh".
     Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
     Differentiable in x, weight (gradient zero outside the block) and bias.

@@ -11,8 +11,8 @@ from ._validate import check_finite_result, check_taylor
 def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token and channel Taylor scores of a feature and the loss gradient w.r.t. it.
 
-    act, grad: (B, T, C) fp32/bf16/fp16 (B samples, T tokens, C channels), same shape.
-    Returns token (B, T) fp32 = |Σ_c g·a| and channel (C,) fp32 = Σ_b |Σ_t g·a|.
+    act, grad: (B, T, C) fp32/bf16/fp16/fp64 (B samples, T tokens, C channels), same shape.
+    Returns token (B, T) fp32 = |Σ_c g·a| and channel (C,) fp32 = Σ_b |Σ_t g·a| (float64 for float64 act).
 
     Equivalent to::
 
