@@ -56,6 +56,7 @@ from .evaluate import EVAL_BATCH_SIZE, correct_count, eval_mode
 from .importance import Importance, estimate_importance, extend_dropout_list, macs_per_dim
 from .io import load_tensors, save_tensors
 from .models import adapter_for
+from .stats import rank_world
 from .subnet import DropoutList, Subnet, group_bound
 
 METHODS = ("piad", "random", "channel_dropout", "weighted_channel_dropout", "layerdrop")
@@ -151,13 +152,6 @@ def _map_dataset(data: Dataset | DataLoader, what: str) -> Dataset:
     return ds
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # --------------------------------------------------------------------------------------- trainer
 class PIADTrainer:
     """Train an ElasticViT super-network so every subnetwork along its Dropout List is good (or a baseline).
@@ -229,7 +223,7 @@ class PIADTrainer:
         self.seed, self.progress, self.clip_grad = seed, progress, clip_grad
 
         self._init_distributed()
-        self.rank, self.world = _dist()
+        self.rank, self.world = rank_world()
         self.elastic = model if isinstance(model, ElasticViT) else ElasticViT(model)
         self.device = next(self.elastic.parameters()).device
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)

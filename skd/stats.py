@@ -122,13 +122,18 @@ def _batches(data: Iterable | Dataset) -> Iterable:
     return data
 
 
-def _rank_budget(num_samples: int) -> tuple[int, int, int]:
-    """(this process's share of num_samples, rank, world size); the shares sum to num_samples."""
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return num_samples, 0, 1
-    rank, world = dist.get_rank(), dist.get_world_size()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_budget(num_samples: int) -> tuple[int, int, int]:
+    """(this process's share of num_samples, rank, world size); the shares sum to num_samples."""
+    rank, world = rank_world()
     return num_samples // world + int(rank < num_samples % world), rank, world
 
 
