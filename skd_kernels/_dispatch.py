@@ -42,6 +42,7 @@ class Backend:
 
 def _compiled(device_type: str) -> Backend:
     ops = torch.ops.skd_kernels
+    # The ops are looked up at call time: without a built _C they do not exist, and the package must import.
     return Backend(
         name=device_type,
         dtypes=FLOAT_DTYPES,
@@ -64,6 +65,7 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 def _triton_op(name: str) -> Callable[..., object]:
+    # Imported on first use: importing Triton (and decorating its kernels) is slow and often not needed.
     def call(*args: object) -> object:
         from . import triton as triton_backend
 
