@@ -197,6 +197,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `skd` argument parser; each sub-command sets `fn` to its cmd_* function."""
     p = argparse.ArgumentParser(prog="skd", description="Stratified knowledge-density super-networks for timm ViTs.")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
@@ -268,6 +269,7 @@ def _hub_offline_unless_asked() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `skd` command on `argv` (default sys.argv[1:]); returns the exit status (0, 2 or 130)."""
     _hub_offline_unless_asked()
     args = build_parser().parse_args(argv)
     from .errors import UnsupportedModelError

@@ -140,10 +140,12 @@ class ElasticViT(nn.Module):
     # ---------------------------------------------------------------------------------------- widths
     @property
     def subnet(self) -> Subnet:
+        """The active subnetwork (set by `set_subnet`; full width after wrapping)."""
         return self._subnet
 
     @property
     def dropout_list(self) -> DropoutList | None:
+        """The PIAD dropout list that macs=/index= budgets follow; None: uniform widths."""
         return self._dropout_list
 
     @dropout_list.setter
@@ -254,6 +256,7 @@ class ElasticViT(nn.Module):
 
     @property
     def full_macs(self) -> int:
+        """Multiply-accumulates per image of the full-width model."""
         return self.macs(self._full)
 
     # --------------------------------------------------------------------------------------- latency

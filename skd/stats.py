@@ -82,6 +82,7 @@ class CalibrationStats:
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
               device: torch.device) -> CalibrationStats:
+        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher only if asked for."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
@@ -99,6 +100,7 @@ class CalibrationStats:
         return cls(out, torch.zeros((), **f64))
 
     def tensors(self) -> list[torch.Tensor]:
+        """Every accumulated tensor, samples first, in a fixed order (for flat all-reduce)."""
         return [self.samples] + [t for feats in self.blocks for f in feats.values() for t in f.tensors()]
 
     def all_reduce(self, group: object = None) -> CalibrationStats:

@@ -52,10 +52,12 @@ class Subnet:
                     raise ValueError(f"subnet.{name}[{i}]={v} is outside 0..{n}")
 
     def to_dict(self) -> dict[str, list[int]]:
+        """{"attn": [...], "mlp": [...]}: plain JSON-serialisable widths."""
         return {"attn": list(self.attn), "mlp": list(self.mlp)}
 
     @classmethod
     def from_dict(cls, d: dict[str, list[int]]) -> Subnet:
+        """Inverse of `to_dict` (types checked; ranges are checked by `validate`)."""
         return cls(attn=d["attn"], mlp=d["mlp"])
 
 
@@ -106,6 +108,7 @@ class DropoutList:
 
     @property
     def units(self) -> list[tuple[int, str]]:
+        """A copy of the ordered (block, "attn"|"mlp") units."""
         return list(self._units)
 
     def __len__(self) -> int:
@@ -184,6 +187,7 @@ class DropoutList:
         return Group(g, group_bound(g, size, groups), group_bound(g + 1, size, groups))
 
     def to_json(self) -> str:
+        """The list, its widths and group counts as a JSON document (see `from_json`)."""
         return json.dumps({
             "units": [list(u) for u in self._units],
             "head_dims": list(self.head_dims),
