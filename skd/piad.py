@@ -340,7 +340,6 @@ class PIADTrainer:
         """The step's subnet, channel masks (float (width,) per module; empty unless dropout by masking)
         and a description for error messages."""
         t, el = self._strength(gen), self.elastic
-        full = Subnet(attn=el.head_dims, mlp=el.hiddens)
         p = t * (1 - self.target_macs)
         if self.method == "piad":
             s = min(len(self.dropout_list), int(t * (len(self.dropout_list) + 1)))
@@ -365,7 +364,7 @@ class PIADTrainer:
                 weight = self._weights[b, m] if self.method == "weighted_channel_dropout" else torch.ones(n)
                 prob = (p * weight).clamp(max=1)
                 masks[b, m] = (torch.rand(n, generator=gen) >= prob).to(self.device, torch.float32)
-        return full, masks, f"{self.method} p={p:.3f}"
+        return Subnet(attn=el.head_dims, mlp=el.hiddens), masks, f"{self.method} p={p:.3f}"
 
     # -------------------------------------------------------------------------------- training
     def fit(self, max_epochs: int | None = None) -> ElasticViT:
