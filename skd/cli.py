@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default="piad",
                    choices=("piad", "random", "channel_dropout", "weighted_channel_dropout", "layerdrop"))
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--lr", type=float, help="peak learning rate (default: DeiT's 5e-4 × global batch / 512)")
     t.add_argument("--checkpoint-dir", type=Path)
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     t.add_argument("--out", type=_out_file, required=True)
