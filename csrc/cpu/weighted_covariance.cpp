@@ -1,6 +1,6 @@
 // weighted_covariance on CPU: per-group Σw, Σ w x, Σ w x x^T of one batch, x read once.
 //
-// ONE parallel region per call: each thread claims L2-sized chunks of rows and, chunk by chunk, writes
+// ONE parallel region per call: each thread takes a fixed range of L2-sized row chunks and, chunk by chunk, writes
 // Y = sqrt(w) * x (widened to the accumulation type) into its own buffer, adds Σ w x, and multiplies
 // Y_g^T Y_g into its own Σ w x x^T (the per-thread results are added once at the end). The GEMMs inside run
 // single-threaded: ATen and MKL do not nest parallelism inside an OpenMP region. The earlier design ran a
@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 
 #include "common.h"
@@ -99,17 +98,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
   const std::vector<int64_t> bounds = syrk_blocks(r);
   const int64_t nblk = static_cast<int64_t>(bounds.size()) - 1;
 
-  // Threads claim chunks from a shared counter instead of taking a fixed half each: when another process
-  // deschedules one thread, the others take over its remaining chunks, so the call waits for at most one
-  // chunk of the slow thread, not for its whole share. The range at::parallel_for hands each thread is
-  // therefore unused; it only sizes the team (one thread when there is one chunk: no region at all).
+  // Each thread takes a fixed, contiguous range of chunks (at::parallel_for's static split) into its own
+  // partial sums: the result is bitwise reproducible for a given thread count. (Claiming chunks dynamically
+  // from a counter tolerated a descheduled thread better, but made the rounding depend on the schedule.)
   const int64_t n_chunks = (N + chunk - 1) / chunk;
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, n_chunks, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
     at::Tensor y_buf = y_bufs.select(0, tid);
     at::Tensor outer = part_outer.select(0, tid);
-    for (int64_t k = next_chunk++; k < n_chunks; k = next_chunk++) {
+    for (int64_t k = begin; k < end; ++k) {
       const int64_t n0 = k * chunk, m = std::min(chunk, N - n0);
       at::Tensor y = y_buf.narrow(0, 0, m);
       SKD_DISPATCH_FLOATS(x.scalar_type(), "skd_weighted_covariance", [&] {
