@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -270,6 +271,7 @@ def _hub_offline_unless_asked() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `skd` command on `argv` (default sys.argv[1:]); returns the exit status (0, 2 or 130)."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `skd info F | head` ends quietly, like other CLI tools
     _hub_offline_unless_asked()
     args = build_parser().parse_args(argv)
     from .errors import UnsupportedModelError
