@@ -94,13 +94,13 @@ def load_model(spec: str, pretrained: bool = False) -> Any:
 
 
 def _train_val(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
+    """`skd train`'s (train, validation) datasets: --data (default the digits' train split) and --val-data
+    (default the digits' test split when --data is left out, else no validation)."""
     from .data import dataset_for
 
-    inner = model.model
-    train = dataset_for(args.data, inner, "train")
-    val = dataset_for(getattr(args, "val_data", None), inner, "test") if (args.data is None or
-                                                                          getattr(args, "val_data", None)) else None
-    return train, val
+    train = dataset_for(args.data, model.model, "train")
+    validate = args.val_data is not None or args.data is None
+    return train, dataset_for(args.val_data, model.model, "test") if validate else None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
