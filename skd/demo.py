@@ -17,6 +17,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from . import io
+from ._atomic import atomic_path
 from .digits import load_digits_split, pretrained_digits_vit
 from .elastic import ElasticViT
 from .evaluate import evaluate_budgets
@@ -57,9 +58,8 @@ def format_table(results: dict[str, list[dict[str, float]]]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def run_demo(out: str | os.PathLike = "skd-demo", config: DemoConfig | None = None,

@@ -21,6 +21,8 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ._atomic import atomic_path
+
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
 VIT_DIGITS_KWARGS = dict(
@@ -134,9 +136,8 @@ def pretrained_digits_vit(progress: bool = True) -> VisionTransformer:
 
         model = train_digits_vit(progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(model.state_dict(), str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(model.state_dict(), str(tmp))
     import timm
 
     return timm.create_model("vit_digits", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()

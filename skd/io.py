@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import safetensors
@@ -20,16 +18,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._atomic import atomic_path
 from .elastic import LAYOUT_VERSION, ElasticViT
 from .subnet import DropoutList, Subnet
 
 _META_KEY = "skd"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -46,18 +39,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(flat, tmp, metadata={_META_KEY: meta})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the rename must not land before the data does
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(flat, str(tmp), metadata={_META_KEY: meta})
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
