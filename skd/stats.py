@@ -8,7 +8,9 @@ beyond its batch, so peak memory does not depend on the number of samples, and t
 processes simply add up (`CalibrationStats.all_reduce`).
 
 Features, per block (C channels, H heads of hd dims, head-major like timm's qkv rows):
-  q, k, v: (B, T, H*hd) slices of the qkv output; hidden: (B, T, m) input of fc2.
+  q, k, v: (B, T, H*hd) slices of the qkv output; hidden: (B, T, m) input of fc2; and, only when asked
+  for ("wpac+"), context: (B, T, H*hd) input of the attention output projection, with per-head second
+  moments of both the context and its gradient.
 For Swin, the (B*windows, N, C) window batches are viewed as (B, windows*N, C): windows of one image
 are contiguous in timm's window_partition, so "per sample" always means per image.
 """
@@ -56,19 +58,23 @@ class FeatureStats:
     fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested.
     cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
     uniformly; None for the MLP hidden feature or when not requested.
+    grad_cov: per-head CovState of the gradient w.r.t. the feature, tokens weighted uniformly (the
+    loss's sensitivity metric, K-FAC style); only for the context feature.
     """
 
     taylor: torch.Tensor
     fisher: torch.Tensor | None = None
     cov: CovState | None = None
+    grad_cov: CovState | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulated tensor, in a fixed order (for flat all-reduce)."""
         out = [self.taylor]
         if self.fisher is not None:
             out.append(self.fisher)
-        if self.cov is not None:
-            out += [self.cov.weight_sum, self.cov.sum, self.cov.sum_outer]
+        for state in (self.cov, self.grad_cov):
+            if state is not None:
+                out += [state.weight_sum, state.sum, state.sum_outer]
         return out
 
 
@@ -81,8 +87,9 @@ class CalibrationStats:
 
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
-              device: torch.device) -> CalibrationStats:
-        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher only if asked for."""
+              device: torch.device, context: bool = False) -> CalibrationStats:
+        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context only if
+        asked for (the context feature always has its activation and gradient covariances)."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
@@ -96,6 +103,10 @@ class CalibrationStats:
                     cov=CovState.zeros(spec.num_heads, spec.head_dim, device)
                     if covariance is not None and name != "hidden" else None,
                 )
+            if context:
+                feats["context"] = FeatureStats(
+                    taylor=torch.zeros(c, **f64), cov=CovState.zeros(spec.num_heads, spec.head_dim, device),
+                    grad_cov=CovState.zeros(spec.num_heads, spec.head_dim, device))
             out.append(feats)
         return cls(out, torch.zeros((), **f64))
 
@@ -159,7 +170,10 @@ class _Collector:
     def __enter__(self) -> _Collector:
         for i, spec in enumerate(self.blocks):
             self._handles.append(spec.qkv.register_forward_hook(functools.partial(self._on_qkv, i)))
-            self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_hidden, i)))
+            self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_input, i, "hidden")))
+            if "context" in self.stats.blocks[i]:
+                self._handles.append(spec.proj.register_forward_pre_hook(
+                    functools.partial(self._on_input, i, "context")))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,13 +198,13 @@ class _Collector:
     def _on_qkv(self, i: int, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._stash(i, "qkv", output)
 
-    def _on_hidden(self, i: int, module: nn.Module, inputs: tuple) -> None:
-        self._stash(i, "hidden", inputs[0])
+    def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
+        self._stash(i, name, inputs[0])
 
     def _on_grad(self, i: int, name: str, grad: torch.Tensor) -> None:
         act = self._acts.pop((i, name))
-        if name == "hidden":
-            self._update(i, "hidden", act, grad)
+        if name != "qkv":
+            self._update(i, name, act, grad)
             return
         c = self.blocks[i].num_heads * self.blocks[i].head_dim
         for j, feat in enumerate(QKV):
@@ -211,11 +225,17 @@ class _Collector:
             # the "hessian" baseline needs it).
             st.fisher += (grad.float() * act.float()).sum(1).square().sum(0).double()
         if st.cov is not None:
-            x = act.reshape(-1, c)
-            if x.dtype in (torch.float16, torch.bfloat16):
-                x = x.float()  # half-precision models: statistics (and the weights Θ) stay fp32
-            w = token.reshape(-1) if self.covariance == "weighted" else torch.ones_like(token.reshape(-1))
-            skd_kernels.weighted_covariance(x, w, spec.num_heads, state=st.cov)
+            uniform = torch.ones_like(token.reshape(-1))
+            w = token.reshape(-1) if self.covariance == "weighted" and name != "context" else uniform
+            skd_kernels.weighted_covariance(_fp32_at_least(act.reshape(-1, c)), w, spec.num_heads, state=st.cov)
+            if st.grad_cov is not None:
+                skd_kernels.weighted_covariance(_fp32_at_least(grad.reshape(-1, c)), uniform, spec.num_heads,
+                                                state=st.grad_cov)
+
+
+def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision models: statistics (and the weights Θ) stay fp32."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def calibrate(
@@ -226,6 +246,7 @@ def calibrate(
     num_samples: int,
     covariance: str | None,
     fisher: bool = False,
+    context: bool = False,
     loss_fn: LossFn | None = None,
     progress: bool = True,
     group: object = None,
@@ -236,6 +257,8 @@ def calibrate(
     training flag is restored afterwards. data: yields (images (B, C, H, W), labels (B,)) batches, or a
     map-style Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t) or
     "uniform" (w_t = 1) per-head covariance of q, k, v. fisher: also accumulate Σ (Σ_t g·a)^2.
+    context: also the "context" feature (output projection input): uniform per-head second moments of
+    it and of its gradient.
     loss_fn(outputs, labels) -> scalar, summed over the batch (default: `sum_cross_entropy`).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
@@ -248,7 +271,7 @@ def calibrate(
     loss_fn = loss_fn or sum_cross_entropy
     param = next(model.parameters())
     budget, rank, world = _rank_budget(num_samples)
-    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device)
+    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context)
     was_training = model.training
     model.eval()
     bar = tqdm(total=budget, desc="skd calibration", unit="img", disable=not progress or rank != 0)

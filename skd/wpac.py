@@ -5,6 +5,11 @@ Per block (DESIGN.md, "The method, precisely"), with per-head transforms applied
        Wv_h <- T_h Wv_h, bv_h <- T_h bv_h, Wo[:, h] <- Wo[:, h] T_h^T.
   Q/K: U_h from C^q_h + C^k_h, applied to the q and k rows and biases (scores q·k unchanged).
   MLP: hidden units permuted into Taylor importance order (fc1 rows and bias, fc2 columns).
+Criterion "wpac+" (beyond the paper; math in skd.transforms) uses invertible, not only orthogonal,
+per-head transforms chosen for what the head computes: Q/K best preserve the scores q·k in their leading
+dims, V/O best preserve the head's output W_o·context. Before that it folds two biases exactly: b_k is
+dropped (it shifts every score of a query equally; softmax ignores that) and W_o b_v moves into the output
+bias (the attention weights sum to 1), so truncated subnetworks keep them in full.
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -25,9 +30,10 @@ from skd_kernels import CovState
 
 from ._checks import check_int
 from .models import BlockSpec, adapter_for
-from .stats import CalibrationStats, LossFn, calibrate
+from .stats import CalibrationStats, FeatureStats, LossFn, calibrate
+from .transforms import output_preserving, psd_sqrt, score_preserving
 
-CRITERIA = ("wpac", "pca", "taylor", "magnitude", "random", "hessian")
+CRITERIA = ("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian")
 ROTATIONS = ("wpac", "pca")  # criteria that rotate V/O and Q/K; the others permute
 RELATIVE_DAMPING = 1e-10  # δ = RELATIVE_DAMPING * tr(C)/r added to C before eigh
 RANDOM_SEED = 0
@@ -37,8 +43,9 @@ RANDOM_SEED = 0
 class BlockReport:
     """What WPAC did to one block. H heads of hd dims, m MLP hidden units; all float64 on CPU.
 
-    qk / vo: "rotation" or "permutation". qk_spectrum, vo_spectrum: (H, hd) eigenvalues of the per-head
-    covariance, descending (None for permutation criteria). qk_importance, vo_importance: (H, hd) scores
+    qk / vo: "rotation", "transform" (wpac+: invertible) or "permutation". qk_spectrum, vo_spectrum:
+    (H, hd) eigenvalues of the per-head covariance, descending, or for "transform" the singular values of
+    the per-head problem (skd.transforms); None for permutation criteria. qk_importance, vo_importance: (H, hd) scores
     of the dims in their new order (None for rotations). mlp_importance: (m,) scores in the new order.
     """
 
@@ -105,8 +112,8 @@ def _stratify(model: nn.Module, data: Iterable | Dataset, num_samples: int, crit
     stats = None
     if criterion not in ("magnitude", "random"):
         stats = calibrate(model, blocks, data, num_samples=num_samples, loss_fn=loss_fn, progress=progress,
-                          covariance={"wpac": "weighted", "pca": "uniform"}.get(criterion),
-                          fisher=criterion == "hessian")
+                          covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "uniform"}.get(criterion),
+                          fisher=criterion == "hessian", context=criterion == "wpac+")
     normed = [s.name for s in blocks if s.has_qk_norm]
     if normed:
         warnings.warn(f"{', '.join(normed)}: qk_norm normalises over each head's dims, so Q/K cannot be rotated; "
@@ -115,8 +122,11 @@ def _stratify(model: nn.Module, data: Iterable | Dataset, num_samples: int, crit
     generator = torch.Generator().manual_seed(RANDOM_SEED)
     rotations = _rotations(blocks, stats) if criterion in ROTATIONS else [None] * len(blocks)
     with torch.no_grad():
-        reports = [_transform_block(spec, i, stats, criterion, generator, rot)
-                   for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
+        if criterion == "wpac+":
+            reports = [_transform_block_plus(spec, feats) for spec, feats in zip(blocks, stats.blocks, strict=True)]
+        else:
+            reports = [_transform_block(spec, i, stats, criterion, generator, rot)
+                       for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
@@ -175,19 +185,84 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
             qk, report["qk_importance"] = _permutation_matrices(qk_imp)
             report["qk"] = "permutation"
     if spec.has_qk_norm:
-        # The norm's weight/bias has hd entries shared by the heads: only one common order can be absorbed.
-        shared = torch.sort(qk_imp.sum(0), descending=True, stable=True).indices
-        qk = torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd)
-        report["qk_importance"] = qk_imp[:, shared]
-        report["qk"] = "permutation"
-        for norm in (spec.attn.q_norm, spec.attn.k_norm):
-            for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-                if p is not None:
-                    p.copy_(p[shared.to(p.device)])
+        qk, report["qk_importance"], report["qk"] = *_shared_qk_permutation(spec, qk_imp), "permutation"
     mlp_order = torch.sort(mlp_imp, descending=True, stable=True).indices
-    _apply_attention(spec, qk, vo)
+    _apply_attention(spec, qk, qk, vo, vo.mT)
     _permute_mlp(spec, mlp_order)
     return BlockReport(mlp_importance=mlp_imp[mlp_order], **report)
+
+
+def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm blocks: the norm's weight/bias has hd entries shared by the heads, so only one common order
+    can be absorbed. qk_imp (H, hd) -> (permutation matrices (H, hd, hd) float64, importance in the new
+    order (H, hd)); the norms' affine parameters are permuted here."""
+    h, hd = qk_imp.shape
+    shared = torch.sort(qk_imp.sum(0), descending=True, stable=True).indices
+    for norm in (spec.attn.q_norm, spec.attn.k_norm):
+        for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+            if p is not None:
+                p.copy_(p[shared.to(p.device)])
+    return torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd), qk_imp[:, shared]
+
+
+def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> BlockReport:
+    """Criterion "wpac+" on one block: fold b_k and b_v, then the score- and output-preserving transforms."""
+    h, hd = spec.num_heads, spec.head_dim
+    shift_v = _fold_biases(spec)
+    context = feats["context"]
+    cc = _second_moment(spec, "context", context.cov, shift_v)
+    # V/O metric: the loss's sensitivity to the context (K-FAC: E[g g^T] of the gradient w.r.t. it).
+    metric = psd_sqrt(_second_moment(spec, "context gradient", context.grad_cov))
+    t, t_inv, vo_spectrum = output_preserving(cc, metric)
+    report = dict(name=spec.name, vo="transform", vo_spectrum=vo_spectrum, vo_importance=None)
+    if spec.has_qk_norm:
+        qk, qk_imp = _shared_qk_permutation(spec, (feats["q"].taylor + feats["k"].taylor).cpu().view(h, hd))
+        a = b = qk
+        report.update(qk="permutation", qk_spectrum=None, qk_importance=qk_imp)
+    else:
+        a, b, qk_spectrum = score_preserving(_second_moment(spec, "q", feats["q"].cov),
+                                             _covariance(spec, "k", feats["k"].cov))
+        report.update(qk="transform", qk_spectrum=qk_spectrum, qk_importance=None)
+    mlp_imp = feats["hidden"].taylor.cpu()
+    mlp_order = torch.sort(mlp_imp, descending=True, stable=True).indices
+    _apply_attention(spec, a, b, t, t_inv)
+    _permute_mlp(spec, mlp_order)
+    return BlockReport(mlp_importance=mlp_imp[mlp_order], **report)
+
+
+def _fold_biases(spec: BlockSpec) -> torch.Tensor:
+    """Exactly function-preserving bias moves: b_k <- 0 (without qk_norm), and b_o <- b_o + W_o b_v, b_v <- 0
+    (when the output projection has a bias). Returns the removed b_v as (H, hd) float64 CPU (zeros if none)."""
+    h, hd = spec.num_heads, spec.head_dim
+    bias = spec.qkv.bias
+    if bias is None:
+        return torch.zeros(h, hd, dtype=torch.float64)
+    k_b, v_b = bias.view(3, h * hd)[1:]
+    if not spec.has_qk_norm:
+        k_b.zero_()
+    if spec.proj.bias is None:
+        return torch.zeros(h, hd, dtype=torch.float64)
+    moved = v_b.double().clone()
+    spec.proj.bias.copy_(spec.proj.bias.double() + spec.proj.weight.double() @ moved)
+    v_b.zero_()
+    return moved.view(h, hd).cpu()
+
+
+def _second_moment(spec: BlockSpec, name: str, state: CovState, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, hd, hd) float64 CPU uncentred second moment E[(x - shift)(x - shift)^T] of a feature (shift:
+    (H, hd) or None); zeros when it carried no weight."""
+    if float(state.weight_sum) <= 0:
+        warnings.warn(f"{spec.name} {name}: all token weights were zero; its heads are left as they are",
+                      stacklevel=5)
+        return torch.zeros_like(state.sum_outer, device="cpu")
+    moment = (state.sum_outer / state.weight_sum).cpu()
+    if shift is not None:
+        mean = (state.sum / state.weight_sum).cpu()
+        moment = moment - shift[:, :, None] * mean[:, None, :] - mean[:, :, None] * shift[:, None, :] \
+            + shift[:, :, None] * shift[:, None, :]
+    if not bool(torch.isfinite(moment).all()):
+        raise ValueError(f"{spec.name} {name}: second moment contains NaN or Inf (activations overflowed fp32)")
+    return 0.5 * (moment + moment.mT)
 
 
 def _covariance(spec: BlockSpec, name: str, state: CovState) -> torch.Tensor:
@@ -253,16 +328,18 @@ def _permutation_matrices(importance: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.eye(hd, dtype=torch.float64)[order], torch.gather(importance, 1, order)
 
 
-def _apply_attention(spec: BlockSpec, qk: torch.Tensor, vo: torch.Tensor) -> None:
-    """qk, vo: (H, hd, hd) float64 orthogonal. q_h, k_h rows <- U_h·, v_h rows <- T_h·, proj[:, h] <- ·T_h^T."""
+def _apply_attention(spec: BlockSpec, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+                     o_t: torch.Tensor) -> None:
+    """Each (H, hd, hd) float64, k_t = q_t^-T and o_t = v_t^-1 (function-preserving).
+    q_h, k_h, v_h rows and biases <- q_t[h]·, k_t[h]·, v_t[h]·; proj[:, h] <- ·o_t[h]."""
     h, hd = spec.num_heads, spec.head_dim
     qkv_w, qkv_b, proj_w = spec.qkv.weight, spec.qkv.bias, spec.proj.weight
-    transforms = torch.stack([qk, qk, vo]).to(qkv_w.device)  # (3, H, hd, hd)
+    transforms = torch.stack([q_t, k_t, v_t]).to(qkv_w.device)  # (3, H, hd, hd)
     w = torch.einsum("shij,shjd->shid", transforms, qkv_w.double().view(3, h, hd, -1))
     qkv_w.copy_(w.reshape(qkv_w.shape))
     if qkv_b is not None:
         qkv_b.copy_(torch.einsum("shij,shj->shi", transforms, qkv_b.double().view(3, h, hd)).reshape(-1))
-    o = torch.einsum("ohj,hij->ohi", proj_w.double().view(-1, h, hd), vo.to(proj_w.device))
+    o = torch.einsum("ohj,hji->ohi", proj_w.double().view(-1, h, hd), o_t.to(proj_w.device))
     proj_w.copy_(o.reshape(proj_w.shape))
 
 
