@@ -9,8 +9,8 @@ processes simply add up (`CalibrationStats.all_reduce`).
 
 Features, per block (C channels, H heads of hd dims, head-major like timm's qkv rows):
   q, k, v: (B, T, H*hd) slices of the qkv output; hidden: (B, T, m) input of fc2; and, only when asked
-  for ("wpac+"), context: (B, T, H*hd) input of the attention output projection, with per-head second
-  moments of both the context and its gradient.
+  for ("wpac+"), context: (B, T, H*hd) input of the attention output projection, forward only (its
+  per-head uniform second moments; no gradient is needed).
 For Swin, the (B*windows, N, C) window batches are viewed as (B, windows*N, C): windows of one image
 are contiguous in timm's window_partition, so "per sample" always means per image.
 """
@@ -54,27 +54,22 @@ def sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 class FeatureStats:
     """Statistics of one feature of one block (C channels).
 
-    taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance).
+    taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance); None for the
+    forward-only context feature.
     fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested.
     cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
     uniformly; None for the MLP hidden feature or when not requested.
-    grad_cov: per-head CovState of the gradient w.r.t. the feature, tokens weighted uniformly (the
-    loss's sensitivity metric, K-FAC style); only for the context feature.
     """
 
-    taylor: torch.Tensor
+    taylor: torch.Tensor | None
     fisher: torch.Tensor | None = None
     cov: CovState | None = None
-    grad_cov: CovState | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulated tensor, in a fixed order (for flat all-reduce)."""
-        out = [self.taylor]
-        if self.fisher is not None:
-            out.append(self.fisher)
-        for state in (self.cov, self.grad_cov):
-            if state is not None:
-                out += [state.weight_sum, state.sum, state.sum_outer]
+        out = [t for t in (self.taylor, self.fisher) if t is not None]
+        if self.cov is not None:
+            out += [self.cov.weight_sum, self.cov.sum, self.cov.sum_outer]
         return out
 
 
@@ -89,7 +84,7 @@ class CalibrationStats:
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
               device: torch.device, context: bool = False) -> CalibrationStats:
         """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context only if
-        asked for (the context feature always has its activation and gradient covariances)."""
+        asked for (the context feature has a uniform covariance and nothing else)."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
@@ -104,9 +99,7 @@ class CalibrationStats:
                     if covariance is not None and name != "hidden" else None,
                 )
             if context:
-                feats["context"] = FeatureStats(
-                    taylor=torch.zeros(c, **f64), cov=CovState.zeros(spec.num_heads, spec.head_dim, device),
-                    grad_cov=CovState.zeros(spec.num_heads, spec.head_dim, device))
+                feats["context"] = FeatureStats(taylor=None, cov=CovState.zeros(spec.num_heads, spec.head_dim, device))
             out.append(feats)
         return cls(out, torch.zeros((), **f64))
 
@@ -172,8 +165,7 @@ class _Collector:
             self._handles.append(spec.qkv.register_forward_hook(functools.partial(self._on_qkv, i)))
             self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_input, i, "hidden")))
             if "context" in self.stats.blocks[i]:
-                self._handles.append(spec.proj.register_forward_pre_hook(
-                    functools.partial(self._on_input, i, "context")))
+                self._handles.append(spec.proj.register_forward_pre_hook(functools.partial(self._on_context, i)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,6 +193,13 @@ class _Collector:
     def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
         self._stash(i, name, inputs[0])
 
+    def _on_context(self, i: int, module: nn.Module, inputs: tuple) -> None:
+        """Forward only: the context's uniform per-head second moments need no gradient."""
+        spec = self.blocks[i]
+        x = _fp32_at_least(inputs[0].detach().reshape(-1, spec.num_heads * spec.head_dim))
+        state = self.stats.blocks[i]["context"].cov
+        skd_kernels.weighted_covariance(x, x.new_ones(x.shape[0]), spec.num_heads, state=state)
+
     def _on_grad(self, i: int, name: str, grad: torch.Tensor) -> None:
         act = self._acts.pop((i, name))
         if name != "qkv":
@@ -225,12 +224,8 @@ class _Collector:
             # the "hessian" baseline needs it).
             st.fisher += (grad.float() * act.float()).sum(1).square().sum(0).double()
         if st.cov is not None:
-            uniform = torch.ones_like(token.reshape(-1))
-            w = token.reshape(-1) if self.covariance == "weighted" and name != "context" else uniform
+            w = token.reshape(-1) if self.covariance == "weighted" else torch.ones_like(token.reshape(-1))
             skd_kernels.weighted_covariance(_fp32_at_least(act.reshape(-1, c)), w, spec.num_heads, state=st.cov)
-            if st.grad_cov is not None:
-                skd_kernels.weighted_covariance(_fp32_at_least(grad.reshape(-1, c)), uniform, spec.num_heads,
-                                                state=st.grad_cov)
 
 
 def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -257,8 +252,7 @@ def calibrate(
     training flag is restored afterwards. data: yields (images (B, C, H, W), labels (B,)) batches, or a
     map-style Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t) or
     "uniform" (w_t = 1) per-head covariance of q, k, v. fisher: also accumulate Σ (Σ_t g·a)^2.
-    context: also the "context" feature (output projection input): uniform per-head second moments of
-    it and of its gradient.
+    context: also the "context" feature (output projection input): its uniform per-head second moments.
     loss_fn(outputs, labels) -> scalar, summed over the batch (default: `sum_cross_entropy`).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.

@@ -31,7 +31,7 @@ from skd_kernels import CovState
 from ._checks import check_int
 from .models import BlockSpec, adapter_for
 from .stats import CalibrationStats, FeatureStats, LossFn, calibrate
-from .transforms import output_preserving, psd_sqrt, score_preserving
+from .transforms import output_preserving, score_preserving
 
 CRITERIA = ("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian")
 ROTATIONS = ("wpac", "pca")  # criteria that rotate V/O and Q/K; the others permute
@@ -211,9 +211,10 @@ def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> Bl
     shift_v = _fold_biases(spec)
     context = feats["context"]
     cc = _second_moment(spec, "context", context.cov, shift_v)
-    # V/O metric: the loss's sensitivity to the context (K-FAC: E[g g^T] of the gradient w.r.t. it).
-    metric = psd_sqrt(_second_moment(spec, "context gradient", context.grad_cov))
-    t, t_inv, vo_spectrum = output_preserving(cc, metric)
+    # V/O metric: the head's own output W_o c (on MiniLM as good as the loss-gradient K-FAC metric
+    # E[g g^T] and better on 1/2 of the dims, and it needs no gradient statistic).
+    w_out = spec.proj.weight.double().view(-1, h, hd).permute(1, 0, 2).cpu()  # (H, D, hd)
+    t, t_inv, vo_spectrum = output_preserving(cc, w_out)
     report = dict(name=spec.name, vo="transform", vo_spectrum=vo_spectrum, vo_importance=None)
     if spec.has_qk_norm:
         qk, qk_imp = _shared_qk_permutation(spec, (feats["q"].taylor + feats["k"].taylor).cpu().view(h, hd))
