@@ -7,9 +7,9 @@ Per block (DESIGN.md, "The method, precisely"), with per-head transforms applied
   MLP: hidden units permuted into Taylor importance order (fc1 rows and bias, fc2 columns).
 Criterion "wpac+" (beyond the paper; math in skd.transforms) uses invertible, not only orthogonal,
 per-head transforms chosen for what the head computes: Q/K best preserve the scores q·k in their leading
-dims, V/O best preserve the head's output W_o·context. Before that it folds two biases exactly: b_k is
-dropped (it shifts every score of a query equally; softmax ignores that) and W_o b_v moves into the output
-bias (the attention weights sum to 1), so truncated subnetworks keep them in full.
+dims, V/O best preserve the head's output W_o·context; MLP as "wpac". Before that it folds two biases
+exactly: b_k is dropped (it shifts every score of a query equally; softmax ignores that) and W_o b_v moves
+into the output bias (the attention weights sum to 1), so truncated subnetworks keep them in full.
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -17,6 +17,7 @@ Transforms are computed and applied in float64, then cast back to the weights' d
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Iterable
@@ -29,8 +30,8 @@ from torch.utils.data import Dataset
 from skd_kernels import CovState
 
 from ._checks import check_int
-from .models import BlockSpec, adapter_for
-from .stats import CalibrationStats, FeatureStats, LossFn, calibrate
+from .models import BlockSpec, ModelAdapter, adapter_for
+from .stats import CONTEXT, CalibrationStats, FeatureStats, LossFn, calibrate
 from .transforms import output_preserving, score_preserving
 
 CRITERIA = ("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian")
@@ -80,13 +81,15 @@ def wpac(
 ) -> nn.Module:
     """Stratify `model` in place so the leading dims of every head and MLP hold the most knowledge.
 
-    model: a timm VisionTransformer / DeiT / Swin, or an `skd.ElasticViT` (transformed through its
-    `standard_layout()`); any float dtype (statistics are fp32, transforms float64). data: yields
-    (images (B, C, H, W), labels (B,)) batches, or a map-style Dataset of (image, label) samples; at most
-    `num_samples` samples are used (under torch.distributed: in total over all processes, each reading
-    its own shard). criterion: one of CRITERIA; "magnitude" and "random" read no data. loss_fn(outputs,
-    labels) -> scalar summed over the batch; default cross-entropy. Returns the same model, computing the
-    same function, with `model.skd_report` (a WPACReport).
+    model: any model with a `skd.models` adapter (timm ViT/DeiT/Swin, HF encoders and ViTs, ...), or an
+    `skd.ElasticViT` (transformed through its `standard_layout()`); any float dtype (statistics are
+    fp32, transforms float64). data: yields batches (skd.batches: (images, labels) tuples, dicts of
+    tensors, ...), or a map-style Dataset of single samples; at most `num_samples` samples are used
+    (under torch.distributed: in total over all processes, each reading its own shard); padding tokens
+    (attention_mask 0) carry no weight. criterion: one of CRITERIA; "magnitude" and "random" read no data.
+    loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss`
+    (cross-entropy against the labels) summed. Returns the same model, computing the same function,
+    with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
     images, activations or gradients). Models with qk_norm keep their V/O rotation and MLP order, but Q/K
@@ -99,19 +102,21 @@ def wpac(
     check_int("num_samples", num_samples, 1)
     if isinstance(model, ElasticViT):
         with model.standard_layout() as inner:
-            model.skd_report = _stratify(inner, data, num_samples, criterion, loss_fn, progress)
+            model.skd_report = _stratify(inner, model.adapter, data, num_samples, criterion, loss_fn, progress)
         return model
-    model.skd_report = _stratify(model, data, num_samples, criterion, loss_fn, progress)
+    model.skd_report = _stratify(model, adapter_for(model), data, num_samples, criterion, loss_fn, progress)
     return model
 
 
-def _stratify(model: nn.Module, data: Iterable | Dataset, num_samples: int, criterion: str,
-              loss_fn: LossFn | None, progress: bool) -> WPACReport:
+def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset, num_samples: int,
+              criterion: str, loss_fn: LossFn | None, progress: bool) -> WPACReport:
     start = time.perf_counter()
-    blocks = adapter_for(model).blocks
+    blocks = adapter.blocks
     stats = None
     if criterion not in ("magnitude", "random"):
-        stats = calibrate(model, blocks, data, num_samples=num_samples, loss_fn=loss_fn, progress=progress,
+        stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
+                          loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
+                          token_weights=adapter.token_weights,
                           covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "uniform"}.get(criterion),
                           fisher=criterion == "hessian", context=criterion == "wpac+")
     normed = [s.name for s in blocks if s.has_qk_norm]
@@ -159,7 +164,7 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
         if criterion == "magnitude":  # L2 norms of every weight attached to the dim, in and out
             if name == "hidden":
                 return (spec.fc1.weight.double().norm(dim=1) + spec.fc2.weight.double().norm(dim=0)).cpu()
-            rows = spec.qkv.weight.double().view(3, h * hd, -1)["qkv".index(name)].norm(dim=-1)
+            rows = spec.qkv_weights()["qkv".index(name)][0].double().norm(dim=-1)
             return (rows + spec.proj.weight.double().norm(dim=0) if name == "v" else rows).cpu()
         f = feats[name]
         return (f.fisher if criterion == "hessian" else f.taylor).cpu()
@@ -198,7 +203,7 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
     order (H, hd)); the norms' affine parameters are permuted here."""
     h, hd = qk_imp.shape
     shared = torch.sort(qk_imp.sum(0), descending=True, stable=True).indices
-    for norm in (spec.attn.q_norm, spec.attn.k_norm):
+    for norm in spec.qk_norms:
         for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
             if p is not None:
                 p.copy_(p[shared.to(p.device)])
@@ -208,12 +213,10 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
 def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> BlockReport:
     """Criterion "wpac+" on one block: fold b_k and b_v, then the score- and output-preserving transforms."""
     h, hd = spec.num_heads, spec.head_dim
-    shift_v = _fold_biases(spec)
-    context = feats["context"]
-    cc = _second_moment(spec, "context", context.cov, shift_v)
+    cc = _second_moment(spec, CONTEXT, feats[CONTEXT].cov, shift=_fold_biases(spec))
     # V/O metric: the head's own output W_o c (on MiniLM as good as the loss-gradient K-FAC metric
-    # E[g g^T] and better on 1/2 of the dims, and it needs no gradient statistic).
-    w_out = spec.proj.weight.double().view(-1, h, hd).permute(1, 0, 2).cpu()  # (H, D, hd)
+    # E[g g^T] and better at 1/2 of the dims, and it needs no gradient statistic).
+    w_out = spec.proj.weight.double().view(-1, h, hd).permute(1, 0, 2).cpu()  # (H, D_out, hd)
     t, t_inv, vo_spectrum = output_preserving(cc, w_out)
     report = dict(name=spec.name, vo="transform", vo_spectrum=vo_spectrum, vo_importance=None)
     if spec.has_qk_norm:
@@ -221,6 +224,7 @@ def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> Bl
         a = b = qk
         report.update(qk="permutation", qk_spectrum=None, qk_importance=qk_imp)
     else:
+        # keys centred: a key component shared by a whole sequence shifts all of a query's scores equally
         a, b, qk_spectrum = score_preserving(_second_moment(spec, "q", feats["q"].cov),
                                              _covariance(spec, "k", feats["k"].cov))
         report.update(qk="transform", qk_spectrum=qk_spectrum, qk_importance=None)
@@ -232,26 +236,24 @@ def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> Bl
 
 
 def _fold_biases(spec: BlockSpec) -> torch.Tensor:
-    """Exactly function-preserving bias moves: b_k <- 0 (without qk_norm), and b_o <- b_o + W_o b_v, b_v <- 0
-    (when the output projection has a bias). Returns the removed b_v as (H, hd) float64 CPU (zeros if none)."""
-    h, hd = spec.num_heads, spec.head_dim
-    bias = spec.qkv.bias
-    if bias is None:
-        return torch.zeros(h, hd, dtype=torch.float64)
-    k_b, v_b = bias.view(3, h * hd)[1:]
-    if not spec.has_qk_norm:
+    """Exactly function-preserving bias moves: b_k <- 0 (without qk_norm: softmax ignores a shift shared by
+    all of a query's scores), and b_o <- b_o + W_o b_v, b_v <- 0 when the output projection has a bias (the
+    attention weights sum to 1, so b_v reaches the output as W_o b_v). Returns the removed b_v as (H, hd)
+    float64 CPU (zeros if none was moved)."""
+    (_, _), (_, k_b), (_, v_b) = spec.qkv_weights()
+    if k_b is not None and not spec.has_qk_norm:
         k_b.zero_()
-    if spec.proj.bias is None:
-        return torch.zeros(h, hd, dtype=torch.float64)
-    moved = v_b.double().clone()
-    spec.proj.bias.copy_(spec.proj.bias.double() + spec.proj.weight.double() @ moved)
-    v_b.zero_()
-    return moved.view(h, hd).cpu()
+    moved = torch.zeros(spec.channels, dtype=torch.float64)
+    if v_b is not None and spec.proj.bias is not None:
+        moved = v_b.double().cpu()
+        spec.proj.bias.copy_(spec.proj.bias.double() + spec.proj.weight.double() @ moved.to(v_b.device))
+        v_b.zero_()
+    return moved.view(spec.num_heads, spec.head_dim)
 
 
 def _second_moment(spec: BlockSpec, name: str, state: CovState, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """(H, hd, hd) float64 CPU uncentred second moment E[(x - shift)(x - shift)^T] of a feature (shift:
-    (H, hd) or None); zeros when it carried no weight."""
+    """(H, hd, hd) float64 CPU uncentred second moment E[(x - shift)(x - shift)^T] of feature `name`
+    (shift: (H, hd) or None); zeros when it carried no weight."""
     if float(state.weight_sum) <= 0:
         warnings.warn(f"{spec.name} {name}: all token weights were zero; its heads are left as they are",
                       stacklevel=5)
@@ -331,15 +333,15 @@ def _permutation_matrices(importance: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _apply_attention(spec: BlockSpec, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                      o_t: torch.Tensor) -> None:
-    """Each (H, hd, hd) float64, k_t = q_t^-T and o_t = v_t^-1 (function-preserving).
-    q_h, k_h, v_h rows and biases <- q_t[h]·, k_t[h]·, v_t[h]·; proj[:, h] <- ·o_t[h]."""
+    """Each (H, hd, hd) float64, k_t = q_t^-T and o_t = v_t^-1 (function-preserving; orthogonal criteria
+    pass U, U, T, T^T). q_h, k_h, v_h rows and biases <- q_t[h]·, k_t[h]·, v_t[h]·; proj[:, h] <- ·o_t[h]."""
     h, hd = spec.num_heads, spec.head_dim
-    qkv_w, qkv_b, proj_w = spec.qkv.weight, spec.qkv.bias, spec.proj.weight
-    transforms = torch.stack([q_t, k_t, v_t]).to(qkv_w.device)  # (3, H, hd, hd)
-    w = torch.einsum("shij,shjd->shid", transforms, qkv_w.double().view(3, h, hd, -1))
-    qkv_w.copy_(w.reshape(qkv_w.shape))
-    if qkv_b is not None:
-        qkv_b.copy_(torch.einsum("shij,shj->shi", transforms, qkv_b.double().view(3, h, hd)).reshape(-1))
+    for (w, b), t in zip(spec.qkv_weights(), (q_t, k_t, v_t), strict=True):  # views: written in place
+        t = t.to(w.device)
+        w.copy_(torch.einsum("hij,hjd->hid", t, w.double().view(h, hd, -1)).reshape(w.shape))
+        if b is not None:
+            b.copy_(torch.einsum("hij,hj->hi", t, b.double().view(h, hd)).reshape(-1))
+    proj_w = spec.proj.weight
     o = torch.einsum("ohj,hji->ohi", proj_w.double().view(-1, h, hd), o_t.to(proj_w.device))
     proj_w.copy_(o.reshape(proj_w.shape))
 
