@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
     w.add_argument("--data", type=_existing_dir, help=data_help)
     w.add_argument("--samples", type=_positive_int, default=1024, help="calibration samples (default 1024)")
-    w.add_argument("--criterion", default="wpac", choices=("wpac", "pca", "taylor", "magnitude", "random", "hessian"))
+    w.add_argument("--criterion", default="wpac",
+                   choices=("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian"))
     w.add_argument("--batch-size", type=_positive_int, default=64)
     w.add_argument("--out", type=_out_file, required=True, help="the skd file to write")
     w.set_defaults(fn=cmd_wpac)

@@ -86,7 +86,9 @@ def wpac(
     fp32, transforms float64). data: yields batches (skd.batches: (images, labels) tuples, dicts of
     tensors, ...), or a map-style Dataset of single samples; at most `num_samples` samples are used
     (under torch.distributed: in total over all processes, each reading its own shard); padding tokens
-    (attention_mask 0) carry no weight. criterion: one of CRITERIA; "magnitude" and "random" read no data.
+    (attention_mask 0) carry no weight. criterion: one of CRITERIA; "magnitude" and "random" read no data;
+    "wpac" is the paper's method, "wpac+" this project's extension (module docstring; uniform token
+    weights, one more covariance: the attention context's).
     loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss`
     (cross-entropy against the labels) summed. Returns the same model, computing the same function,
     with `model.skd_report` (a WPACReport).
