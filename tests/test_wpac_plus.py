@@ -246,3 +246,20 @@ def test_wpac_plus_on_digits_keeps_more_than_wpac(digits_vit, digits_data) -> No
         accs[criterion] = accuracy(elastic, test)
     print(accs)
     assert accs["wpac+"] >= accs["wpac"] - 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wpac_plus_half_precision_adds_no_more_than_rounding(dtype: torch.dtype) -> None:
+    """Non-orthogonal transforms are balanced (equal energy on both sides of every dim), so casting the
+    transformed weights to half precision loses about what casting the original ones does."""
+    model = _randomised(MODELS["vit_cls"])
+    x = torch.cat([b[0] for b in _batches()])
+    with torch.no_grad():
+        ref = model(x)
+        cast_err = ((copy.deepcopy(model).to(dtype).float()(x) - ref).abs().max() / ref.abs().max()).item()
+    model = model.to(dtype)
+    skd.wpac(model, _batches(), num_samples=24, criterion="wpac+", progress=False)
+    with torch.no_grad():
+        err = ((model.float()(x) - ref).abs().max() / ref.abs().max()).item()
+    print(f"max rel error {err:.2e}; casting alone {cast_err:.2e}")
+    assert err <= 3 * cast_err
