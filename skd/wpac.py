@@ -5,11 +5,12 @@ Per block (DESIGN.md, "The method, precisely"), with per-head transforms applied
        Wv_h <- T_h Wv_h, bv_h <- T_h bv_h, Wo[:, h] <- Wo[:, h] T_h^T.
   Q/K: U_h from C^q_h + C^k_h, applied to the q and k rows and biases (scores q·k unchanged).
   MLP: hidden units permuted into Taylor importance order (fc1 rows and bias, fc2 columns).
-Criterion "wpac+" (beyond the paper; math in skd.transforms) uses invertible, not only orthogonal,
-per-head transforms chosen for what the head computes: Q/K best preserve the scores q·k in their leading
-dims, V/O best preserve the head's output W_o·context; MLP as "wpac". Before that it folds two biases
-exactly: b_k is dropped (it shifts every score of a query equally; softmax ignores that) and W_o b_v moves
-into the output bias (the attention weights sum to 1), so truncated subnetworks keep them in full.
+Criterion "wpac+" (beyond the paper) keeps WPAC's Q/K rotation and MLP order but chooses V/O for what
+the head computes: an invertible, not only orthogonal, per-head T whose leading dims best preserve the
+head's output W_o·context (skd.transforms.output_preserving, from the context's uniform second moment).
+Before that it moves b_v exactly into the output bias (W_o b_v: the attention weights sum to 1), so
+truncated subnetworks keep it in full. (A score-preserving Q/K transform, q <- A q, k <- A^-T k from the SVD
+of C_q^{1/2} C_k^{1/2}, measured no better than the rotation on MiniLM and worse on the digits ViT.)
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -32,7 +33,7 @@ from skd_kernels import CovState
 from ._checks import check_int
 from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CONTEXT, CalibrationStats, FeatureStats, LossFn, calibrate
-from .transforms import output_preserving, score_preserving
+from .transforms import output_preserving
 
 CRITERIA = ("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian")
 ROTATIONS = ("wpac", "pca")  # criteria that rotate V/O and Q/K; the others permute
@@ -119,7 +120,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
                           token_weights=adapter.token_weights,
-                          covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "uniform"}.get(criterion),
+                          covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion),
                           fisher=criterion == "hessian", context=criterion == "wpac+")
     normed = [s.name for s in blocks if s.has_qk_norm]
     if normed:
@@ -213,9 +214,9 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
 
 
 def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> BlockReport:
-    """Criterion "wpac+" on one block: fold b_k and b_v, then the score- and output-preserving transforms."""
+    """Criterion "wpac+" on one block: fold b_v, output-preserving V/O, WPAC's Q/K rotation and MLP order."""
     h, hd = spec.num_heads, spec.head_dim
-    cc = _second_moment(spec, CONTEXT, feats[CONTEXT].cov, shift=_fold_biases(spec))
+    cc = _second_moment(spec, CONTEXT, feats[CONTEXT].cov, shift=_fold_value_bias(spec))
     # V/O metric: the head's own output W_o c (on MiniLM as good as the loss-gradient K-FAC metric
     # E[g g^T] and better at 1/2 of the dims, and it needs no gradient statistic).
     w_out = spec.proj.weight.double().view(-1, h, hd).permute(1, 0, 2).cpu()  # (H, D_out, hd)
@@ -226,10 +227,9 @@ def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> Bl
         a = b = qk
         report.update(qk="permutation", qk_spectrum=None, qk_importance=qk_imp)
     else:
-        # keys centred: a key component shared by a whole sequence shifts all of a query's scores equally
-        a, b, qk_spectrum = score_preserving(_second_moment(spec, "q", feats["q"].cov),
-                                             _covariance(spec, "k", feats["k"].cov))
-        report.update(qk="transform", qk_spectrum=qk_spectrum, qk_importance=None)
+        a, qk_spectrum = principal_axes(_covariance(spec, "q", feats["q"].cov) + _covariance(spec, "k", feats["k"].cov))
+        b = a  # orthogonal: a^-T = a
+        report.update(qk="rotation", qk_spectrum=qk_spectrum, qk_importance=None)
     mlp_imp = feats["hidden"].taylor.cpu()
     mlp_order = torch.sort(mlp_imp, descending=True, stable=True).indices
     _apply_attention(spec, a, b, t, t_inv)
@@ -237,14 +237,11 @@ def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats]) -> Bl
     return BlockReport(mlp_importance=mlp_imp[mlp_order], **report)
 
 
-def _fold_biases(spec: BlockSpec) -> torch.Tensor:
-    """Exactly function-preserving bias moves: b_k <- 0 (without qk_norm: softmax ignores a shift shared by
-    all of a query's scores), and b_o <- b_o + W_o b_v, b_v <- 0 when the output projection has a bias (the
-    attention weights sum to 1, so b_v reaches the output as W_o b_v). Returns the removed b_v as (H, hd)
+def _fold_value_bias(spec: BlockSpec) -> torch.Tensor:
+    """b_o <- b_o + W_o b_v, b_v <- 0 when both biases exist: exactly function-preserving, since the attention
+    weights of a query sum to 1 and b_v reaches the output as W_o b_v. Returns the removed b_v as (H, hd)
     float64 CPU (zeros if none was moved)."""
-    (_, _), (_, k_b), (_, v_b) = spec.qkv_weights()
-    if k_b is not None and not spec.has_qk_norm:
-        k_b.zero_()
+    v_b = spec.qkv_weights()[2][1]
     moved = torch.zeros(spec.channels, dtype=torch.float64)
     if v_b is not None and spec.proj.bias is not None:
         moved = v_b.double().cpu()
