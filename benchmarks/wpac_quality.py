@@ -13,7 +13,7 @@ dropped rows/columns of a copy of the transformed model, which is exact for "kee
 draws) and writes a PNG plot of the attn mode.
 
     python -m benchmarks.wpac_quality [--samples 512] [--draws 3] [--modes attn qk vo mlp all]
-        [--fractions 0.0625 0.125 0.25 0.5 0.75 1] [--plot PATH]
+        [--fractions 0.0625 0.125 0.25 0.5 0.75 1] [--criteria none wpac wpac+ ...] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -71,13 +71,14 @@ def _mode_accuracy(elastic: skd.ElasticViT, mode: str, f: float, test: torch.uti
     return 100 * accuracy(model, test)
 
 
-def quality_table(samples: int, draws: int, modes: list[str], fractions: list[float]) -> dict[tuple[str, str], list]:
+def quality_table(samples: int, draws: int, modes: list[str], fractions: list[float],
+                  criteria: list[str]) -> dict[tuple[str, str], list]:
     """(criterion, mode) -> per fraction, the test accuracies (%) of the `draws` calibration draws."""
     train, test = load_digits_split()
     base = pretrained_digits_vit()
     samples = min(samples, len(train) // draws)
     table: dict[tuple[str, str], list[list[float]]] = {}
-    for criterion in ("none", *CRITERIA):
+    for criterion in criteria:
         for d in range(1 if criterion in ("none", "magnitude", "random") else draws):
             calib = DataLoader(Subset(train, range(d * samples, (d + 1) * samples)), batch_size=128)
             elastic = skd.ElasticViT(copy.deepcopy(base)).eval()
@@ -139,12 +140,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     # below the paper's fractions: on this small task 1/4 is already easy for WPAC
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0625, 0.125, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--criteria", nargs="+", default=["none", *CRITERIA], choices=["none", *CRITERIA])
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    table = quality_table(args.samples, args.draws, args.modes, args.fractions)
+    table = quality_table(args.samples, args.draws, args.modes, args.fractions, args.criteria)
     print(markdown(table, args.modes, args.fractions))
     if "attn" in args.modes:
         plot(table, args.fractions, args.plot)
