@@ -3,10 +3,13 @@
 //
 // qkv (S, N, r*3*H): column j*3H + w*H + h is rank j of head h of w in {q, k, v}. out (S, N, r*H): column
 // j*H + h. A head's r dims sit 3H apart, which no BLAS reads, so each work item (sequence s, query tile)
-// packs what it needs into thread-local fp32 (fp64) buffers, head-major with unit stride over j: a
+// packs what it needs into thread-local buffers of its dtype, head-major with unit stride over j: a
 // per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
-// products per (head, key tile) then run through MKL's sgemm/dgemm on the packed tiles (single-threaded
-// inside at::parallel_for), and the output is written straight into the proj's rank-major columns.
+// products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
+// at::parallel_for): sgemm/dgemm for fp32/fp64; for bf16/fp16 the tiles stay in their dtype and MKL's
+// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32, with the
+// softmax probabilities rounded to the input dtype for the second product as in ATen's flash attention.
+// The output is written straight into the proj's rank-major columns.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,24 +28,39 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
+// CBLAS enums are ints: 101 row-major, 111 no transpose, 112 transpose.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const at::BFloat16* a, int lda, const at::BFloat16* b, int ldb, float beta, float* c,
+                            int ldc);
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const at::Half* a,
+                          int lda, const at::Half* b, int ldb, float beta, float* c, int ldc);
 }
 
 namespace skd::cpu {
 namespace {
 
 // Row-major C (m, n) = alpha * A (m, k) @ op(B) + beta * C; op(B) = B (k, n) or, with b_t, B^T for B (n, k).
-template <typename acc>
-void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const acc* a, int64_t lda, const acc* b,
+// A and B in the input dtype, C in the accumulation type.
+template <typename in_t, typename acc>
+void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a, int64_t lda, const in_t* b,
              int64_t ldb, acc beta, acc* c, int64_t ldc) {
-  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const char ta = b_t ? 'T' : 'N', tb = 'N';
-  if constexpr (std::is_same_v<acc, double>) {
-    dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<in_t, at::BFloat16>) {
+    cblas_gemm_bf16bf16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+  } else if constexpr (std::is_same_v<in_t, at::Half>) {
+    cblas_gemm_f16f16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
   } else {
-    sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    // Fortran BLAS is column-major: C^T (n, m) = op(B)^T A^T.
+    const char ta = b_t ? 'T' : 'N', tb = 'N';
+    if constexpr (std::is_same_v<acc, double>) {
+      dgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    } else {
+      sgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    }
   }
 }
+
 
 // Tile sizes: a query tile of at most kQTile rows; a key tile whose packed K and V (2 * kt * H * r values)
 // stay near 1 MiB, so the two products of every head reuse them from L2.
@@ -54,16 +72,16 @@ struct Shape {
 };
 
 // dst[h * ld_h + i * ld_i + j] = src[i * src_tok + j * 3H + h] for the tokens i < n, ranks j < r, heads h < H.
-template <typename scalar_t, typename acc>
-void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, const Shape& g, acc* dst, int64_t ld_h,
+template <typename scalar_t>
+void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, const Shape& g, scalar_t* dst, int64_t ld_h,
                 int64_t ld_i) {
   const int64_t w = 3 * g.H;
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* row = src + i * src_tok;
     for (int64_t j = 0; j < g.r; ++j) {
       const scalar_t* in = row + j * w;  // the H heads of rank j: contiguous
-      acc* out = dst + i * ld_i + j;
-      for (int64_t h = 0; h < g.H; ++h) out[h * ld_h] = static_cast<acc>(in[h]);
+      scalar_t* out = dst + i * ld_i + j;
+      for (int64_t h = 0; h < g.H; ++h) out[h * ld_h] = in[h];
     }
   }
 }
@@ -90,6 +108,7 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
                       const Shape& g) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
+  constexpr bool kNarrow = !std::is_same_v<scalar_t, acc>;
   const acc scale = static_cast<acc>(scale_d);
   const int64_t H = g.H, r = g.r, Hr = H * r;
   const int64_t n_qt = (g.N + g.qt - 1) / g.qt;
@@ -105,8 +124,10 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
     // Packed tiles, head-major: q (H, qt, r), k and v (H, kt, r); scores (qt, kt); output (H, qt, r).
-    std::vector<acc> q(H * g.qt * r), k(H * g.kt * r), v(H * g.kt * r), sc(g.qt * g.kt), o(H * g.qt * r);
-    std::vector<acc> m(H * g.qt), l(H * g.qt);
+    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself).
+    std::vector<scalar_t> q(H * g.qt * r), k(H * g.kt * r), v(H * g.kt * r);
+    std::vector<scalar_t> p(kNarrow ? g.qt * g.kt : 0);
+    std::vector<acc> sc(g.qt * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
       const scalar_t* seq = base + s * st_s;
@@ -121,7 +142,7 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
         for (int64_t h = 0; h < H; ++h) {
           acc* oh = o.data() + h * qn * r;
           // scores (qn, kn) = q_h k_h^T * scale
-          gemm_rm<acc>(true, qn, kn, r, scale, q.data() + h * qn * r, r, k.data() + h * kn * r, r, acc(0),
+          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q.data() + h * qn * r, r, k.data() + h * kn * r, r, acc(0),
                        sc.data(), kn);
           for (int64_t i = 0; i < qn; ++i) {
             acc* x = sc.data() + i * kn;
@@ -133,9 +154,16 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
             }
             const acc alpha = softmax_step(x, kn, m[h * qn + i], l[h * qn + i]);
             if (alpha != acc(1)) at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
+            if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
           }
           // o_h (qn, r) += p (qn, kn) v_h (kn, r)
-          gemm_rm<acc>(false, qn, r, kn, acc(1), sc.data(), kn, v.data() + h * kn * r, r, acc(1), oh, r);
+          const scalar_t* probs;
+          if constexpr (kNarrow) {
+            probs = p.data();
+          } else {
+            probs = sc.data();
+          }
+          gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, v.data() + h * kn * r, r, acc(1), oh, r);
         }
       }
       // out[s, q0 + i, j*H + h] = o[h, i, j] / l[h, i]: the proj's rank-major columns.
