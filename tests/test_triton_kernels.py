@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # input dtype, relative to the largest entry of the reference.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 5e-3), torch.bfloat16: (1e-2, 5e-2)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-covariance_module = importlib.import_module("skd_kernels.triton.covariance")
+covariance_module = importlib.import_module("skd_kernels.triton.weighted_covariance")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, relative_to_max: bool = False) -> None:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops import prefix_linear_fake, register_prefix_autograd
+from ..ops.prefix_linear import fake, register_autograd
 from ._utils import dot_dtype, fp32_dot_precision, pick_configs
 
 
@@ -116,8 +116,8 @@ def _prefix_linear_op(
     return y.reshape(*x.shape[:-1], k_out)
 
 
-_prefix_linear_op.register_fake(prefix_linear_fake)
-register_prefix_autograd("skd_kernels::triton_prefix_linear", _prefix_linear_op)
+_prefix_linear_op.register_fake(fake)
+register_autograd("skd_kernels::triton_prefix_linear", _prefix_linear_op)
 
 
 def prefix_linear(

@@ -1,13 +1,21 @@
-"""`weighted_covariance`: streaming weighted second moments, per group, in one read of the batch."""
+"""`weighted_covariance`: streaming weighted second moments, per group, in one read of the batch.
+
+Kernels: csrc/cpu/weighted_covariance.cpp, csrc/cuda/weighted_covariance.cu,
+skd_kernels/triton/weighted_covariance.py; `reference` below is the oracle and last fallback.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import select
-from ._validate import check_covariance, check_finite_result
+from .. import _dispatch, _ops
+from .._common import FLOAT_DTYPES, accumulation_dtype, check_finite_result, check_float
+from ..distributed import all_reduce_flat
+
+OP = "weighted_covariance"
 
 
 @dataclass
@@ -45,15 +53,8 @@ class CovState:
         return self.add_(other.weight_sum, other.sum, other.sum_outer)
 
     def all_reduce(self, group: object = None) -> CovState:
-        """Sums the statistics of every process of `group` (torch.distributed), in place."""
-        import torch.distributed as dist
-
-        flat = torch.cat([self.weight_sum.reshape(1), self.sum.reshape(-1), self.sum_outer.reshape(-1)])
-        dist.all_reduce(flat, group=group)
-        g, r = self.sum.shape
-        self.weight_sum.copy_(flat[0])
-        self.sum.copy_(flat[1 : 1 + g * r].view(g, r))
-        self.sum_outer.copy_(flat[1 + g * r :].view(g, r, r))
+        """Sums the statistics of every process of `group` (torch.distributed), in place, in one collective."""
+        all_reduce_flat((self.weight_sum, self.sum, self.sum_outer), group)
         return self
 
     def mean(self) -> torch.Tensor:
@@ -84,14 +85,72 @@ def weighted_covariance(
         state.weight_sum += w.sum(); state.sum += einsum("n,ngi->gi", w, xg)
         state.sum_outer += einsum("n,ngi,ngj->gij", w, xg, xg)
     """
-    check_covariance(x, w, groups)
+    check(x, w, groups)
     if state is not None and state.sum.shape != (groups, x.shape[1] // groups):
         raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
     if x.dtype != w.dtype:
         w = w.to(x.dtype)
-    weight_sum, s, sum_outer = select(x.device, x.dtype).weighted_covariance(x, w, groups)
+    weight_sum, s, sum_outer = _dispatch.kernel(OP, x.device, x.dtype)(x, w, groups)
     # NaN/Inf in x shows in Σwx and the diagonal of Σwxx^T; checked before the state is touched.
     check_finite_result((s, sum_outer.diagonal(dim1=1, dim2=2)), {"x": x})
     if state is None:  # the batch's own sums, in float64, are the new state
         return CovState(weight_sum.double(), s.double(), sum_outer.double())
     return state.add_(weight_sum, s, sum_outer)
+
+
+def check(x: torch.Tensor, w: torch.Tensor, groups: int) -> None:
+    """Raises ValueError naming the bad argument."""
+    check_float("x", x)
+    check_float("w", w)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (N, G*r), got shape {tuple(x.shape)}")
+    if w.dim() != 1 or w.shape[0] != x.shape[0]:
+        raise ValueError(f"w must have shape ({x.shape[0]},) to match x, got {tuple(w.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"x and w must be on one device, got {x.device} and {w.device}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"groups={groups!r} must be a positive int dividing x's width {x.shape[1]}")
+    # x is not scanned here: a NaN/Inf in it reaches the result, which check_finite_result inspects.
+    if w.numel():
+        lo, hi = (float(v) for v in torch.aminmax(w))  # one pass: NaN shows in lo, ±Inf in lo or hi
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("w contains NaN or Inf")
+        if lo < 0:
+            raise ValueError("w must be >= 0")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """One batch of weighted second-moment statistics in plain PyTorch.
+
+    x: (N, G*r) fp32/bf16/fp16, w: (N,) >= 0.
+    Returns (weight_sum () fp32, sum (G, r) fp32 = Σ w x, sum_outer (G, r, r) fp32 = Σ w x x^T);
+    float64 instead of fp32 for float64 x.
+    """
+    n, d = x.shape
+    r = d // groups
+    acc = accumulation_dtype(x.dtype)
+    xf = x.to(acc).reshape(n, groups, r)
+    wf = w.to(acc)
+    xw = xf * wf[:, None, None]
+    sum_outer = torch.einsum("ngi,ngj->gij", xw, xf)
+    return wf.sum(), xw.sum(0), sum_outer
+
+
+def fake(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """Output metadata of every backend's kernel (torch.compile, FakeTensorMode)."""
+    torch._check(x.dim() == 2 and w.dim() == 1 and w.shape[0] == x.shape[0], lambda: "x (N, G*r), w (N,)")
+    torch._check(groups >= 1 and x.shape[1] % groups == 0, lambda: "groups must divide x's width")
+    r = x.shape[1] // groups
+    acc = dict(dtype=accumulation_dtype(x.dtype), device=x.device)
+    return x.new_empty((), **acc), x.new_empty((groups, r), **acc), x.new_empty((groups, r, r), **acc)
+
+
+if _ops.has_schema(OP):
+    torch.library.register_fake(f"skd_kernels::{OP}")(fake)
+
+_dispatch.register_op(OP, {
+    "cuda": _dispatch.compiled(OP, "CUDA"),
+    "triton": _dispatch.triton(OP),
+    "cpu": _dispatch.compiled(OP, "CPU"),
+    "reference": _dispatch.Kernel(reference, FLOAT_DTYPES),
+})

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.taylor_scores import fake
 from ._utils import pick_configs
 
 
@@ -59,6 +60,7 @@ def _taylor_kernel(
     tl.store(tok_ptr + b * T + rows, tl.abs(tok), mask=ok_t)
 
 
+@torch.library.custom_op("skd_kernels::triton_taylor_scores", mutates_args=())
 def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order Taylor scores, reading act and grad once.
 
@@ -79,3 +81,6 @@ def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
             *act.stride(), *grad.stride(),
         )
     return token, torch.linalg.vector_norm(per_sample, ord=1, dim=0)
+
+
+taylor_scores.register_fake(fake)

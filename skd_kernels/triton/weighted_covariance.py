@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.weighted_covariance import fake
 from ._utils import dot_dtype, fp32_dot_precision, num_sms, pick_configs
 
 # Rows per N-split are a multiple of this, so every split but the last runs whole BLOCK_N steps.
@@ -47,16 +48,15 @@ _CONFIGS = pick_configs(
 @triton.autotune(configs=_CONFIGS, key=["R", "rows_per_split", "SPLIT_PRODUCT"])
 @triton.jit
 def _covariance_kernel(
-    x_ptr, w_ptr, out_ptr,
+    x_ptr, w_ptr, outer_ptr, sum_ptr, wsum_ptr,
     N, R, rows_per_split,
     stride_xn, stride_xd, stride_w,
-    stride_out_split, off_s1, off_s0,
     DOT_DTYPE: tl.constexpr, SPLIT_PRODUCT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (group g, tile pair (ti, tj), N-split s) program.
 
-    out[s] is a flat fp32 row: [0, G*R*R) sum_outer, [off_s1, off_s1 + G*R) sum, [off_s0] weight sum.
+    Writes split s's partial sums: outer[s] (G, R, R), sum[s] (G, R), wsum[s] (), all contiguous fp32.
     """
     g = tl.program_id(0)
     tile = tl.program_id(1)
@@ -98,15 +98,15 @@ def _covariance_kernel(
             lo = (xw - hi.to(tl.float32)).to(DOT_DTYPE)
             acc = tl.dot(tl.trans(lo), xj, acc)
 
-    out = out_ptr + split.to(tl.int64) * stride_out_split
-    block = out + g * R * R
+    groups = tl.num_programs(0)
+    block = outer_ptr + (split.to(tl.int64) * groups + g) * R * R
     tl.store(block + ri[:, None] * R + rj[None, :], acc, mask=ok_i[:, None] & ok_j[None, :])
     if ti != tj:
         tl.store(block + rj[:, None] * R + ri[None, :], tl.trans(acc), mask=ok_j[:, None] & ok_i[None, :])
     else:
-        tl.store(out + off_s1 + g * R + ri, s1, mask=ok_i)
+        tl.store(sum_ptr + (split.to(tl.int64) * groups + g) * R + ri, s1, mask=ok_i)
         if (g == 0) & (ti == 0):
-            tl.store(out + off_s0, tl.sum(s0, axis=0))
+            tl.store(wsum_ptr + split, tl.sum(s0, axis=0))
 
 
 def _num_splits(x: torch.Tensor, groups: int, r: int) -> int:
@@ -120,6 +120,7 @@ def _num_splits(x: torch.Tensor, groups: int, r: int) -> int:
     return max(1, min(want, triton.cdiv(n, _SPLIT_ROWS_QUANTUM)))
 
 
+@torch.library.custom_op("skd_kernels::triton_weighted_covariance", mutates_args=())
 def weighted_covariance(
     x: torch.Tensor, w: torch.Tensor, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,26 +131,28 @@ def weighted_covariance(
     """
     n, d = x.shape
     r = d // groups
-    size_outer, size_sum = groups * r * r, groups * r
     launch = n > 0 and r > 0
     splits = _num_splits(x, groups, r) if launch else 1
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), _SPLIT_ROWS_QUANTUM) * _SPLIT_ROWS_QUANTUM
     splits = triton.cdiv(n, rows_per_split) if launch else 1  # no split left without rows
     # Launched, the kernel writes every entry; with no rows (or r == 0) the statistics are zero.
     alloc = torch.empty if launch else torch.zeros
-    out = alloc((splits, size_outer + size_sum + 1), dtype=torch.float32, device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    outer, s1, s0 = alloc((splits, groups, r, r), **f32), alloc((splits, groups, r), **f32), alloc((splits,), **f32)
     if launch:
         def grid(meta: dict) -> tuple[int, int, int]:
             return (groups, triton.cdiv(r, meta["BLOCK_R"]) ** 2, splits)
 
         ddt = dot_dtype(x.dtype)
         _covariance_kernel[grid](
-            x, w, out,
+            x, w, outer, s1, s0,
             n, r, rows_per_split,
             x.stride(0), x.stride(1), w.stride(0),
-            out.stride(0), size_outer, size_outer + size_sum,
             DOT_DTYPE=ddt, SPLIT_PRODUCT=ddt != tl.float32, PRECISION=fp32_dot_precision(),
         )
-    total = out[0] if splits == 1 else out.sum(0)
-    return (total[-1], total[size_outer:size_outer + size_sum].view(groups, r),
-            total[:size_outer].view(groups, r, r))
+    if splits == 1:
+        return s0[0], s1[0], outer[0]
+    return s0.sum(0), s1.sum(0), outer.sum(0)
+
+
+weighted_covariance.register_fake(fake)
