@@ -12,6 +12,8 @@
 // The output is written straight into the proj's rank-major columns.
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -64,40 +66,107 @@ void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a
 
 // Tile sizes: a query tile of at most kQTile rows; a key tile whose packed K and V (2 * kt * H * r values)
 // stay near 1 MiB, so the two products of every head reuse them from L2.
-constexpr int64_t kQTile = 128;
+constexpr int64_t kQTile = 256;
 constexpr int64_t kKVBudget = int64_t(1) << 18;
 
 struct Shape {
   int64_t S, N, H, r, qt, kt;
 };
 
-// dst[h * ld_h + i * ld_i + j] = src[i * src_tok + j * 3H + h] for the tokens i < n, ranks j < r, heads h < H.
+#ifdef __AVX2__
+// In-register transpose of the 8x8 fp32 block r[0..7] (rows become columns).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int a = 0; a < 8; a += 2) {
+    t[a] = _mm256_unpacklo_ps(r[a], r[a + 1]);
+    t[a + 1] = _mm256_unpackhi_ps(r[a], r[a + 1]);
+  }
+  for (int a = 0; a < 8; a += 4) {
+    u[a] = _mm256_shuffle_ps(t[a], t[a + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[a + 1] = _mm256_shuffle_ps(t[a], t[a + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[a + 2] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[a + 3] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int a = 0; a < 4; ++a) {
+    r[a] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x20);
+    r[a + 4] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x31);
+  }
+}
+#endif
+
+// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * 3H + c] for the tokens i < n, ranks j < r and the nc
+// columns c (nc = H: one of q, k, v; 2H: k and v, whose packed heads follow each other).
+// A token's (r, 3H) block is transposed in 8x8 register blocks for fp32 (a scalar loop with strided loads
+// measured 25 % of the kernel), element by element at the edges and for the 2-byte dtypes.
 template <typename scalar_t>
-void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, const Shape& g, scalar_t* dst, int64_t ld_h,
-                int64_t ld_i) {
+void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, const Shape& g, scalar_t* dst,
+                int64_t ld_h, int64_t ld_i) {
   const int64_t w = 3 * g.H;
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* row = src + i * src_tok;
-    for (int64_t j = 0; j < g.r; ++j) {
-      const scalar_t* in = row + j * w;  // the H heads of rank j: contiguous
-      scalar_t* out = dst + i * ld_i + j;
-      for (int64_t h = 0; h < g.H; ++h) out[h * ld_h] = in[h];
+    scalar_t* out = dst + i * ld_i;
+    int64_t j0 = 0;
+#ifdef __AVX2__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (; j0 + 8 <= g.r; j0 += 8) {
+        int64_t c = 0;
+        for (; c + 8 <= nc; c += 8) {
+          __m256 blk[8];
+          for (int a = 0; a < 8; ++a) blk[a] = _mm256_loadu_ps(row + (j0 + a) * w + c);
+          transpose8(blk);
+          for (int a = 0; a < 8; ++a) _mm256_storeu_ps(out + (c + a) * ld_h + j0, blk[a]);
+        }
+        for (; c < nc; ++c) {
+          for (int64_t j = j0; j < j0 + 8; ++j) out[c * ld_h + j] = row[j * w + c];
+        }
+      }
+    }
+#endif
+    for (int64_t c = 0; c < nc; ++c) {
+      for (int64_t j = j0; j < g.r; ++j) out[c * ld_h + j] = row[j * w + c];
     }
   }
 }
 
-// Online-softmax update of one score row x (n values, already scaled and biased): p = exp(x - m_new)
-// overwrites x; returns the factor exp(m_old - m_new) that rescales the row's running sum and output.
-template <typename acc>
-acc softmax_step(acc* x, int64_t n, acc& m, acc& l) {
+// Online-softmax update of one score row x (n values, already scaled), plus its bias row if any:
+// p = exp(x + bias - m_new) overwrites x (two passes: bias and max, then exp and sum); returns the factor
+// exp(m_old - m_new) that rescales the row's running sum and output.
+template <typename scalar_t, typename acc>
+acc softmax_step(acc* x, const scalar_t* bias, int64_t n, acc& m, acc& l) {
   using Vec = Vectorized<acc>;
-  acc mx = at::vec::reduce_all<acc>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
+  constexpr acc kInf = std::numeric_limits<acc>::infinity();
+  const int64_t vec_end = n - n % Vec::size();
+  Vec vmax(-kInf);
+  acc mx = -kInf;
+  int64_t t = 0;
+  for (; t < vec_end; t += Vec::size()) {
+    Vec v = Vec::loadu(x + t);
+    if (bias != nullptr) {
+      v = v + load_acc(bias + t);
+      v.store(x + t);
+    }
+    vmax = at::vec::maximum(vmax, v);
+  }
+  for (; t < n; ++t) {
+    if (bias != nullptr) x[t] += static_cast<acc>(bias[t]);
+    mx = std::max(mx, x[t]);
+  }
+  mx = std::max(mx, at::vec::vec_reduce_all<acc>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax));
   const acc m_new = std::max(m, mx);
   // A row whose scores are all -inf so far (a fully masked tile) keeps p = 0 instead of exp(nan).
-  const acc shift = m_new == -std::numeric_limits<acc>::infinity() ? acc(0) : m_new;
-  at::vec::map([shift](Vec v) { return (v - Vec(shift)).exp(); }, x, x, n);
-  const acc sum = at::vec::reduce_all<acc>([](Vec a, Vec b) { return a + b; }, x, n);
-  const acc alpha = m == -std::numeric_limits<acc>::infinity() ? acc(0) : std::exp(m - shift);
+  const acc shift = m_new == -kInf ? acc(0) : m_new;
+  Vec vsum(0);
+  for (t = 0; t < vec_end; t += Vec::size()) {
+    const Vec p = (Vec::loadu(x + t) - Vec(shift)).exp_u20();
+    p.store(x + t);
+    vsum = vsum + p;
+  }
+  acc sum = at::vec::vec_reduce_all<acc>([](Vec a, Vec b) { return a + b; }, vsum);
+  for (; t < n; ++t) {
+    x[t] = std::exp(x[t] - shift);
+    sum += x[t];
+  }
+  const acc alpha = m == -kInf ? acc(0) : std::exp(m - shift);
   l = l * alpha + sum;
   m = m_new;
   return alpha;
@@ -123,37 +192,38 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
-    // Packed tiles, head-major: q (H, qt, r), k and v (H, kt, r); scores (qt, kt); output (H, qt, r).
+    // Packed tiles, head-major: q (H, qt, r), k then v (2H, kt, r); scores (qt, kt); output (H, qt, r).
     // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself).
-    std::vector<scalar_t> q(H * g.qt * r), k(H * g.kt * r), v(H * g.kt * r);
+    std::vector<scalar_t> q(H * g.qt * r), kv(2 * H * g.kt * r);
     std::vector<scalar_t> p(kNarrow ? g.qt * g.kt : 0);
     std::vector<acc> sc(g.qt * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
+    int64_t packed_s = -1;  // the sequence whose keys and values k, v hold, when they hold all of them
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
       const scalar_t* seq = base + s * st_s;
-      pack_heads(seq + q0 * st_n, st_n, qn, g, q.data(), qn * r, r);
+      pack_heads(seq + q0 * st_n, st_n, qn, H, g, q.data(), qn * r, r);
       std::fill(o.begin(), o.end(), acc(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
       std::fill(l.begin(), l.end(), acc(0));
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
         const int64_t kn = std::min(g.kt, g.N - k0);
-        pack_heads(seq + k0 * st_n + H, st_n, kn, g, k.data(), kn * r, r);
-        pack_heads(seq + k0 * st_n + 2 * H, st_n, kn, g, v.data(), kn * r, r);
+        if (packed_s != s) {
+          pack_heads(seq + k0 * st_n + H, st_n, kn, 2 * H, g, kv.data(), kn * r, r);
+          packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
+        }
         for (int64_t h = 0; h < H; ++h) {
           acc* oh = o.data() + h * qn * r;
           // scores (qn, kn) = q_h k_h^T * scale
-          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q.data() + h * qn * r, r, k.data() + h * kn * r, r, acc(0),
+          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q.data() + h * qn * r, r, kv.data() + h * kn * r, r, acc(0),
                        sc.data(), kn);
           for (int64_t i = 0; i < qn; ++i) {
             acc* x = sc.data() + i * kn;
-            if (has_bias) {
-              const scalar_t* brow = bias_ptr + s * b_s + h * b_h + (q0 + i) * b_i + k0;
-              int64_t t = 0;
-              for (; t + Vec::size() <= kn; t += Vec::size()) (Vec::loadu(x + t) + load_acc(brow + t)).store(x + t);
-              for (; t < kn; ++t) x[t] += static_cast<acc>(brow[t]);
+            const scalar_t* brow = has_bias ? bias_ptr + s * b_s + h * b_h + (q0 + i) * b_i + k0 : nullptr;
+            const acc alpha = softmax_step(x, brow, kn, m[h * qn + i], l[h * qn + i]);
+            // (the first key tile finds o = 0: nothing to rescale)
+            if (k0 > 0 && alpha != acc(1)) {
+              at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
             }
-            const acc alpha = softmax_step(x, kn, m[h * qn + i], l[h * qn + i]);
-            if (alpha != acc(1)) at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
             if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
           }
           // o_h (qn, r) += p (qn, kn) v_h (kn, r)
@@ -163,16 +233,21 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
           } else {
             probs = sc.data();
           }
-          gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, v.data() + h * kn * r, r, acc(1), oh, r);
+          gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv.data() + (H + h) * kn * r, r, acc(1), oh, r);
         }
       }
-      // out[s, q0 + i, j*H + h] = o[h, i, j] / l[h, i]: the proj's rank-major columns.
+      // out[s, q0 + i, j*H + h] = o[h, i, j] / l[h, i]: the proj's rank-major columns, written in order.
       scalar_t* dst = out_ptr + (s * g.N + q0) * Hr;
+      acc* inv = m.data();  // m is spent: reuse it for 1 / l, indexed [i * H + h]
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t i = 0; i < qn; ++i) inv[i * H + h] = acc(1) / l[h * qn + i];
+      }
       for (int64_t i = 0; i < qn; ++i) {
-        for (int64_t h = 0; h < H; ++h) {
-          const acc inv = acc(1) / l[h * qn + i];
-          const acc* src = o.data() + (h * qn + i) * r;
-          for (int64_t j = 0; j < r; ++j) dst[i * Hr + j * H + h] = static_cast<scalar_t>(src[j] * inv);
+        scalar_t* row = dst + i * Hr;
+        for (int64_t j = 0; j < r; ++j) {
+          for (int64_t h = 0; h < H; ++h) {
+            row[j * H + h] = static_cast<scalar_t>(o[(h * qn + i) * r + j] * inv[i * H + h]);
+          }
         }
       }
     }
@@ -200,10 +275,10 @@ at::Tensor prefix_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, dou
   const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
   Shape g{S, N, H, r, 0, 0};
   g.kt = std::min<int64_t>(N, std::max<int64_t>(64, kKVBudget / (2 * H * r)));
-  // Query tiles: as even as possible, and enough of them to give every thread a few items.
-  const int64_t want = 2 * at::get_num_threads();
+  // Query tiles: as even as possible, and at least one per thread when there are fewer sequences than threads.
+  const int64_t threads = at::get_num_threads();
   int64_t n_qt = (N + kQTile - 1) / kQTile;
-  if (S * n_qt < want) n_qt = std::min<int64_t>((N + 15) / 16, (want + S - 1) / S);
+  if (S * n_qt < threads) n_qt = std::min<int64_t>((N + 15) / 16, (threads + S - 1) / S);
   n_qt = std::max<int64_t>(n_qt, 1);
   g.qt = (N + n_qt - 1) / n_qt;
   SKD_DISPATCH_FLOATS(qkv.scalar_type(), "skd_prefix_attention", [&] {
