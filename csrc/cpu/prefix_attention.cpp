@@ -65,18 +65,21 @@ void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a
 
 
 // Tile sizes: a query tile of at most kQTile rows; a key tile whose packed K and V (2 * kt * H * r values)
-// stay near 1 MiB, so the two products of every head reuse them from L2.
+// stay near 2 MiB (bf16: 1 MiB), so the two products of every head reuse them from L2.
 constexpr int64_t kQTile = 256;
-constexpr int64_t kKVBudget = int64_t(1) << 18;
+// Query rows per block of scores: a (64, kt) fp32 block stays in L1/L2 between the two products.
+constexpr int64_t kQBlock = 64;
+constexpr int64_t kKVBudget = int64_t(1) << 19;
 
 struct Shape {
   int64_t S, N, H, r, qt, kt;
 };
 
 #ifdef __AVX2__
-// In-register transpose of the 8x8 fp32 block r[0..7] (rows become columns).
-inline void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
+// out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8), transposed in registers.
+inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
+  __m256 r[8], t[8], u[8];
+  for (int a = 0; a < 8; ++a) r[a] = _mm256_loadu_ps(in + a * w);
   for (int a = 0; a < 8; a += 2) {
     t[a] = _mm256_unpacklo_ps(r[a], r[a + 1]);
     t[a + 1] = _mm256_unpackhi_ps(r[a], r[a + 1]);
@@ -88,16 +91,37 @@ inline void transpose8(__m256 r[8]) {
     u[a + 3] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int a = 0; a < 4; ++a) {
-    r[a] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x20);
-    r[a + 4] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x31);
+    _mm256_storeu_ps(out + a * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x20));
+    _mm256_storeu_ps(out + (a + 4) * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x31));
+  }
+}
+
+// The same for 2-byte elements (bf16, fp16): only their bits move.
+template <typename T, std::enable_if_t<sizeof(T) == 2, int> = 0>
+inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
+  __m128i a[8], b[8], c[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k * w));
+  for (int k = 0; k < 8; k += 2) {
+    b[k] = _mm_unpacklo_epi16(a[k], a[k + 1]);
+    b[k + 1] = _mm_unpackhi_epi16(a[k], a[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    c[k] = _mm_unpacklo_epi32(b[k], b[k + 2]);
+    c[k + 1] = _mm_unpackhi_epi32(b[k], b[k + 2]);
+    c[k + 2] = _mm_unpacklo_epi32(b[k + 1], b[k + 3]);
+    c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * k * ld), _mm_unpacklo_epi64(c[k], c[k + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * k + 1) * ld), _mm_unpackhi_epi64(c[k], c[k + 4]));
   }
 }
 #endif
 
 // dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * 3H + c] for the tokens i < n, ranks j < r and the nc
 // columns c (nc = H: one of q, k, v; 2H: k and v, whose packed heads follow each other).
-// A token's (r, 3H) block is transposed in 8x8 register blocks for fp32 (a scalar loop with strided loads
-// measured 25 % of the kernel), element by element at the edges and for the 2-byte dtypes.
+// A token's (r, 3H) block is transposed in 8x8 register blocks (a scalar loop with strided loads measured
+// 25 % of the kernel), element by element at the edges and for fp64.
 template <typename scalar_t>
 void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, const Shape& g, scalar_t* dst,
                 int64_t ld_h, int64_t ld_i) {
@@ -107,15 +131,10 @@ void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, con
     scalar_t* out = dst + i * ld_i;
     int64_t j0 = 0;
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
       for (; j0 + 8 <= g.r; j0 += 8) {
         int64_t c = 0;
-        for (; c + 8 <= nc; c += 8) {
-          __m256 blk[8];
-          for (int a = 0; a < 8; ++a) blk[a] = _mm256_loadu_ps(row + (j0 + a) * w + c);
-          transpose8(blk);
-          for (int a = 0; a < 8; ++a) _mm256_storeu_ps(out + (c + a) * ld_h + j0, blk[a]);
-        }
+        for (; c + 8 <= nc; c += 8) transpose8x8(row + j0 * w + c, w, out + c * ld_h + j0, ld_h);
         for (; c < nc; ++c) {
           for (int64_t j = j0; j < j0 + 8; ++j) out[c * ld_h + j] = row[j * w + c];
         }
@@ -124,6 +143,32 @@ void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, con
 #endif
     for (int64_t c = 0; c < nc; ++c) {
       for (int64_t j = j0; j < g.r; ++j) out[c * ld_h + j] = row[j * w + c];
+    }
+  }
+}
+
+// out[i * H * r + j * H + h] = src[h * n * r + i * r + j] for the tokens i < n: the inverse of pack_heads
+// for one (H, n, r) buffer, into the proj's rank-major columns.
+template <typename scalar_t>
+void unpack_heads(const scalar_t* src, int64_t n, const Shape& g, scalar_t* out) {
+  const int64_t H = g.H, r = g.r, ld_h = n * r;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* in = src + i * r;
+    scalar_t* row = out + i * H * r;
+    int64_t h0 = 0;
+#ifdef __AVX2__
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (; h0 + 8 <= H; h0 += 8) {
+        int64_t j = 0;
+        for (; j + 8 <= r; j += 8) transpose8x8(in + h0 * ld_h + j, ld_h, row + j * H + h0, H);
+        for (; j < r; ++j) {
+          for (int64_t h = h0; h < h0 + 8; ++h) row[j * H + h] = in[h * ld_h + j];
+        }
+      }
+    }
+#endif
+    for (int64_t j = 0; j < r; ++j) {
+      for (int64_t h = h0; h < H; ++h) row[j * H + h] = in[h * ld_h + j];
     }
   }
 }
@@ -192,64 +237,79 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
-    // Packed tiles, head-major: q (H, qt, r), k then v (2H, kt, r); scores (qt, kt); output (H, qt, r).
-    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself).
-    std::vector<scalar_t> q(H * g.qt * r), kv(2 * H * g.kt * r);
-    std::vector<scalar_t> p(kNarrow ? g.qt * g.kt : 0);
-    std::vector<acc> sc(g.qt * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
-    int64_t packed_s = -1;  // the sequence whose keys and values k, v hold, when they hold all of them
+    // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
+    // the three are packed in one pass as (3H, N, r). Scores (kQBlock, kt); output (H, qt, r).
+    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
+    // ob the output before its transpose (fp32/fp64: o itself).
+    std::vector<scalar_t> qkv_p(H * g.qt * r + 2 * H * g.kt * r);
+    std::vector<scalar_t> p(kNarrow ? kQBlock * g.kt : 0), ob(kNarrow ? H * g.qt * r : 0);
+    std::vector<acc> sc(kQBlock * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
+    int64_t packed_s = -1;  // the sequence whose keys and values kv holds, when it holds all of them
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
       const scalar_t* seq = base + s * st_s;
-      pack_heads(seq + q0 * st_n, st_n, qn, H, g, q.data(), qn * r, r);
+      scalar_t* q = qkv_p.data();
+      scalar_t* kv = q + H * qn * r;
+      const bool one_tile = qn == g.N && g.kt >= g.N;
+      if (one_tile) {
+        pack_heads(seq, st_n, g.N, 3 * H, g, q, g.N * r, r);
+      } else {
+        kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
+        pack_heads(seq + q0 * st_n, st_n, qn, H, g, q, qn * r, r);
+      }
       std::fill(o.begin(), o.end(), acc(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
       std::fill(l.begin(), l.end(), acc(0));
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
         const int64_t kn = std::min(g.kt, g.N - k0);
-        if (packed_s != s) {
-          pack_heads(seq + k0 * st_n + H, st_n, kn, 2 * H, g, kv.data(), kn * r, r);
+        if (!one_tile && packed_s != s) {
+          pack_heads(seq + k0 * st_n + H, st_n, kn, 2 * H, g, kv, kn * r, r);
           packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
         }
         for (int64_t h = 0; h < H; ++h) {
-          acc* oh = o.data() + h * qn * r;
-          // scores (qn, kn) = q_h k_h^T * scale
-          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q.data() + h * qn * r, r, kv.data() + h * kn * r, r, acc(0),
-                       sc.data(), kn);
-          for (int64_t i = 0; i < qn; ++i) {
-            acc* x = sc.data() + i * kn;
-            const scalar_t* brow = has_bias ? bias_ptr + s * b_s + h * b_h + (q0 + i) * b_i + k0 : nullptr;
-            const acc alpha = softmax_step(x, brow, kn, m[h * qn + i], l[h * qn + i]);
-            // (the first key tile finds o = 0: nothing to rescale)
-            if (k0 > 0 && alpha != acc(1)) {
-              at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
+          // Query rows in blocks of kQBlock, so that their scores stay in L1/L2 between the two products.
+          for (int64_t i0 = 0; i0 < qn; i0 += kQBlock) {
+            const int64_t qb = std::min(kQBlock, qn - i0);
+            acc* oh = o.data() + (h * qn + i0) * r;
+            // scores (qb, kn) = q_h k_h^T * scale
+            gemm_rm<scalar_t, acc>(true, qb, kn, r, scale, q + (h * qn + i0) * r, r, kv + h * kn * r, r, acc(0),
+                                   sc.data(), kn);
+            for (int64_t i = 0; i < qb; ++i) {
+              acc* x = sc.data() + i * kn;
+              const scalar_t* brow = has_bias ? bias_ptr + s * b_s + h * b_h + (q0 + i0 + i) * b_i + k0 : nullptr;
+              const acc alpha = softmax_step(x, brow, kn, m[h * qn + i0 + i], l[h * qn + i0 + i]);
+              // (the first key tile finds o = 0: nothing to rescale)
+              if (k0 > 0 && alpha != acc(1)) {
+                at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
+              }
+              if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
             }
-            if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
-          }
-          // o_h (qn, r) += p (qn, kn) v_h (kn, r)
-          const scalar_t* probs;
-          if constexpr (kNarrow) {
-            probs = p.data();
-          } else {
-            probs = sc.data();
-          }
-          gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv.data() + (H + h) * kn * r, r, acc(1), oh, r);
-        }
-      }
-      // out[s, q0 + i, j*H + h] = o[h, i, j] / l[h, i]: the proj's rank-major columns, written in order.
-      scalar_t* dst = out_ptr + (s * g.N + q0) * Hr;
-      acc* inv = m.data();  // m is spent: reuse it for 1 / l, indexed [i * H + h]
-      for (int64_t h = 0; h < H; ++h) {
-        for (int64_t i = 0; i < qn; ++i) inv[i * H + h] = acc(1) / l[h * qn + i];
-      }
-      for (int64_t i = 0; i < qn; ++i) {
-        scalar_t* row = dst + i * Hr;
-        for (int64_t j = 0; j < r; ++j) {
-          for (int64_t h = 0; h < H; ++h) {
-            row[j * H + h] = static_cast<scalar_t>(o[(h * qn + i) * r + j] * inv[i * H + h]);
+            // o_h (qb, r) += p (qb, kn) v_h (kn, r)
+            const scalar_t* probs;
+            if constexpr (kNarrow) {
+              probs = p.data();
+            } else {
+              probs = sc.data();
+            }
+            gemm_rm<scalar_t, acc>(false, qb, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
           }
         }
       }
+      // o[h, i, :] /= l[h, i], rounded to scalar_t, then out[s, q0 + i, j*H + h] = o[h, i, j]: the proj's
+      // rank-major columns, one (H, r) -> (r, H) transpose per token.
+      scalar_t* o_out;
+      if constexpr (kNarrow) {
+        o_out = ob.data();
+      } else {
+        o_out = o.data();
+      }
+      for (int64_t hi = 0; hi < H * qn; ++hi) {
+        const acc inv = acc(1) / l[hi];
+        acc* row = o.data() + hi * r;
+        at::vec::map([inv](Vec a) { return a * Vec(inv); }, row, row, r);
+        if constexpr (kNarrow) at::vec::convert(row, o_out + hi * r, r);
+      }
+      unpack_heads(o_out, qn, g, out_ptr + (s * g.N + q0) * Hr);
     }
   });
 }
