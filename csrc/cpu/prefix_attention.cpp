@@ -21,20 +21,20 @@
 
 #include "common.h"
 
-// MKL's Fortran BLAS (LP64), exported by libtorch_cpu. Column-major: a row-major product C = A B is
-// called as C^T = B^T A^T.
+// MKL's Fortran BLAS (LP64) and CBLAS bf16/fp16 GEMMs, exported by libtorch_cpu on x86 builds. Weak: a torch
+// built without MKL leaves them null, the extension still loads, and gemm_rm falls back to a plain loop.
 extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
 // CBLAS enums are ints: 101 row-major, 111 no transpose, 112 transpose.
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+__attribute__((weak)) void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                             const at::BFloat16* a, int lda, const at::BFloat16* b, int ldb, float beta, float* c,
                             int ldc);
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const at::Half* a,
+__attribute__((weak)) void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const at::Half* a,
                           int lda, const at::Half* b, int ldb, float beta, float* c, int ldc);
 }
 
@@ -42,27 +42,37 @@ namespace skd::cpu {
 namespace {
 
 // Row-major C (m, n) = alpha * A (m, k) @ op(B) + beta * C; op(B) = B (k, n) or, with b_t, B^T for B (n, k).
-// A and B in the input dtype, C in the accumulation type.
+// A and B in the input dtype, C in the accumulation type; beta is 0 (C is not read) or 1.
 template <typename in_t, typename acc>
 void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a, int64_t lda, const in_t* b,
              int64_t ldb, acc beta, acc* c, int64_t ldc) {
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  // Fortran BLAS is column-major: C^T (n, m) = op(B)^T A^T.
+  const char ta = b_t ? 'T' : 'N', tb = 'N';
   if constexpr (std::is_same_v<in_t, at::BFloat16>) {
-    cblas_gemm_bf16bf16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+    if (cblas_gemm_bf16bf16f32 != nullptr) {
+      return cblas_gemm_bf16bf16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+    }
   } else if constexpr (std::is_same_v<in_t, at::Half>) {
-    cblas_gemm_f16f16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+    if (cblas_gemm_f16f16f32 != nullptr) {
+      return cblas_gemm_f16f16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+    }
+  } else if constexpr (std::is_same_v<acc, double>) {
+    if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
   } else {
-    // Fortran BLAS is column-major: C^T (n, m) = op(B)^T A^T.
-    const char ta = b_t ? 'T' : 'N', tb = 'N';
-    if constexpr (std::is_same_v<acc, double>) {
-      dgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-    } else {
-      sgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  }
+  for (int64_t i = 0; i < m; ++i) {  // no MKL in this torch: correct, not fast
+    for (int64_t j = 0; j < n; ++j) {
+      acc dot = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        dot += static_cast<acc>(a[i * lda + t]) * static_cast<acc>(b_t ? b[j * ldb + t] : b[t * ldb + j]);
+      }
+      c[i * ldc + j] = alpha * dot + (beta == acc(0) ? acc(0) : beta * c[i * ldc + j]);
     }
   }
 }
-
 
 // Tile sizes: a query tile of at most kQTile rows; a key tile whose packed K and V (2 * kt * H * r values)
 // stay near 2 MiB (bf16: 1 MiB), so the two products of every head reuse them from L2.
