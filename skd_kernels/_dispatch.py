@@ -88,6 +88,10 @@ class Backend:
         return not self.not_supported_reasons(device, dtype, op)
 
 
+# The automatic choice, (op, device type, dtype) -> kernel, computed when ops register: a dict lookup is all
+# an unforced call pays (and torch.compile traces a constant table, not a cache filled at run time).
+_AUTO: dict[tuple[str, str, torch.dtype], Callable[..., object]] = {}
+
 _REGISTRY: dict[str, Backend] = {
     "cuda": Backend("cuda", _device_type_reason("cuda")),
     "triton": Backend("triton", _triton_device_reason),
@@ -123,11 +127,17 @@ def register_op(op: str, kernels: dict[str, Kernel | str]) -> None:
     unknown = set(kernels) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)} for {op}; choose from {BACKENDS}")
+    from ._common import FLOAT_DTYPES
+
     for name, kernel in kernels.items():
         if isinstance(kernel, Kernel):
             _REGISTRY[name].kernels[op] = kernel
         else:
             _REGISTRY[name].missing[op] = kernel
+    for device_type, order in _AUTO_ORDER.items():
+        for dtype in FLOAT_DTYPES:
+            name = next(n for n in (*order, "reference") if _REGISTRY[n].usable(device_type, dtype, op))
+            _AUTO[op, device_type, dtype] = _REGISTRY[name].kernels[op].fn
 
 
 def _check_name(name: str) -> None:
@@ -188,4 +198,8 @@ def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> B
 
 def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable[..., object]:
     """The function that runs `op` on tensors of this device and dtype (see `select`)."""
+    if not (_forced.get() or os.environ.get("SKD_KERNELS_BACKEND")):
+        fn = _AUTO.get((op, device.type, dtype))
+        if fn is not None:
+            return fn
     return select(device, dtype, op).kernels[op].fn

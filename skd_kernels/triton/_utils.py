@@ -1,4 +1,5 @@
-"""Launch heuristics shared by the Triton kernels: autotune configs, dot operand dtypes, SM counts.
+"""Launch helpers shared by the Triton kernels: autotune configs and their pruning, dot operand dtypes,
+grid limits, SM counts and the device guard.
 
 Under TRITON_INTERPRET=1 (kernels run on CPU tensors through numpy) every kernel gets ONE small config,
 so nothing is autotuned and the interpreter stays fast.
@@ -6,8 +7,10 @@ so nothing is autotuned and the interpreter stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -16,10 +19,45 @@ import triton.language as tl
 # Read once, like Triton itself, which picks interpreter vs compiler when @triton.jit runs at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# CUDA grid limits: axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 only 65535. Kernels put their
+# large index on axis 0.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+# Shared memory a program may use on sm_80/sm_90 (227 KiB; sm_86/89 have less and reject a config at load).
+MAX_SHARED_BYTES = 227 * 1024
+# fp32 accumulator registers per thread above which a tile leaves too little of the 255 for operands and
+# addresses and spills.
+MAX_ACC_REGISTERS = 128
+
 
 def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune configs for the current mode: the GPU list, or the single interpreter config."""
     return [interpreter] if INTERPRET else gpu
+
+
+def config_fits(shared_bytes: int, acc_elements: int, num_warps: int) -> bool:
+    """Whether a config's pipelined tiles fit in shared memory and its fp32 accumulator tile in registers."""
+    return shared_bytes <= MAX_SHARED_BYTES and acc_elements <= MAX_ACC_REGISTERS * 32 * num_warps
+
+
+def config_pruner(
+    cost: Callable[[triton.Config, int], tuple[int, int]],
+) -> Callable[..., list[triton.Config]]:
+    """An autotune `early_config_prune` that keeps the configs `config_fits` accepts.
+
+    cost(config, operand_bytes) -> (shared memory bytes, accumulator elements), where operand_bytes is the
+    size of one dot operand element (the kernel's DOT_DTYPE). Keeps the smallest config if none fits.
+    """
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+        operand_bytes = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
+        kept = [c for c in configs if config_fits(*cost(c, operand_bytes), c.num_warps)]
+        return kept or [min(configs, key=lambda c: cost(c, operand_bytes)[0])]
+
+    return prune
+
+
+def bucket(n: int, cap: int) -> int:
+    """n rounded up to a power of two, at most `cap`: an autotune key that does not change with every size."""
+    return min(triton.next_power_of_2(max(n, 1)), cap)
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -43,6 +81,12 @@ def fp32_dot_precision() -> str:
     still faster than FMA-based fp32. "high"/"medium" allow plain TF32. Ignored by the interpreter.
     """
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context that makes t's CUDA device current, so a launch runs on t's device and its current stream
+    (Triton launches on the current device); nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache
