@@ -42,7 +42,7 @@ def check_finite_result(
     culprit, and finite inputs whose result overflows `result_dtype` are an error too (ValueError). On other
     devices the check is an asynchronous device assert with the same facts: no host sync.
     """
-    if outputs[0].device.type != "cpu":
+    if not outputs[0].is_cpu:
         peak = torch.stack([o.amax() for o in outputs if o.numel()] or [outputs[0].new_zeros(())]).amax()
         names = " and ".join(inputs)
         torch._assert_async(torch.isfinite(peak), f"{names} contain NaN or Inf, or the result overflows "
@@ -65,7 +65,7 @@ def check_nonnegative(name: str, t: torch.Tensor) -> None:
     if not t.numel():
         return
     lo = t.min()
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         torch._assert_async(lo >= 0, f"{name} must be >= 0 and not NaN")
         return
     lo = lo.item()

@@ -186,3 +186,10 @@ def test_weights_stay_fp32_for_low_precision_x(backend: str, dtype: torch.dtype,
                             ("sum_outer", state.sum_outer, so)):
         assert_close(f"{backend}/{dtype} {name}", got, want, rtol=STAT_TOL[dtype],
                      atol=STAT_TOL[dtype] * float(want.abs().max()))
+
+
+def test_opcheck_compiled_op_with_fp32_weights() -> None:
+    """The compiled op takes fp32 weights beside bf16/fp16 x (the public op never rounds them to x's dtype)."""
+    x, w = _inputs(37, 40, torch.float32)
+    for low in LOW_PRECISION:
+        torch.library.opcheck(torch.ops.skd_kernels.weighted_covariance.default, (x.to(low), w, 4))

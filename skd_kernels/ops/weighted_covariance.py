@@ -15,6 +15,8 @@ from .._common import FLOAT_DTYPES, accumulation_dtype, check_finite_result, che
 from ..distributed import all_reduce_flat
 
 OP = "weighted_covariance"
+# Results up to this many entries are checked for NaN/overflow whole rather than through their diagonal.
+_CHECK_WHOLE = 4096
 
 
 @dataclass
@@ -95,8 +97,10 @@ def weighted_covariance(
     # Checked before the state is touched. NaN/Inf in w shows in Σw (or, -Inf, in min w); in x, in the
     # diagonal Σ w x_i² (w = 0 gives 0·Inf = NaN). A finite Σw and diagonal bound Σ w x and the off-diagonal
     # entries (Cauchy-Schwarz), so these d + 1 numbers prove the whole result finite.
+    # Small results are checked whole: a contiguous max is cheaper than a strided one over the diagonal.
     check_nonnegative("w", w)
-    check_finite_result((weight_sum, sum_outer.diagonal(dim1=1, dim2=2)), {"w": w, "x": x}, acc)
+    peaks = sum_outer if sum_outer.numel() <= _CHECK_WHOLE else sum_outer.diagonal(0, 1, 2)
+    check_finite_result((weight_sum, peaks), {"w": w, "x": x}, acc)
     if state is None:  # the batch's own sums, in float64, are the new state
         return CovState(weight_sum.double(), s.double(), sum_outer.double())
     return state.add_(weight_sum, s, sum_outer)
