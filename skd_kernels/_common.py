@@ -35,9 +35,10 @@ def check_finite_result(
 ) -> None:
     """NaN/Inf check of an op's inputs through some of its outputs, so the inputs are read only once.
 
-    outputs: non-negative tensors (|·| scores, Σw, Σ w x²) that every NaN or ±Inf of an input reaches
-    (products and sums propagate them, and 0·Inf is NaN), and that bound the rest of the result: their
-    maximum (which propagates NaN and cannot overflow) is finite exactly when the result is.
+    outputs: tensors that every NaN or ±Inf of an input reaches (products and sums propagate them, and
+    0·Inf is NaN) and whose largest entries bound the rest of the result (|·| scores, Σw, Σ w x x^T whose
+    non-negative diagonal bounds it): their maximum, which propagates NaN and cannot overflow, is finite
+    exactly when the result is.
     On CPU the maxima are read at once; only when one is not finite are the inputs scanned, to name the
     culprit, and finite inputs whose result overflows `result_dtype` are an error too (ValueError). On other
     devices the check is an asynchronous device assert with the same facts: no host sync.

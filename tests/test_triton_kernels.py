@@ -56,6 +56,16 @@ def test_prefix_linear_opcheck(activation: str) -> None:
     torch.library.opcheck(torch.ops.skd_kernels.triton_prefix_linear.default, args)
 
 
+def test_covariance_and_taylor_opcheck() -> None:
+    """The Triton statistics ops are registered custom ops too (schema, fake kernel, no aliased outputs)."""
+    x, w = torch.randn(37, 40, device=DEVICE)[:, ::2], torch.rand(37, device=DEVICE)
+    for args in ((x, w, 4), (x.half(), w, 2), (x[:0], w[:0], 5)):
+        torch.library.opcheck(torch.ops.skd_kernels.triton_weighted_covariance.default, args)
+    act, grad = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 5, 7, device=DEVICE)
+    for args in ((act, grad), (act.bfloat16(), grad.bfloat16()), (act[:, :0], grad[:, :0])):
+        torch.library.opcheck(torch.ops.skd_kernels.triton_taylor_scores.default, args)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("k_in", "k_out"), [(41, 37), (19, 23), (1, 1), (0, 5), (7, 0)])
 @pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
@@ -216,6 +226,8 @@ def test_grids_keep_large_counts_on_axis_0() -> None:
         assert all(0 < n <= limit for n, limit in zip(g, _utils.MAX_GRID, strict=False)), g
     assert covariance_module.grid(12, 8192, 40, 32)[0] == 12 * 256**2  # every (group, tile pair) launched
     assert taylor_module.grid(64, 4_000_000, 16)[0] == 64 * 250_000
+    with pytest.raises(ValueError, match="axis 1"):  # more than CUDA can launch is an error, not a bad launch
+        covariance_module.grid(1, 64, 70_000, 64)
 
 
 def test_autotune_drops_configs_over_shared_memory_or_registers() -> None:

@@ -29,6 +29,14 @@ MAX_SHARED_BYTES = 227 * 1024
 MAX_ACC_REGISTERS = 128
 
 
+def checked_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """`grid`, or a ValueError when an axis exceeds what CUDA can launch (MAX_GRID)."""
+    for axis, (n, limit) in enumerate(zip(grid, MAX_GRID, strict=False)):
+        if n > limit:
+            raise ValueError(f"launch grid {grid} exceeds CUDA's limit {limit} on axis {axis}: the input is too large")
+    return grid
+
+
 def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune configs for the current mode: the GPU list, or the single interpreter config."""
     return [interpreter] if INTERPRET else gpu

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..ops.prefix_linear import fake, register_autograd
-from ._utils import bucket, config_pruner, dot_dtype, fp32_dot_precision, on_device, pick_configs
+from ._utils import bucket, checked_grid, config_pruner, dot_dtype, fp32_dot_precision, on_device, pick_configs
 
 # Autotune keys are the GEMM sizes rounded up to powers of two (at most this), so a new batch size or
 # subnet width reuses the tuning of its bucket instead of tuning again.
@@ -109,7 +109,7 @@ def _prefix_linear_kernel(
 
 def grid(m: int, n: int, block_m: int, block_n: int) -> tuple[int]:
     """The launch grid: one program per output tile, all on axis 0 (up to 2^31 - 1 programs)."""
-    return (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    return checked_grid((triton.cdiv(m, block_m) * triton.cdiv(n, block_n),))
 
 
 @torch.library.custom_op("skd_kernels::triton_prefix_linear", mutates_args=())

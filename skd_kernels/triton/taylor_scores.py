@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..ops.taylor_scores import fake
-from ._utils import on_device, pick_configs
+from ._utils import checked_grid, on_device, pick_configs
 
 
 def _cfg(bt: int, bc: int, warps: int) -> triton.Config:
@@ -68,7 +68,7 @@ def _taylor_kernel(
 
 def grid(b: int, t: int, block_t: int) -> tuple[int]:
     """The launch grid: one program per (sample, token block), all on axis 0 (up to 2^31 - 1 programs)."""
-    return (b * triton.cdiv(t, block_t),)
+    return checked_grid((b * triton.cdiv(t, block_t),))
 
 
 @torch.library.custom_op("skd_kernels::triton_taylor_scores", mutates_args=())

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops.weighted_covariance import fake
-from ._utils import bucket, config_pruner, dot_dtype, fp32_dot_precision, num_sms, on_device, pick_configs
+from ._utils import bucket, checked_grid, config_pruner, dot_dtype, fp32_dot_precision, num_sms, on_device, pick_configs
 
 # Rows per N-split are a multiple of this, so every split but the last runs whole BLOCK_N steps.
 _SPLIT_ROWS_QUANTUM = 256
@@ -131,7 +131,7 @@ def _covariance_kernel(
 
 def grid(groups: int, r: int, splits: int, block_r: int) -> tuple[int, int]:
     """The launch grid: (groups · tile pairs, N-splits); the large count on axis 0 (up to 2^31 - 1)."""
-    return groups * triton.cdiv(r, block_r) ** 2, splits
+    return checked_grid((groups * triton.cdiv(r, block_r) ** 2, splits))
 
 
 def _num_splits(x: torch.Tensor, groups: int, r: int) -> int:
