@@ -84,9 +84,11 @@ def test_forced_backend_without_the_op_says_why(monkeypatch: pytest.MonkeyPatch)
         skd_kernels.prefix_linear(act, torch.randn(5, 4))
 
 
-def test_register_op_rejects_unknown_backends() -> None:
+def test_register_op_rejects_unknown_backends_and_a_missing_reference() -> None:
     with pytest.raises(ValueError, match="mkl"):
         _dispatch.register_op("taylor_scores", {"mkl": _dispatch.Kernel(lambda *a: None, (torch.float32,))})
+    with pytest.raises(ValueError, match="reference"):
+        _dispatch.register_op("new_op", {"cpu": _dispatch.Kernel(lambda *a: None, (torch.float32,))})
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
