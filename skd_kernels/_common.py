@@ -30,18 +30,47 @@ def _finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_finite_result(outputs: tuple[torch.Tensor, ...], inputs: dict[str, torch.Tensor]) -> None:
-    """NaN/Inf check of an op's inputs through its small outputs, so the inputs are read only once.
+def check_finite_result(
+    outputs: tuple[torch.Tensor, ...], inputs: dict[str, torch.Tensor], result_dtype: torch.dtype
+) -> None:
+    """NaN/Inf check of an op's inputs through some of its outputs, so the inputs are read only once.
 
-    Every NaN or ±Inf of an input reaches the outputs given here (products and sums propagate them, and
-    0·Inf is NaN), so finite outputs prove finite inputs. Only when they are not are the inputs scanned,
-    to name the culprit; finite inputs whose result overflows the accumulation dtype are an error too.
+    outputs: tensors that every NaN or ±Inf of an input reaches (products and sums propagate them, and
+    0·Inf is NaN) and whose largest entries bound the rest of the result (|·| scores, Σw, Σ w x x^T whose
+    non-negative diagonal bounds it): their maximum, which propagates NaN and cannot overflow, is finite
+    exactly when the result is.
+    On CPU the maxima are read at once; only when one is not finite are the inputs scanned, to name the
+    culprit, and finite inputs whose result overflows `result_dtype` are an error too (ValueError). On other
+    devices the check is an asynchronous device assert with the same facts: no host sync.
     """
-    # One float64 sum per output (it cannot overflow for fp32 outputs): cheaper than isfinite().all(), which
-    # costs several small parallel kernels per output on every call.
-    if math.isfinite(sum(float(o.sum(dtype=torch.float64)) for o in outputs)):
+    if not outputs[0].is_cpu:
+        peak = torch.stack([o.amax() for o in outputs if o.numel()] or [outputs[0].new_zeros(())]).amax()
+        names = " and ".join(inputs)
+        torch._assert_async(torch.isfinite(peak), f"{names} contain NaN or Inf, or the result overflows "
+                                                  f"{result_dtype} (run on CPU to name the culprit)")
+        return
+    for o in outputs:  # a loop, not all(<generator>): this runs on every call and µs count
+        if o.numel() and not math.isfinite((o if o.dim() == 0 else o.max()).item()):
+            break
+    else:
         return
     for name, t in inputs.items():
         _finite(name, t)
-    raise ValueError(f"{' and '.join(inputs)} are finite but the result overflows {outputs[0].dtype}; rescale "
-                     f"{' and '.join(inputs)}")
+    names = " and ".join(inputs)
+    raise ValueError(f"{names} are finite but the result overflows {result_dtype}; rescale {names}")
+
+
+def check_nonnegative(name: str, t: torch.Tensor) -> None:
+    """min(t) >= 0, NaN and -Inf excluded (+Inf must be caught by check_finite_result); as there, an
+    immediate ValueError on CPU and an asynchronous device assert elsewhere."""
+    if not t.numel():
+        return
+    lo = t.min()
+    if not t.is_cpu:
+        torch._assert_async(lo >= 0, f"{name} must be >= 0 and not NaN")
+        return
+    lo = lo.item()
+    if math.isnan(lo) or lo == -math.inf:
+        raise ValueError(f"{name} contains NaN or Inf")
+    if lo < 0:
+        raise ValueError(f"{name} must be >= 0")

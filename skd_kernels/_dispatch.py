@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _ops
+from ._common import FLOAT_DTYPES
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -78,7 +79,10 @@ class Backend:
             reasons.append(f"it has no {op} kernel ({self.missing.get(op, 'not implemented')})")
         elif op is None and not self.kernels:
             reasons.append(f"it has no kernels ({'; '.join(sorted(set(self.missing.values()))) or 'none registered'})")
-        kernels = [self.kernels[op]] if op in self.kernels else [] if op is not None else list(self.kernels.values())
+        if op is None:
+            kernels = list(self.kernels.values())
+        else:
+            kernels = [self.kernels[op]] if op in self.kernels else []
         if dtype is not None and kernels and not any(dtype in k.dtypes for k in kernels):
             names = sorted({str(d).removeprefix("torch.") for k in kernels for d in k.dtypes})
             reasons.append(f"{op or 'its ops'} take{'s' if op else ''} {'/'.join(names)}, not {dtype}")
@@ -87,6 +91,10 @@ class Backend:
     def usable(self, device: torch.device | str, dtype: torch.dtype | None = None, op: str | None = None) -> bool:
         return not self.not_supported_reasons(device, dtype, op)
 
+
+# The automatic choice, (op, device type, dtype) -> kernel, computed when ops register: a dict lookup is all
+# an unforced call pays (and torch.compile traces a constant table, not a cache filled at run time).
+_AUTO: dict[tuple[str, str, torch.dtype], Callable[..., object]] = {}
 
 _REGISTRY: dict[str, Backend] = {
     "cuda": Backend("cuda", _device_type_reason("cuda")),
@@ -98,8 +106,6 @@ _REGISTRY: dict[str, Backend] = {
 
 def compiled(op: str, dispatch_key: str) -> Kernel | str:
     """The compiled extension's kernel of `op` for "CPU" or "CUDA" (every float dtype), or why there is none."""
-    from ._common import FLOAT_DTYPES
-
     fn = _ops.compiled_kernel(op, dispatch_key)
     return _ops.why_not_compiled(op, dispatch_key) if fn is None else Kernel(fn, FLOAT_DTYPES)
 
@@ -119,15 +125,23 @@ def triton(op: str, dtypes: tuple[torch.dtype, ...] = TRITON_DTYPES) -> Kernel:
 
 def register_op(op: str, kernels: dict[str, Kernel | str]) -> None:
     """Registers an op's kernel per backend name (a str instead of a Kernel says why that backend has none;
-    an omitted backend does not implement the op)."""
+    an omitted backend does not implement the op). Every op needs a reference kernel of every float dtype:
+    it is the last fallback."""
     unknown = set(kernels) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)} for {op}; choose from {BACKENDS}")
+    reference = kernels.get("reference")
+    if not isinstance(reference, Kernel) or set(reference.dtypes) != set(FLOAT_DTYPES):
+        raise ValueError(f"{op} needs a reference Kernel taking every dtype of {FLOAT_DTYPES}")
     for name, kernel in kernels.items():
         if isinstance(kernel, Kernel):
             _REGISTRY[name].kernels[op] = kernel
         else:
             _REGISTRY[name].missing[op] = kernel
+    for device_type, order in _AUTO_ORDER.items():
+        for dtype in FLOAT_DTYPES:
+            name = next(n for n in (*order, "reference") if _REGISTRY[n].usable(device_type, dtype, op))
+            _AUTO[op, device_type, dtype] = _REGISTRY[name].kernels[op].fn
 
 
 def _check_name(name: str) -> None:
@@ -188,4 +202,8 @@ def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> B
 
 def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable[..., object]:
     """The function that runs `op` on tensors of this device and dtype (see `select`)."""
+    if not (_forced.get() or os.environ.get("SKD_KERNELS_BACKEND")):
+        fn = _AUTO.get((op, device.type, dtype))
+        if fn is not None:
+            return fn
     return select(device, dtype, op).kernels[op].fn

@@ -29,7 +29,8 @@ def taylor_scores(act: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
     if grad.dtype != act.dtype:
         grad = grad.to(act.dtype)
     token, channel = _dispatch.kernel(OP, act.device, act.dtype)(act, grad)
-    check_finite_result((token, channel), {"act": act, "grad": grad})
+    # Every NaN/Inf of act or grad reaches a channel score; an overflow may show in either output.
+    check_finite_result((token, channel), {"act": act, "grad": grad}, token.dtype)
     return token, channel
 
 

@@ -6,16 +6,17 @@ skd_kernels/triton/weighted_covariance.py; `reference` below is the oracle and l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import _dispatch, _ops
-from .._common import FLOAT_DTYPES, accumulation_dtype, check_finite_result, check_float
+from .._common import FLOAT_DTYPES, accumulation_dtype, check_finite_result, check_float, check_nonnegative
 from ..distributed import all_reduce_flat
 
 OP = "weighted_covariance"
+# Results up to this many entries are checked for NaN/overflow whole rather than through their diagonal.
+_CHECK_WHOLE = 4096
 
 
 @dataclass
@@ -40,9 +41,10 @@ class CovState:
 
     def add_(self, weight_sum: torch.Tensor, s: torch.Tensor, sum_outer: torch.Tensor) -> CovState:
         """Adds one batch's fp32 statistics (as returned by a backend) in float64."""
-        self.weight_sum += weight_sum.double()
-        self.sum += s.double()
-        self.sum_outer += sum_outer.double()
+        # In-place adds promote to the float64 state exactly, without a float64 copy of each operand.
+        self.weight_sum += weight_sum
+        self.sum += s
+        self.sum_outer += sum_outer
         return self
 
     def merge(self, other: CovState) -> CovState:
@@ -88,11 +90,17 @@ def weighted_covariance(
     check(x, w, groups)
     if state is not None and state.sum.shape != (groups, x.shape[1] // groups):
         raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
-    if x.dtype != w.dtype:
-        w = w.to(x.dtype)
+    acc = accumulation_dtype(x.dtype)
+    if w.dtype != acc:  # weights are never rounded to x's dtype: fp32 (fp64 for fp64 x) on every backend
+        w = w.to(acc)
     weight_sum, s, sum_outer = _dispatch.kernel(OP, x.device, x.dtype)(x, w, groups)
-    # NaN/Inf in x shows in Σwx and the diagonal of Σwxx^T; checked before the state is touched.
-    check_finite_result((s, sum_outer.diagonal(dim1=1, dim2=2)), {"x": x})
+    # Checked before the state is touched. NaN/Inf in w shows in Σw (or, -Inf, in min w); in x, in the
+    # diagonal Σ w x_i² (w = 0 gives 0·Inf = NaN). A finite Σw and diagonal bound Σ w x and the off-diagonal
+    # entries (Cauchy-Schwarz), so these d + 1 numbers prove the whole result finite.
+    # Small results are checked whole: a contiguous max is cheaper than a strided one over the diagonal.
+    check_nonnegative("w", w)
+    peaks = sum_outer if sum_outer.numel() <= _CHECK_WHOLE else sum_outer.diagonal(0, 1, 2)
+    check_finite_result((weight_sum, peaks), {"w": w, "x": x}, acc)
     if state is None:  # the batch's own sums, in float64, are the new state
         return CovState(weight_sum.double(), s.double(), sum_outer.double())
     return state.add_(weight_sum, s, sum_outer)
@@ -110,13 +118,7 @@ def check(x: torch.Tensor, w: torch.Tensor, groups: int) -> None:
         raise ValueError(f"x and w must be on one device, got {x.device} and {w.device}")
     if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
         raise ValueError(f"groups={groups!r} must be a positive int dividing x's width {x.shape[1]}")
-    # x is not scanned here: a NaN/Inf in it reaches the result, which check_finite_result inspects.
-    if w.numel():
-        lo, hi = (float(v) for v in torch.aminmax(w))  # one pass: NaN shows in lo, ±Inf in lo or hi
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("w contains NaN or Inf")
-        if lo < 0:
-            raise ValueError("w must be >= 0")
+    # The values of x and w are checked through the result (weighted_covariance): no extra pass here.
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:

@@ -1,4 +1,5 @@
-"""Launch heuristics shared by the Triton kernels: autotune configs, dot operand dtypes, SM counts.
+"""Launch helpers shared by the Triton kernels: autotune configs and their pruning, dot operand dtypes,
+grid limits, SM counts and the device guard.
 
 Under TRITON_INTERPRET=1 (kernels run on CPU tensors through numpy) every kernel gets ONE small config,
 so nothing is autotuned and the interpreter stays fast.
@@ -6,8 +7,10 @@ so nothing is autotuned and the interpreter stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -16,10 +19,61 @@ import triton.language as tl
 # Read once, like Triton itself, which picks interpreter vs compiler when @triton.jit runs at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# CUDA grid limits: axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 only 65535. Kernels put their
+# large index on axis 0.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+# Shared memory a program may use on sm_90 (227 KiB); a CUDA device reports its own limit (163 KiB on sm_80).
+MAX_SHARED_BYTES = 227 * 1024
+
+
+def checked_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """`grid`, or a ValueError when an axis exceeds what CUDA can launch (MAX_GRID)."""
+    for axis, (n, limit) in enumerate(zip(grid, MAX_GRID, strict=False)):
+        if n > limit:
+            raise ValueError(f"launch grid {grid} exceeds CUDA's limit {limit} on axis {axis}: the input is too large")
+    return grid
+
 
 def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune configs for the current mode: the GPU list, or the single interpreter config."""
     return [interpreter] if INTERPRET else gpu
+
+
+def max_shared_bytes(device: torch.device | None) -> int:
+    """Shared memory one program may use on `device` (MAX_SHARED_BYTES when it is not a CUDA device)."""
+    if device is None or device.type != "cuda":
+        return MAX_SHARED_BYTES
+    return _device_shared_bytes(device.index or 0)
+
+
+@functools.cache
+def _device_shared_bytes(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", MAX_SHARED_BYTES)
+
+
+def config_pruner(shared_bytes: Callable[[triton.Config, int], int]) -> Callable[..., list[triton.Config]]:
+    """An autotune `early_config_prune` that drops configs whose pipelined tiles exceed the shared memory of
+    the launch's device.
+
+    shared_bytes(config, operand_bytes) estimates a config's shared memory (within ~15 % of what Triton 3.8
+    allocates on sm_90, see benchmarks/triton_resources.py) for dot operands of operand_bytes (the kernel's
+    DOT_DTYPE). Register spills cannot be estimated as simply: the config lists hold only configs that
+    compiled without spills. Keeps the smallest config if none fits.
+    """
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+        operand_bytes = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
+        device = next((a.device for a in named_args.values() if isinstance(a, torch.Tensor)), None)
+        limit = max_shared_bytes(device)
+        kept = [c for c in configs if shared_bytes(c, operand_bytes) <= limit]
+        return kept or [min(configs, key=lambda c: shared_bytes(c, operand_bytes))]
+
+    return prune
+
+
+def bucket(n: int, cap: int) -> int:
+    """n rounded up to a power of two, at most `cap`: an autotune key that does not change with every size."""
+    return min(triton.next_power_of_2(max(n, 1)), cap)
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -43,6 +97,12 @@ def fp32_dot_precision() -> str:
     still faster than FMA-based fp32. "high"/"medium" allow plain TF32. Ignored by the interpreter.
     """
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context that makes t's CUDA device current, so a launch runs on t's device and its current stream
+    (Triton launches on the current device); nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache

@@ -1,9 +1,10 @@
 """Triton weighted_covariance: per group Σw, Σ w x and X^T diag(w) X in one read of x.
 
-A GEMM-like kernel: the grid is groups × (output tile pairs) × N-splits, each program loops over its
-rows of x. Only tiles on or above the diagonal are computed (the result is symmetric); they are stored
-twice, mirrored. When a few tiles cannot fill the GPU (per-head r = 64 gives one tile per group), N is
-split across programs and the fp32 partials are summed by one torch reduction.
+A GEMM-like kernel: programs are (group, output tile pair) on grid axis 0 and N-splits on axis 1; each
+loops over its rows of x. Only tiles on or above the diagonal are computed (the result is symmetric);
+they are stored twice, mirrored. When a few tiles cannot fill the GPU (per-head r = 64 gives one tile
+per group), N is split across programs and the fp32 partials are summed by one torch reduction.
+Registered as the custom op `skd_kernels::triton_weighted_covariance` with the op's fake kernel.
 
 Equivalent to::
 
@@ -18,52 +19,58 @@ import triton
 import triton.language as tl
 
 from ..ops.weighted_covariance import fake
-from ._utils import dot_dtype, fp32_dot_precision, num_sms, pick_configs
+from ._utils import bucket, checked_grid, config_pruner, dot_dtype, fp32_dot_precision, num_sms, on_device, pick_configs
 
 # Rows per N-split are a multiple of this, so every split but the last runs whole BLOCK_N steps.
 _SPLIT_ROWS_QUANTUM = 256
+# The largest |w·x| of a tile is scaled to this before the fp16/bf16 split: 2^14 leaves fp16 (max 65504)
+# a factor 4 of headroom, and 24 binades below it stay normal.
+_SPLIT_SCALE = tl.constexpr(16384.0)
 
 
 def _cfg(br: int, bn: int, stages: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_R": br, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
 
 
-# BLOCK_R = 64 fits a ViT head (r = 64, memory-bound); 128 is for wide groups (compute-bound).
-# fp32 tiles take 2x the shared memory: the big configs then fail to load and the autotuner skips them
-# (OutOfResources), leaving the small ones.
-_CONFIGS = pick_configs(
-    [
-        _cfg(64, 32, 3, 4),
-        _cfg(32, 128, 4, 4),
-        _cfg(64, 64, 4, 4),
-        _cfg(64, 128, 3, 4),
-        _cfg(64, 128, 3, 8),
-        _cfg(128, 64, 3, 8),
-        _cfg(128, 128, 3, 8),
-    ],
-    _cfg(32, 64, 1, 4),
-)
+def _shared_bytes(config: triton.Config, operand_bytes: int) -> int:
+    """Shared memory estimate: each pipeline stage holds the two (BLOCK_N, BLOCK_R) x tiles."""
+    return config.num_stages * 2 * config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_R"] * operand_bytes
 
 
-@triton.autotune(configs=_CONFIGS, key=["R", "rows_per_split", "SPLIT_PRODUCT"])
+# BLOCK_R = 64 fits a ViT head (r = 64, memory-bound); 128 is for wide groups (compute-bound). Configs that
+# exceed the device's shared memory for the dtype are pruned before tuning (fp32 tiles take twice the memory).
+# Compiled for sm_90 (benchmarks/triton_resources.py, triton 3.8), none of these spills registers; dropped for
+# spilling: (128, 128, 3, 8) in every dtype, (32, 128, 4, 4) and (64, 128, 3, 4) with fp32 operands.
+_GPU_CONFIGS = [
+    _cfg(64, 32, 3, 4),
+    _cfg(64, 64, 4, 4),
+    _cfg(64, 128, 3, 8),
+    _cfg(128, 64, 3, 8),
+]
+_CONFIGS = pick_configs(_GPU_CONFIGS, _cfg(32, 64, 1, 4))
+
+
+@triton.autotune(configs=_CONFIGS, key=["R", "ROWS_BUCKET", "SPLIT_PRODUCT"],
+                 prune_configs_by={"early_config_prune": config_pruner(_shared_bytes)})
 @triton.jit
 def _covariance_kernel(
     x_ptr, w_ptr, outer_ptr, sum_ptr, wsum_ptr,
-    N, R, rows_per_split,
+    N, R, rows_per_split, ROWS_BUCKET,
     stride_xn, stride_xd, stride_w,
     DOT_DTYPE: tl.constexpr, SPLIT_PRODUCT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (group g, tile pair (ti, tj), N-split s) program.
+    """One (group g, tile pair (ti, tj), N-split s) program; program_id(0) = g·num_t² + ti·num_t + tj.
 
     Writes split s's partial sums: outer[s] (G, R, R), sum[s] (G, R), wsum[s] (), all contiguous fp32.
+    Offsets that multiply a stride are int64: they pass 2^31 for views of large tensors.
     """
-    g = tl.program_id(0)
-    tile = tl.program_id(1)
-    split = tl.program_id(2)
     num_t = tl.cdiv(R, BLOCK_R)
-    ti = tile // num_t
-    tj = tile % num_t
+    pid = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    g = pid // (num_t * num_t)
+    ti = (pid // num_t) % num_t
+    tj = pid % num_t
     if ti > tj:  # below the diagonal: the mirrored store of tile (tj, ti) writes it
         return
 
@@ -71,8 +78,8 @@ def _covariance_kernel(
     rj = tj * BLOCK_R + tl.arange(0, BLOCK_R)
     ok_i = ri < R
     ok_j = rj < R
-    col_i = (g * R + ri) * stride_xd
-    col_j = (g * R + rj) * stride_xd
+    col_i = (g * R + ri).to(tl.int64) * stride_xd
+    col_j = (g * R + rj).to(tl.int64) * stride_xd
     n_start = split * rows_per_split
     n_end = min(n_start + rows_per_split, N)
 
@@ -83,30 +90,45 @@ def _covariance_kernel(
         rows = n0 + tl.arange(0, BLOCK_N)
         ok_n = rows < n_end
         row_off = rows.to(tl.int64)[:, None] * stride_xn
-        w = tl.load(w_ptr + rows * stride_w, mask=ok_n, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=ok_n, other=0.0).to(tl.float32)
         xi = tl.load(x_ptr + row_off + col_i[None, :], mask=ok_n[:, None] & ok_i[None, :], other=0.0)
         xj = tl.load(x_ptr + row_off + col_j[None, :], mask=ok_n[:, None] & ok_j[None, :], other=0.0)
         xw = xi.to(tl.float32) * w[:, None]
         s1 += tl.sum(xw, axis=0)
         s0 += w
         xj = xj.to(DOT_DTYPE)
-        hi = xw.to(DOT_DTYPE)
-        acc = tl.dot(tl.trans(hi), xj, acc, input_precision=PRECISION)
         if SPLIT_PRODUCT:
-            # w*x rounded to fp16/bf16 would lose ~3 digits; its residual in a second product keeps the
-            # statistics at fp32 accuracy (xj itself is exact in its own dtype).
-            lo = (xw - hi.to(tl.float32)).to(DOT_DTYPE)
-            acc = tl.dot(tl.trans(lo), xj, acc)
+            # w·x rounded to fp16/bf16 would lose ~3 digits, so it is split into hi + lo parts (22 bits
+            # together in fp16, 16 in bf16) and both are multiplied (xj is exact in its own dtype). The
+            # tile is first scaled so its largest |w·x| is _SPLIT_SCALE: fp16's range (6e-8 .. 65504)
+            # would otherwise overflow w·x = 1e5 or flush w·x = 1e-8 to zero. Unscaled in fp32.
+            peak = tl.max(tl.max(tl.abs(xw), axis=1), axis=0)
+            scale = _SPLIT_SCALE / tl.maximum(peak, 1e-30)
+            xs = xw * scale
+            hi = xs.to(DOT_DTYPE)
+            lo = (xs - hi.to(tl.float32)).to(DOT_DTYPE)
+            part = tl.dot(tl.trans(hi), xj)
+            part = tl.dot(tl.trans(lo), xj, part)
+            acc += part / scale
+        else:
+            acc = tl.dot(tl.trans(xw.to(DOT_DTYPE)), xj, acc, input_precision=PRECISION)
 
-    groups = tl.num_programs(0)
-    block = outer_ptr + (split.to(tl.int64) * groups + g) * R * R
-    tl.store(block + ri[:, None] * R + rj[None, :], acc, mask=ok_i[:, None] & ok_j[None, :])
+    num_groups = tl.num_programs(0) // (num_t * num_t)
+    block = outer_ptr + (split * num_groups + g) * R * R
+    out_ij = ri.to(tl.int64)[:, None] * R + rj[None, :]
+    tl.store(block + out_ij, acc, mask=ok_i[:, None] & ok_j[None, :])
     if ti != tj:
-        tl.store(block + rj[:, None] * R + ri[None, :], tl.trans(acc), mask=ok_j[:, None] & ok_i[None, :])
+        out_ji = rj.to(tl.int64)[:, None] * R + ri[None, :]
+        tl.store(block + out_ji, tl.trans(acc), mask=ok_j[:, None] & ok_i[None, :])
     else:
-        tl.store(sum_ptr + (split.to(tl.int64) * groups + g) * R + ri, s1, mask=ok_i)
+        tl.store(sum_ptr + (split * num_groups + g) * R + ri, s1, mask=ok_i)
         if (g == 0) & (ti == 0):
             tl.store(wsum_ptr + split, tl.sum(s0, axis=0))
+
+
+def grid(groups: int, r: int, splits: int, block_r: int) -> tuple[int, int]:
+    """The launch grid: (groups · tile pairs, N-splits); the large count on axis 0 (up to 2^31 - 1)."""
+    return checked_grid((groups * triton.cdiv(r, block_r) ** 2, splits))
 
 
 def _num_splits(x: torch.Tensor, groups: int, r: int) -> int:
@@ -126,7 +148,7 @@ def weighted_covariance(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch of weighted second moments, read from x once.
 
-    x: (N, G*r) fp32/fp16/bf16, any strides; w: (N,) >= 0, any float dtype; groups = G.
+    x: (N, G*r) fp32/fp16/bf16, any strides; w: (N,) >= 0, fp32 (any float dtype is read as fp32); groups = G.
     Returns (weight_sum () fp32 = Σ w, sum (G, r) fp32 = Σ w x, sum_outer (G, r, r) fp32 = Σ w x x^T).
     """
     n, d = x.shape
@@ -140,16 +162,14 @@ def weighted_covariance(
     f32 = dict(dtype=torch.float32, device=x.device)
     outer, s1, s0 = alloc((splits, groups, r, r), **f32), alloc((splits, groups, r), **f32), alloc((splits,), **f32)
     if launch:
-        def grid(meta: dict) -> tuple[int, int, int]:
-            return (groups, triton.cdiv(r, meta["BLOCK_R"]) ** 2, splits)
-
         ddt = dot_dtype(x.dtype)
-        _covariance_kernel[grid](
-            x, w, outer, s1, s0,
-            n, r, rows_per_split,
-            x.stride(0), x.stride(1), w.stride(0),
-            DOT_DTYPE=ddt, SPLIT_PRODUCT=ddt != tl.float32, PRECISION=fp32_dot_precision(),
-        )
+        with on_device(x):
+            _covariance_kernel[lambda meta: grid(groups, r, splits, meta["BLOCK_R"])](
+                x, w, outer, s1, s0,
+                n, r, rows_per_split, bucket(rows_per_split, 1 << 16),
+                x.stride(0), x.stride(1), w.stride(0),
+                DOT_DTYPE=ddt, SPLIT_PRODUCT=ddt != tl.float32, PRECISION=fp32_dot_precision(),
+            )
     if splits == 1:
         return s0[0], s1[0], outer[0]
     return s0.sum(0), s1.sum(0), outer.sum(0)
