@@ -16,25 +16,43 @@ import triton
 import triton.language as tl
 
 from ..ops.prefix_attention import fake, register_autograd
-from ._utils import dot_dtype, fp32_dot_precision, pick_configs
+from ._utils import bucket, checked_grid, dot_dtype, fp32_dot_precision, max_shared_bytes, on_device, pick_configs
+
+# Autotune key: the sequence length rounded up to a power of two (at most this), so a new N reuses its bucket.
+_KEY_CAP = 1 << 13
 
 
 def _cfg(bm: int, bn: int, stages: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
 
 
-# Query/key tiles for N = 49 (Swin windows) ... 4k tokens and head widths up to 128.
+# Query/key tiles for N = 49 (Swin windows) ... 4k tokens and head widths up to 128 (not compiled for sm_90
+# here: no GPU was lent; the pruner below drops those whose tiles exceed the device's shared memory).
 _CONFIGS = pick_configs(
     [_cfg(128, 64, 3, 8), _cfg(64, 64, 3, 4), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 4), _cfg(16, 32, 2, 2)],
     _cfg(16, 16, 1, 4),
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "H", "BLOCK_D", "HAS_BIAS"])
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Drops configs whose tiles exceed the launch device's shared memory: the q tile plus, per pipeline
+    stage, a k and a v tile of BLOCK_D columns (keeps the smallest config if none fits)."""
+    operand_bytes = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
+    d = kwargs["BLOCK_D"]
+
+    def shared(c: triton.Config) -> int:
+        return (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * d * operand_bytes
+
+    limit = max_shared_bytes(named_args["qkv_ptr"].device)
+    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
+
+
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "BLOCK_D", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _prefix_attention_kernel(
     qkv_ptr, bias_ptr, out_ptr,
-    N, H, R, scale,
+    N, H, R, scale, N_BUCKET,
     stride_qs, stride_qn, stride_bs, stride_bh, stride_bi, stride_bj,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -98,15 +116,17 @@ def _prefix_attention_op(
     b_strides = (0, 0, 0, 0) if b is None else tuple(0 if b.shape[d] == 1 and d < 2 else b.stride(d) for d in range(4))
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (s * h, triton.cdiv(n, meta["BLOCK_M"]))
+        # (sequence, head) pairs on axis 0 (up to 2^31 - 1), query tiles on axis 1 (up to 65535)
+        return checked_grid((s * h, triton.cdiv(n, meta["BLOCK_M"])))
 
-    _prefix_attention_kernel[grid](
-        qkv, b if b is not None else qkv, out,
-        n, h, r, scale,
-        qkv.stride(0), qkv.stride(1), *b_strides,
-        HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype(qkv.dtype), PRECISION=fp32_dot_precision(),
-        BLOCK_D=max(16, triton.next_power_of_2(r)),
-    )
+    with on_device(qkv):
+        _prefix_attention_kernel[grid](
+            qkv, b if b is not None else qkv, out,
+            n, h, r, scale, bucket(n, _KEY_CAP),
+            qkv.stride(0), qkv.stride(1), *b_strides,
+            HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype(qkv.dtype), PRECISION=fp32_dot_precision(),
+            BLOCK_D=max(16, triton.next_power_of_2(r)),
+        )
     return out
 
 
