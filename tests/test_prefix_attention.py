@@ -185,3 +185,18 @@ def _bad(kwargs: dict[str, object]) -> dict[str, object]:
 def test_bad_input_raises_naming_argument(kwargs: dict[str, object], arg: str) -> None:
     with pytest.raises(ValueError, match=rf"\b{arg}\b"):
         skd_kernels.prefix_attention(**_bad(kwargs))
+
+
+def test_one_compiled_graph_serves_every_width() -> None:
+    """The fake kernel takes the width from qkv's (symbolic) shape: torch.compile traces the op once for
+    four widths r, and the compiled results equal the reference."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda qkv, bias: skd_kernels.prefix_attention(qkv, 3, SCALE, bias),
+                       backend=counter, dynamic=True, fullgraph=True)
+    bias = _bias(1, 9, 3, torch.float32)
+    for r in (4, 8, 12, 16):
+        qkv = _qkv(2, 9, 3, r, torch.float32)
+        _check(fn(qkv, bias), qkv, 3, bias, f"compiled r={r}")
+    assert counter.frame_count == 1

@@ -56,7 +56,8 @@ def check(qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tens
         raise ValueError(f"num_heads={num_heads!r} must be a positive int")
     if qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv's width {qkv.shape[-1]} must be a multiple of 3 * num_heads = {3 * num_heads}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # abs(scale) < inf rather than math.isfinite: False for NaN too, and it traces for a symbolic float
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) < math.inf:
         raise ValueError(f"scale={scale!r} must be a finite real number")
     if attn_bias is None:
         return
