@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._dist import all_reduce_flat
 from .elastic import ElasticViT
 from .evaluate import eval_mode
 from .models import adapter_for
@@ -29,13 +29,6 @@ from .stats import QKV, calibrate
 from .subnet import DropoutList, Group, Subnet
 
 Module = tuple[int, str]  # (block index, "attn" | "mlp")
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes when torch.distributed is initialised (importance statistics add up)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 @dataclass
@@ -78,7 +71,7 @@ def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet]) -> 
             elastic.set_subnet(s)
             sums[j] += F.cross_entropy(elastic(images).float(), labels, reduction="sum").double()
         sums[-1] += len(labels)
-    _all_reduce(sums)
+    all_reduce_flat([sums])  # the proxy shares' sums add up
     if sums[-1] == 0:
         raise ValueError("the proxy set is empty")
     return (sums[:-1] / sums[-1]).tolist()
