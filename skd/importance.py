@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ._dist import all_reduce_flat
+from ._dist import all_reduce_flat, rank_world
 from .elastic import ElasticViT
 from .evaluate import eval_mode
 from .models import adapter_for
@@ -61,11 +62,13 @@ def _device(elastic: ElasticViT) -> torch.device:
 
 
 @torch.no_grad()
-def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet]) -> list[float]:
+def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet], progress: bool) -> list[float]:
     """Mean cross-entropy of each subnet over `data` (all processes' shares together)."""
     dev = _device(elastic)
     sums = torch.zeros(len(subnets) + 1, dtype=torch.float64, device=dev)  # last entry: sample count
-    for images, labels in data:
+    bar = tqdm(data, desc=f"importance: {len(subnets)} subnets' losses", unit="batch",
+               disable=not progress or rank_world()[0] != 0)
+    for images, labels in bar:
         images, labels = images.to(dev), labels.to(dev)
         for j, s in enumerate(subnets):
             elastic.set_subnet(s)
@@ -77,14 +80,14 @@ def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet]) -> 
     return (sums[:-1] / sums[-1]).tolist()
 
 
-def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int) -> dict[Module, torch.Tensor]:
+def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int, progress: bool) -> dict[Module, torch.Tensor]:
     """Full-width Taylor channel scores (width,) float64 per module, from WPAC's calibration pass.
 
     Attention: q, k and v scores of rank j summed over heads (timm's head-major channels h*hd + j).
     """
     with elastic.standard_layout() as model:
         blocks = adapter_for(model).blocks
-        stats = calibrate(model, blocks, data, num_samples=num_samples, covariance=None, progress=False)
+        stats = calibrate(model, blocks, data, num_samples=num_samples, covariance=None, progress=progress)
     out: dict[Module, torch.Tensor] = {}
     for b, (spec, feats) in enumerate(zip(blocks, stats.blocks, strict=True)):
         out[b, "attn"] = sum(feats[f].taylor.view(spec.num_heads, spec.head_dim).sum(0) for f in QKV)
@@ -93,7 +96,7 @@ def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int) -> dict[Modul
 
 
 def estimate_importance(
-    elastic: ElasticViT, data: Iterable, num_samples: int, subnet: Subnet | None = None
+    elastic: ElasticViT, data: Iterable, num_samples: int, subnet: Subnet | None = None, *, progress: bool = False
 ) -> Importance:
     """Module sensitivity and normalised Taylor importance of `subnet` (default: full) on the proxy `data`.
 
@@ -101,17 +104,18 @@ def estimate_importance(
     proxy set; num_samples: the proxy set's size (over all processes). Under torch.distributed each
     process passes its own shard (num_samples // world, +1 on the first num_samples % world ranks) and
     the statistics are all-reduced. Runs in eval mode; train/eval mode and active subnet are restored.
+    progress: show the two passes (every subnet's loss, then the Taylor scores) as progress bars on rank 0.
     """
     base = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens) if subnet is None else subnet
     base.validate(elastic.head_dims, elastic.hiddens)
     with eval_mode(elastic):
         modules = [(b, m) for m in ("attn", "mlp") for b, w in enumerate(getattr(base, m)) if w]
-        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)])
+        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)], progress)
         if losses[0] <= 0:
             raise ValueError(f"the subnet's proxy loss is {losses[0]}: relative sensitivities are undefined")
         gamma = {mod: (lb - losses[0]) / losses[0] for mod, lb in zip(modules, losses[1:], strict=True)}
         alpha = {}
-        for mod, t in _taylor(elastic, data, num_samples).items():
+        for mod, t in _taylor(elastic, data, num_samples, progress).items():
             t = t[: getattr(base, mod[1])[mod[0]]]  # the kept dims (a prefix) share the module's mass
             if len(t) == 0:
                 continue

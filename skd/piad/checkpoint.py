@@ -19,7 +19,7 @@ from ..elastic import LAYOUT_VERSION
 from ..io import load_tensors, save_tensors
 
 CHECKPOINT_NAME = "piad-last.safetensors"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: no lr-scheduler state (the schedule is a function of the step)
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:

@@ -1,38 +1,96 @@
-"""PIAD's training recipe: optimizer, learning-rate schedule, loss and batch augmentation (DeiT's defaults)."""
+"""PIAD's training recipe in plain torch: optimizer, learning-rate schedule, losses, batch augmentation.
+
+Recipe rule (the defaults; PIAD fine-tunes a pretrained, WPAC-stratified model, usually briefly):
+- AdamW, peak lr = 5e-4 · global batch / 512 (DeiT's scaling), weight decay 0.05 on matrices only
+  (timm's rule: no decay on 1-D parameters — biases, norms, and on any `.bias`);
+- per-step schedule: linear warm-up from warmup_lr, then cosine decay to min_lr. The warm-up is
+  clamped to WARMUP_MAX_FRACTION of the run, so a short run still reaches its peak lr;
+- loss: label-smoothed cross-entropy (soft targets when a batch augmentation mixed the labels), or
+  the caller's `loss_fn(output, batch)`; with a teacher, distillation (`skd.piad.distill`).
+"""
 
 from __future__ import annotations
 
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
+OPTIMIZERS = ("adamw", "sgd")
+WARMUP_MAX_FRACTION = 0.1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[no-decay group (1-D parameters and biases), decay group]: timm's weight-decay rule, trainable only."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> Optimizer:
-    """timm's optimizer `name` ("adamw", "sgd", ...) over `model`'s parameters (no decay on 1-D ones)."""
-    return create_optimizer_v2(model, name, lr=lr, weight_decay=weight_decay)
+    """"adamw" (torch's AdamW, betas (0.9, 0.999)) or "sgd" (momentum 0.9, Nesterov), over `param_groups`."""
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"optimizer={name!r} must be one of {OPTIMIZERS}")
 
 
-def build_scheduler(optimizer: Optimizer, total_steps: int, warmup_steps: int, warmup_lr: float,
-                    min_lr: float) -> CosineLRScheduler:
-    """Per-step cosine decay to min_lr after a linear warm-up from warmup_lr over warmup_steps."""
-    return CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=min_lr, warmup_t=warmup_steps,
-                             warmup_lr_init=warmup_lr, t_in_epochs=False)
+@dataclass(frozen=True)
+class WarmupCosine:
+    """lr at each optimizer step: linear warm-up from warmup_lr to peak over warmup_steps, then cosine
+    decay from peak to min_lr at total_steps. Stateless: the step number is all a resume needs.
+
+    warmup_steps is clamped to WARMUP_MAX_FRACTION of total_steps (see the module docstring).
+    """
+
+    peak: float
+    total_steps: int
+    warmup_steps: int
+    warmup_lr: float
+    min_lr: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "warmup_steps",
+                           min(self.warmup_steps, math.floor(WARMUP_MAX_FRACTION * self.total_steps)))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.peak - self.warmup_lr) * step / self.warmup_steps
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: Optimizer, step: int) -> None:
+        """Set every param group's lr to the schedule's value at `step`."""
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
-def build_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> Mixup | None:
-    """timm's Mixup/CutMix batch augmentation (soft targets), or None when both are 0."""
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, K) against class indices (B,) int64 (label-smoothed by
+    `label_smoothing`) or soft targets (B, K) float (already smoothed by the augmentation); fp32."""
+    logits = logits.float()
+    if targets.dtype.is_floating_point:
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def build_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> object | None:
+    """Mixup/CutMix batch augmentation (images, labels) -> (images, soft targets), or None when both are 0.
+
+    timm's Mixup, imported here only: the one place PIAD would touch timm (to be served by the model
+    port's `adapter.mixup`, which knows whether the model takes images).
+    """
     if mixup <= 0 and cutmix <= 0:
         return None
+    from timm.data import Mixup
+
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
-
-
-def build_criterion(soft_targets: bool, label_smoothing: float) -> nn.Module:
-    """Cross-entropy on mixup's soft targets, else label-smoothed (or plain) cross-entropy."""
-    if soft_targets:
-        return SoftTargetCrossEntropy()
-    if label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=label_smoothing)
-    return nn.CrossEntropyLoss()

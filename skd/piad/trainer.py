@@ -3,6 +3,7 @@ side and checkpoints (each in its own module of `skd.piad`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -25,7 +26,7 @@ from ..importance import estimate_importance
 from ..subnet import DropoutList, Subnet
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import map_dataset, proxy_loader, reseed, train_loader
-from .recipe import build_criterion, build_mixup, build_optimizer, build_scheduler
+from .recipe import WarmupCosine, build_mixup, build_optimizer, soft_cross_entropy
 from .samplers import METHODS, SAMPLERS, Draw
 from .schedule import ProgressiveSchedule
 from .taps import masked
@@ -40,8 +41,8 @@ class PIADTrainer:
     all processes, each taking its slice of every global batch). A DataLoader is used as given (under
     torchrun give each process its own shard); its dataset also supplies the proxy set.
     target_macs: the smallest subnet's MACs as a fraction of the full model, in (0, 1).
-    epochs, progressive_epochs (P_e, 1..epochs): training length and how many first epochs grow the list
-    (`skd.piad.schedule`). mhsa_groups, mlp_groups: droppable groups per attention (over each head's
+    epochs, progressive_epochs (P_e, 1..epochs; default epochs // 3, at least 1): training length and how
+    many first epochs grow the list (`skd.piad.schedule`). mhsa_groups, mlp_groups: droppable groups per attention (over each head's
     dims) and per MLP. method: one of METHODS (`skd.piad.samplers`). proxy_samples: images (from
     train_data, fixed by seed) used to estimate importance.
     Recipe (DeiT's defaults): optimizer "adamw", lr = 5e-4 · global batch / 512 when None,
@@ -62,7 +63,7 @@ class PIADTrainer:
         *,
         target_macs: float = 1 / 3,
         epochs: int,
-        progressive_epochs: int,
+        progressive_epochs: int | None = None,
         mhsa_groups: int = 8,
         mlp_groups: int = 32,
         method: str = "piad",
@@ -86,6 +87,8 @@ class PIADTrainer:
     ) -> None:
         self.target_macs = check_fraction("target_macs", target_macs, include_one=False)
         self.epochs = check_int("epochs", epochs, 1)
+        if progressive_epochs is None:
+            progressive_epochs = max(1, epochs // 3)
         self.progressive_epochs = check_int("progressive_epochs", progressive_epochs, 1)
         if progressive_epochs > epochs:
             raise ValueError(f"progressive_epochs={progressive_epochs} must be <= epochs={epochs}")
@@ -123,12 +126,12 @@ class PIADTrainer:
                                                      self.world)
 
         self.mixup = build_mixup(mixup, cutmix, label_smoothing, self.elastic.model.num_classes)
-        self.criterion = build_criterion(self.mixup is not None, label_smoothing)
+        self.label_smoothing = label_smoothing
         per_process = self.loader.batch_size or self.batch_size
         lr = 5e-4 * per_process * self.world / 512 if lr is None else lr
         self.optimizer = build_optimizer(self.elastic, optimizer, lr, weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, self.epochs * self.steps_per_epoch,
-                                         int(warmup_epochs * self.steps_per_epoch), warmup_lr, min_lr)
+        self.lr_schedule = WarmupCosine(lr, self.epochs * self.steps_per_epoch,
+                                        int(warmup_epochs * self.steps_per_epoch), warmup_lr, min_lr)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -171,7 +174,7 @@ class PIADTrainer:
             if self.checkpoint_path is not None:
                 if self.rank == 0:
                     save_checkpoint(self.checkpoint_path, self.elastic, self.optimizer, epoch + 1, self._config(),
-                                    {"scheduler": self.scheduler.state_dict(), **self.sampler.state(),
+                                    {**self.sampler.state(),
                                      "history": self.history})
                 if self.world > 1:
                     dist.barrier()
@@ -201,7 +204,7 @@ class PIADTrainer:
                 stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
             if draw.masks:
                 stack.enter_context(masked(self.elastic, draw.masks))
-            loss = self.criterion(self.elastic(images).float(), targets)
+            loss = soft_cross_entropy(self.elastic(images), targets, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         value = self._average_gradients(loss.detach())
@@ -209,8 +212,8 @@ class PIADTrainer:
             self._non_finite(value, step, draw)
         if self.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.elastic.parameters(), self.clip_grad)
+        self.lr_schedule.apply(self.optimizer, step)
         self.optimizer.step()
-        self.scheduler.step_update(step + 1)
         return value
 
     def _non_finite(self, value: float, step: int, draw: Draw) -> None:
@@ -263,11 +266,11 @@ class PIADTrainer:
         """What a checkpoint must agree with to be resumed by this trainer."""
         return {"method": self.method, "target_macs": self.target_macs, "epochs": self.epochs,
                 "progressive_epochs": self.progressive_epochs, "attn_groups": self.dropout_list.attn_groups,
-                "mlp_groups": self.dropout_list.mlp_groups, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+                "mlp_groups": self.dropout_list.mlp_groups, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch,
+                "lr_schedule": dataclasses.asdict(self.lr_schedule)}
 
     def _resume(self, path: Path) -> None:
         meta = load_checkpoint(path, self.elastic, self.optimizer, self._config())
-        self.scheduler.load_state_dict(meta["scheduler"])
         self.sampler.load_state(meta)
         self.history = meta["history"]
         self.start_epoch = meta["epoch"]
