@@ -65,17 +65,17 @@ def test_baselines_train_and_evaluate(digits_vit, digits_data, method):
 
 
 def test_channel_dropout_masks_by_zeroing(digits_vit, digits_data):
-    """Zeroing rank dims >= r of q, k, v and hidden units >= h is the truncated subnet (why masking is valid)."""
-    from skd.piad import branch_taps
+    """Zeroing rank dims >= r of q, k, v and hidden units >= h is the truncated subnet (why masking is valid).
 
+    The channel-dropout baselines mask through ElasticViT's `masks=` (this test used to drive the same
+    masks through a torch-function tap on SDPA; the assertion is unchanged)."""
     tr = PIADTrainer(digits_vit, _small(digits_data[0], 64), epochs=1, progressive_epochs=1,
                      method="channel_dropout", mixup=0, cutmix=0, **FAST)
     el = tr.elastic.eval()
     x = digits_data[1].tensors[0][:8]
     amask, hmask = (torch.arange(32) < 20).float(), (torch.arange(384) < 100).float()
-    with torch.no_grad(), branch_taps(el, lambda b, q, k, v: (q * amask, k * amask, v * amask),
-                                      lambda b, h: h * hmask):
-        masked = el(x)
+    with torch.no_grad():
+        masked = el(x, masks={**{(b, "attn"): amask for b in range(4)}, **{(b, "mlp"): hmask for b in range(4)}})
     el.set_subnet(skd.Subnet(attn=[20] * 4, mlp=[100] * 4))
     with torch.no_grad():
         truncated = el(x)

@@ -13,7 +13,8 @@ Where things live (one job per module):
   adding an ablation is one class there;
 - `recipe`: optimizer, learning-rate schedule, loss and batch augmentation;
 - `data`: derived seeds, the global-batch sampler, the proxy set;
-- `taps`: channel masks on an ElasticViT forward (the channel-dropout baselines);
+- `distill`: the distance of a student's output from a frozen teacher's;
+- `report`: the per-epoch record, its one-line summary, the JSONL log and the callback;
 - `checkpoint`: the resumable checkpoint file;
 - `trainer`: `PIADTrainer`, the loop that composes them.
 """
@@ -22,10 +23,23 @@ from __future__ import annotations
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME
 from .data import PROXY_BATCH_SIZE, GlobalBatchSampler
+from .recipe import WarmupCosine
+from .report import EpochReport
 from .samplers import METHODS, SAMPLERS, Draw, SubnetSampler
 from .schedule import ProgressiveSchedule
-from .taps import branch_taps
 from .trainer import PIADTrainer
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "METHODS", "PROXY_BATCH_SIZE", "SAMPLERS", "Draw",
-           "GlobalBatchSampler", "PIADTrainer", "ProgressiveSchedule", "SubnetSampler", "branch_taps"]
+__all__ = [
+           "CHECKPOINT_FORMAT",
+           "CHECKPOINT_NAME",
+           "METHODS",
+           "PROXY_BATCH_SIZE",
+           "SAMPLERS",
+           "Draw",
+           "EpochReport",
+           "GlobalBatchSampler",
+           "PIADTrainer",
+           "ProgressiveSchedule",
+           "SubnetSampler",
+           "WarmupCosine",
+]

@@ -28,11 +28,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..elastic import ElasticViT
+from ..elastic import ElasticViT, Masks
 from ..importance import Importance, extend_dropout_list, macs_per_dim
 from ..subnet import DropoutList, Subnet, group_bound
 
-Masks = dict[tuple[int, str], torch.Tensor]  # (block, "attn" | "mlp") -> float32 (width,) multiplicative mask
 # estimate(subnet or None for full) -> the importance of that subnet on the proxy set
 Estimate = Callable[[Subnet | None], Importance]
 
