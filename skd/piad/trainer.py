@@ -24,7 +24,7 @@ from .._checks import check_fraction, check_int
 from .._dist import all_reduce_flat, init_from_env, rank_world
 from ..elastic import ElasticViT
 from ..evaluate import EVAL_BATCH_SIZE, eval_mode
-from ..importance import estimate_importance
+from ..importance import Importance, estimate_importance
 from ..subnet import DropoutList, Subnet
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import map_dataset, proxy_loader, reseed, train_loader
@@ -199,6 +199,15 @@ class PIADTrainer:
         with eval_mode(self.elastic) as el:
             return el.set_subnet(macs=self.target_macs).subnet
 
+    def _importance(self, subnet: Subnet | None) -> Importance:
+        """Importance of `subnet` on the proxy set under the task loss (not the distillation: a WPAC'd
+        model starts equal to its teacher, where relative sensitivities are undefined). loss_fn gives a
+        batch mean; importance sums over samples, hence × batch size."""
+        loss_fn = None if self.loss_fn is None else (
+            lambda output, batch: self.loss_fn(output, batch) * batches.batch_size(batch))
+        return estimate_importance(self.elastic, self._proxy, self._proxy_size, subnet, loss_fn,
+                                   progress=self.report.show)
+
     # -------------------------------------------------------------------------------- training
     def fit(self, max_epochs: int | None = None) -> ElasticViT:
         """Train the remaining epochs (at most `max_epochs` of them, e.g. to fit a time slot; resume later).
@@ -210,10 +219,7 @@ class PIADTrainer:
             t0 = time.perf_counter()
             gen = reseed(self.seed, epoch, self.rank, self.loader)
             if self.sampler.uses_importance and self.schedule.refreshes(epoch):
-                self.sampler.refresh(
-                    lambda subnet: estimate_importance(self.elastic, self._proxy, self._proxy_size, subnet,
-                                                       progress=self.report.show),
-                    self.schedule.goal_macs(epoch, self.elastic.full_macs))
+                self.sampler.refresh(self._importance, self.schedule.goal_macs(epoch, self.elastic.full_macs))
             loss = self._train_epoch(epoch, gen)
             record = {"epoch": epoch, "loss": loss, "lr": self.lr_schedule(epoch * self.steps_per_epoch +
                                                                            self.steps_per_epoch - 1)}
