@@ -1,12 +1,12 @@
-"""PIAD's training recipe in plain torch: optimizer, learning-rate schedule, losses, batch augmentation.
+"""PIAD's training recipe in plain torch: optimizer, learning-rate schedule, classification loss.
 
 Recipe rule (the defaults; PIAD fine-tunes a pretrained, WPAC-stratified model, usually briefly):
 - AdamW, peak lr = 5e-4 · global batch / 512 (DeiT's scaling), weight decay 0.05 on matrices only
   (timm's rule: no decay on 1-D parameters — biases, norms, and on any `.bias`);
 - per-step schedule: linear warm-up from warmup_lr, then cosine decay to min_lr. The warm-up is
   clamped to WARMUP_MAX_FRACTION of the run, so a short run still reaches its peak lr;
-- loss: label-smoothed cross-entropy (soft targets when a batch augmentation mixed the labels), or
-  the caller's `loss_fn(output, batch)`; with a teacher, distillation (`skd.piad.distill`).
+- loss: label-smoothed cross-entropy (soft targets when the model port's mixup/cutmix mixed the
+  labels), or the caller's `loss_fn(output, batch)`; with a teacher, distillation (`skd.piad.distill`).
 """
 
 from __future__ import annotations
@@ -81,16 +81,3 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     if targets.dtype.is_floating_point:
         return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-
-
-def build_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> object | None:
-    """Mixup/CutMix batch augmentation (images, labels) -> (images, soft targets), or None when both are 0.
-
-    timm's Mixup, imported here only: the one place PIAD would touch timm (to be served by the model
-    port's `adapter.mixup`, which knows whether the model takes images).
-    """
-    if mixup <= 0 and cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
