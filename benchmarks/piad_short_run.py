@@ -1,8 +1,9 @@
 """PIAD's defaults on a short run: the digits ViT, WPAC first, then PIADTrainer with its default recipe.
 
 Prints top-1 at the list target and at full width for WPAC alone (no training, uniform widths at the
-list's MACs) and after PIAD. Overrides for trying recipes: --set mixup=0.8 --set lr=1e-4 ...
-Usage: python benchmarks/piad_short_run.py [--epochs 10] [--target 0.15] [--set KEY=VALUE ...]
+list's MACs) and after PIAD. Overrides for trying recipes: --set mixup=0.8 --set lr=1e-4 ...;
+--teacher distils from the original model.
+Usage: python benchmarks/piad_short_run.py [--epochs 10] [--target 0.15] [--teacher] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--target", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", action="store_true", help="distil from the original model (teacher=)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a PIADTrainer keyword")
     args = ap.parse_args()
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -33,13 +35,15 @@ def main() -> None:
     stratified = skd.wpac(copy.deepcopy(base), train, num_samples=512, progress=False)
     t0 = time.perf_counter()
     trainer = PIADTrainer(skd.ElasticViT(copy.deepcopy(stratified)), train, test, target_macs=args.target,
-                          epochs=args.epochs, seed=args.seed, progress=False, **overrides)
+                          epochs=args.epochs, seed=args.seed, progress=False,
+                          teacher=copy.deepcopy(base) if args.teacher else None, **overrides)
     trainer.fit()
     seconds = time.perf_counter() - t0
     frac = trainer.list_macs_fraction()
     wpac_alone = skd.ElasticViT(stratified).eval()
     res = trainer.evaluate(test, budgets=(frac, 1.0))
-    print(f"digits ViT, {args.epochs} epochs, target {args.target}, overrides {overrides or 'none'}, "
+    print(f"digits ViT, {args.epochs} epochs, target {args.target}, teacher {args.teacher}, "
+          f"overrides {overrides or 'none'}, "
           f"seed {args.seed}, {torch.get_num_threads()} threads, {seconds:.0f} s")
     print("| model | top-1 at list target | top-1 full |\n|---|---|---|")
     print(f"| original model | - | {100 * full_before:.1f} |")

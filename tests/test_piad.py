@@ -26,7 +26,7 @@ def test_resume_is_bit_identical(digits_vit, digits_data, tmp_path):
     import copy
 
     train = _small(digits_data[0])
-    kw = dict(epochs=2, progressive_epochs=2, **FAST)  # mixup/cutmix/label smoothing at DeiT defaults
+    kw = dict(epochs=2, progressive_epochs=2, mixup=0.8, cutmix=1.0, **FAST)  # DeiT's mixup/cutmix, label smoothing
     straight = PIADTrainer(copy.deepcopy(digits_vit), train, **kw)
     straight.fit()
     PIADTrainer(copy.deepcopy(digits_vit), train, checkpoint_dir=tmp_path, **kw).fit(max_epochs=1)

@@ -58,11 +58,12 @@ class PIADTrainer:
     how many first epochs grow the list (`skd.piad.schedule`). mhsa_groups, mlp_groups: droppable groups
     per attention (over each head's dims) and per MLP. method: one of METHODS (`skd.piad.samplers`).
     proxy_samples: samples (from train_data, fixed by seed) used to estimate importance.
-    Recipe (`skd.piad.recipe`, tuned for short fine-tuning of a pretrained model): optimizer "adamw"
-    ("sgd"), lr = 5e-4 · global batch / 512 when None, weight_decay 0.05, per-step cosine schedule with
-    warmup_epochs (clamped to a tenth of the run) from warmup_lr to min_lr, label_smoothing 0.1,
-    mixup / cutmix alphas (image classifiers; 0 disables; batch size must be even), clip_grad None
-    (max grad norm), amp None (= bf16 autocast on CUDA, off on CPU).
+    Recipe (`skd.piad.recipe` states the rule: defaults for short fine-tuning of a pretrained model):
+    optimizer "adamw" ("sgd"), lr = 5e-4 · global batch / 512 when None, weight_decay 0.05, per-step
+    cosine schedule with warmup_epochs (clamped to a tenth of the run) from warmup_lr to min_lr,
+    label_smoothing 0.1, mixup / cutmix alphas (image classifiers; off by default, DeiT's 0.8 / 1.0
+    suit long runs from scratch; batch size must then be even), clip_grad None (max grad norm),
+    amp None (= bf16 autocast on CUDA, off on CPU).
     Reporting (`skd.piad.report`): one line per epoch on rank 0 when `progress` (loss, lr, list MACs,
     val top-1 at the list target and at full when val_data has labels), progress bars that keep their
     final state, `trainer.history` (one dict per epoch), `log_path` (appends each epoch's dict as a JSON
@@ -97,8 +98,8 @@ class PIADTrainer:
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
         label_smoothing: float = 0.1,
-        mixup: float = 0.8,
-        cutmix: float = 1.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
         clip_grad: float | None = None,
         amp: bool | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
