@@ -95,6 +95,17 @@ def test_bad_input(digits_vit, digits_data, tmp_path):
         PIADTrainer(digits_vit, train, epochs=2, progressive_epochs=1, method="nope", **FAST)
     with pytest.raises(ValueError, match="unreachable"):
         PIADTrainer(digits_vit, train, target_macs=0.001, epochs=1, progressive_epochs=1, **FAST)
+    with pytest.raises(ValueError, match=r"teacher must be a separate nn\.Module.*\(the model itself\)"):
+        PIADTrainer(digits_vit, train, teacher=digits_vit, epochs=1, **FAST)
+    with pytest.raises(ValueError, match=r"teacher must be a separate nn\.Module"):
+        PIADTrainer(digits_vit, train, teacher="vit", epochs=1, **FAST)
+    for w in (-0.1, 1.5, True, float("nan")):
+        with pytest.raises(ValueError, match="distill_weight"):
+            PIADTrainer(digits_vit, train, distill_weight=w, epochs=1, **FAST)
+    with pytest.raises(ValueError, match="optimizer='lamb' must be one of"):
+        PIADTrainer(digits_vit, train, optimizer="lamb", epochs=1, **FAST)
+    with pytest.raises(ValueError, match="mixup/cutmix need an even batch_size, got 31"):
+        PIADTrainer(digits_vit, train, mixup=0.8, epochs=1, **{**FAST, "batch_size": 31})
 
 
 def test_nan_loss_names_step_and_keeps_checkpoint(digits_vit, digits_data, tmp_path):

@@ -29,7 +29,7 @@ from ..subnet import DropoutList, Subnet
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import map_dataset, proxy_loader, reseed, train_loader
 from .distill import distillation_loss
-from .recipe import WarmupCosine, build_optimizer, soft_cross_entropy
+from .recipe import OPTIMIZERS, WarmupCosine, build_optimizer, soft_cross_entropy
 from .report import EpochReport
 from .samplers import METHODS, SAMPLERS, Draw
 from .schedule import ProgressiveSchedule
@@ -122,24 +122,33 @@ class PIADTrainer:
         self.schedule = ProgressiveSchedule(self.target_macs, self.progressive_epochs)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.proxy_samples = check_int("proxy_samples", proxy_samples, 1)
+        if (mixup > 0 or cutmix > 0) and batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even batch_size, got {batch_size}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} must be one of {OPTIMIZERS}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        if teacher is not None and not isinstance(teacher, nn.Module):
-            raise ValueError(f"teacher must be an nn.Module (a frozen copy of the full model), got "
-                             f"{type(teacher).__name__}")
+        if teacher is not None and (not isinstance(teacher, nn.Module) or teacher is model
+                                    or teacher is getattr(model, "model", None)):
+            raise ValueError(f"teacher must be a separate nn.Module, a frozen copy of the full model (e.g. "
+                             f"copy.deepcopy(model) before training), got {type(teacher).__name__}"
+                             + (" (the model itself)" if isinstance(teacher, nn.Module) else ""))
         if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) \
                 or not 0 <= distill_weight <= 1:
             raise ValueError(f"distill_weight={distill_weight!r} must be in [0, 1]")
         self.distill_weight = float(distill_weight)
         self.teacher = None if teacher is None else teacher.eval()
         self.loss_fn, self.label_smoothing = loss_fn, label_smoothing
-        self.seed, self.progress, self.clip_grad = seed, progress, clip_grad
+        self.seed, self.clip_grad = seed, clip_grad
 
         init_from_env()
         self.rank, self.world = rank_world()
         self.elastic = model if isinstance(model, ElasticViT) else ElasticViT(model)
         self.adapter = self.elastic.adapter
         self.device = next(self.elastic.parameters()).device
+        if teacher is not None and next(teacher.parameters()).device != self.device:
+            raise ValueError(f"the teacher is on {next(teacher.parameters()).device}, the model on {self.device}: "
+                             "move both to one device")
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         floor = self.elastic.macs(Subnet(attn=[0] * len(self.elastic.head_dims), mlp=[0] * len(self.elastic.hiddens)))
         if floor >= self.target_macs * self.elastic.full_macs:
@@ -160,8 +169,6 @@ class PIADTrainer:
         num_classes = self.adapter.num_classes
         per_process = self.loader.batch_size or self.batch_size
         self.mixup = None if num_classes is None else self.adapter.mixup(num_classes, mixup, cutmix, label_smoothing)
-        if self.mixup is not None and per_process % 2:
-            raise ValueError(f"mixup/cutmix need an even batch_size, got {per_process}")
         lr = 5e-4 * per_process * self.world / 512 if lr is None else lr
         self.optimizer = build_optimizer(self.elastic, optimizer, lr, weight_decay)
         self.lr_schedule = WarmupCosine(lr, self.epochs * self.steps_per_epoch,
