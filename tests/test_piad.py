@@ -184,13 +184,17 @@ def test_training_reports_itself(digits_vit, digits_data, tmp_path, capsys):
     assert f"val top-1 {100 * tr.history[-1]['val_top1_target']:.1f} % at the list target" in printed
 
 
-def test_quiet_run_prints_nothing_and_keeps_no_log(digits_vit, digits_data, capsys):
-    tr = PIADTrainer(digits_vit, _small(digits_data[0], 64), epochs=1, progressive_epochs=1, mixup=0, cutmix=0,
-                     method="random", **FAST)
+def test_quiet_run_prints_nothing_and_verbose_prints_only_lines(digits_vit, digits_data, capsys):
+    import copy
+
+    tr = PIADTrainer(copy.deepcopy(digits_vit), _small(digits_data[0], 64), epochs=1, method="random", **FAST)
     tr.fit()
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert set(tr.history[0]) == {"epoch", "loss", "lr"}  # no list for a baseline, no val data
+    PIADTrainer(digits_vit, _small(digits_data[0], 64), epochs=1, method="random", verbose=True, **FAST).fit()
+    captured = capsys.readouterr()
+    assert captured.out.startswith("epoch 1/1  loss") and captured.out.count("\n") == 1 and captured.err == ""
 
 
 def test_warmup_is_clamped_to_the_run():

@@ -64,10 +64,11 @@ class PIADTrainer:
     label_smoothing 0.1, mixup / cutmix alphas (image classifiers; off by default, DeiT's 0.8 / 1.0
     suit long runs from scratch; batch size must then be even), clip_grad None (max grad norm),
     amp None (= bf16 autocast on CUDA, off on CPU).
-    Reporting (`skd.piad.report`): one line per epoch on rank 0 when `progress` (loss, lr, list MACs,
-    val top-1 at the list target and at full when val_data has labels), progress bars that keep their
-    final state, `trainer.history` (one dict per epoch), `log_path` (appends each epoch's dict as a JSON
-    line, rank 0) and `on_epoch(record)` (called on every rank after each epoch).
+    Reporting (`skd.piad.report`): progress bars (training and importance passes) that keep their final
+    state when `progress`; one line per epoch when `verbose` (default: as `progress`; loss, lr, list
+    MACs, val top-1 at the list target and at full when val_data has labels), both on rank 0 only;
+    `trainer.history` (one dict per epoch); `log_path` (appends each epoch's dict as a JSON line, rank
+    0) and `on_epoch(record)` (called on every rank after each epoch).
     checkpoint_dir: where `piad-last.safetensors` is written atomically after every epoch (rank 0);
     resume=True continues from it (bit-identical on CPU to an uninterrupted run).
     Under torchrun (WORLD_SIZE > 1) the process group is initialised (nccl on CUDA, gloo on CPU) unless
@@ -106,6 +107,7 @@ class PIADTrainer:
         resume: bool = False,
         seed: int = 0,
         progress: bool = True,
+        verbose: bool | None = None,
         log_path: str | os.PathLike | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -173,7 +175,8 @@ class PIADTrainer:
         self.optimizer = build_optimizer(self.elastic, optimizer, lr, weight_decay)
         self.lr_schedule = WarmupCosine(lr, self.epochs * self.steps_per_epoch,
                                         int(warmup_epochs * self.steps_per_epoch), warmup_lr, min_lr)
-        self.report = EpochReport(self.epochs, show=progress and self.rank == 0,
+        self.bars = progress and self.rank == 0
+        self.report = EpochReport(self.epochs, show=(progress if verbose is None else verbose) and self.rank == 0,
                                   log_path=log_path if self.rank == 0 else None, on_epoch=on_epoch)
         self.start_epoch = 0
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -214,7 +217,7 @@ class PIADTrainer:
         loss_fn = None if self.loss_fn is None else (
             lambda output, batch: self.loss_fn(output, batch) * batches.batch_size(batch))
         return estimate_importance(self.elastic, self._proxy, self._proxy_size, subnet, loss_fn,
-                                   progress=self.report.show)
+                                   progress=self.bars)
 
     # -------------------------------------------------------------------------------- training
     def fit(self, max_epochs: int | None = None) -> ElasticViT:
@@ -250,7 +253,7 @@ class PIADTrainer:
         self.elastic.train()
         total, count = 0.0, 0
         bar = tqdm(self.loader, desc=f"PIAD[{self.method}] epoch {epoch + 1}/{self.epochs}",
-                   disable=not self.report.show)
+                   disable=not self.bars)
         for i, batch in enumerate(bar):
             step = epoch * self.steps_per_epoch + i
             loss = self._step(batches.to_device(batch, self.device), step, gen)
