@@ -45,6 +45,11 @@ def launch_target(device: torch.device | None) -> Target:
     return _device_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def max_shared_bytes(device: torch.device | None) -> int:
+    """Shared memory one program may use on `device` (sm_90's 227 KiB when it is not a CUDA device)."""
+    return launch_target(device).shared_bytes
+
+
 @functools.cache
 def _device_target(index: int) -> Target:
     props = torch.cuda.get_device_properties(index)
