@@ -2,7 +2,7 @@
 //
 // bf16/fp16 x: one fused tensor-core kernel reads x once. Each block owns one 64×64 tile of one group's
 // r×r output (tiles on or above the diagonal; the mirror is a transposed store) and a slice of the rows.
-// Per 32-row step it stages in shared memory, as bf16:
+// Per 32-row step it stages in shared memory, as bf16 (the next step's x is loaded into registers meanwhile):
 //   A = w·x computed in fp32 and split A = A_hi + A_lo (both bf16, ~16 significant bits together), and
 //   B = x, exact in bf16 for bf16 x; fp16 x (11 bits) is split exactly into B = B_hi + B_lo.
 // WMMA (bf16 × bf16 → fp32) then adds A_hi^T B_hi + A_lo^T B_hi (+ A_hi^T B_lo for fp16): the weights
@@ -35,8 +35,8 @@ constexpr int kLd = kTile + kPad;
 constexpr int kMmaThreads = 128;  // 4 warps in a 2×2 grid, each owning 32×32 = 2×2 fragments of 16×16
 constexpr int kFrag = 16;
 
-// Splits v into bf16 hi + lo: hi = bf16(v), lo = bf16(v - hi). exact == true asserts the split is exact
-// (fp16 inputs: 11 significant bits fit in 8 + 8).
+// Splits v into bf16 hi + lo: hi = bf16(v), lo = bf16(v - hi): ~16 significant bits, exact for an fp16 value
+// (11 bits).
 __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
   hi = __float2bfloat16_rn(v);
   lo = __float2bfloat16_rn(v - __bfloat162float(hi));
@@ -65,12 +65,27 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int64_t n_end = std::min(N, n_start + rows_per_split);
   const int64_t col0_i = g * r + int64_t{ti} * kTile, col0_j = g * r + int64_t{tj} * kTile;
 
-  // Staging: thread owns column c = tid % 64 of both tiles, rows tid / 64 + 2k (coalesced along columns).
-  const int c = threadIdx.x % kTile;
+  // Staging: thread owns column c = tid % 64 of both tiles, rows row0 + 2k (coalesced along columns).
+  constexpr int kRowsPerPass = kMmaThreads / kTile;
+  constexpr int kRowsPerThread = kStep / kRowsPerPass;
+  const int c = threadIdx.x % kTile, row0 = threadIdx.x / kTile;
   const bool ok_i = int64_t{ti} * kTile + c < r, ok_j = int64_t{tj} * kTile + c < r;
   const scalar_t* x_i = x + (col0_i + c) * sxd;
   const scalar_t* x_j = x + (col0_j + c) * sxd;
   float s1 = 0.f;  // Σ w x of column c over this block's rows (diagonal tiles report it)
+
+  // The next step's x and w, loaded into registers while the tensor cores work on the current one.
+  float xi_next[kRowsPerThread], xj_next[kRowsPerThread], w_next[kRowsPerThread];
+  const auto fetch = [&](int64_t n0) {
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int64_t n = n0 + row0 + kRowsPerPass * k;
+      const bool ok_n = n < n_end;
+      xi_next[k] = ok_n && ok_i ? static_cast<float>(x_i[n * sxn]) : 0.f;
+      xj_next[k] = ok_n && ok_j ? static_cast<float>(x_j[n * sxn]) : 0.f;
+      w_next[k] = ok_n ? w[n] : 0.f;
+    }
+  };
 
   const int warp = threadIdx.x / kWarp;
   const int wi = (warp / 2) * 32, wj = (warp % 2) * 32;
@@ -80,23 +95,22 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
+  fetch(n_start);
   for (int64_t n0 = n_start; n0 < n_end; n0 += kStep) {
 #pragma unroll
-    for (int row = threadIdx.x / kTile; row < kStep; row += kMmaThreads / kTile) {
-      const int64_t n = n0 + row;
-      const bool ok_n = n < n_end;
-      const float xi = ok_n && ok_i ? static_cast<float>(x_i[n * sxn]) : 0.f;
-      const float xj = ok_n && ok_j ? static_cast<float>(x_j[n * sxn]) : 0.f;
-      const float v = xi * (ok_n ? w[n] : 0.f);
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int row = row0 + kRowsPerPass * k;
+      const float v = xi_next[k] * w_next[k];
       s1 += v;
       split_bf16(v, a_hi[row][c], a_lo[row][c]);
       if constexpr (kSplitX) {
-        split_bf16(xj, b_hi[row][c], b_lo[row][c]);
+        split_bf16(xj_next[k], b_hi[row][c], b_lo[row][c]);
       } else {
-        b_hi[row][c] = __float2bfloat16_rn(xj);  // exact: xj is a bf16 value
+        b_hi[row][c] = __float2bfloat16_rn(xj_next[k]);  // exact: a bf16 value
       }
     }
     __syncthreads();
+    if (n0 + kStep < n_end) fetch(n0 + kStep);  // block-uniform condition
 #pragma unroll
     for (int k = 0; k < kStep; k += kFrag) {
       // A^T: the staged (K, 64) tile read as a (64, K) column-major matrix; B: (K, 64) row-major.
