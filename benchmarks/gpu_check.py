@@ -12,7 +12,8 @@ it fails, so one failure does not hide the rest:
   5. torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and host
      overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear);
   6. the benchmark table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS).
-The report goes to benchmarks/gpu-check-report.md (or --out).
+The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section. On a lent device:
+    python3 -m benchmarks.gpu_check --out $OUT/gpu-check-report.md
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPORT = Path(__file__).with_name("gpu-check-report.md")
 SECTIONS = ("Environment", "Build", "Tests", "Sanitizer", "Profile", "Benchmarks")
 # Seconds per step on the GPU: 10 minutes in all, the build and the benchmark table the largest.
-LIMITS = {"build": 200, "tests": 150, "memcheck": 60, "racecheck": 60, "profile": 40, "bench": 120}
+LIMITS = {"build": 150, "tests": 210, "memcheck": 60, "racecheck": 60, "bench": 90}
 TAIL_CHARS = 3000
 
 
@@ -132,15 +133,13 @@ def build(cuda: bool) -> Step:
 
 def tests(cuda: bool) -> list[Step]:
     pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    steps = [run_command("tests/test_gpu.py", [*pytest_cmd, "tests/test_gpu.py"], LIMITS["tests"])]
     if cuda:
-        steps.append(run_command("tests/test_triton_kernels.py", [*pytest_cmd, "tests/test_triton_kernels.py"],
-                                 LIMITS["tests"]))
-    else:
-        steps.append(skipped("tests/test_triton_kernels.py",
-                             "dry run: the Triton tests need CUDA here (on CPU they are the interpreter's, "
-                             "run by the ordinary test suite)"))
-    return steps
+        return [run_command("tests/test_gpu.py tests/test_triton_kernels.py",
+                            [*pytest_cmd, "tests/test_gpu.py", "tests/test_triton_kernels.py"], LIMITS["tests"])]
+    return [run_command("tests/test_gpu.py", [*pytest_cmd, "tests/test_gpu.py"], LIMITS["tests"]),
+            skipped("tests/test_triton_kernels.py",
+                    "dry run: the Triton tests need CUDA here (on CPU they are the interpreter's, run by the ordinary "
+                    "test suite)")]
 
 
 def sanitizer(cuda: bool) -> list[Step]:
@@ -148,8 +147,9 @@ def sanitizer(cuda: bool) -> list[Step]:
     if not cuda:
         from benchmarks import sanitizer_driver
 
+        cpu = torch.device("cpu")
         return [run_here("sanitizer driver (CPU, no sanitizer)",
-                         lambda: sanitizer_driver.run(torch.device("cpu"), None)),
+                         lambda: sanitizer_driver.run(cpu, sanitizer_driver.backends_for(cpu))),
                 skipped("memcheck", "compute-sanitizer needs a CUDA device"),
                 skipped("racecheck", "compute-sanitizer needs a CUDA device")]
     tool = find_tool("compute-sanitizer")
@@ -217,7 +217,7 @@ def profile(cuda: bool) -> Step:
                 wall = (time.perf_counter() - start) / reps
             if cuda:
                 kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-                busy = sum(e.device_time for e in kernels) / 1e6 / reps  # µs -> s
+                busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / reps  # µs -> s
                 names = sorted({e.name[:40] for e in kernels})
                 rate = work / busy / (1e9 if unit == "GB/s" else 1e12) if busy else float("nan")
                 rows.append(f"| {name} | {reps} | {wall * 1e6:.1f} | {busy * 1e6:.1f} | {(wall - busy) * 1e6:.1f} "
@@ -266,14 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --dry, or on the GPU machine")
     t0 = time.monotonic()
+    steps: dict[str, Callable[[bool], list[Step]]] = {
+        "Environment": lambda c: [environment(c)], "Build": lambda c: [build(c)], "Tests": tests,
+        "Sanitizer": sanitizer, "Profile": lambda c: [profile(c)], "Benchmarks": lambda c: [benchmarks(c)]}
+    assert tuple(steps) == SECTIONS
     sections: dict[str, list[Step]] = {}
-    sections["Environment"] = [environment(cuda)]
-    sections["Build"] = [build(cuda)]
-    sections["Tests"] = tests(cuda)
-    sections["Sanitizer"] = sanitizer(cuda)
-    sections["Profile"] = [profile(cuda)]
-    sections["Benchmarks"] = [benchmarks(cuda)]
-    write_report(args.out, args.dry, sections, time.monotonic() - t0)
+    for section, run in steps.items():
+        sections[section] = run(cuda)
+        # After every section: a check cut short (the lease's time limit) still leaves what it found.
+        write_report(args.out, args.dry, sections, time.monotonic() - t0)
     failed = [s.name for steps in sections.values() for s in steps if s.status not in ("ok", "skipped")]
     print(f"report: {args.out}; " + (f"failed: {', '.join(failed)}" if failed else "every step ok or skipped"))
     return 1 if failed else 0
