@@ -338,6 +338,57 @@ def test_prefix_linear_grads_vit_b(backend: str) -> None:
         _close(a, b, torch.float32, relative_to_max=True)
 
 
+def _needs_memory(gib: int) -> None:
+    if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
+        pytest.skip(f"needs a CUDA device with {gib} GiB")
+
+
+# Past 2^31 elements: offsets such as column * stride of a transposed view must be 64-bit.
+BIG = 2**31 + 2**20
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
+    _require(backend)
+    _needs_memory(40)
+    width = 520
+    n = BIG // width + 1
+    x = torch.randn(width, n, device="cuda", dtype=torch.bfloat16).t()  # (n, width), column stride n
+    w = torch.rand(n, device="cuda")
+    with skd_kernels.use_backend(backend):
+        state = skd_kernels.weighted_covariance(x, w, 2)
+    want = [torch.zeros_like(t, dtype=torch.float64) for t in (state.weight_sum, state.sum, state.sum_outer)]
+    for i in range(0, n, 2**20):  # the reference in row chunks: less memory
+        part = reference.weighted_covariance(x[i : i + 2**20], w[i : i + 2**20], 2)
+        for acc, p in zip(want, part, strict=True):
+            acc += p.double()
+    for got, ref in zip((state.weight_sum, state.sum, state.sum_outer), want, strict=True):
+        _close(got, ref, torch.float32, relative_to_max=True)
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_taylor_scores_offsets_past_2_31(backend: str) -> None:
+    _require(backend)
+    _needs_memory(40)
+    channels = 1100
+    tokens = BIG // channels + 1
+    # (1, tokens, channels) views of channel-major storage: channel stride = tokens.
+    act = torch.randn(1, channels, tokens, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    grad = torch.randn(1, channels, tokens, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    with skd_kernels.use_backend(backend):
+        token, channel = skd_kernels.taylor_scores(act, grad)
+    want_token = torch.empty(1, tokens, device="cuda", dtype=torch.float64)
+    per_sample = torch.zeros(1, channels, device="cuda", dtype=torch.float64)
+    for i in range(0, tokens, 2**18):  # the reference's sums, chunk by chunk
+        prod = act[:, i : i + 2**18].double() * grad[:, i : i + 2**18].double()
+        want_token[:, i : i + 2**18] = prod.sum(-1).abs()
+        per_sample += prod.sum(1)
+    _close(token, want_token, torch.float32, relative_to_max=True)
+    _close(channel, per_sample.abs().sum(0), torch.float32, relative_to_max=True)
+
+
 def _all_ops(device: str, raw: bool) -> None:
     """Every op once on `device`, as the compiled op (raw) or through the public API."""
     x = torch.randn(197, 144, device=device, dtype=torch.bfloat16)
