@@ -147,7 +147,7 @@ def test_built_kernels_use_vector_loads_and_tensor_cores() -> None:
     assert len(full_tile) == 1, [n for n in sass if "taylor_pass_kernel" in n]
     assert "LDG.E.128" in full_tile[0] and "LDG.E.U16" not in full_tile[0]
     mma = [s for name, s in sass.items() if "cov_mma_kernel" in name]
-    assert len(mma) == 2 and all("HMMA" in s and ".BF16" in s for s in mma), [n for n in sass if "cov" in n]
+    assert len(mma) == 3 and all("HMMA" in s and ".BF16" in s for s in mma), [n for n in sass if "cov" in n]
 
 
 def _split_bf16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,16 +158,18 @@ def _split_bf16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def emulated_cov_mma(x: torch.Tensor, w: torch.Tensor, groups: int, with_lo: bool = True) -> torch.Tensor:
     """(G, r, r) Σ w x x^T as csrc/cuda/weighted_covariance.cu's cov_mma_kernel forms it.
 
-    x: (N, G*r) bf16/fp16, w: (N,) fp32. A = w·x in fp32 split into bf16 A_hi + A_lo; B = x in bf16, split
-    exactly into B_hi + B_lo for fp16 x; the MMAs add A_hi^T B_hi + A_lo^T B_hi (+ A_hi^T B_lo). bf16×bf16
-    products are exact, so float64 sums here differ from the kernel's fp32 ones only in summation rounding.
+    x: (N, G*r) bf16/fp16/fp32, w: (N,) fp32. A = w·x in fp32 split into bf16 A_hi + A_lo; B = x split into
+    bf16 B_hi + B_lo (exactly for bf16, where B_lo = 0 and the kernel skips its term, and fp16); the MMAs add
+    A_hi^T B_hi + A_lo^T B_hi + A_hi^T B_lo. bf16×bf16 products are exact, so float64 sums here differ from
+    the kernel's fp32 ones only in summation rounding.
     """
     n, d = x.shape
     a_hi, a_lo = _split_bf16(x.float() * w.float()[:, None])
     b_hi, b_lo = _split_bf16(x.float())
-    assert torch.equal(b_hi.double() + b_lo.double(), x.double()), "x must split exactly into bf16 parts"
+    if x.dtype != torch.float32:
+        assert torch.equal(b_hi.double() + b_lo.double(), x.double()), "x must split exactly into bf16 parts"
     if x.dtype == torch.bfloat16:
-        assert not b_lo.any()  # the kernel skips the A_hi^T B_lo term for bf16 x
+        assert not b_lo.any()
     terms = [(a_hi, b_hi)] + ([(a_lo, b_hi)] if with_lo else []) + [(a_hi, b_lo)]
     view = lambda t: t.double().view(n, groups, d // groups)
     return sum(torch.einsum("ngi,ngj->gij", view(a), view(b)) for a, b in terms)
@@ -178,7 +180,7 @@ def emulated_cov_mma(x: torch.Tensor, w: torch.Tensor, groups: int, with_lo: boo
 SPLIT_CASES = {"ordinary": (1.0, 1.0), "large": (100.0, 1e3), "tiny": (1e-2, 1e-6)}
 
 
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
 @pytest.mark.parametrize("case", SPLIT_CASES)
 def test_split_product_arithmetic_keeps_fp32_accuracy(dtype: torch.dtype, case: str) -> None:
     x_scale, w_scale = SPLIT_CASES[case]
@@ -188,7 +190,10 @@ def test_split_product_arithmetic_keeps_fp32_accuracy(dtype: torch.dtype, case: 
                         x.double().view(301, 3, 32))
     got = emulated_cov_mma(x, w, 3)
     err = float((got - want).abs().max() / want.abs().max())
-    print(f"{case} {dtype}: relative error {err:.2e}")
+    # An fp32 einsum of the same sum, for scale: the split product should be about as accurate.
+    fp32 = torch.einsum("ngi,ngj->gij", (x.float() * w[:, None]).view(301, 3, 32), x.float().view(301, 3, 32))
+    print(f"{case} {dtype}: relative error {err:.2e} (fp32 einsum: "
+          f"{float((fp32.double() - want).abs().max() / want.abs().max()):.2e})")
     assert err <= STAT_TOL
     if case == "ordinary" and dtype == torch.bfloat16:
         # The residual term is what buys the accuracy: without it bf16 rounding of w·x shows.

@@ -1,19 +1,21 @@
 // weighted_covariance on CUDA: per group Σw, Σ w x and Σ w x x^T of one batch.
 //
-// bf16/fp16 x: one fused tensor-core kernel reads x once. Each block owns one 64×64 tile of one group's
-// r×r output (tiles on or above the diagonal; the mirror is a transposed store) and a slice of the rows.
-// Per 32-row step it stages in shared memory, as bf16 (the next step's x is loaded into registers meanwhile):
+// bf16/fp16/fp32 x: one fused tensor-core kernel reads x once. Each block owns one 64×64 tile of one
+// group's r×r output (tiles on or above the diagonal; the mirror is a transposed store) and a slice of the
+// rows. Per 32-row step it stages in shared memory, as bf16 (the next step's x is loaded into registers
+// meanwhile):
 //   A = w·x computed in fp32 and split A = A_hi + A_lo (both bf16, ~16 significant bits together), and
-//   B = x, exact in bf16 for bf16 x; fp16 x (11 bits) is split exactly into B = B_hi + B_lo.
-// WMMA (bf16 × bf16 → fp32) then adds A_hi^T B_hi + A_lo^T B_hi (+ A_hi^T B_lo for fp16): the weights
-// keep fp32 accuracy, and bf16's fp32 exponent range means no w·x overflows or underflows where fp32 does
-// not (an fp16 split would overflow at w·x > 65504 and lose w·x < 6e-8). Row slices add their tiles
-// into the zeroed outputs with fp32 atomics (exact to rounding, not bitwise reproducible). The diagonal
-// tiles also add Σ w x from the fp32 products they form anyway.
+//   B = x: exact in bf16 for bf16 x; split B = B_hi + B_lo for fp16 x (exact: 11 bits) and fp32 x.
+// WMMA (bf16 × bf16 → fp32) then adds A_hi^T B_hi + A_lo^T B_hi (+ A_hi^T B_lo for fp16/fp32 x; the
+// A_lo^T B_lo term is below fp32 rounding). The result has fp32 accuracy: the weights are never rounded to
+// x's dtype, and bf16's fp32 exponent range means no w·x overflows or underflows where fp32 does not (an
+// fp16 split would overflow at w·x > 65504 and lose w·x < 6e-8). Row slices add their tiles into the
+// zeroed outputs with fp32 atomics (exact to rounding, not bitwise reproducible). The diagonal tiles also
+// add Σ w x from the fp32 products they form anyway.
 //
-// fp32/fp64 x: one kernel writes Y = diag(sqrt(w)) X for a chunk of rows into an accumulation-type
-// workspace while adding Σ w x = Σ sqrt(w)·y, then cuBLAS adds Y_g^T Y_g for every group in one strided
-// batched GEMM (baddbmm on views, no copy). The GEMMs follow torch's TF32 setting, like every fp32 matmul.
+// fp64 x: one kernel writes Y = diag(sqrt(w)) X for a chunk of rows into an fp64 workspace while adding
+// Σ w x = Σ sqrt(w)·y, then cuBLAS adds Y_g^T Y_g for every group in one strided batched GEMM (baddbmm on
+// views, no copy).
 #include <cuda_bf16.h>
 #include <mma.h>
 #include <torch/library.h>
@@ -26,7 +28,7 @@
 namespace skd::cuda {
 namespace {
 
-// ---- bf16/fp16: the fused tensor-core kernel ------------------------------------------------------------
+// ---- bf16/fp16/fp32: the fused tensor-core kernel ------------------------------------------------------------
 
 constexpr int kTile = 64;         // output tile side
 constexpr int kStep = 32;         // rows of x per staged step (the MMAs' K)
@@ -36,7 +38,7 @@ constexpr int kMmaThreads = 128;  // 4 warps in a 2×2 grid, each owning 32×32 
 constexpr int kFrag = 16;
 
 // Splits v into bf16 hi + lo: hi = bf16(v), lo = bf16(v - hi): ~16 significant bits, exact for an fp16 value
-// (11 bits).
+// (11 bits), relative error <= 2^-17 for an fp32 one.
 __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
   hi = __float2bfloat16_rn(v);
   lo = __float2bfloat16_rn(v - __bfloat162float(hi));
@@ -180,36 +182,41 @@ void launch_cov_mma(const at::Tensor& x, const at::Tensor& w, int64_t groups, at
         x_ptr, x.stride(0), x.stride(1), w.const_data_ptr<float>(), N, r, static_cast<int>(side), rows_per_split,
         sum.mutable_data_ptr<float>(), sum_outer.mutable_data_ptr<float>());
   };
-  if (x.scalar_type() == at::kBFloat16) {
-    run(x.const_data_ptr<at::BFloat16>(), std::false_type{});
-  } else {
-    run(x.const_data_ptr<at::Half>(), std::true_type{});
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      run(x.const_data_ptr<at::BFloat16>(), std::false_type{});
+      break;
+    case at::kHalf:
+      run(x.const_data_ptr<at::Half>(), std::true_type{});
+      break;
+    default:
+      TORCH_CHECK(x.scalar_type() == at::kFloat, "weighted_covariance: the MMA kernel takes bf16, fp16 or fp32");
+      run(x.const_data_ptr<float>(), std::true_type{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- fp32/fp64: scaled workspace + cuBLAS --------------------------------------------------------------
+// ---- fp64: scaled workspace + cuBLAS --------------------------------------------------------------
 
-// Workspace budget of one chunk: large enough that the GEMMs run at full speed, small next to a GPU.
+// Workspace budget of one chunk: large enough that the GEMM runs at full speed, small next to a GPU.
 constexpr int64_t kChunkBytes = int64_t{64} << 20;
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = 64;  // rows one block scales: its column sums cost one atomic per 64 rows
 
 // y[i, d] = x[n0 + i, d] * sqrt_w[n0 + i] for i < m, and sum[d] += Σ_i sqrt_w[n0 + i] * y[i, d]; threads walk d
 // (coalesced), blocks walk row ranges.
-template <typename scalar_t>
-__global__ void scale_rows_kernel(const scalar_t* __restrict__ x, int64_t stride_n, int64_t stride_d,
-                                  const scalar_t* __restrict__ sqrt_w, int64_t n0, int64_t m, int64_t D,
-                                  scalar_t* __restrict__ y, scalar_t* __restrict__ sum) {
+__global__ void scale_rows_kernel(const double* __restrict__ x, int64_t stride_n, int64_t stride_d,
+                                  const double* __restrict__ sqrt_w, int64_t n0, int64_t m, int64_t D,
+                                  double* __restrict__ y, double* __restrict__ sum) {
   const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d >= D) return;
-  scalar_t s = scalar_t(0);
+  double s = 0.0;
   for (int64_t i0 = int64_t{blockIdx.y} * kRowsPerBlock; i0 < m; i0 += int64_t{gridDim.y} * kRowsPerBlock) {
     const int64_t i1 = std::min(m, i0 + kRowsPerBlock);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = n0 + i;
-      const scalar_t sw = sqrt_w[n];
-      const scalar_t v = x[n * stride_n + d * stride_d] * sw;
+      const double sw = sqrt_w[n];
+      const double v = x[n * stride_n + d * stride_d] * sw;
       y[i * D + d] = v;
       s += v * sw;
     }
@@ -217,22 +224,20 @@ __global__ void scale_rows_kernel(const scalar_t* __restrict__ x, int64_t stride
   atomicAdd(sum + d, s);
 }
 
-template <typename scalar_t>
 void run_workspace_gemm(const at::Tensor& x, const at::Tensor& w, int64_t groups, at::Tensor& sum,
                         at::Tensor& sum_outer, cudaStream_t stream) {
   const int64_t N = x.size(0), D = x.size(1), r = D / groups;
   const at::Tensor sqrt_w = w.sqrt();
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (D * int64_t{sizeof(scalar_t)}), 1, N);
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (D * int64_t{sizeof(double)}), 1, N);
   at::Tensor y_buf = at::empty({chunk, D}, sum.options());
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t m = std::min(chunk, N - n0);
     at::Tensor y = y_buf.narrow(0, 0, m);
     const dim3 grid(static_cast<unsigned>(ceil_div(D, kThreads)),
                     static_cast<unsigned>(std::min<int64_t>(ceil_div(m, kRowsPerBlock), 65535)));
-    scale_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), x.stride(0),
-                                                               x.stride(1), sqrt_w.const_data_ptr<scalar_t>(), n0,
-                                                               m, D, y.mutable_data_ptr<scalar_t>(),
-                                                               sum.mutable_data_ptr<scalar_t>());
+    scale_rows_kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<double>(), x.stride(0), x.stride(1),
+                                                     sqrt_w.const_data_ptr<double>(), n0, m, D,
+                                                     y.mutable_data_ptr<double>(), sum.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // (G, m, r) strided view of Y: Y_g^T Y_g for all groups in one batched GEMM.
     const at::Tensor yg = y.view({m, groups, r}).transpose(0, 1);
@@ -259,13 +264,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cuda(const at
   if (N == 0 || D == 0) return {weight_sum, sum, sum_outer};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
-    launch_cov_mma(x, w, groups, sum, sum_outer, stream);
-  } else if (x.scalar_type() == at::kFloat) {
-    run_workspace_gemm<float>(x, w, groups, sum, sum_outer, stream);
+  if (x.scalar_type() == at::kDouble) {
+    run_workspace_gemm(x, w, groups, sum, sum_outer, stream);
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kDouble, "weighted_covariance: x must be fp32, fp64, bf16 or fp16");
-    run_workspace_gemm<double>(x, w, groups, sum, sum_outer, stream);
+    launch_cov_mma(x, w, groups, sum, sum_outer, stream);
   }
   return {weight_sum, sum, sum_outer};
 }
