@@ -47,7 +47,7 @@ class Step:
     """One step's outcome as the report shows it."""
 
     name: str
-    status: str  # ok, FAIL, TIMEOUT or skipped
+    status: str  # ok, FAIL ..., TIMEOUT ..., partial (the benchmark budget ran out) or skipped
     seconds: float
     text: str
 
@@ -63,8 +63,8 @@ def run_command(name: str, cmd: list[str], limit: float, env: dict[str, str] | N
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=limit)
         status, out = ("ok" if p.returncode == 0 else f"FAIL (exit {p.returncode})"), p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    except subprocess.TimeoutExpired as e:  # what the command printed before it was killed (bytes or str)
+        out = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t for t in (e.stdout, e.stderr) if t)
         status = f"TIMEOUT ({limit:.0f} s)"
     except OSError as e:
         status, out = "FAIL", str(e)
