@@ -10,7 +10,8 @@ registers, spill bytes and software pipelining (async copies) are printed.
 Run it without TRITON_INTERPRET=1: under the interpreter Triton's own jit helpers (tl.cdiv, ...) cannot be
 compiled.
 
-The config lists in skd_kernels/triton/*.py keep only configs that neither spill nor exceed shared memory here.
+The autotune pruning in skd_kernels/triton/*.py drops, per compute capability, the configs this shows spilling
+(their _SPILLS) or exceeding shared memory.
 """
 
 from __future__ import annotations
@@ -95,17 +96,26 @@ def gpu_configs(name: str) -> list[object]:
     return list(importlib.import_module(SPECS[name].module)._GPU_CONFIGS)
 
 
-def largest_config(name: str, dtype: torch.dtype) -> object:
-    """The config with the most shared memory (else the most warps) that pruning keeps for `dtype`: the one
-    most at risk of spilling or not fitting."""
-    module = importlib.import_module(SPECS[name].module)
+def kept_configs(name: str, dtype: torch.dtype, arch: int) -> list[object]:
+    """The configs that autotune pruning keeps for `dtype` on sm_<arch> (all of them for kernels without
+    pruning: taylor_scores holds no tiles in shared memory)."""
+    from skd_kernels.triton import _utils
+
     configs = gpu_configs(name)
-    if not hasattr(module, "_shared_bytes"):  # nothing to prune (taylor_scores holds no tiles in shared memory)
-        return max(configs, key=lambda c: (c.num_warps, *c.kwargs.values()))
+    pruner = getattr(importlib.import_module(SPECS[name].module), SPECS[name].kernel).early_config_prune
+    if pruner is None:
+        return configs
+    return pruner.keep(configs, 2 if dtype != torch.float32 else 4, _utils.TARGETS[arch])
+
+
+def largest_config(name: str, dtype: torch.dtype, arch: int) -> object:
+    """The kept config with the most shared memory (else the most warps): the one most at risk of spilling
+    or not fitting."""
+    module = importlib.import_module(SPECS[name].module)
     operand_bytes = 2 if dtype != torch.float32 else 4
-    dot = SPECS[name].constexprs(dtype)["DOT_DTYPE"]
-    kept = getattr(module, SPECS[name].kernel).early_config_prune(configs, {}, DOT_DTYPE=dot)
-    return max(kept, key=lambda c: module._shared_bytes(c, operand_bytes))
+    if hasattr(module, "_shared_bytes"):
+        return max(kept_configs(name, dtype, arch), key=lambda c: module._shared_bytes(c, operand_bytes))
+    return max(kept_configs(name, dtype, arch), key=lambda c: (c.num_warps, *c.kwargs.values()))
 
 
 def compile_config(name: str, dtype: torch.dtype, config: object, arch: int = 90) -> Resources:
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100)")
     parser.add_argument("--kernels", nargs="*", default=list(SPECS), choices=list(SPECS))
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPE_NAMES.values()), choices=list(DTYPE_NAMES.values()))
+    parser.add_argument("--kept", action="store_true", help="only the configs pruning keeps on that arch")
     parser.add_argument("--largest", action="store_true", help="only the largest config kept per kernel and dtype")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args(argv)
@@ -168,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'kernel':<20} {'dtype':<5} {'config':<36} {'shared KB':>9} {'regs':>5} {'spill B':>8} {'async':>6}")
     for name in args.kernels:
         for dtype in dtypes:
-            for config in [largest_config(name, dtype)] if args.largest else gpu_configs(name):
+            configs = [largest_config(name, dtype, args.arch)] if args.largest else gpu_configs(name)
+            if args.kept and not args.largest:
+                configs = kept_configs(name, dtype, args.arch)
+            for config in configs:
                 label = " ".join(f"{v}" for v in config.kwargs.values()) + f" w{config.num_warps} s{config.num_stages}"
                 try:
                     r = compile_config(name, dtype, config, args.arch)

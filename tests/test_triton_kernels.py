@@ -230,8 +230,9 @@ def test_grids_keep_large_counts_on_axis_0() -> None:
         covariance_module.grid(1, 64, 70_000, 64)
 
 
-def test_autotune_drops_configs_over_shared_memory() -> None:
-    """fp32 tiles take twice the shared memory of fp16 ones: configs over 227 KB are pruned per dtype."""
+def test_autotune_drops_configs_over_shared_memory_or_spilling() -> None:
+    """fp32 tiles take twice the shared memory of fp16 ones: configs over the target's shared memory are
+    pruned per dtype (227 KB on sm_90, 163 KB on sm_80), and so are those measured to spill there."""
     import triton.language as tl
 
     from skd_kernels.triton import _utils
@@ -239,13 +240,20 @@ def test_autotune_drops_configs_over_shared_memory() -> None:
     prefix_module = importlib.import_module("skd_kernels.triton.prefix_linear")
     for module, kernel in ((covariance_module, covariance_module._covariance_kernel),
                            (prefix_module, prefix_module._prefix_linear_kernel)):
-        for dot, operand_bytes in ((tl.float32, 4), (tl.float16, 2), (tl.bfloat16, 2)):
-            kept = kernel.early_config_prune(module._GPU_CONFIGS, {}, DOT_DTYPE=dot)
-            assert kept
-            assert all(module._shared_bytes(c, operand_bytes) <= _utils.MAX_SHARED_BYTES for c in kept)
+        for target in _utils.TARGETS.values():
+            for operand_bytes in (4, 2):
+                kept = kernel.early_config_prune.keep(module._GPU_CONFIGS, operand_bytes, target)
+                assert kept
+                assert all(module._shared_bytes(c, operand_bytes) <= target.shared_bytes for c in kept)
+                assert not set(kept) & set(module._SPILLS.get((target.major, operand_bytes), []))
+        for spilling in module._SPILLS.values():  # the measurements name configs that are in the list
+            assert set(spilling) <= set(module._GPU_CONFIGS)
+    # the autotuner's call: no tensor arguments means sm_90's limits
+    assert prefix_module._prefix_linear_kernel.early_config_prune(prefix_module._GPU_CONFIGS, {},
+                                                                   DOT_DTYPE=tl.float16) == prefix_module._GPU_CONFIGS
     # the known case: prefix (128, 128, 64), 4 stages: 256 KB of fp32 tiles (pruned), 128 KB of fp16 (kept)
     big = prefix_module._cfg(128, 128, 64, 4, 8)
-    assert prefix_module._shared_bytes(big, 4) > _utils.MAX_SHARED_BYTES >= prefix_module._shared_bytes(big, 2)
+    assert prefix_module._shared_bytes(big, 4) > _utils.TARGETS[90].shared_bytes >= prefix_module._shared_bytes(big, 2)
     assert big in prefix_module._GPU_CONFIGS
     assert big not in prefix_module._prefix_linear_kernel.early_config_prune(
         prefix_module._GPU_CONFIGS, {}, DOT_DTYPE=tl.float32)
@@ -307,10 +315,11 @@ def test_covariance_split_product_emulation() -> None:
                                rtol=1e-6, atol=1e-6 * kernel_fp16.abs().max().item())
 
 
-def test_largest_configs_compile_for_sm90_without_spills() -> None:
+@pytest.mark.parametrize("arch", [90, 80])
+def test_largest_kept_configs_compile_without_spills(arch: int) -> None:
     """What the interpreter cannot show: each kernel's largest config that survives pruning, compiled for
-    sm_90 by Triton's bundled ptxas (no GPU needed) in fp16 and fp32, fits in shared memory, spills no
-    registers and (the GEMMs) pipelines its loads with async copies. Runs in a child process without
+    sm_90 / sm_80 by Triton's bundled ptxas (no GPU needed) in fp16 and fp32, fits in shared memory, spills
+    no registers and (the GEMMs) pipelines its loads with async copies. Runs in a child process without
     TRITON_INTERPRET=1 (under it Triton's own jit helpers cannot be compiled)."""
     import json
     import subprocess
@@ -319,9 +328,9 @@ def test_largest_configs_compile_for_sm90_without_spills() -> None:
     from skd_kernels.triton import _utils
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_resources", "--largest", "--json", "--dtypes",
-                          "fp16", "fp32"], capture_output=True, text=True, env=env, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_resources", "--largest", "--json", "--arch",
+                          str(arch), "--dtypes", "fp16", "fp32"], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {(r["kernel"], r["dtype"]) for r in rows} == {
@@ -329,5 +338,5 @@ def test_largest_configs_compile_for_sm90_without_spills() -> None:
     for r in rows:
         print(r)
         assert "error" not in r, r
-        assert r["spill_bytes"] == 0 and r["shared"] <= _utils.MAX_SHARED_BYTES, r
+        assert r["spill_bytes"] == 0 and r["shared"] <= _utils.TARGETS[arch].shared_bytes, r
         assert r["async_copies"] > 0 or r["kernel"] == "taylor_scores", r

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,8 +23,37 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # CUDA grid limits: axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 only 65535. Kernels put their
 # large index on axis 0.
 MAX_GRID = (2**31 - 1, 65535, 65535)
-# Shared memory a program may use on sm_90 (227 KiB); a CUDA device reports its own limit (163 KiB on sm_80).
-MAX_SHARED_BYTES = 227 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    """What config pruning needs to know of a GPU: its compute capability major and the shared memory one
+    program may use."""
+
+    major: int
+    shared_bytes: int
+
+
+# The reference targets (tools and tests without a GPU): H100 (sm_90, 227 KiB) and A100 (sm_80, 163 KiB).
+TARGETS = {90: Target(9, 227 * 1024), 80: Target(8, 163 * 1024)}
+
+
+def launch_target(device: torch.device | None) -> Target:
+    """The Target of a CUDA device (its own capability and shared memory limit); sm_90's without one."""
+    if device is None or device.type != "cuda":
+        return TARGETS[90]
+    return _device_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def max_shared_bytes(device: torch.device | None) -> int:
+    """Shared memory one program may use on `device` (sm_90's 227 KiB when it is not a CUDA device)."""
+    return launch_target(device).shared_bytes
+
+
+@functools.cache
+def _device_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    return Target(props.major, getattr(props, "shared_memory_per_block_optin", TARGETS[90].shared_bytes))
 
 
 def checked_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
@@ -39,36 +69,31 @@ def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[t
     return [interpreter] if INTERPRET else gpu
 
 
-def max_shared_bytes(device: torch.device | None) -> int:
-    """Shared memory one program may use on `device` (MAX_SHARED_BYTES when it is not a CUDA device)."""
-    if device is None or device.type != "cuda":
-        return MAX_SHARED_BYTES
-    return _device_shared_bytes(device.index or 0)
-
-
-@functools.cache
-def _device_shared_bytes(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", MAX_SHARED_BYTES)
-
-
-def config_pruner(shared_bytes: Callable[[triton.Config, int], int]) -> Callable[..., list[triton.Config]]:
-    """An autotune `early_config_prune` that drops configs whose pipelined tiles exceed the shared memory of
-    the launch's device.
+class ConfigPruner:
+    """An autotune `early_config_prune`: drops the configs that would not fit the launch device's shared
+    memory or that spill registers there.
 
     shared_bytes(config, operand_bytes) estimates a config's shared memory (within ~15 % of what Triton 3.8
-    allocates on sm_90, see benchmarks/triton_resources.py) for dot operands of operand_bytes (the kernel's
-    DOT_DTYPE). Register spills cannot be estimated as simply: the config lists hold only configs that
-    compiled without spills. Keeps the smallest config if none fits.
+    allocates, see benchmarks/triton_resources.py) for dot operands of operand_bytes (the kernel's DOT_DTYPE).
+    Spills cannot be estimated as simply, so they are measured: spills[(major, operand_bytes)] holds the
+    configs that spilled when compiled for that compute capability (benchmarks/triton_resources.py).
+    Keeps the smallest config if none survives.
     """
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-        operand_bytes = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
-        device = next((a.device for a in named_args.values() if isinstance(a, torch.Tensor)), None)
-        limit = max_shared_bytes(device)
-        kept = [c for c in configs if shared_bytes(c, operand_bytes) <= limit]
-        return kept or [min(configs, key=lambda c: shared_bytes(c, operand_bytes))]
 
-    return prune
+    def __init__(self, shared_bytes: Callable[[triton.Config, int], int],
+                 spills: dict[tuple[int, int], list[triton.Config]]) -> None:
+        self.shared_bytes = shared_bytes
+        self.spills = spills
+
+    def keep(self, configs: list[triton.Config], operand_bytes: int, target: Target) -> list[triton.Config]:
+        spilling = self.spills.get((target.major, operand_bytes), [])
+        kept = [c for c in configs
+                if self.shared_bytes(c, operand_bytes) <= target.shared_bytes and c not in spilling]
+        return kept or [min(configs, key=lambda c: self.shared_bytes(c, operand_bytes))]
+
+    def __call__(self, configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+        device = next((a.device for a in named_args.values() if isinstance(a, torch.Tensor)), None)
+        return self.keep(configs, kwargs["DOT_DTYPE"].primitive_bitwidth // 8, launch_target(device))
 
 
 def bucket(n: int, cap: int) -> int:

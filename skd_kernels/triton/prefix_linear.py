@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..ops.prefix_linear import fake, register_autograd
-from ._utils import bucket, checked_grid, config_pruner, dot_dtype, fp32_dot_precision, on_device, pick_configs
+from ._utils import ConfigPruner, bucket, checked_grid, dot_dtype, fp32_dot_precision, on_device, pick_configs
 
 # Autotune keys are the GEMM sizes rounded up to powers of two (at most this), so a new batch size or
 # subnet width reuses the tuning of its bucket instead of tuning again.
@@ -37,9 +37,10 @@ def _shared_bytes(config: triton.Config, operand_bytes: int) -> int:
 
 # Tiles that cover the shapes of ViT linears (M = batch*197 tokens, N and K 192..3072): big tiles for the
 # compute-bound case ((128, 128, 64) for fp16/bf16; its 288 KB in fp32 is pruned, (128, 128, 32) serves
-# fp32), narrow ones for small k_out/M where occupancy matters. Compiled for sm_90
-# (benchmarks/triton_resources.py, triton 3.8) none of these spills registers; dropped for spilling in
-# every dtype: (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 32, 4, 4).
+# fp32), narrow ones for small k_out/M where occupancy matters. Configs over the device's shared memory or
+# that spill there are pruned before tuning. Measured with benchmarks/triton_resources.py (triton 3.8):
+# (128, 256, 64, 3, 8), (256, 128, 64, 3, 8) and (128, 128, 32, 4, 4) spilled on sm_90 in every dtype and
+# are gone; on sm_80 fp32's tf32x3 spills the two listed below.
 _GPU_CONFIGS = [
     _cfg(128, 128, 64, 4, 8),
     _cfg(128, 128, 32, 4, 8),
@@ -50,11 +51,12 @@ _GPU_CONFIGS = [
     _cfg(64, 32, 32, 5, 2),
     _cfg(32, 64, 32, 5, 2),
 ]
+_SPILLS = {(8, 4): [_cfg(128, 128, 32, 4, 8), _cfg(64, 64, 64, 4, 4)]}
 _CONFIGS = pick_configs(_GPU_CONFIGS, _cfg(32, 32, 32, 1, 4))
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACTIVATION", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": config_pruner(_shared_bytes)})
+                 prune_configs_by={"early_config_prune": ConfigPruner(_shared_bytes, _SPILLS)})
 @triton.jit
 def _prefix_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,

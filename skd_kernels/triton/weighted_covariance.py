@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..ops.weighted_covariance import fake
-from ._utils import bucket, checked_grid, config_pruner, dot_dtype, fp32_dot_precision, num_sms, on_device, pick_configs
+from ._utils import ConfigPruner, bucket, checked_grid, dot_dtype, fp32_dot_precision, num_sms, on_device, pick_configs
 
 # Rows per N-split are a multiple of this, so every split but the last runs whole BLOCK_N steps.
 _SPLIT_ROWS_QUANTUM = 256
@@ -38,20 +38,25 @@ def _shared_bytes(config: triton.Config, operand_bytes: int) -> int:
 
 
 # BLOCK_R = 64 fits a ViT head (r = 64, memory-bound); 128 is for wide groups (compute-bound). Configs that
-# exceed the device's shared memory for the dtype are pruned before tuning (fp32 tiles take twice the memory).
-# Compiled for sm_90 (benchmarks/triton_resources.py, triton 3.8), none of these spills registers; dropped for
-# spilling: (128, 128, 3, 8) in every dtype, (32, 128, 4, 4) and (64, 128, 3, 4) with fp32 operands.
+# exceed the device's shared memory for the dtype are pruned before tuning (fp32 tiles take twice the memory),
+# and so are those that spill registers there. Measured with benchmarks/triton_resources.py (triton 3.8):
+# (128, 128, 3, 8) spilled on sm_90 and sm_80 in every dtype, (32, 128, 4, 4) and (64, 128, 3, 4) on sm_90
+# in fp32: they are gone. On sm_80 (128, 64) spills in fp16/bf16, and fp32's tf32x3 all but the smallest.
 _GPU_CONFIGS = [
     _cfg(64, 32, 3, 4),
     _cfg(64, 64, 4, 4),
     _cfg(64, 128, 3, 8),
     _cfg(128, 64, 3, 8),
 ]
+_SPILLS = {
+    (8, 2): [_cfg(128, 64, 3, 8)],
+    (8, 4): [_cfg(64, 64, 4, 4), _cfg(64, 128, 3, 8), _cfg(128, 64, 3, 8)],
+}
 _CONFIGS = pick_configs(_GPU_CONFIGS, _cfg(32, 64, 1, 4))
 
 
 @triton.autotune(configs=_CONFIGS, key=["R", "ROWS_BUCKET", "SPLIT_PRODUCT"],
-                 prune_configs_by={"early_config_prune": config_pruner(_shared_bytes)})
+                 prune_configs_by={"early_config_prune": ConfigPruner(_shared_bytes, _SPILLS)})
 @triton.jit
 def _covariance_kernel(
     x_ptr, w_ptr, outer_ptr, sum_ptr, wsum_ptr,
