@@ -249,8 +249,6 @@ def _check_checkpoint(args: argparse.Namespace, name: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-
     from .demo import format_table
     from .evaluate import evaluate_budgets
     from .plots import plot_lines
@@ -259,8 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_budgets("--budgets", args.budgets, elastic)
     data = _data(args, args.data, elastic, "test", extra)
     elastic.to(args.device)
-    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=bool(args.amp)):
-        rows = evaluate_budgets(elastic, _loader(args, data), args.budgets, progress=not args.no_progress)
+    rows = evaluate_budgets(elastic, _loader(args, data), args.budgets, progress=not args.no_progress)
     print(format_table({Path(args.file).name: rows}))
     if args.plot:
         plot_lines({Path(args.file).name: [(r["macs_fraction"], 100 * r["accuracy"]) for r in rows]}, args.plot,
@@ -390,7 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("file", type=_existing_file, help="a super-network or an extracted model file")
     _data_options(e, 256)
     e.add_argument("--budgets", type=_budgets, default=[1 / 3, 0.5, 1.0], help="comma-separated MACs fractions")
-    e.add_argument("--amp", action="store_true", help="bf16 autocast")
     e.add_argument("--plot", type=Path, help="write an accuracy-vs-MACs PNG here")
 
     x = command("extract", cmd_extract, "a standalone, physically smaller model at a MACs budget")

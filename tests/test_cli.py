@@ -104,3 +104,203 @@ def test_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
     assert not (root / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------------ checks before compute
+def fails(r: subprocess.CompletedProcess, needle: str) -> None:
+    """Exit 2 with exactly one line on stderr that contains `needle`."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def _save_model(path: Path, class_names: list[str] | None = None, **kwargs) -> Path:
+    """A random-init ElasticViT file (checks need no trained weights), optionally with class names."""
+    import timm
+    import torch
+
+    from skd import ElasticViT, save
+
+    torch.manual_seed(0)
+    model = timm.create_model(kwargs.pop("name", "vit_digits"), **kwargs)
+    save(ElasticViT(model), path, extra=None if class_names is None else {"class_names": class_names})
+    return path
+
+
+def _copy_folder(src: Path, dst: Path, classes: list[str]) -> Path:
+    import shutil
+
+    for c in classes:
+        shutil.copytree(src / c, dst / c)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, image_folder) -> Path:
+    """A vit_digits super-network file that records the image_folder's class names."""
+    return _save_model(tmp_path_factory.mktemp("model") / "m.safetensors",
+                       sorted(p.name for p in image_folder.iterdir()))
+
+
+def test_version_and_global_options_after_the_sub_command(model_file):
+    from skd import __version__
+
+    r = skd("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"skd {__version__}"
+    r = skd("info", str(model_file), "--device", "cpu", "--seed", "3", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "classes:      10: class_0, class_1" in r.stdout
+    fails(skd("info", str(model_file), "--device", "cuda:99"), "needs CUDA GPU 99")
+    fails(skd("info", str(model_file), "--device", "gpu0"), "not a torch device")
+
+
+def test_model_input_size_drives_the_transform(tmp_path, image_folder):
+    """A ViT built with img_size=32 (default cfg: 224) takes the ImageFolder at 32x32."""
+    tiny = _save_model(tmp_path / "tiny32.safetensors", name="vit_tiny_patch16_224", img_size=32, patch_size=8,
+                       embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    out = tmp_path / "w.safetensors"
+    r = skd("wpac", str(tiny), "--data", str(image_folder), "--samples", "8", "--batch-size", "8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    fails(skd("wpac", str(tiny), "--img-size", "64", "--out", str(out)), "only apply to a timm model name")
+
+
+def test_vit_digits_image_folder_is_not_cropped(image_folder):
+    """vit_digits' cfg says crop_pct=1.0: a 32x32 PNG reaches the model unresized, only normalised."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    from skd.data import image_folder as open_folder
+
+    data = open_folder(image_folder, timm.create_model("vit_digits"))
+    path, label = data.samples[0]
+    image, got_label = data[0]
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(image, (pixels - 0.5) / 0.5)
+    assert got_label == label and data.class_names[label] == Path(path).parent.name
+
+
+def test_new_head_for_a_dataset_with_more_classes(tmp_path, image_folder):
+    """12 classes on the 10-class vit_digits: refused, unless --num-classes 12 makes a new head."""
+    folder = _copy_folder(image_folder, tmp_path / "twelve", [f"class_{i}" for i in range(10)])
+    _copy_folder(image_folder, folder, [])
+    for extra in ("class_a", "class_b"):
+        (folder / extra).mkdir()
+        for png in sorted((image_folder / "class_0").iterdir())[:2]:
+            (folder / extra / png.name).write_bytes(png.read_bytes())
+    out = tmp_path / "w.safetensors"
+    fails(skd("wpac", "vit_digits", "--data", str(folder), "--samples", "8", "--out", str(out)),
+          "12 class folders but the model's head has 10 outputs")
+    assert not out.exists()
+    r = skd("wpac", "vit_digits", "--pretrained", "--num-classes", "12", "--data", str(folder), "--samples", "8",
+            "--batch-size", "8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    from skd.io import load, load_tensors
+
+    assert load(out).model.head.out_features == 12
+    assert load_tensors(out)[1]["extra"]["class_names"][-2:] == ["class_a", "class_b"]
+
+
+def test_classes_are_matched_by_name(tmp_path, image_folder, model_file):
+    """A folder missing class 0 keeps every other label (names recorded); unknown or too few classes and an
+    unmatched count (no names recorded) are refused."""
+    import timm
+
+    from skd.data import image_folder as open_folder
+
+    names = [f"class_{i}" for i in range(10)]
+    subset = _copy_folder(image_folder, tmp_path / "subset", names[1:])
+    data = open_folder(subset, timm.create_model("vit_digits"), class_names=names)
+    assert {label for _, label in data.samples} == set(range(1, 10))
+    assert all(Path(p).parent.name == names[label] for p, label in data.samples)
+    nameless = _save_model(tmp_path / "nameless.safetensors")
+    fails(skd("eval", str(nameless), "--data", str(subset)), "9 class folders but the model's head has 10")
+    fails(skd("eval", str(model_file), "--data", str(_copy_folder(image_folder, tmp_path / "one", names[:1]))),
+          "classification needs at least 2")
+    odd = _copy_folder(image_folder, tmp_path / "odd", names[:3])
+    (odd / "class_2").rename(odd / "zebra")
+    fails(skd("eval", str(model_file), "--data", str(odd)), "['zebra'] are not among the 10 classes")
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path, image_folder, model_file):
+    folder = _copy_folder(image_folder, tmp_path / "bad", [f"class_{i}" for i in range(10)])
+    bad = folder / "class_3" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    for workers in ("0", "2"):
+        fails(skd("eval", str(model_file), "--data", str(folder), "--budgets", "1", "--workers", workers),
+              f"{bad}: not a readable image")
+    r = skd("eval", str(model_file), "--data", str(folder), "--budgets", "1", "--skip-bad-images")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable image(s) of 61" in r.stderr and "| m.safetensors |" in r.stdout
+
+
+def test_outputs_are_checked_before_compute(tmp_path, model_file):
+    before = model_file.read_bytes()
+    fails(skd("extract", str(model_file), "--macs", "0.5", "--out", str(model_file)), "is the input file itself")
+    assert model_file.read_bytes() == before
+    fails(skd("extract", str(model_file), "--macs", "0.5", "--out", str(tmp_path)), "is a folder")
+    fails(skd("extract", str(model_file), "--macs", "0.5", "--out", "/proc/x.safetensors"), "cannot write")
+    fails(skd("eval", str(model_file), "--plot", str(tmp_path)), "--plot")
+    fails(skd("train", str(model_file), "--checkpoint-dir", str(model_file), "--out", str(tmp_path / "t.st")),
+          "is a file, not a folder")
+    fails(skd("demo", "--out", str(model_file)), "is a file, not a folder")
+    fails(skd("wpac", "vit_digits", "--out", "/proc/w.safetensors"), "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_checkpoint_needs_resume_or_overwrite(tmp_path, model_file):
+    out = tmp_path / "t.safetensors"
+    ckpt = tmp_path / "ckpt"
+    fails(skd("train", str(model_file), "--checkpoint-dir", str(ckpt), "--resume", "--out", str(out)),
+          "--resume: no checkpoint piad-last.safetensors")
+    ckpt.mkdir()
+    (ckpt / "piad-last.safetensors").write_bytes(b"an earlier run")
+    fails(skd("train", str(model_file), "--checkpoint-dir", str(ckpt), "--out", str(out)),
+          "pass --resume to continue it or --overwrite")
+    assert (ckpt / "piad-last.safetensors").read_bytes() == b"an earlier run" and not out.exists()
+
+
+def test_budget_below_the_smallest_subnet(tmp_path, model_file):
+    out = tmp_path / "x.safetensors"
+    for macs in ("1e-9", "0.01"):
+        fails(skd("extract", str(model_file), "--macs", macs, "--out", str(out)), "smallest possible budget 0.0")
+    fails(skd("eval", str(model_file), "--budgets", "0.001,1"), "--budgets 0.001 is below")
+    assert not out.exists()
+
+
+def test_corrupted_or_malformed_files_are_refused(tmp_path, model_file):
+    from skd.io import load_tensors, save_tensors
+
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-5] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    fails(skd("eval", str(flipped)), "does not match its SHA-256")
+    tensors, meta = load_tensors(model_file)
+    nan = tmp_path / "nan.safetensors"
+    import safetensors.torch
+
+    tensors["head.bias"][0] = float("nan")
+    safetensors.torch.save_file(tensors, str(nan), metadata={"skd": __import__("json").dumps(meta)})
+    fails(skd("info", str(nan)), "'head.bias' holds NaN or Inf")
+    tensors["head.bias"][0] = 0.0
+    bad = tmp_path / "bad.safetensors"
+    save_tensors(bad, tensors, [1, 2])
+    fails(skd("info", str(bad)), "metadata must be a JSON object")
+    save_tensors(bad, tensors, dict(meta, subnet="all of it"))
+    fails(skd("info", str(bad)), "malformed skd metadata")
+    save_tensors(bad, tensors, dict(meta, extra={"class_names": "cat"}))
+    fails(skd("info", str(bad)), "malformed skd metadata")
+
+
+def test_eval_and_info_take_an_extracted_model(tmp_path, image_folder, model_file):
+    small = tmp_path / "small.safetensors"
+    r = skd("extract", str(model_file), "--macs", "0.5", "--out", str(small))
+    assert r.returncode == 0, r.stderr
+    r = skd("info", str(small))
+    assert r.returncode == 0, r.stderr
+    assert "kind:         extracted" in r.stdout and "classes:      10" in r.stdout
+    r = skd("eval", str(small), "--data", str(image_folder), "--budgets", "1", "--batch-size", "7")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("| small.safetensors |") == 1
