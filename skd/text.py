@@ -54,7 +54,7 @@ def split_sentences(text: str) -> list[str]:
         lines = para.split("\n")
         if not para.strip() or lines[0][:1].isspace() or any(_NOT_PROSE.match(line) for line in lines):
             continue
-        if len(lines) > 1 and lines[0].strip() and set(lines[1].strip()) <= set("=-~*^#+"):
+        if len(lines) > 1 and lines[1].strip() and set(lines[1].strip()) <= set("=-~*^#+"):
             lines = lines[2:]  # a heading underline
         flat = " ".join(line.strip() for line in lines)
         flat = _ROLE.sub(r"\1", flat)
