@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "UnsupportedModelError": "skd.errors",
     "ElasticViT": "skd.elastic",
+    "Elastic": "skd.elastic",
     "Subnet": "skd.subnet",
     "DropoutList": "skd.subnet",
     "PIADTrainer": "skd.piad",

@@ -1,9 +1,11 @@
 """Save and load super-networks: safetensors for tensors + JSON metadata; atomic writes; no pickle.
 
 File format: one safetensors file whose metadata holds a single key "skd" with a JSON document:
-    format ("skd"), skd_version, kind ("elastic" | "model" | "tensors"), and for models:
-    architecture (timm model name), model_args (timm's reconstruction kwargs), layout
-    (LAYOUT_VERSION for rank-major ElasticViT weights, "timm" for head-major ones), subnet, dropout_list.
+    format ("skd"), skd_version, kind ("elastic" | "model" | "extracted" | "tensors"), and for models:
+    the adapter's record (`ModelAdapter.record()`: "source" — "timm" when absent, as in files of skd 0.1 —
+    and the source's own keys, e.g. timm's architecture and model_args), layout (LAYOUT_VERSION for
+    rank-major ElasticViT weights, "timm" for the model's own head-major layout, whatever its library),
+    subnet, dropout_list.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from torch import nn
 from . import __version__
 from ._atomic import atomic_path
 from .elastic import LAYOUT_VERSION, ElasticViT
+from .models import adapter_for, rebuild
 from .subnet import DropoutList, Subnet
 
 _META_KEY = "skd"
+STANDARD_LAYOUT = "timm"  # the model's own head-major layout (named after skd 0.1's only library)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -65,63 +69,46 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
-def _model_source(model: nn.Module) -> tuple[str, dict[str, Any]]:
-    """timm's name and reconstruction kwargs for `model` (recorded by timm.create_model)."""
-    from timm.models import get_model_args
-
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if arch is None:
-        raise ValueError("obj's model was not built with timm.create_model, so skd cannot record how to rebuild it; "
-                         "create it with timm.create_model(name, **kwargs)")
-    args = get_model_args(model)
-    for k, v in args.items():
-        try:
-            json.dumps(v)
-        except TypeError as e:
-            raise ValueError(f"model argument {k}={v!r} cannot be stored in JSON; pass a string name instead") from e
-    return arch, args
-
-
 def save(obj: ElasticViT | nn.Module, path: str | os.PathLike) -> None:
     """Save an ElasticViT (weights in its layout, subnet, dropout list), a model from `ElasticViT.extract()`
-    or a bare timm model, atomically."""
+    or a bare model of a supported family, atomically. The model is recorded by its adapter (no pickle)."""
     if isinstance(obj, ElasticViT):
-        if obj._standard:  # the weights are head-major right now; the file would claim rank-major
+        if obj.in_standard_layout:  # the weights are head-major right now; the file would claim rank-major
             raise ValueError("obj cannot be saved inside standard_layout(); save it after the block")
-        model, layout = obj.model, LAYOUT_VERSION
+        model, adapter, layout = obj.model, obj.adapter, LAYOUT_VERSION
         extra = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
                  "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}
-    elif isinstance(obj, nn.Module) and hasattr(obj, "skd_subnet"):  # set by ElasticViT.extract()
-        model, layout, extra = obj, "timm", {"kind": "extracted", "subnet": Subnet.from_dict(obj.skd_subnet).to_dict()}
     elif isinstance(obj, nn.Module):
-        model, layout, extra = obj, "timm", {"kind": "model"}
+        model, adapter, layout = obj, adapter_for(obj), STANDARD_LAYOUT
+        extra = ({"kind": "extracted", "subnet": Subnet.from_dict(obj.skd_subnet).to_dict()}
+                 if hasattr(obj, "skd_subnet") else {"kind": "model"})  # skd_subnet: set by ElasticViT.extract()
     else:
-        raise ValueError(f"obj must be an ElasticViT or a timm model, got {type(obj).__name__}")
-    arch, args = _model_source(model)
-    metadata = {"format": "skd", "skd_version": __version__, "architecture": arch, "model_args": args,
-                "layout": layout, **extra}
-    save_tensors(path, model.state_dict(), metadata)
+        raise ValueError(f"obj must be an ElasticViT or a model, got {type(obj).__name__}")
+    metadata = {"format": "skd", "skd_version": __version__, "layout": layout, **extra}
+    record = adapter.record()
+    clash = sorted(record.keys() & metadata.keys())
+    if clash:
+        raise ValueError(f"{type(adapter).__name__}.record() uses reserved keys {clash}")
+    save_tensors(path, model.state_dict(), {**metadata, **record})
 
 
 def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
-    """Load a file written by `save`: an ElasticViT (rebuilding the timm model from its metadata), or for a
-    saved `extract()` the standalone smaller timm model.
+    """Load a file written by `save`: an ElasticViT (rebuilding the model from its adapter's record), or for
+    a saved `extract()` the standalone smaller model.
 
     Raises ValueError when the file is truncated/corrupted, not an skd model file, written with an
     unknown layout, or when its tensors do not match the architecture its metadata names.
     """
-    import timm
-
     tensors, meta = load_tensors(path)
     if meta.get("format") != "skd" or meta.get("kind") not in ("elastic", "model", "extracted"):
         raise ValueError(f"{path} is not an skd model file (metadata kind={meta.get('kind')!r})")
-    if meta.get("layout") not in (LAYOUT_VERSION, "timm"):
-        raise ValueError(f"{path} has weight layout {meta.get('layout')!r}; this skd reads {LAYOUT_VERSION} and 'timm'")
+    if meta.get("layout") not in (LAYOUT_VERSION, STANDARD_LAYOUT):
+        raise ValueError(f"{path} has weight layout {meta.get('layout')!r}; this skd reads {LAYOUT_VERSION} and "
+                         f"{STANDARD_LAYOUT!r}")
     try:
-        model = timm.create_model(meta["architecture"], pretrained=False, **meta["model_args"])
-    except Exception as e:
-        raise ValueError(f"{path}: cannot rebuild timm model {meta.get('architecture')!r} "
-                         f"with {meta.get('model_args')}: {e}") from e
+        model = rebuild(meta)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     if meta["kind"] == "extracted":  # rebuild the smaller shape from the full one, then load its weights
         model = ElasticViT(model).extract(Subnet.from_dict(meta["subnet"]))
     expected = model.state_dict()
@@ -129,7 +116,7 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     unexpected = sorted(set(tensors) - set(expected))
     shapes = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path}: tensors do not match {meta['architecture']} {meta['model_args']}: "
+        raise ValueError(f"{path}: tensors do not match the rebuilt {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
     if meta["kind"] == "extracted":
         model.load_state_dict(tensors)

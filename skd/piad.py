@@ -93,12 +93,12 @@ def branch_taps(elastic: ElasticViT, on_qkv: QkvFn, on_hidden: HiddenFn) -> Iter
 
     on_qkv(b, q, k, v) gets block b's (S, H, N, r) tensors (r dims kept per head, in rank order) and
     returns the ones attention uses; on_hidden(b, h) likewise for the (..., h) post-activation hidden
-    units: a forward hook on the MLP's `drop1`, which ElasticViT (and timm's Mlp) call right after the
-    activation. ElasticViT runs attention as one `F.scaled_dot_product_attention` call per active
+    units: a forward hook on each block's `hidden_dropout` (timm's Mlp.drop1), which ElasticViT calls right
+    after the activation. ElasticViT runs attention as one `F.scaled_dot_product_attention` call per active
     block, in block order, which a torch-function mode intercepts. Skipped branches are not called.
     """
     blocks = adapter_for(elastic.model).blocks
-    handles = [spec.mlp.drop1.register_forward_hook(lambda _m, _a, out, b=b: on_hidden(b, out))
+    handles = [spec.hidden_dropout.register_forward_hook(lambda _m, _a, out, b=b: on_hidden(b, out))
                for b, spec in enumerate(blocks)]
     try:
         with _SDPATap([b for b, r in enumerate(elastic.subnet.attn) if r], on_qkv):

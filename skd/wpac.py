@@ -180,7 +180,7 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
         qk = torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd)
         report["qk_importance"] = qk_imp[:, shared]
         report["qk"] = "permutation"
-        for norm in (spec.attn.q_norm, spec.attn.k_norm):
+        for norm in spec.qk_norms:
             for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
                 if p is not None:
                     p.copy_(p[shared.to(p.device)])

@@ -33,9 +33,9 @@ def x() -> torch.Tensor:
 
 def test_swin_blocks_have_shifted_windows(pair: tuple) -> None:
     _, elastic = pair
-    blocks = [s.block for s in elastic._adapter.blocks]
+    blocks = [s.block for s in elastic.adapter.blocks]
     assert [any(b.shift_size) for b in blocks] == [False, True, False, True]
-    assert [s.sequences for s in elastic._adapter.blocks] == [16, 16, 4, 4]
+    assert [s.sequences for s in elastic.adapter.blocks] == [16, 16, 4, 4]
 
 
 def test_full_width_wrap_equals_original(pair: tuple, x: torch.Tensor) -> None:

@@ -4,9 +4,9 @@ patch merging. Attention runs per window; heads keep their own relative position
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from timm.layers import Mlp
 from timm.models.swin_transformer import (
     PatchMerging,
     SwinTransformer,
@@ -18,12 +18,13 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from ..subnet import Subnet
-from . import AttnFn, BlockSpec, MlpFn, ModelAdapter, check_type, mlp_blocking
+from . import AttnFn, BlockSpec, MlpFn, check_type, register
+from .timm_common import TimmAdapter, mlp_blocking, mlp_fields
+from .timm_vit import single_input
 
 
-class SwinAdapter(ModelAdapter):
-    family = "swin"
-
+@register(SwinTransformer)
+class SwinAdapter(TimmAdapter):
     def __init__(self, model: SwinTransformer) -> None:
         blocks = []
         for s, stage in enumerate(model.layers):
@@ -33,22 +34,20 @@ class SwinAdapter(ModelAdapter):
                 where = f"layers.{s}.blocks.{j}"
                 check_type(blk, SwinTransformerBlock, where)
                 check_type(blk.attn, WindowAttention, f"{where}.attn")
-                check_type(blk.mlp, Mlp, f"{where}.mlp")
-                attn, mlp = blk.attn, blk.mlp
+                attn = blk.attn
                 (h, w), (wh, ww) = blk.input_resolution, blk.window_size
                 blocks.append(BlockSpec(
-                    name=where, block=blk, attn=attn, qkv=attn.qkv, proj=attn.proj, mlp=mlp, fc1=mlp.fc1,
-                    fc2=mlp.fc2, act=mlp.act, num_heads=attn.num_heads,
-                    head_dim=attn.qkv.out_features // (3 * attn.num_heads), hidden=mlp.fc1.out_features,
-                    has_qk_norm=False, tokens=wh * ww, sequences=math.ceil(h / wh) * math.ceil(w / ww),
-                    blocking=tuple(mlp_blocking(mlp, where)),
+                    name=where, block=blk, qkv=attn.qkv, proj=attn.proj, **mlp_fields(blk.mlp, where),
+                    num_heads=attn.num_heads, head_dim=attn.qkv.out_features // (3 * attn.num_heads),
+                    attn_dropout=attn.attn_drop.p, tokens=wh * ww,
+                    sequences=math.ceil(h / wh) * math.ceil(w / ww), blocking=tuple(mlp_blocking(blk.mlp, where)),
                 ))
         super().__init__(model, blocks)
 
-    def forward(self, x: torch.Tensor, subnet: Subnet, attn_fn: AttnFn, mlp_fn: MlpFn) -> torch.Tensor:
-        """x: (B, C, H, W) images -> the model's head output (logits (B, classes) for classifiers)."""
+    def run(self, args: tuple, kwargs: dict[str, Any], subnet: Subnet, attn_fn: AttnFn, mlp_fn: MlpFn) -> Any:
+        """args: (images (B, C, H, W),) -> the model's head output (logits (B, classes) for classifiers)."""
         m = self.model
-        x = m.patch_embed(x)  # (B, H, W, C)
+        x = m.patch_embed(single_input(m, args, kwargs))  # (B, H, W, C)
         i = 0
         for stage in m.layers:
             x = stage.downsample(x)
@@ -56,7 +55,7 @@ class SwinAdapter(ModelAdapter):
                 if subnet.attn[i]:
                     x = x + blk.drop_path1(self._window_attention(blk, i, blk.norm1(x), attn_fn))
                 if subnet.mlp[i]:  # Linear layers act on the last dim: no (B, H*W, C) reshape needed
-                    x = x + blk.drop_path2(mlp_fn(i, blk.norm2(x)))
+                    x = x + blk.drop_path2(blk.mlp.drop2(mlp_fn(i, blk.norm2(x))))
                 i += 1
         return m.forward_head(m.norm(x))
 
@@ -77,7 +76,7 @@ class SwinAdapter(ModelAdapter):
             n_win, n = mask.shape[0], blk.window_area
             bias = (bias.unsqueeze(1) + mask.view(1, n_win, 1, n, n)).expand(b, -1, -1, -1, -1)
             bias = bias.reshape(-1, blk.attn.num_heads, n, n)  # (B*nW, heads, N, N), window-major like x
-        out = attn_fn(i, windows, bias)
+        out = blk.attn.proj_drop(attn_fn(i, windows, bias))
         x = window_reverse(out.view(-1, wh, ww, out.shape[-1]), blk.window_size, hp, wp)[:, :h, :w, :]
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
@@ -96,7 +95,7 @@ class SwinAdapter(ModelAdapter):
         return macs
 
     def new_attention(self, i: int, head_dim: int) -> nn.Module:
-        old = self.blocks[i].attn
+        old = self.blocks[i].block.attn
         w = old.qkv.weight
         new = WindowAttention(
             old.dim, old.num_heads, head_dim=head_dim, window_size=old.window_size,

@@ -3,19 +3,28 @@ LayerScale, qkv bias on or off) and VisionTransformerDistilled (distilled DeiT).
 
 from __future__ import annotations
 
-import torch
-from timm.layers import Attention, Mlp, PatchEmbed
+from typing import Any
+
+from timm.layers import Attention, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..subnet import Subnet
-from . import AttnFn, BlockSpec, MlpFn, ModelAdapter, check_type, mlp_blocking
+from . import AttnFn, BlockSpec, MlpFn, check_type, register
+from .timm_common import TimmAdapter, mlp_blocking, mlp_fields
 
 
-class ViTAdapter(ModelAdapter):
-    family = "vit"
+def single_input(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The one positional input of an image model; TypeError naming the model otherwise."""
+    if len(args) != 1 or kwargs:
+        raise TypeError(f"{type(model).__name__} takes one input (images (B, C, H, W)), got {len(args)} "
+                        f"positional and keyword {sorted(kwargs)}")
+    return args[0]
 
+
+@register(VisionTransformer)
+class ViTAdapter(TimmAdapter):
     def __init__(self, model: VisionTransformer) -> None:
         check_type(model.patch_embed, PatchEmbed, "patch_embed")  # hybrid CNN stems: MACs not modelled
         if model.attn_pool is not None:
@@ -27,10 +36,9 @@ class ViTAdapter(ModelAdapter):
             where = f"blocks.{i}"
             check_type(blk, Block, where)
             check_type(blk.attn, Attention, f"{where}.attn")
-            check_type(blk.mlp, Mlp, f"{where}.mlp")
-            attn, mlp = blk.attn, blk.mlp
+            attn = blk.attn
             has_qk_norm = not isinstance(attn.q_norm, nn.Identity)
-            blocking = mlp_blocking(mlp, where)
+            blocking = mlp_blocking(blk.mlp, where)
             if has_qk_norm:
                 blocking.append(f"{where}.attn has qk_norm: a norm over each head's dims changes when dims are dropped")
             if not isinstance(attn.norm, nn.Identity):
@@ -38,23 +46,24 @@ class ViTAdapter(ModelAdapter):
             if attn.gate is not None:
                 blocking.append(f"{where}.attn is gated: the gate is not truncated with the heads")
             blocks.append(BlockSpec(
-                name=where, block=blk, attn=attn, qkv=attn.qkv, proj=attn.proj, mlp=mlp, fc1=mlp.fc1,
-                fc2=mlp.fc2, act=mlp.act, num_heads=attn.num_heads, head_dim=attn.head_dim,
-                hidden=mlp.fc1.out_features, has_qk_norm=has_qk_norm, tokens=tokens, sequences=1,
+                name=where, block=blk, qkv=attn.qkv, proj=attn.proj, **mlp_fields(blk.mlp, where),
+                num_heads=attn.num_heads, head_dim=attn.head_dim, attn_dropout=attn.attn_drop.p,
+                qk_norms=(attn.q_norm, attn.k_norm) if has_qk_norm else (), tokens=tokens, sequences=1,
                 blocking=tuple(blocking),
             ))
         super().__init__(model, blocks)
 
-    def forward(self, x: torch.Tensor, subnet: Subnet, attn_fn: AttnFn, mlp_fn: MlpFn) -> torch.Tensor:
-        """x: (B, C, H, W) images -> the model's head output (logits (B, classes) for classifiers)."""
+    def run(self, args: tuple, kwargs: dict[str, Any], subnet: Subnet, attn_fn: AttnFn, mlp_fn: MlpFn) -> Any:
+        """args: (images (B, C, H, W),) -> the model's head output (logits (B, classes) for classifiers)."""
         m = self.model
+        x = single_input(m, args, kwargs)
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         for i, spec in enumerate(self.blocks):
             blk = spec.block
             if subnet.attn[i]:
-                x = x + blk.drop_path1(blk.ls1(attn_fn(i, blk.norm1(x), None)))
+                x = x + blk.drop_path1(blk.ls1(blk.attn.proj_drop(attn_fn(i, blk.norm1(x), None))))
             if subnet.mlp[i]:
-                x = x + blk.drop_path2(blk.ls2(mlp_fn(i, blk.norm2(x))))
+                x = x + blk.drop_path2(blk.ls2(blk.mlp.drop2(mlp_fn(i, blk.norm2(x)))))
         return m.forward_head(m.norm(x))
 
     def other_macs(self) -> int:
@@ -67,7 +76,7 @@ class ViTAdapter(ModelAdapter):
         return macs
 
     def new_attention(self, i: int, head_dim: int) -> nn.Module:
-        old = self.blocks[i].attn
+        old = self.blocks[i].block.attn
         w = old.qkv.weight
         new = Attention(
             old.qkv.in_features, num_heads=old.num_heads, attn_head_dim=head_dim,

@@ -1,0 +1,68 @@
+"""The rank-major weight layout (LAYOUT_VERSION 1) that makes every width a prefix.
+
+While an ElasticViT wraps a model, each block's attention weights are permuted once, in place, so that
+"keep the first r dims of every head, for q, k and v" is one prefix of rows and of o's columns:
+
+    fused qkv row   = rank * (3*H) + which * H + head     (which: 0 q, 1 k, 2 v; timm)
+    q, k, v rows    = rank * H + head                      (separate Linears, e.g. HF BERT)
+    proj (o) column = rank * H + head
+
+The subnetwork's fused qkv is then `prefix_linear(x, Wqkv, k_out=3*H*r)`, separate q is
+`prefix_linear(x, Wq, k_out=H*r)`, and o is `prefix_linear(ctx, Wo, k_in=H*r)`. MLP hidden units are
+already a prefix of fc1 rows / fc2 columns. The model's own layout is head-major (`head*hd + rank`).
+Files saved with the fused layout keep loading: it is unchanged since version 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..models import BlockSpec
+
+LAYOUT_VERSION = 1
+
+
+def qkv_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
+    """(3*H*hd,) int64: rank-major fused-qkv row n holds head-major row perm[n]."""
+    head_major = torch.arange(3 * num_heads * head_dim).view(3, num_heads, head_dim)  # [which, head, rank]
+    return head_major.permute(2, 0, 1).reshape(-1)  # enumerate in (rank, which, head) order
+
+
+def rank_major_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
+    """(H*hd,) int64: rank-major index n (= rank*H + head) holds head-major index perm[n] (of q/k/v rows
+    or o columns)."""
+    return torch.arange(num_heads * head_dim).view(num_heads, head_dim).t().reshape(-1)
+
+
+def _permute_(p: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
+    """p <- p.index_select(dim, perm) in place (storage and data_ptr kept), its .grad likewise."""
+    if p is None:
+        return
+    for t in (p.data, p.grad):
+        if t is not None:
+            t.copy_(t.index_select(dim, perm.to(t.device)))
+
+
+class RankMajorLayout:
+    """The permutations of a model's blocks; `apply` re-lays any blocks of the same shapes (the wrapped
+    model's, or a deep copy's)."""
+
+    def __init__(self, blocks: Sequence[BlockSpec]) -> None:
+        self._perms = [(qkv_permutation(s.num_heads, s.head_dim) if s.fused else None,
+                        rank_major_permutation(s.num_heads, s.head_dim)) for s in blocks]
+
+    def apply(self, blocks: Sequence[BlockSpec], to_standard: bool) -> None:
+        """Re-lay `blocks` in place: rank-major -> head-major when to_standard, else head-major -> rank-major."""
+        with torch.no_grad():
+            for spec, (fused, single) in zip(blocks, self._perms, strict=True):
+                if to_standard:
+                    fused, single = None if fused is None else fused.argsort(), single.argsort()
+                rows: list[tuple[nn.Linear, torch.Tensor]] = (
+                    [(spec.qkv, fused)] if spec.fused else [(lin, single) for lin in (spec.q, spec.k, spec.v)])
+                for lin, perm in rows:
+                    _permute_(lin.weight, perm, 0)
+                    _permute_(lin.bias, perm, 0)
+                _permute_(spec.proj.weight, single, 1)

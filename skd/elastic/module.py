@@ -1,0 +1,306 @@
+"""ElasticViT: the module that runs any prefix-truncated subnetwork of a wrapped model in O(1)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import skd_kernels
+
+from .. import batches
+from .._checks import check_fraction, check_int, check_positive
+from ..errors import UnsupportedModelError
+from ..models import ModelAdapter, adapter_for
+from ..subnet import DropoutList, Subnet
+from ..timing import time_ms
+from .budget import Budgets, LatencyTable
+from .layout import RankMajorLayout
+
+# {(block, "attn"): (r_b,), (block, "mlp"): (h_b,)} multiplicative masks on the kept dims
+Masks = dict[tuple[int, str], torch.Tensor]
+
+
+class ElasticViT(nn.Module):
+    """A transformer (any family with a `skd.models` adapter: timm ViT/DeiT/Swin, HF BERT/ViT, ...) whose
+    every prefix-truncated subnetwork runs in O(1) without weight copies.
+
+    The wrapped model is re-laid in place (skd/elastic/layout.py) and is this module's only child, so
+    parameters, `.to()`, `.train()` and `state_dict()` are the model's own. `self.model`'s own forward is
+    only valid inside `standard_layout()`. `adapter` (the model's `ModelAdapter`, built once) and
+    `in_standard_layout` are public. Raises UnsupportedModelError for models that cannot be
+    prefix-truncated (qk_norm, scale_norm, gated attention, unknown architectures).
+    """
+
+    def __init__(self, model: nn.Module, dropout_list: DropoutList | None = None) -> None:
+        super().__init__()
+        adapter = adapter_for(model)
+        reasons = [r for spec in adapter.blocks for r in spec.blocking]
+        if reasons:
+            raise UnsupportedModelError("; ".join(reasons))
+        if getattr(model, "_skd_wrapped", False):
+            raise ValueError("model is already wrapped by an ElasticViT (its weights are re-laid in place)")
+        self.model = model
+        self.adapter: ModelAdapter = adapter
+        self._layout = RankMajorLayout(adapter.blocks)
+        self._budgets = Budgets(adapter.blocks, adapter.other_macs())
+        self.head_dims = self._budgets.head_dims
+        self.hiddens = self._budgets.hiddens
+        self._subnet = self._budgets.full
+        self._dropout_list: DropoutList | None = None
+        self.dropout_list = dropout_list
+        self._latency: LatencyTable | None = None
+        self._standard = False
+        self._layout.apply(adapter.blocks, to_standard=False)
+        model._skd_wrapped = True
+        self._guard = model.register_forward_pre_hook(self._refuse_bare_forward)
+
+    # ----------------------------------------------------------------------------------------- layout
+    @property
+    def in_standard_layout(self) -> bool:
+        """True inside `standard_layout()`: the weights are the model's own head-major layout right now."""
+        return self._standard
+
+    def _refuse_bare_forward(self, module: nn.Module, args: tuple) -> None:
+        if not self._standard:
+            raise RuntimeError("this model is wrapped by an ElasticViT and its weights are in skd's rank-major "
+                               "layout: call the ElasticViT, or use `with elastic.standard_layout():`")
+
+    @contextlib.contextmanager
+    def standard_layout(self) -> Iterator[nn.Module]:
+        """Temporarily restore the model's own head-major layout in place; yields `self.model`, valid inside only.
+
+        On exit the weights (as modified inside, e.g. by WPAC) are re-laid rank-major. Gradients are
+        permuted along; optimizer state is not, so do not step an optimizer across the boundary.
+        """
+        if self._standard:
+            raise RuntimeError("already inside standard_layout()")
+        self._layout.apply(self.adapter.blocks, to_standard=True)
+        self._standard = True
+        try:
+            yield self.model
+        finally:
+            self._layout.apply(self.adapter.blocks, to_standard=False)
+            self._standard = False
+
+    # ---------------------------------------------------------------------------------------- widths
+    @property
+    def subnet(self) -> Subnet:
+        """The active subnetwork (set by `set_subnet`; full width after wrapping)."""
+        return self._subnet
+
+    @property
+    def dropout_list(self) -> DropoutList | None:
+        """The PIAD dropout list that macs=/index= budgets follow; None: uniform widths."""
+        return self._dropout_list
+
+    @dropout_list.setter
+    def dropout_list(self, value: DropoutList | None) -> None:
+        if value is not None:
+            if not isinstance(value, DropoutList):
+                raise ValueError(f"dropout_list must be a DropoutList or None, got {type(value).__name__}")
+            if value.head_dims != self.head_dims or value.hiddens != self.hiddens:
+                raise ValueError(f"dropout_list was built for head_dims={value.head_dims}, hiddens={value.hiddens}; "
+                                 f"this model has {self.head_dims}, {self.hiddens}")
+        self._dropout_list = value
+
+    def _checked(self, subnet: Subnet | None) -> Subnet:
+        if subnet is None:
+            return self._subnet
+        if not isinstance(subnet, Subnet):
+            raise ValueError(f"subnet must be a skd.Subnet, got {type(subnet).__name__}")
+        subnet.validate(self.head_dims, self.hiddens)
+        return subnet
+
+    def uniform(self, keep: float) -> Subnet:
+        """The subnet keeping floor(keep * n) dims of every module (every head, every MLP)."""
+        return self._budgets.uniform(keep)
+
+    def set_subnet(
+        self,
+        subnet: Subnet | None = None,
+        *,
+        keep: float | None = None,
+        macs: float | None = None,
+        index: int | None = None,
+        latency_ms: float | None = None,
+    ) -> ElasticViT:
+        """Choose the active subnetwork by exactly one of:
+
+        subnet: explicit per-block widths; keep: the same fraction of every module (floor(keep*n));
+        macs: the largest subnet with MACs/sample <= macs * full (along the dropout list if any, else
+        uniform); index: the dropout list's first `index` units dropped; latency_ms: the largest subnet
+        predicted under that latency by the table `profile_latency` measured. Returns self.
+        No weight is copied or allocated.
+        """
+        given = {k: v for k, v in dict(subnet=subnet, keep=keep, macs=macs, index=index,
+                                        latency_ms=latency_ms).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"set_subnet takes exactly one of subnet=, keep=, macs=, index=, latency_ms=; "
+                             f"got {sorted(given) or 'none'}")
+        if subnet is not None:
+            self._subnet = self._checked(subnet)
+        elif keep is not None:
+            self._subnet = self.uniform(keep)
+        elif macs is not None:
+            f = check_fraction("macs", macs)
+            self._subnet = self._budgets.largest_under(self._dropout_list, self.macs, f * self.full_macs, "macs", f)
+        elif index is not None:
+            if self._dropout_list is None:
+                raise ValueError("index= needs a dropout list (elastic.dropout_list is None)")
+            self._subnet = self._dropout_list.subnet(index)
+        else:
+            self._subnet = self._by_latency(latency_ms)
+        return self
+
+    # ------------------------------------------------------------------------------------------ MACs
+    def macs(self, subnet: Subnet | None = None) -> int:
+        """Multiply-accumulates per sample of `subnet` (default: the active one), counted analytically.
+
+        Counts every Linear (and patch-embedding conv) incl. the head, attention scores and attn @ v
+        (per window for Swin; at the adapter's nominal sequence length for text); norms, softmax and
+        activations are not MACs.
+        """
+        return self._budgets.macs(self._checked(subnet))
+
+    @property
+    def full_macs(self) -> int:
+        """Multiply-accumulates per sample of the full-width model."""
+        return self._budgets.macs(self._budgets.full)
+
+    # --------------------------------------------------------------------------------------- latency
+    def profile_latency(self, example_input: Any, points: int = 9, repeats: int = 5) -> list[tuple[int, float]]:
+        """Measure forward latency (ms, median of `repeats`, no grad) at `points` subnets spread over MACs.
+
+        example_input: a batch (skd.batches: images (B, C, H, W), (inputs, labels) or a dict of tensors)
+        on the model's device. The table (MACs, ms) is cached and used by set_subnet(latency_ms=...);
+        the active subnet is restored afterwards.
+        """
+        check_int("points", points, 2)
+        check_int("repeats", repeats, 1)
+        active, table = self._subnet, []
+        device = self.adapter.device
+        try:
+            with torch.no_grad():
+                count, nth = self._budgets.family(self._dropout_list)
+                lowest, full = self.macs(nth(count - 1)), self.full_macs
+                for j in range(points):  # MACs evenly spaced from the smallest subnet (j = 0) to full
+                    target = lowest + j / (points - 1) * (full - lowest)
+                    self._subnet = self._budgets.largest_under(self._dropout_list, self.macs, target, "macs",
+                                                               target / full)
+                    table.append((self.macs(), time_ms(lambda: batches.call(self, example_input), repeats, device)))
+        finally:
+            self._subnet = active
+        table.sort()
+        self._latency = LatencyTable(table)
+        return table
+
+    def _by_latency(self, latency_ms: float) -> Subnet:
+        check_positive("latency_ms", latency_ms)
+        if self._latency is None:
+            raise ValueError("latency_ms= needs a latency table: call elastic.profile_latency(example_input) first")
+        return self._budgets.largest_under(self._dropout_list, lambda s: self._latency.predict_ms(self.macs(s)),
+                                           latency_ms, "latency_ms", latency_ms)
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(self, *args: Any, subnet: Subnet | None = None, masks: Masks | None = None, **kwargs: Any) -> Any:
+        """The model's own inputs -> the model's own output type, at the active subnet.
+
+        subnet: overrides the active subnet for this call only. masks: {(block, "attn"): (r_b,),
+        (block, "mlp"): (h_b,)} multiplicative masks (any float dtype/device broadcastable to the
+        activations) on the kept rank dims of q, k and v of every head, and on the kept post-activation
+        MLP hidden units (e.g. channel dropout); absent keys mean no mask.
+        """
+        if self._standard:
+            raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
+        s = self._checked(subnet)
+        masks = self._checked_masks(s, masks)
+        return self.adapter.run(args, kwargs, s, functools.partial(self._attention, s, masks),
+                                functools.partial(self._mlp, s, masks))
+
+    def _checked_masks(self, s: Subnet, masks: Masks | None) -> Masks:
+        if masks is None:
+            return {}
+        if not isinstance(masks, dict):
+            raise ValueError(f"masks must be a dict {{(block, 'attn'|'mlp'): tensor}}, got {type(masks).__name__}")
+        for key, m in masks.items():
+            if not (isinstance(key, tuple) and len(key) == 2 and key[1] in ("attn", "mlp")
+                    and isinstance(key[0], int) and 0 <= key[0] < len(self.head_dims)):
+                raise ValueError(f"masks key {key!r} must be (block index, 'attn'|'mlp')")
+            width = getattr(s, key[1])[key[0]]
+            if not isinstance(m, torch.Tensor) or m.shape != (width,):
+                raise ValueError(f"masks[{key!r}] must be a tensor of shape ({width},) (the kept width), got "
+                                 f"{getattr(m, 'shape', type(m).__name__)}")
+        return masks
+
+    def _attention(self, sub: Subnet, masks: Masks, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (S, N, D) -> (S, N, D_out) through the first r dims of every head; bias: broadcastable to (S, H, N, N)."""
+        spec, r = self.adapter.blocks[i], sub.attn[i]
+        h = spec.num_heads
+        s, n, _ = x.shape
+        mask = masks.get((i, "attn"))
+        if spec.fused:
+            qkv = skd_kernels.prefix_linear(x, spec.qkv.weight, spec.qkv.bias, k_out=3 * h * r)  # (S, N, r*3*H)
+            # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
+            # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
+            # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
+            qkv = qkv.view(s * n, r, 3 * h).transpose(1, 2).contiguous()
+            if mask is not None:
+                qkv = qkv * mask.to(qkv)
+            q, k, v = qkv.view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views
+        else:
+            q, k, v = (self._head_major(skd_kernels.prefix_linear(x, lin.weight, lin.bias, k_out=h * r), h, r, mask)
+                       for lin in (spec.q, spec.k, spec.v))
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=spec.attn_dropout if self.training else 0.0, scale=spec.scale)
+        o = o.permute(0, 2, 3, 1).reshape(s, n, r * h)  # (S, N, r, H): rank-major proj columns
+        return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
+
+    @staticmethod
+    def _head_major(y: torch.Tensor, h: int, r: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """(S, N, r*H) rank-major -> (S, H, N, r) with each head's dims contiguous (one copy), masked."""
+        s, n, _ = y.shape
+        y = y.view(s * n, r, h).transpose(1, 2).contiguous()
+        if mask is not None:
+            y = y * mask.to(y)
+        return y.view(s, n, h, r).transpose(1, 2)
+
+    def _mlp(self, sub: Subnet, masks: Masks, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., D) -> (..., D) through the first h hidden units."""
+        spec, h = self.adapter.blocks[i], sub.mlp[i]
+        y = skd_kernels.prefix_linear(x, spec.fc1.weight, spec.fc1.bias, k_out=h, activation=spec.fused_act)
+        if spec.fused_act is None:
+            y = spec.act(y)
+        mask = masks.get((i, "mlp"))
+        if mask is not None:
+            y = y * mask.to(y)
+        y = spec.hidden_dropout(y)
+        return skd_kernels.prefix_linear(y, spec.fc2.weight, spec.fc2.bias, k_in=h)
+
+    # --------------------------------------------------------------------------------------- extract
+    def extract(self, subnet: Subnet | None = None) -> nn.Module:
+        """A standalone, physically smaller copy of the model at `subnet` (default: the active one).
+
+        Built by the adapter from the model library's own modules (`ModelAdapter.shrink`), computing
+        what this ElasticViT computes at `subnet`; it runs without skd. `out.skd_subnet` records the
+        widths (plain data) so `skd.save` can record how to rebuild this shape.
+        """
+        subnet = self._checked(subnet)
+        self._guard.remove()  # the copy must not carry the wrapped-model guard
+        try:
+            out = copy.deepcopy(self.model)
+        finally:
+            self._guard = self.model.register_forward_pre_hook(self._refuse_bare_forward)
+        del out._skd_wrapped
+        shrinker = adapter_for(out)
+        if not self._standard:
+            self._layout.apply(shrinker.blocks, to_standard=True)
+        shrinker.shrink(subnet)
+        out.skd_subnet = subnet.to_dict()
+        return out
