@@ -65,7 +65,8 @@ def batch_size(batch: Batch) -> int:
     return (args[0] if args else next(iter(kwargs.values()))).shape[0]
 
 
-def _map(batch: Batch, fn: Any) -> Batch:
+def map_tensors(batch: Batch, fn: Any) -> Batch:
+    """The batch with fn applied to each of its tensors (same structure)."""
     kind = _kind(batch)
     if kind == "tensor":
         return fn(batch)
@@ -76,17 +77,17 @@ def _map(batch: Batch, fn: Any) -> Batch:
 
 def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
     """The batch with every tensor on `device`; with `dtype`, floating-point inputs (not labels) cast too."""
-    moved = _map(batch, lambda t: t.to(device))
+    moved = map_tensors(batch, lambda t: t.to(device))
     if dtype is None:
         return moved
     args, kwargs = model_inputs(moved)
     cast = {id(t) for t in (*args, *kwargs.values()) if t.is_floating_point()}
-    return _map(moved, lambda t: t.to(dtype) if id(t) in cast else t)
+    return map_tensors(moved, lambda t: t.to(dtype) if id(t) in cast else t)
 
 
 def slice_batch(batch: Batch, k: int) -> Batch:
     """The first k samples of every tensor of the batch."""
-    return _map(batch, lambda t: t[:k])
+    return map_tensors(batch, lambda t: t[:k])
 
 
 def take(batches: Iterable[Batch], n: int) -> Iterator[Batch]:
@@ -100,6 +101,18 @@ def take(batches: Iterable[Batch], n: int) -> Iterator[Batch]:
             continue
         yield batch if k == batch_size(batch) else slice_batch(batch, k)
         left -= k
+
+
+def concat(parts: list[Batch]) -> Batch:
+    """One batch of the samples of `parts` (same structure each), in order."""
+    first = parts[0]
+    kind = _kind(first)
+    if kind == "tensor":
+        return torch.cat(parts)
+    if kind == "dict":
+        return {k: torch.cat([p[k] for p in parts]) for k in first}
+    return type(first)(torch.cat([p[j] for p in parts]) if isinstance(v, torch.Tensor) else v
+                       for j, v in enumerate(first))
 
 
 def check_finite(batch: Batch, where: str) -> None:

@@ -2,7 +2,8 @@
 
 For a subnetwork `subnet` of an ElasticViT (the super-network as truncated so far) and a proxy set:
 
-- module sensitivity  γ_m = (L(bypass m) − L) / L, L the subnet's mean cross-entropy on the proxy set
+- module sensitivity  γ_m = (L(bypass m) − L) / L, L the subnet's mean loss per sample on the proxy set
+  (`loss_fn(output, batch)` summed over the batch; default: the adapter's cross-entropy)
   and "bypass m" the subnet with module m's residual branch skipped (width 0);
 - dimension importance I_i = γ_m · α_i, α the first-order Taylor channel importance
   Σ_samples |Σ_tokens g·a| of the full network (WPAC's streamed calibration pass, `skd.stats.calibrate`,
@@ -15,17 +16,17 @@ For a subnetwork `subnet` of an ElasticViT (the super-network as truncated so fa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from . import batches
 from .elastic import ElasticViT
 from .evaluate import eval_mode
-from .models import adapter_for
-from .stats import QKV, calibrate
+from .stats import QKV, LossFn, calibrate
 from .subnet import DropoutList, Group, Subnet
 
 Module = tuple[int, str]  # (block index, "attn" | "mlp")
@@ -44,7 +45,7 @@ class Importance:
 
     gamma[(b, m)]: module sensitivity (float; may be < 0 when bypassing m lowers the loss).
     alpha[(b, m)]: (kept width,) float64 Taylor importance of the module's kept dims, summing to 1
-    (uniform when all scores are 0). loss: the subnet's mean proxy-set cross-entropy.
+    (uniform when all scores are 0). loss: the subnet's mean proxy-set loss per sample.
     """
 
     gamma: dict[Module, float]
@@ -67,45 +68,53 @@ def _device(elastic: ElasticViT) -> torch.device:
     return next(elastic.parameters()).device
 
 
+def _sum_loss(elastic: ElasticViT, loss_fn: LossFn | None) -> LossFn:
+    """`loss_fn`, or the adapter's default loss summed over the batch."""
+    return loss_fn or functools.partial(elastic.adapter.default_loss, reduction="sum")
+
+
 @torch.no_grad()
-def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet]) -> list[float]:
-    """Mean cross-entropy of each subnet over `data` (all processes' shares together)."""
+def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet], loss_fn: LossFn) -> list[float]:
+    """Mean loss per sample of each subnet over `data` (all processes' shares together)."""
     dev = _device(elastic)
     sums = torch.zeros(len(subnets) + 1, dtype=torch.float64, device=dev)  # last entry: sample count
-    for images, labels in data:
-        images, labels = images.to(dev), labels.to(dev)
+    for batch in data:
+        batch = batches.to_device(batch, dev)
+        args, kwargs = batches.model_inputs(batch)
         for j, s in enumerate(subnets):
-            elastic.set_subnet(s)
-            sums[j] += F.cross_entropy(elastic(images).float(), labels, reduction="sum").double()
-        sums[-1] += len(labels)
+            sums[j] += loss_fn(elastic(*args, subnet=s, **kwargs), batch).double()
+        sums[-1] += batches.batch_size(batch)
     _all_reduce(sums)
     if sums[-1] == 0:
         raise ValueError("the proxy set is empty")
     return (sums[:-1] / sums[-1]).tolist()
 
 
-def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int) -> dict[Module, torch.Tensor]:
+def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int, loss_fn: LossFn) -> dict[Module, torch.Tensor]:
     """Full-width Taylor channel scores (width,) float64 per module, from WPAC's calibration pass.
 
-    Attention: q, k and v scores of rank j summed over heads (timm's head-major channels h*hd + j).
+    Attention: q, k and v scores of rank j summed over heads (head-major channels h*hd + j).
     """
+    adapter = elastic.adapter
     with elastic.standard_layout() as model:
-        blocks = adapter_for(model).blocks
-        stats = calibrate(model, blocks, data, num_samples=num_samples, covariance=None, progress=False)
+        stats = calibrate(model, adapter.blocks, data, num_samples=num_samples, covariance=None, progress=False,
+                          loss_fn=loss_fn, token_weights=adapter.token_weights)
     out: dict[Module, torch.Tensor] = {}
-    for b, (spec, feats) in enumerate(zip(blocks, stats.blocks, strict=True)):
+    for b, (spec, feats) in enumerate(zip(adapter.blocks, stats.blocks, strict=True)):
         out[b, "attn"] = sum(feats[f].taylor.view(spec.num_heads, spec.head_dim).sum(0) for f in QKV)
         out[b, "mlp"] = feats["hidden"].taylor
     return out
 
 
 def estimate_importance(
-    elastic: ElasticViT, data: Iterable, num_samples: int, subnet: Subnet | None = None
+    elastic: ElasticViT, data: Iterable, num_samples: int, subnet: Subnet | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Importance:
     """Module sensitivity and normalised Taylor importance of `subnet` (default: full) on the proxy `data`.
 
-    data: a re-iterable of (images (B, C, H, W), labels (B,) int64) batches, e.g. a DataLoader over the
-    proxy set; num_samples: the proxy set's size (over all processes). Under torch.distributed each
+    data: a re-iterable of batches (skd.batches), e.g. a DataLoader over the proxy set; loss_fn(output,
+    batch) -> scalar summed over the batch (default: the adapter's cross-entropy, summed); num_samples:
+    the proxy set's size (over all processes). Under torch.distributed each
     process passes its own shard (num_samples // world, +1 on the first num_samples % world ranks) and
     the statistics are all-reduced. Runs in eval mode; train/eval mode and active subnet are restored.
     """
@@ -113,12 +122,13 @@ def estimate_importance(
     base.validate(elastic.head_dims, elastic.hiddens)
     with eval_mode(elastic):
         modules = [(b, m) for m in ("attn", "mlp") for b, w in enumerate(getattr(base, m)) if w]
-        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)])
+        loss_fn = _sum_loss(elastic, loss_fn)
+        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)], loss_fn)
         if losses[0] <= 0:
             raise ValueError(f"the subnet's proxy loss is {losses[0]}: relative sensitivities are undefined")
         gamma = {mod: (lb - losses[0]) / losses[0] for mod, lb in zip(modules, losses[1:], strict=True)}
         alpha = {}
-        for mod, t in _taylor(elastic, data, num_samples).items():
+        for mod, t in _taylor(elastic, data, num_samples, loss_fn).items():
             t = t[: getattr(base, mod[1])[mod[0]]]  # the kept dims (a prefix) share the module's mass
             if len(t) == 0:
                 continue

@@ -1,24 +1,28 @@
 """Streaming calibration statistics for WPAC: Taylor sums and per-head weighted covariances.
 
-One calibration pass runs batches of (images, labels) through the model in eval mode, takes the
-gradient of the loss w.r.t. each block's q, k, v (the qkv Linear output) and MLP hidden activation
-(the fc2 input), and folds each (activation, gradient) pair into sufficient statistics with
-`skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept
-beyond its batch, so peak memory does not depend on the number of samples, and the statistics of several
-processes simply add up (`CalibrationStats.all_reduce`).
+One calibration pass runs batches (skd.batches: (inputs, labels), dicts of tensors, ...) through the model
+in eval mode, takes the gradient of the loss w.r.t. each block's q, k, v (the fused qkv Linear's output,
+or the separate q/k/v Linears' outputs), MLP hidden activation (the fc2 input) and, when asked, the
+attention context (the output projection's input), and folds each (activation, gradient) pair into
+sufficient statistics with `skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside
+autograd hooks. Nothing is kept beyond its batch, so peak memory does not depend on the number of
+samples, and the statistics of several processes simply add up (`CalibrationStats.all_reduce`).
 
-Features, per block (C channels, H heads of hd dims, head-major like timm's qkv rows):
-  q, k, v: (B, T, H*hd) slices of the qkv output; hidden: (B, T, m) input of fc2.
-For Swin, the (B*windows, N, C) window batches are viewed as (B, windows*N, C): windows of one image
-are contiguous in timm's window_partition, so "per sample" always means per image.
+Features, per block (C = H*hd channels, head-major like the model's own rows):
+  q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; context: (B, T, C) input of the output projection.
+A feature computed as (B*S, N, C) (Swin's window batches) is viewed as (B, S*N, C): the sequences of one
+sample are contiguous, so "per sample" always means per input sample. Token weights (B, T) from the
+adapter (padding 0) multiply every token's contribution: a padding token adds nothing to any statistic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,23 +33,32 @@ from tqdm.auto import tqdm
 import skd_kernels
 from skd_kernels import CovState
 
+from . import batches
 from .models import BlockSpec
 
 QKV = ("q", "k", "v")
 FEATURES = (*QKV, "hidden")
+CONTEXT = "context"  # the output projection's input; collected only when asked (calibrate(context=True))
 COVARIANCE_MODES = (None, "weighted", "uniform")
 DATASET_BATCH_SIZE = 64
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# loss_fn(output, batch) -> scalar: the model's own output and the batch it came from (skd.batches)
+LossFn = Callable[[Any, Any], torch.Tensor]
+# token_weights(batch) -> (B, T) 0/1 weights of the tapped features' tokens, or None (all 1)
+TokenWeightsFn = Callable[[Any], torch.Tensor | None]
 
 
-def sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Default calibration loss: cross-entropy summed over the batch, in fp32.
+def sum_cross_entropy(output: torch.Tensor, batch: Any) -> torch.Tensor:
+    """Default calibration loss: cross-entropy of the output logits against the batch's labels, summed
+    over the batch, in fp32.
 
     Summed, not averaged: each sample's gradient is then independent of how samples are batched or
     sharded across processes, which is what makes streamed and distributed statistics add up exactly.
     """
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    labels = batches.labels(batch)
+    if labels is None:
+        raise ValueError("the calibration batches have no labels: pass loss_fn=")
+    return F.cross_entropy(output.float(), labels.to(output.device), reduction="sum")
 
 
 @dataclass
@@ -55,7 +68,7 @@ class FeatureStats:
     taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance).
     fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested.
     cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
-    uniformly; None for the MLP hidden feature or when not requested.
+    uniformly (times the token weight); None for the MLP hidden feature or when not requested.
     """
 
     taylor: torch.Tensor
@@ -74,21 +87,22 @@ class FeatureStats:
 
 @dataclass
 class CalibrationStats:
-    """All blocks' statistics: blocks[i][feature] -> FeatureStats; samples: () float64 count."""
+    """All blocks' statistics: blocks[i][feature] -> FeatureStats (FEATURES, plus CONTEXT when collected);
+    samples: () float64 count."""
 
     blocks: list[dict[str, FeatureStats]]
     samples: torch.Tensor
 
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
-              device: torch.device) -> CalibrationStats:
-        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher only if asked for."""
+              device: torch.device, context: bool = False) -> CalibrationStats:
+        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context only if asked for."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
-            c = spec.num_heads * spec.head_dim
+            c = spec.channels
             feats = {}
-            for name in FEATURES:
+            for name in (*FEATURES, CONTEXT) if context else FEATURES:
                 width = spec.hidden if name == "hidden" else c
                 feats[name] = FeatureStats(
                     taylor=torch.zeros(width, **f64),
@@ -145,21 +159,29 @@ class _Collector:
     Forward hooks stash the detached activation (a view, no copy) and register a tensor hook on the
     graph's activation; the tensor hook receives the gradient during backward, updates the statistics and
     drops the activation. `outputs` holds this batch's graph activations for `torch.autograd.grad`.
+    `batch_size` and `weights` ((B, T) token weights or None) describe the current batch.
     """
 
-    def __init__(self, blocks: Sequence[BlockSpec], stats: CalibrationStats, covariance: str | None) -> None:
+    def __init__(self, blocks: Sequence[BlockSpec], stats: CalibrationStats, covariance: str | None,
+                 context: bool) -> None:
         self.blocks = blocks
         self.stats = stats
         self.covariance = covariance
+        self.context = context
         self.batch_size = 0
+        self.weights: torch.Tensor | None = None
         self.outputs: list[torch.Tensor] = []
         self._acts: dict[tuple[int, str], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _Collector:
         for i, spec in enumerate(self.blocks):
-            self._handles.append(spec.qkv.register_forward_hook(functools.partial(self._on_qkv, i)))
-            self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_hidden, i)))
+            taps = [(spec.qkv, "qkv")] if spec.fused else list(zip((spec.q, spec.k, spec.v), QKV, strict=True))
+            for lin, name in taps:
+                self._handles.append(lin.register_forward_hook(functools.partial(self._on_output, i, name)))
+            self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_input, i, "hidden")))
+            if self.context:
+                self._handles.append(spec.proj.register_forward_pre_hook(functools.partial(self._on_input, i, CONTEXT)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,26 +203,32 @@ class _Collector:
         self.outputs.append(act)
         act.register_hook(functools.partial(self._on_grad, i, name))
 
-    def _on_qkv(self, i: int, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._stash(i, "qkv", output)
+    def _on_output(self, i: int, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._stash(i, name, output)
 
-    def _on_hidden(self, i: int, module: nn.Module, inputs: tuple) -> None:
-        self._stash(i, "hidden", inputs[0])
+    def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
+        self._stash(i, name, inputs[0])
 
     def _on_grad(self, i: int, name: str, grad: torch.Tensor) -> None:
         act = self._acts.pop((i, name))
-        if name == "hidden":
-            self._update(i, "hidden", act, grad)
+        if name != "qkv":
+            self._update(i, name, act, grad)
             return
-        c = self.blocks[i].num_heads * self.blocks[i].head_dim
+        c = self.blocks[i].channels
         for j, feat in enumerate(QKV):
             self._update(i, feat, act[..., j * c : (j + 1) * c], grad[..., j * c : (j + 1) * c])
 
     def _update(self, i: int, name: str, act: torch.Tensor, grad: torch.Tensor) -> None:
-        """act, grad: (S, ..., C) in the model's dtype, S = batch or batch*windows."""
+        """act, grad: (S, ..., C) in the model's dtype, S = batch or batch*sequences."""
         spec, st = self.blocks[i], self.stats.blocks[i][name]
         c = act.shape[-1]
         act, grad = act.reshape(self.batch_size, -1, c), grad.reshape(self.batch_size, -1, c)
+        w = self.weights
+        if w is not None:
+            if w.shape != act.shape[:2]:
+                raise ValueError(f"{spec.name} {name}: token weights have shape {tuple(w.shape)} but the feature "
+                                 f"has (batch, tokens) = {tuple(act.shape[:2])}")
+            act = act * w[..., None].to(act.dtype)  # padding tokens: g·a = 0 in every Taylor/Fisher sum
         try:
             token, channel = skd_kernels.taylor_scores(act, grad)
         except ValueError as e:  # the kernel names the tensor; add where it came from
@@ -214,8 +242,30 @@ class _Collector:
             x = act.reshape(-1, c)
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()  # half-precision models: statistics (and the weights Θ) stay fp32
-            w = token.reshape(-1) if self.covariance == "weighted" else torch.ones_like(token.reshape(-1))
-            skd_kernels.weighted_covariance(x, w, spec.num_heads, state=st.cov)
+            tw = token.reshape(-1) if self.covariance == "weighted" else torch.ones_like(token.reshape(-1))
+            if w is not None:
+                tw = tw * w.reshape(-1).to(tw.dtype)
+            skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
+
+
+@contextlib.contextmanager
+def _graph_guaranteed(model: nn.Module, batch: Any) -> Iterator[Any]:
+    """The batch with its floating-point tensors replaced by leaves that require grad, so the hooked
+    activations are in a graph even when every parameter is frozen; a batch without any (token ids) gets
+    the parameters' flags set for the pass instead (restored after). `torch.autograd.grad` on the
+    activations computes no weight gradients either way."""
+    args, kwargs = batches.model_inputs(batch)
+    if any(t.is_floating_point() for t in (*args, *kwargs.values())):
+        yield batches.map_tensors(batch, lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t)
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield batch
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def calibrate(
@@ -227,20 +277,25 @@ def calibrate(
     covariance: str | None,
     fisher: bool = False,
     loss_fn: LossFn | None = None,
+    token_weights: TokenWeightsFn | None = None,
+    context: bool = False,
     progress: bool = True,
     group: object = None,
 ) -> CalibrationStats:
     """One streamed calibration pass over at most `num_samples` samples of `data`.
 
-    model: the bare timm model whose `blocks` (adapter BlockSpecs) are hooked; run in eval mode, its
-    training flag is restored afterwards. data: yields (images (B, C, H, W), labels (B,)) batches, or a
-    map-style Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t) or
-    "uniform" (w_t = 1) per-head covariance of q, k, v. fisher: also accumulate Σ (Σ_t g·a)^2.
-    loss_fn(outputs, labels) -> scalar, summed over the batch (default: `sum_cross_entropy`).
+    model: the bare model (standard layout) whose `blocks` (adapter BlockSpecs) are hooked; run in eval
+    mode, its training flag is restored afterwards. data: yields batches (skd.batches), or a map-style
+    Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t) or "uniform"
+    (w_t = 1) per-head covariance of q, k, v (and of the context). fisher: also accumulate Σ (Σ_t g·a)^2.
+    loss_fn(output, batch) -> scalar, summed over the batch (default: `sum_cross_entropy`).
+    token_weights(batch) -> (B, T) or None: the adapter's `token_weights` (padding tokens 0).
+    context: also collect the attention context (the output projection's input) as feature CONTEXT
+    (off by default: it costs one more covariance per block).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
-    Raises ValueError on an empty loader, NaN/Inf images, or NaN/Inf activations or gradients (naming the
+    Raises ValueError on an empty loader, NaN/Inf inputs, or NaN/Inf activations or gradients (naming the
     block and tensor); warns when fewer than num_samples samples were available in total.
     """
     if covariance not in COVARIANCE_MODES:
@@ -248,25 +303,25 @@ def calibrate(
     loss_fn = loss_fn or sum_cross_entropy
     param = next(model.parameters())
     budget, rank, world = _rank_budget(num_samples)
-    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device)
+    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=budget, desc="skd calibration", unit="img", disable=not progress or rank != 0)
+    bar = tqdm(total=budget, desc="skd calibration", unit="sample", disable=not progress or rank != 0)
     try:
-        with _Collector(blocks, stats, covariance) as collector, torch.enable_grad():
+        with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad():
             seen = 0
-            for n, (images, labels) in enumerate(_take(_batches(data), budget)):
-                if not bool(torch.isfinite(images).all()):
-                    raise ValueError(f"calibration batch {n}: images contain NaN or Inf")
-                # requires_grad on the input only guarantees a graph (frozen parameters included);
-                # autograd.grad below computes gradients for the hooked activations alone, not weights.
-                images = images.to(param.device, param.dtype).requires_grad_(True)
-                collector.batch_size = images.shape[0]
-                loss = loss_fn(model(images), labels.to(param.device))
-                torch.autograd.grad(loss, collector.outputs, allow_unused=True)
+            for n, batch in enumerate(batches.take(_batches(data), budget)):
+                batches.check_finite(batch, f"calibration batch {n}")
+                batch = batches.to_device(batch, param.device, param.dtype)
+                size = batches.batch_size(batch)
+                collector.batch_size = size
+                collector.weights = None if token_weights is None else token_weights(batch)
+                with _graph_guaranteed(model, batch) as batch:
+                    loss = loss_fn(batches.call(model, batch), batch)
+                    torch.autograd.grad(loss, collector.outputs, allow_unused=True)
                 collector.end_batch()
-                seen += images.shape[0]
-                bar.update(images.shape[0])
+                seen += size
+                bar.update(size)
             stats.samples += seen
     finally:
         bar.close()
@@ -280,25 +335,3 @@ def calibrate(
         warnings.warn(f"calibration data had only {total} samples of the {num_samples} asked for; using those",
                       stacklevel=3)
     return stats
-
-
-def _take(batches: Iterable, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches truncated so that exactly min(n, available) samples are yielded."""
-    if n <= 0:
-        return
-    left = n
-    for batch in batches:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError(f"calibration data must yield (images, labels) batches, got {type(batch).__name__}")
-        images, labels = batch[0], batch[1]
-        if images.dim() != 4:
-            raise ValueError(f"calibration images must be (B, C, H, W), got shape {tuple(images.shape)}")
-        k = min(left, images.shape[0])
-        if k == 0:
-            continue
-        yield images[:k], labels[:k]
-        left -= k
-        if left == 0:
-            return
-
-

@@ -12,6 +12,7 @@ Transforms are computed and applied in float64, then cast back to the weights' d
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Iterable
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 from skd_kernels import CovState
 
 from ._checks import check_int
-from .models import BlockSpec, adapter_for
+from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CalibrationStats, LossFn, calibrate
 
 CRITERIA = ("wpac", "pca", "taylor", "magnitude", "random", "hessian")
@@ -73,13 +74,15 @@ def wpac(
 ) -> nn.Module:
     """Stratify `model` in place so the leading dims of every head and MLP hold the most knowledge.
 
-    model: a timm VisionTransformer / DeiT / Swin, or an `skd.ElasticViT` (transformed through its
-    `standard_layout()`); any float dtype (statistics are fp32, transforms float64). data: yields
-    (images (B, C, H, W), labels (B,)) batches, or a map-style Dataset of (image, label) samples; at most
-    `num_samples` samples are used (under torch.distributed: in total over all processes, each reading
-    its own shard). criterion: one of CRITERIA; "magnitude" and "random" read no data. loss_fn(outputs,
-    labels) -> scalar summed over the batch; default cross-entropy. Returns the same model, computing the
-    same function, with `model.skd_report` (a WPACReport).
+    model: any model with a `skd.models` adapter (timm ViT/DeiT/Swin, HF encoders and ViTs, ...), or an
+    `skd.ElasticViT` (transformed through its `standard_layout()`); any float dtype (statistics are
+    fp32, transforms float64). data: yields batches (skd.batches: (images, labels) tuples, dicts of
+    tensors, ...), or a map-style Dataset of single samples; at most `num_samples` samples are used
+    (under torch.distributed: in total over all processes, each reading its own shard); padding tokens
+    (attention_mask 0) carry no weight. criterion: one of CRITERIA; "magnitude" and "random" read no data.
+    loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss`
+    (cross-entropy against the labels) summed. Returns the same model, computing the same function,
+    with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
     images, activations or gradients). Models with qk_norm keep their V/O rotation and MLP order, but Q/K
@@ -92,19 +95,21 @@ def wpac(
     check_int("num_samples", num_samples, 1)
     if isinstance(model, ElasticViT):
         with model.standard_layout() as inner:
-            model.skd_report = _stratify(inner, data, num_samples, criterion, loss_fn, progress)
+            model.skd_report = _stratify(inner, model.adapter, data, num_samples, criterion, loss_fn, progress)
         return model
-    model.skd_report = _stratify(model, data, num_samples, criterion, loss_fn, progress)
+    model.skd_report = _stratify(model, adapter_for(model), data, num_samples, criterion, loss_fn, progress)
     return model
 
 
-def _stratify(model: nn.Module, data: Iterable | Dataset, num_samples: int, criterion: str,
-              loss_fn: LossFn | None, progress: bool) -> WPACReport:
+def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset, num_samples: int,
+              criterion: str, loss_fn: LossFn | None, progress: bool) -> WPACReport:
     start = time.perf_counter()
-    blocks = adapter_for(model).blocks
+    blocks = adapter.blocks
     stats = None
     if criterion not in ("magnitude", "random"):
-        stats = calibrate(model, blocks, data, num_samples=num_samples, loss_fn=loss_fn, progress=progress,
+        stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
+                          loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
+                          token_weights=adapter.token_weights,
                           covariance={"wpac": "weighted", "pca": "uniform"}.get(criterion),
                           fisher=criterion == "hessian")
     normed = [s.name for s in blocks if s.has_qk_norm]
@@ -149,7 +154,7 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
         if criterion == "magnitude":  # L2 norms of every weight attached to the dim, in and out
             if name == "hidden":
                 return (spec.fc1.weight.double().norm(dim=1) + spec.fc2.weight.double().norm(dim=0)).cpu()
-            rows = spec.qkv.weight.double().view(3, h * hd, -1)["qkv".index(name)].norm(dim=-1)
+            rows = spec.qkv_weights()["qkv".index(name)][0].double().norm(dim=-1)
             return (rows + spec.proj.weight.double().norm(dim=0) if name == "v" else rows).cpu()
         f = feats[name]
         return (f.fisher if criterion == "hessian" else f.taylor).cpu()
@@ -256,12 +261,12 @@ def _permutation_matrices(importance: torch.Tensor) -> tuple[torch.Tensor, torch
 def _apply_attention(spec: BlockSpec, qk: torch.Tensor, vo: torch.Tensor) -> None:
     """qk, vo: (H, hd, hd) float64 orthogonal. q_h, k_h rows <- U_h·, v_h rows <- T_h·, proj[:, h] <- ·T_h^T."""
     h, hd = spec.num_heads, spec.head_dim
-    qkv_w, qkv_b, proj_w = spec.qkv.weight, spec.qkv.bias, spec.proj.weight
-    transforms = torch.stack([qk, qk, vo]).to(qkv_w.device)  # (3, H, hd, hd)
-    w = torch.einsum("shij,shjd->shid", transforms, qkv_w.double().view(3, h, hd, -1))
-    qkv_w.copy_(w.reshape(qkv_w.shape))
-    if qkv_b is not None:
-        qkv_b.copy_(torch.einsum("shij,shj->shi", transforms, qkv_b.double().view(3, h, hd)).reshape(-1))
+    for (w, b), t in zip(spec.qkv_weights(), (qk, qk, vo), strict=True):  # views: written in place
+        t = t.to(w.device)
+        w.copy_(torch.einsum("hij,hjd->hid", t, w.double().view(h, hd, -1)).reshape(w.shape))
+        if b is not None:
+            b.copy_(torch.einsum("hij,hj->hi", t, b.double().view(h, hd)).reshape(-1))
+    proj_w = spec.proj.weight
     o = torch.einsum("ohj,hij->ohi", proj_w.double().view(-1, h, hd), vo.to(proj_w.device))
     proj_w.copy_(o.reshape(proj_w.shape))
 
