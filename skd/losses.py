@@ -45,11 +45,14 @@ def span_crop_mask(attention_mask: torch.Tensor, keep: tuple[float, float] = CRO
 
 
 def _batch_generator(batch: Mapping[str, torch.Tensor]) -> torch.Generator:
-    """A generator seeded from the batch's token ids: the same batch gets the same crop, so calibration
-    statistics are reproducible, while different batches get different crops."""
-    ids = batch.get("input_ids")
-    seed = 0 if ids is None else int(ids.long().sum()) * 1_000_003 + ids.numel()
-    return torch.Generator().manual_seed(seed)
+    """A generator seeded from the batch's real tokens (ids and count; padding does not count): the same
+    sentences get the same crop however they are padded, so calibration statistics are reproducible,
+    while different batches get different crops."""
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if ids is None:
+        return torch.Generator().manual_seed(0)
+    real = torch.ones_like(ids) if mask is None else mask.long()
+    return torch.Generator().manual_seed(int((ids.long() * real).sum()) * 1_000_003 + int(real.sum()))
 
 
 def contrastive_loss(output: Any, batch: Mapping[str, torch.Tensor], *, scale: float = MNRL_SCALE,
