@@ -252,24 +252,62 @@ def cmd_wpac(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import copy
+
     from .io import save
     from .piad import CHECKPOINT_NAME, PIADTrainer
 
     _check_checkpoint(args, CHECKPOINT_NAME)
     elastic, extra = open_file(args.file)
     train = _data(args, args.data, elastic, "train", extra)
-    validate = args.val_data is not None or args.data is None  # default validation: the digits' test split
+    validate = args.val_data is not None or args.data is None  # default validation: the built-in test split
     val = _data(args, args.val_data, elastic, "test", extra) if validate else None
     elastic.to(args.device)
-    trainer = PIADTrainer(elastic, train, val, target_macs=args.target_macs, epochs=args.epochs,
-                          progressive_epochs=args.progressive_epochs or max(1, args.epochs // 3),
-                          method=args.method, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
-                          seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                          progress=not args.no_progress)
+    teacher = copy.deepcopy(elastic).set_subnet(keep=1.0).requires_grad_(False) if args.distill else None
+    trainer = PIADTrainer(elastic, _train_loader(args, train), val, teacher=teacher, target_macs=args.target_macs,
+                          epochs=args.epochs, progressive_epochs=args.progressive_epochs, method=args.method,
+                          batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed,
+                          checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress,
+                          log_path=args.log, on_epoch=None if not args.no_progress else _epoch_printer(args.epochs))
     supernet = trainer.fit()
     if trainer.rank == 0:
         save(supernet, args.out, extra=_extra(train, extra, history=trainer.history))
         print(f"wrote {args.out}")
+
+
+def _train_loader(args: argparse.Namespace, train: Any) -> Any:
+    """`train` itself (PIAD batches it), or with --workers the same seeded global batches from worker
+    processes."""
+    if args.workers == 0:
+        return train
+    from torch.utils.data import DataLoader
+
+    from ._dist import init_from_env, rank_world
+    from .piad import GlobalBatchSampler
+
+    init_from_env()
+    rank, world = rank_world()
+    return DataLoader(train, batch_sampler=GlobalBatchSampler(len(train), args.batch_size, rank, world, args.seed),
+                      num_workers=args.workers)
+
+
+def _epoch_printer(epochs: int) -> Any:
+    """on_epoch callback printing PIAD's one line per epoch on rank 0 (PIAD prints it itself when its
+    progress display is on; --no-progress hides the bars, not the report)."""
+    import time
+
+    from ._dist import rank_world
+    from .piad.report import format_line
+
+    start = [time.perf_counter()]
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if rank_world()[0] == 0:
+            print(format_line(record, epochs, now - start[0]), flush=True)
+        start[0] = now
+
+    return on_epoch
 
 
 def _check_checkpoint(args: argparse.Namespace, name: str) -> None:
@@ -447,12 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-data", type=_existing_path, help="an ImageFolder (or text file) to validate on")
     t.add_argument("--target-macs", type=_fraction, default=1 / 3, help="smallest subnet's MACs fraction")
     t.add_argument("--epochs", type=_positive_int, default=30)
-    t.add_argument("--progressive-epochs", type=_positive_int, help="epochs to grow the dropout list (epochs/3)")
+    t.add_argument("--progressive-epochs", type=_positive_int, help="epochs to grow the dropout list (epochs//3)")
     t.add_argument("--method", default="piad",
                    choices=("piad", "random", "channel_dropout", "weighted_channel_dropout", "layerdrop"))
     t.add_argument("--lr", type=float, help="peak learning rate (default: DeiT's 5e-4 × global batch / 512)")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
+    t.add_argument("--distill", action="store_true",
+                   help="distil the input model's full-width outputs (logits or embeddings) into every subnet: "
+                        "what an unlabelled text encoder needs")
+    t.add_argument("--log", type=Path, help="append one JSON line per epoch (loss, lr, list MACs, val top-1) here")
     t.add_argument("--checkpoint-dir", type=Path, help="write a resumable checkpoint here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --checkpoint-dir")
     t.add_argument("--overwrite", action="store_true", help="start over, replacing the checkpoint in --checkpoint-dir")
@@ -481,7 +523,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Every path the command will write can be written, is not a folder where a file is meant, and is not
     an input file: checked before any compute."""
     inputs = [x for x in (getattr(args, "file", None), getattr(args, "model", None)) if x and Path(x).is_file()]
-    for flag in ("out", "plot"):
+    for flag in ("out", "plot", "log"):
         path = getattr(args, flag, None)
         if path is not None and args.command != "demo":
             check_out_file(f"--{flag}", path, inputs)

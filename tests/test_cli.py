@@ -352,3 +352,44 @@ def test_hf_bad_inputs_exit_2_with_one_line(tmp_path, minilm_folder):
     fails(skd("wpac", str(minilm_folder), "--data", str(empty), "--out", str(out)), "no examples")
     fails(skd("wpac", str(minilm_folder), "--data", str(latin), "--out", str(out)), "not UTF-8 text")
     assert not out.exists()
+
+
+def test_train_reports_itself(tmp_path, image_folder, model_file):
+    """One line per epoch on stdout, the same records in --log JSONL and in the output file's metadata."""
+    out, log = tmp_path / "t.safetensors", tmp_path / "train.jsonl"
+    r = skd("train", str(model_file), "--data", str(image_folder), "--val-data", str(image_folder), "--epochs", "2",
+            "--batch-size", "16", "--seed", "1", "--log", str(log),
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert [line.split("  ")[0] for line in r.stdout.splitlines() if line.startswith("epoch")] == ["epoch 1/2",
+                                                                                                 "epoch 2/2"]
+    assert "val top-1" in r.stdout
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    from skd.io import load_tensors
+
+    extra = load_tensors(out)[1]["extra"]
+    assert extra["history"] == records and [rec["epoch"] for rec in records] == [0, 1]
+    assert extra["class_names"] == [f"class_{i}" for i in range(10)]
+    r = skd("info", str(out))
+    assert r.returncode == 0 and r.stdout.count("epoch:        epoch") == 2, (r.stdout, r.stderr)
+
+
+def test_hf_text_model_trains_with_distillation(tmp_path, minilm_folder):
+    """PIAD on the real MiniLM from a text file, distilling the full model's embeddings (no labels)."""
+    from skd.text import calibration_sentences
+
+    cal = tmp_path / "cal.txt"
+    cal.write_text("\n".join(calibration_sentences()[:32]), encoding="utf-8")
+    strat, out = tmp_path / "m.safetensors", tmp_path / "t.safetensors"
+    r = skd("wpac", str(minilm_folder), "--data", str(cal), "--samples", "16", "--max-length", "32",
+            "--criterion", "magnitude", "--out", str(strat))
+    assert r.returncode == 0, r.stderr
+    r = skd("train", str(strat), "--data", str(cal), "--val-data", str(cal), "--epochs", "1", "--batch-size", "16",
+            "--max-length", "32", "--distill", "--target-macs", "0.5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1" in r.stdout
+    from skd.io import load_tensors
+
+    extra = load_tensors(out)[1]["extra"]
+    assert len(extra["history"]) == 1 and extra["tokenizer"] == str(minilm_folder.resolve())
+    assert extra["history"][0]["list_macs"] <= 0.5 + 1e-6
