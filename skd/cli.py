@@ -145,10 +145,13 @@ def load_model(spec: str, pretrained: bool = False, progress: bool = True,
     if Path(spec).is_file():
         return open_file(Path(spec))
     if Path(spec).is_dir():
-        from .models.hf_folder import load_folder
+        from .models.hf_folder import image_config, load_folder
 
         model, tokenizer = load_folder(spec, progress)
-        return ElasticViT(model), ({} if tokenizer is None else {"tokenizer": str(Path(spec).resolve())})
+        if tokenizer is not None:
+            return ElasticViT(model), {"tokenizer": str(Path(spec).resolve())}
+        config = image_config(spec)
+        return ElasticViT(model), ({} if config is None else {"image_config": config})
     if spec.endswith(".safetensors") or os.sep in spec:
         raise UsageError(f"{spec}: no such file")
     if not timm.is_model(spec):
@@ -202,8 +205,9 @@ def _data(args: argparse.Namespace, root: Path | None, elastic: Any, split: str,
     if root is not None and not root.is_dir():
         raise UsageError(f"--data {root}: an image model reads an ImageFolder (one sub-folder per class), "
                          "not a file")
-    return dataset_for(root, elastic.model, split, class_names=extra.get("class_names"),
-                       skip_bad_images=args.skip_bad_images)
+    return dataset_for(root, elastic.model, split, num_classes=elastic.adapter.num_classes,
+                       class_names=extra.get("class_names"), skip_bad_images=args.skip_bad_images,
+                       image_config=extra.get("image_config"))
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -224,9 +228,11 @@ def _loader(args: argparse.Namespace, dataset: Any, batch_size: int | None = Non
 
 def _extra(dataset: Any, extra: dict[str, Any], **more: Any) -> dict[str, Any] | None:
     """The metadata to save with a model made from one with `extra`, on `dataset`: the class names its
-    labels mean (an ImageFolder's, else those already recorded), the tokenizer's folder, and `more`."""
+    labels mean (an ImageFolder's, else those already recorded), the tokenizer's folder, a HF image model's
+    mean/std, and `more`."""
     names = getattr(dataset, "class_names", None) or extra.get("class_names")
-    out = {k: v for k, v in (("class_names", names), ("tokenizer", extra.get("tokenizer"))) if v is not None}
+    kept = (("class_names", names), ("tokenizer", extra.get("tokenizer")), ("image_config", extra.get("image_config")))
+    out = {k: v for k, v in kept if v is not None}
     return {**out, **more} or None
 
 
@@ -451,7 +457,8 @@ def _data_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `skd` argument parser; each sub-command sets `fn` to its cmd_* function."""
-    p = argparse.ArgumentParser(prog="skd", description="Stratified knowledge-density super-networks for timm ViTs.")
+    p = argparse.ArgumentParser(prog="skd", description="Stratified knowledge-density super-networks for timm "
+                                                        "and HuggingFace transformers.")
     p.add_argument("--version", action="version", version=f"skd {__version__}")
     _global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", required=True)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,20 +38,13 @@ def model_input_size(model: nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def model_num_classes(model: nn.Module) -> int | None:
-    """The number of outputs of `model`'s classifier head (timm's num_classes, HF's num_labels), or None
-    for a model without one."""
-    n = getattr(model, "num_classes", None)
-    if n is None and hasattr(getattr(model, "config", None), "num_labels") and hasattr(model, "classifier"):
-        n = model.config.num_labels
-    return n
-
-
-def _eval_transform(model: nn.Module) -> Callable:
-    """timm's evaluation transform for `model`'s mean/std/interpolation at its actual input size."""
+def _eval_transform(model: nn.Module, image_config: dict[str, Any] | None) -> Callable:
+    """timm's evaluation transform for `model`'s mean/std/interpolation/crop_pct at its actual input size;
+    `image_config` (timm data-config keys, e.g. a HF image processor's mean/std) overrides them."""
     from timm.data import create_transform, resolve_data_config
 
-    config = resolve_data_config({"input_size": (3, *model_input_size(model))}, model=model)
+    config = resolve_data_config({"input_size": (3, *model_input_size(model)), **(image_config or {})},
+                                 model=model)
     return create_transform(**config, is_training=False)
 
 
@@ -110,11 +104,14 @@ def _labels(root: Path, found: Sequence[str], head: int | None, class_names: Seq
     return list(found)
 
 
-def image_folder(root: str | os.PathLike, model: nn.Module, *, class_names: Sequence[str] | None = None,
-                 skip_bad_images: bool = False) -> ImageFolder:
+def image_folder(root: str | os.PathLike, model: nn.Module, *, num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None, skip_bad_images: bool = False,
+                 image_config: dict[str, Any] | None = None) -> ImageFolder:
     """The ImageFolder at `root` for `model`: resized to the model's actual input size and normalised as its
-    timm data config says. Labels follow `class_names` (the names the model was trained with; the folder may
-    hold a subset) or, when None, the folder's sorted class names, which must number the head's outputs.
+    timm data config says (`image_config` overrides its keys: mean, std, crop_pct, interpolation). Labels
+    follow `class_names` (the names the model was trained with; the folder may hold a subset) or, when None,
+    the folder's sorted class names, which must number `num_classes` (the head's outputs; None: a model
+    without a head, unchecked).
     skip_bad_images: decode every image first and drop the unreadable ones, reporting the count on stderr.
 
     Raises ValueError (one line) for a missing/empty folder, fewer than two classes, classes the model does
@@ -129,7 +126,7 @@ def image_folder(root: str | os.PathLike, model: nn.Module, *, class_names: Sequ
     if not samples:
         raise ValueError(f"--data {root}: holds no images (expected one sub-folder of images per class)")
     found = sorted(class_to_idx, key=class_to_idx.get)
-    names = _labels(root, found, model_num_classes(model), class_names)
+    names = _labels(root, found, num_classes, class_names)
     index = {name: i for i, name in enumerate(names)}
     samples = [(path, index[found[label]]) for path, label in samples]
     if skip_bad_images:
@@ -141,15 +138,14 @@ def image_folder(root: str | os.PathLike, model: nn.Module, *, class_names: Sequ
             samples = [s for s in samples if s[0] not in unreadable]
         if not samples:
             raise ValueError(f"--data {root}: none of its images is readable")
-    return ImageFolder(samples, names, _eval_transform(model))
+    return ImageFolder(samples, names, _eval_transform(model, image_config))
 
 
-def dataset_for(root: str | os.PathLike | None, model: nn.Module, split: str, *,
-                class_names: Sequence[str] | None = None, skip_bad_images: bool = False) -> Dataset:
-    """The ImageFolder at `root` (see `image_folder`), or the built-in digits `split` ("train" or "test")
-    when root is None."""
+def dataset_for(root: str | os.PathLike | None, model: nn.Module, split: str, **folder_options: Any) -> Dataset:
+    """The ImageFolder at `root` (see `image_folder` for `folder_options`), or the built-in digits `split`
+    ("train" or "test") when root is None."""
     if root is not None:
-        return image_folder(root, model, class_names=class_names, skip_bad_images=skip_bad_images)
+        return image_folder(root, model, **folder_options)
     from .digits import load_digits_split
 
     train, test = load_digits_split()

@@ -393,3 +393,36 @@ def test_hf_text_model_trains_with_distillation(tmp_path, minilm_folder):
     extra = load_tensors(out)[1]["extra"]
     assert len(extra["history"]) == 1 and extra["tokenizer"] == str(minilm_folder.resolve())
     assert extra["history"][0]["list_macs"] <= 0.5 + 1e-6
+
+
+def test_hf_image_model_folder_with_its_processor_normalisation(tmp_path, image_folder):
+    """A HF ViT folder: its image processor's mean/std are kept with the model and used for ImageFolders
+    (the samples equal what the processor itself makes), and wpac/eval run on it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    folder = tmp_path / "hf_vit"
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                       intermediate_size=96, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(folder)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.2, 0.4, 0.6],
+                                  image_std=[0.3, 0.2, 0.1])
+    processor.save_pretrained(folder)
+    from skd.cli import load_model
+    from skd.data import image_folder as open_folder
+
+    elastic, extra = load_model(str(folder))
+    assert extra["image_config"]["mean"] == [0.2, 0.4, 0.6] and extra["image_config"]["std"] == [0.3, 0.2, 0.1]
+    data = open_folder(image_folder, elastic.model, num_classes=elastic.adapter.num_classes, **extra)
+    path, _ = data.samples[3]
+    expected = processor(images=np.asarray(Image.open(path).convert("RGB")), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(data[3][0], expected, atol=1e-5, rtol=0)
+    out = tmp_path / "w.safetensors"
+    r = skd("wpac", str(folder), "--data", str(image_folder), "--samples", "8", "--batch-size", "8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r = skd("eval", str(out), "--data", str(image_folder), "--budgets", "0.5,1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("| w.safetensors |") == 2

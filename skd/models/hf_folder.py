@@ -7,6 +7,7 @@ weight is read.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,22 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/TypeError for missing or broken files
         raise ValueError(f"{folder}: cannot read its tokenizer ({type(e).__name__}: {e})") from e
+
+
+def image_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """timm data-config overrides that reproduce the image processor saved in `folder`
+    (preprocessor_config.json): {"mean", "std" (its image_mean / image_std), "crop_pct": 1.0 (it resizes
+    straight to the model's size), "interpolation": "bilinear" (its default resample)}; None when the
+    folder has no processor with a mean/std. ValueError naming the file when it is malformed."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        mean, std = config.get("image_mean"), config.get("image_std")
+        if mean is None or std is None:
+            return None
+        return {"mean": [float(m) for m in mean], "std": [float(s) for s in std], "crop_pct": 1.0,
+                "interpolation": "bilinear"}
+    except (ValueError, TypeError, AttributeError) as e:  # JSON, non-numbers, a non-object document
+        raise ValueError(f"{path}: malformed image processor config ({type(e).__name__}: {e})") from e
