@@ -68,7 +68,7 @@ def _existing_file(text: str) -> Path:
 def _existing_path(text: str) -> Path:
     path = Path(text)
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+        raise argparse.ArgumentTypeError(f"{text}: no such folder or file")
     return path
 
 
