@@ -104,11 +104,13 @@ def _metadata(path: Path) -> dict[str, Any]:
     from .io import load_tensors
 
     extra = load_tensors(path)[1].get("extra") or {}
-    names = extra.get("class_names") if isinstance(extra, dict) else None
-    if not isinstance(extra, dict) or not (
-            names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
+    ok = isinstance(extra, dict)
+    names, history = (extra.get("class_names"), extra.get("history", [])) if ok else (None, [])
+    ok = ok and (names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names)))
+    ok = ok and isinstance(history, list) and all(isinstance(h, dict) for h in history)
+    if not ok:
         raise UsageError(f"{path}: malformed skd metadata: 'extra' must be an object whose class_names is a "
-                         "list of strings")
+                         "list of strings and whose history is a list of objects")
     return extra
 
 
@@ -220,10 +222,10 @@ def _tokenizer(folder: Path) -> Any:
     return load_tokenizer(folder)
 
 
-def _loader(args: argparse.Namespace, dataset: Any, batch_size: int | None = None) -> Any:
+def _loader(args: argparse.Namespace, dataset: Any) -> Any:
     from torch.utils.data import DataLoader
 
-    return DataLoader(dataset, batch_size=batch_size or args.batch_size, num_workers=args.workers)
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
 
 
 def _extra(dataset: Any, extra: dict[str, Any], **more: Any) -> dict[str, Any] | None:
