@@ -358,7 +358,7 @@ def test_train_reports_itself(tmp_path, image_folder, model_file):
     """One line per epoch on stdout, the same records in --log JSONL and in the output file's metadata."""
     out, log = tmp_path / "t.safetensors", tmp_path / "train.jsonl"
     r = skd("train", str(model_file), "--data", str(image_folder), "--val-data", str(image_folder), "--epochs", "2",
-            "--batch-size", "16", "--seed", "1", "--log", str(log),
+            "--batch-size", "16", "--seed", "1", "--workers", "2", "--log", str(log),
             "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert [line.split("  ")[0] for line in r.stdout.splitlines() if line.startswith("epoch")] == ["epoch 1/2",
