@@ -95,6 +95,17 @@ def test_bad_input(digits_vit, digits_data, tmp_path):
         PIADTrainer(digits_vit, train, epochs=2, progressive_epochs=1, method="nope", **FAST)
     with pytest.raises(ValueError, match="unreachable"):
         PIADTrainer(digits_vit, train, target_macs=0.001, epochs=1, progressive_epochs=1, **FAST)
+    with pytest.raises(ValueError, match=r"teacher must be a separate nn\.Module.*\(the model itself\)"):
+        PIADTrainer(digits_vit, train, teacher=digits_vit, epochs=1, **FAST)
+    with pytest.raises(ValueError, match=r"teacher must be a separate nn\.Module"):
+        PIADTrainer(digits_vit, train, teacher="vit", epochs=1, **FAST)
+    for w in (-0.1, 1.5, True, float("nan")):
+        with pytest.raises(ValueError, match="distill_weight"):
+            PIADTrainer(digits_vit, train, distill_weight=w, epochs=1, **FAST)
+    with pytest.raises(ValueError, match="optimizer='lamb' must be one of"):
+        PIADTrainer(digits_vit, train, optimizer="lamb", epochs=1, **FAST)
+    with pytest.raises(ValueError, match="mixup/cutmix need an even batch_size, got 31"):
+        PIADTrainer(digits_vit, train, mixup=0.8, epochs=1, **{**FAST, "batch_size": 31})
 
 
 def test_nan_loss_names_step_and_keeps_checkpoint(digits_vit, digits_data, tmp_path):
@@ -173,13 +184,17 @@ def test_training_reports_itself(digits_vit, digits_data, tmp_path, capsys):
     assert f"val top-1 {100 * tr.history[-1]['val_top1_target']:.1f} % at the list target" in printed
 
 
-def test_quiet_run_prints_nothing_and_keeps_no_log(digits_vit, digits_data, capsys):
-    tr = PIADTrainer(digits_vit, _small(digits_data[0], 64), epochs=1, progressive_epochs=1, mixup=0, cutmix=0,
-                     method="random", **FAST)
+def test_quiet_run_prints_nothing_and_verbose_prints_only_lines(digits_vit, digits_data, capsys):
+    import copy
+
+    tr = PIADTrainer(copy.deepcopy(digits_vit), _small(digits_data[0], 64), epochs=1, method="random", **FAST)
     tr.fit()
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert set(tr.history[0]) == {"epoch", "loss", "lr"}  # no list for a baseline, no val data
+    PIADTrainer(digits_vit, _small(digits_data[0], 64), epochs=1, method="random", verbose=True, **FAST).fit()
+    captured = capsys.readouterr()
+    assert captured.out.startswith("epoch 1/1  loss") and captured.out.count("\n") == 1 and captured.err == ""
 
 
 def test_warmup_is_clamped_to_the_run():

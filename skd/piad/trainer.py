@@ -29,7 +29,7 @@ from ..subnet import DropoutList, Subnet
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import map_dataset, proxy_loader, reseed, train_loader
 from .distill import distillation_loss
-from .recipe import WarmupCosine, build_optimizer, soft_cross_entropy
+from .recipe import OPTIMIZERS, WarmupCosine, build_optimizer, soft_cross_entropy
 from .report import EpochReport
 from .samplers import METHODS, SAMPLERS, Draw
 from .schedule import ProgressiveSchedule
@@ -64,10 +64,11 @@ class PIADTrainer:
     label_smoothing 0.1, mixup / cutmix alphas (image classifiers; off by default, DeiT's 0.8 / 1.0
     suit long runs from scratch; batch size must then be even), clip_grad None (max grad norm),
     amp None (= bf16 autocast on CUDA, off on CPU).
-    Reporting (`skd.piad.report`): one line per epoch on rank 0 when `progress` (loss, lr, list MACs,
-    val top-1 at the list target and at full when val_data has labels), progress bars that keep their
-    final state, `trainer.history` (one dict per epoch), `log_path` (appends each epoch's dict as a JSON
-    line, rank 0) and `on_epoch(record)` (called on every rank after each epoch).
+    Reporting (`skd.piad.report`): progress bars (training and importance passes) that keep their final
+    state when `progress`; one line per epoch when `verbose` (default: as `progress`; loss, lr, list
+    MACs, val top-1 at the list target and at full when val_data has labels), both on rank 0 only;
+    `trainer.history` (one dict per epoch); `log_path` (appends each epoch's dict as a JSON line, rank
+    0) and `on_epoch(record)` (called on every rank after each epoch).
     checkpoint_dir: where `piad-last.safetensors` is written atomically after every epoch (rank 0);
     resume=True continues from it (bit-identical on CPU to an uninterrupted run).
     Under torchrun (WORLD_SIZE > 1) the process group is initialised (nccl on CUDA, gloo on CPU) unless
@@ -106,6 +107,7 @@ class PIADTrainer:
         resume: bool = False,
         seed: int = 0,
         progress: bool = True,
+        verbose: bool | None = None,
         log_path: str | os.PathLike | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -122,24 +124,33 @@ class PIADTrainer:
         self.schedule = ProgressiveSchedule(self.target_macs, self.progressive_epochs)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.proxy_samples = check_int("proxy_samples", proxy_samples, 1)
+        if (mixup > 0 or cutmix > 0) and batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even batch_size, got {batch_size}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} must be one of {OPTIMIZERS}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        if teacher is not None and not isinstance(teacher, nn.Module):
-            raise ValueError(f"teacher must be an nn.Module (a frozen copy of the full model), got "
-                             f"{type(teacher).__name__}")
+        if teacher is not None and (not isinstance(teacher, nn.Module) or teacher is model
+                                    or teacher is getattr(model, "model", None)):
+            raise ValueError(f"teacher must be a separate nn.Module, a frozen copy of the full model (e.g. "
+                             f"copy.deepcopy(model) before training), got {type(teacher).__name__}"
+                             + (" (the model itself)" if isinstance(teacher, nn.Module) else ""))
         if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) \
                 or not 0 <= distill_weight <= 1:
             raise ValueError(f"distill_weight={distill_weight!r} must be in [0, 1]")
         self.distill_weight = float(distill_weight)
         self.teacher = None if teacher is None else teacher.eval()
         self.loss_fn, self.label_smoothing = loss_fn, label_smoothing
-        self.seed, self.progress, self.clip_grad = seed, progress, clip_grad
+        self.seed, self.clip_grad = seed, clip_grad
 
         init_from_env()
         self.rank, self.world = rank_world()
         self.elastic = model if isinstance(model, ElasticViT) else ElasticViT(model)
         self.adapter = self.elastic.adapter
         self.device = next(self.elastic.parameters()).device
+        if teacher is not None and next(teacher.parameters()).device != self.device:
+            raise ValueError(f"the teacher is on {next(teacher.parameters()).device}, the model on {self.device}: "
+                             "move both to one device")
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
         floor = self.elastic.macs(Subnet(attn=[0] * len(self.elastic.head_dims), mlp=[0] * len(self.elastic.hiddens)))
         if floor >= self.target_macs * self.elastic.full_macs:
@@ -160,13 +171,12 @@ class PIADTrainer:
         num_classes = self.adapter.num_classes
         per_process = self.loader.batch_size or self.batch_size
         self.mixup = None if num_classes is None else self.adapter.mixup(num_classes, mixup, cutmix, label_smoothing)
-        if self.mixup is not None and per_process % 2:
-            raise ValueError(f"mixup/cutmix need an even batch_size, got {per_process}")
         lr = 5e-4 * per_process * self.world / 512 if lr is None else lr
         self.optimizer = build_optimizer(self.elastic, optimizer, lr, weight_decay)
         self.lr_schedule = WarmupCosine(lr, self.epochs * self.steps_per_epoch,
                                         int(warmup_epochs * self.steps_per_epoch), warmup_lr, min_lr)
-        self.report = EpochReport(self.epochs, show=progress and self.rank == 0,
+        self.bars = progress and self.rank == 0
+        self.report = EpochReport(self.epochs, show=(progress if verbose is None else verbose) and self.rank == 0,
                                   log_path=log_path if self.rank == 0 else None, on_epoch=on_epoch)
         self.start_epoch = 0
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -207,7 +217,7 @@ class PIADTrainer:
         loss_fn = None if self.loss_fn is None else (
             lambda output, batch: self.loss_fn(output, batch) * batches.batch_size(batch))
         return estimate_importance(self.elastic, self._proxy, self._proxy_size, subnet, loss_fn,
-                                   progress=self.report.show)
+                                   progress=self.bars)
 
     # -------------------------------------------------------------------------------- training
     def fit(self, max_epochs: int | None = None) -> ElasticViT:
@@ -243,7 +253,7 @@ class PIADTrainer:
         self.elastic.train()
         total, count = 0.0, 0
         bar = tqdm(self.loader, desc=f"PIAD[{self.method}] epoch {epoch + 1}/{self.epochs}",
-                   disable=not self.report.show)
+                   disable=not self.bars)
         for i, batch in enumerate(bar):
             step = epoch * self.steps_per_epoch + i
             loss = self._step(batches.to_device(batch, self.device), step, gen)
