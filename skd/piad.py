@@ -55,7 +55,6 @@ from .elastic import LAYOUT_VERSION, ElasticViT
 from .evaluate import EVAL_BATCH_SIZE, correct_count, eval_mode
 from .importance import Importance, estimate_importance, extend_dropout_list, macs_per_dim
 from .io import load_tensors, save_tensors
-from .models import adapter_for
 from .stats import rank_world
 from .subnet import DropoutList, Subnet, group_bound
 
@@ -97,7 +96,7 @@ def branch_taps(elastic: ElasticViT, on_qkv: QkvFn, on_hidden: HiddenFn) -> Iter
     after the activation. ElasticViT runs attention as one `F.scaled_dot_product_attention` call per active
     block, in block order, which a torch-function mode intercepts. Skipped branches are not called.
     """
-    blocks = adapter_for(elastic.model).blocks
+    blocks = elastic.adapter.blocks
     handles = [spec.hidden_dropout.register_forward_hook(lambda _m, _a, out, b=b: on_hidden(b, out))
                for b, spec in enumerate(blocks)]
     try:

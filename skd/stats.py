@@ -249,20 +249,15 @@ class _Collector:
 
 
 @contextlib.contextmanager
-def _graph_guaranteed(model: nn.Module, batch: Any) -> Iterator[Any]:
-    """The batch with its floating-point tensors replaced by leaves that require grad, so the hooked
-    activations are in a graph even when every parameter is frozen; a batch without any (token ids) gets
-    the parameters' flags set for the pass instead (restored after). `torch.autograd.grad` on the
-    activations computes no weight gradients either way."""
-    args, kwargs = batches.model_inputs(batch)
-    if any(t.is_floating_point() for t in (*args, *kwargs.values())):
-        yield batches.map_tensors(batch, lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t)
-        return
+def _graph_guaranteed(model: nn.Module) -> Iterator[None]:
+    """Every floating-point parameter requires grad inside (flags restored after), so the hooked activations
+    are in a graph even for a frozen model and whatever the inputs are (token ids cannot require grad).
+    `torch.autograd.grad` on the activations computes no weight gradient."""
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
     for p in frozen:
         p.requires_grad_(True)
     try:
-        yield batch
+        yield
     finally:
         for p in frozen:
             p.requires_grad_(False)
@@ -308,7 +303,8 @@ def calibrate(
     model.eval()
     bar = tqdm(total=budget, desc="skd calibration", unit="sample", disable=not progress or rank != 0)
     try:
-        with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad():
+        with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad(), \
+                _graph_guaranteed(model):
             seen = 0
             for n, batch in enumerate(batches.take(_batches(data), budget)):
                 batches.check_finite(batch, f"calibration batch {n}")
@@ -316,9 +312,8 @@ def calibrate(
                 size = batches.batch_size(batch)
                 collector.batch_size = size
                 collector.weights = None if token_weights is None else token_weights(batch)
-                with _graph_guaranteed(model, batch) as batch:
-                    loss = loss_fn(batches.call(model, batch), batch)
-                    torch.autograd.grad(loss, collector.outputs, allow_unused=True)
+                loss = loss_fn(batches.call(model, batch), batch)
+                torch.autograd.grad(loss, collector.outputs, allow_unused=True)
                 collector.end_batch()
                 seen += size
                 bar.update(size)

@@ -248,8 +248,9 @@ def test_new_family_extract_wpac_save_load(tmp_path: Path) -> None:
 
 
 def test_padding_tokens_carry_no_weight_in_statistics() -> None:
-    """Statistics do not change when the padding tokens' ids change (uniform covariance, Taylor, Fisher)."""
-    model = _tiny()
+    """Statistics do not change when the padding tokens' ids change (uniform covariance, Taylor, Fisher);
+    a frozen model with integer inputs still gets gradients (and stays frozen)."""
+    model = _tiny().requires_grad_(False)
     adapter = adapter_for(model)
     data = [_batch(8, seed=k) for k in range(2)]
     other = [{**b, "input_ids": torch.where(b["attention_mask"].bool(), b["input_ids"],
@@ -259,11 +260,13 @@ def test_padding_tokens_carry_no_weight_in_statistics() -> None:
     a = calibrate(model, adapter.blocks, data, **kw)
     b = calibrate(model, adapter.blocks, other, **kw)
     without = calibrate(model, adapter.blocks, data, **{**kw, "token_weights": None})
+    assert not any(p.requires_grad for p in model.parameters())
     for fa, fb, fw in zip(a.blocks, b.blocks, without.blocks, strict=True):
         assert set(fa) == {"q", "k", "v", "hidden", CONTEXT}
         for name in ("q", "v", CONTEXT):
             torch.testing.assert_close(fa[name].cov.covariance(), fb[name].cov.covariance(), rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(fa[name].taylor, fb[name].taylor, rtol=1e-9, atol=1e-12)
+            assert float(fa[name].taylor.sum()) > 0
         n_tokens = sum(int(d["attention_mask"].sum()) for d in data)
         assert float(fa["v"].cov.weight_sum) == n_tokens
         assert float(fw["v"].cov.weight_sum) == 16 * CONFIG["max_len"], "without weights every token counts"
@@ -347,3 +350,29 @@ def test_model_agnostic_modules_import_no_model_library() -> None:
 def test_rebuild_names_a_missing_source() -> None:
     with pytest.raises(ValueError, match="no adapter rebuilds models of source 'nope'"):
         skd.models.rebuild({"source": "nope"})
+
+
+# ------------------------------------------------------------------------------------- batches
+def test_batches_vocabulary() -> None:
+    from skd import batches
+
+    x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 3, (5,))
+    d = {**_batch(5), "labels": y}
+    assert batches.model_inputs((x, y))[0][0] is x and batches.labels((x, y)) is y
+    args, kwargs = batches.model_inputs(d)
+    assert args == () and set(kwargs) == {"input_ids", "attention_mask"} and batches.labels(d) is y
+    assert batches.labels(x) is None and batches.batch_size(x) == 5 and batches.batch_size(d) == 5
+    half = batches.to_device((x, y), "cpu", torch.float64)
+    assert half[0].dtype == torch.float64 and half[1].dtype == torch.int64, "labels are not cast"
+    parts = list(batches.take([d, d], 7))
+    assert [batches.batch_size(p) for p in parts] == [5, 2]
+    joined = batches.concat(parts)
+    assert torch.equal(joined["input_ids"], torch.cat([d["input_ids"], d["input_ids"][:2]]))
+    bad = (x.clone(), y)
+    bad[0][1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 3: images contain NaN or Inf"):
+        batches.check_finite(bad, "batch 3")
+    with pytest.raises(ValueError, match="a batch must be"):
+        batches.model_inputs(["text"])
+    with pytest.raises(ValueError, match="map names to tensors"):
+        batches.model_inputs({"input_ids": [1, 2]})

@@ -147,6 +147,11 @@ class ModelAdapter:
 
     Batches (skd.batches): `(inputs, labels)` tuples/lists, a bare tensor, or a dict of tensors
     (`input_ids`, `attention_mask`, `token_type_ids`, `pixel_values`, `labels`).
+
+    MACs of variable-length text: counted per sample at a nominal sequence length, `BlockSpec.tokens`
+    = `nominal_tokens(model)` (the model attribute `skd_tokens` if set, else NOMINAL_TEXT_TOKENS),
+    padding included; image models count their actual tokens. Only ratios between subnets matter for
+    budgets, and they depend on the length only through the attention-score term.
     """
 
     source: ClassVar[str]
@@ -242,6 +247,14 @@ class ModelAdapter:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+NOMINAL_TEXT_TOKENS = 128
+
+
+def nominal_tokens(model: nn.Module) -> int:
+    """Tokens per sequence at which a text model's MACs are counted: `model.skd_tokens` or NOMINAL_TEXT_TOKENS."""
+    return int(getattr(model, "skd_tokens", NOMINAL_TEXT_TOKENS))
 
 
 # model class -> adapter class
