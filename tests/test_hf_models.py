@@ -101,7 +101,7 @@ def test_macs_count_heads_once_and_tokens() -> None:
     cls_model, tok_model = tiny("BertForSequenceClassification"), tiny("RobertaForTokenClassification")
     cls_ad, tok_ad = adapter_for(cls_model), adapter_for(tok_model)
     tokens = cls_ad.blocks[0].tokens
-    assert tokens == 40  # min(nominal 128, max_position_embeddings)
+    assert tokens == 40  # min(nominal 128, max_position_embeddings 40)
     assert cls_ad.other_macs() == 32 * 32 + 3 * 32  # pooler + classifier, once per sequence
     assert tok_ad.other_macs() == tokens * 4 * 32  # token classifier on every token (no pooler)
     vit = adapter_for(tiny("DeiTForImageClassificationWithTeacher"))
