@@ -1,15 +1,15 @@
-"""Losses for text encoders without labels, in skd's one loss signature `loss_fn(output, batch) -> scalar`.
+"""The loss of text encoders without labels, in skd's one loss signature `loss_fn(output, batch) -> scalar`.
 
-- `contrastive_loss`: the in-batch contrastive sentence-embedding loss sentence-transformers trains
-  all-MiniLM-L6-v2 with (MultipleNegativesRankingLoss: cross-entropy over scaled cosine similarities,
-  each anchor's positive is its own pair, every other sentence in the batch a negative), with the positive
-  made from the same forward pass: the mean-pooled states of a random contiguous span of each sentence's
-  tokens (a span crop of the contextual token states). The loss thus needs only the one output that skd
-  passes, yet rewards embeddings whose meaning survives dropping part of the sentence.
-- `distillation_loss`: agreement with a frozen teacher's output for the same batch — 1 - cosine of the
-  mean-pooled sentence embeddings for an encoder, temperature-scaled KL divergence for logits.
+`contrastive_loss`: the in-batch contrastive sentence-embedding loss sentence-transformers trains
+all-MiniLM-L6-v2 with (MultipleNegativesRankingLoss: cross-entropy over scaled cosine similarities,
+each anchor's positive is its own pair, every other sentence in the batch a negative), with the positive
+made from the same forward pass: the mean-pooled states of a random contiguous span of each sentence's
+tokens (a span crop of the contextual token states). The loss thus needs only the one output that skd
+passes, yet rewards embeddings whose meaning survives dropping part of the sentence. A mean over the
+batch, in fp32.
 
-Both are means over the batch, in fp32.
+Distillation from a frozen teacher (what an unlabeled encoder trains with under PIAD) is PIAD's own
+(`skd.piad.distill`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .embeddings import mean_pool, sentence_embeddings, token_states
+from .embeddings import mean_pool, token_states
 
 MNRL_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default (cosine similarity * 20)
 CROP = (0.5, 0.9)  # the positive keeps a random span of this fraction range of each sentence's real tokens
@@ -72,35 +72,3 @@ def contrastive_loss(output: Any, batch: Mapping[str, torch.Tensor], *, scale: f
     positives = mean_pool(states, span_crop_mask(mask, keep, _batch_generator(batch))).float()
     logits = scale * F.normalize(anchors, dim=-1) @ F.normalize(positives, dim=-1).T  # (B, B)
     return F.cross_entropy(logits, torch.arange(b, device=logits.device))
-
-
-def distillation_loss(output: Any, teacher_output: Any, batch: Mapping[str, torch.Tensor], *,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Distance of a student's output from a frozen teacher's output on the same batch, float32 scalar.
-
-    Encoders (outputs with last_hidden_state (B, N, C)): mean over the batch of 1 - cos(student, teacher)
-    of the mean-pooled sentence embeddings. Classifiers (outputs with logits (B, K), or (B, K) tensors):
-    KL(teacher || student) of the temperature-softened distributions, times temperature² (Hinton et al.),
-    averaged over the batch. The teacher's output is detached.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    s_logits, t_logits = _logits(output), _logits(teacher_output)
-    if s_logits is None and t_logits is None:
-        s, t = sentence_embeddings(output, batch).float(), sentence_embeddings(teacher_output, batch).float()
-        return (1 - F.cosine_similarity(s, t.detach(), dim=-1)).mean()
-    if s_logits is None or t_logits is None or s_logits.shape != t_logits.shape:
-        raise ValueError("student and teacher outputs must be of one kind and shape (both encoder states or "
-                         "both logits)")
-    log_p = F.log_softmax(s_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(t_logits.detach().float() / temperature, dim=-1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
-
-
-def _logits(output: Any) -> torch.Tensor | None:
-    """A classifier's logits (B, K) from a tensor or an output/dict with `logits`; None for encoder states."""
-    if isinstance(output, torch.Tensor):
-        return output if output.dim() == 2 else None
-    if isinstance(output, Mapping):
-        return output.get("logits")
-    return None

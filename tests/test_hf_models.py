@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 from elastic_oracle import random_subnets
-from hf_helpers import FAMILIES, inputs, main_output, masked_copy, tiny
+from hf_helpers import FAMILIES, TEXT, inputs, main_output, masked_copy, tiny
 
 import skd
 from skd import ElasticViT, UnsupportedModelError
@@ -101,7 +101,7 @@ def test_macs_count_heads_once_and_tokens() -> None:
     cls_model, tok_model = tiny("BertForSequenceClassification"), tiny("RobertaForTokenClassification")
     cls_ad, tok_ad = adapter_for(cls_model), adapter_for(tok_model)
     tokens = cls_ad.blocks[0].tokens
-    assert tokens == 40  # min(nominal 128, max_position_embeddings)
+    assert tokens == 40  # min(nominal 128, max_position_embeddings 40)
     assert cls_ad.other_macs() == 32 * 32 + 3 * 32  # pooler + classifier, once per sequence
     assert tok_ad.other_macs() == tokens * 4 * 32  # token classifier on every token (no pooler)
     vit = adapter_for(tiny("DeiTForImageClassificationWithTeacher"))
@@ -146,7 +146,7 @@ def test_record_rebuild_round_trip(tmp_path) -> None:
 
 
 def test_unsupported_classes_raise_with_reason() -> None:
-    decoder = tf.BertLMHeadModel(tf.BertConfig(**{**_text(), "is_decoder": True}))
+    decoder = tf.BertLMHeadModel(tf.BertConfig(**{**TEXT, "is_decoder": True}))
     with pytest.raises(UnsupportedModelError, match=r"BertLMHeadModel is not supported: .*decoders"):
         adapter_for(decoder)
     mim = tf.ViTForMaskedImageModeling(tf.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
@@ -160,7 +160,15 @@ def test_unsupported_classes_raise_with_reason() -> None:
         skd.models.rebuild({"source": "transformers", "class": "GPT2Model", "config": {}})
 
 
-def _text() -> dict:
-    from hf_helpers import TEXT
-
-    return TEXT
+@pytest.mark.parametrize(("act", "fused"), [("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", None),
+                                            ("relu", None)])
+def test_activations_fused_or_run_as_modules(act: str, fused: str | None) -> None:
+    torch.manual_seed(0)
+    model = tf.BertModel(tf.BertConfig(**{**TEXT, "hidden_act": act})).eval()
+    x = inputs("BertModel")
+    elastic = ElasticViT(model).eval()
+    assert elastic.adapter.blocks[0].fused_act == fused
+    sub = skd.Subnet(attn=[5, 8], mlp=[17, 40])
+    with elastic.standard_layout() as bare:
+        oracle = masked_copy(bare, sub)(**x).last_hidden_state
+    _close(elastic(**x, subnet=sub).last_hidden_state, oracle)

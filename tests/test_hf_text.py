@@ -1,4 +1,4 @@
-"""Text data, sentence-embedding metrics and the unlabeled-encoder losses (skd.text, skd.embeddings,
+"""Text data, sentence-embedding metrics and the unlabeled-encoder loss (skd.text, skd.embeddings,
 skd.losses). Model-free except the tokenizer test, which uses the real all-MiniLM-L6-v2 tokenizer."""
 
 import math
@@ -148,21 +148,3 @@ def test_contrastive_loss_rewards_crop_invariant_distinct_embeddings():
     assert again.item() == pytest.approx(bad.item())  # same batch, same crop
     with pytest.raises(ValueError, match="at least 2"):
         L.contrastive_loss({"last_hidden_state": noisy[:1]}, {"attention_mask": mask[:1]})
-
-
-def test_distillation_loss():
-    batch = {"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
-    states = torch.randn(2, 3, 8)
-    assert L.distillation_loss({"last_hidden_state": states}, {"last_hidden_state": states}, batch).item() \
-        == pytest.approx(0.0, abs=1e-6)
-    other = torch.randn(2, 3, 8)
-    s, t = E.mean_pool(states, batch["attention_mask"]), E.mean_pool(other, batch["attention_mask"])
-    expected = (1 - F.cosine_similarity(s, t)).mean().item()
-    got = L.distillation_loss({"last_hidden_state": states}, {"last_hidden_state": other}, batch).item()
-    assert got == pytest.approx(expected, abs=1e-6)
-    a, b = torch.randn(5, 4), torch.randn(5, 4)
-    p, q = F.softmax(a / 2, -1), F.softmax(b / 2, -1)
-    kl = (q * (q.log() - p.log())).sum(-1).mean().item() * 4
-    assert L.distillation_loss({"logits": a}, {"logits": b}, {}, temperature=2.0).item() == pytest.approx(kl, rel=1e-5)
-    with pytest.raises(ValueError, match="one kind"):
-        L.distillation_loss({"logits": a}, {"last_hidden_state": states}, batch)

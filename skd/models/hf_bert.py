@@ -19,8 +19,8 @@ from transformers.models.roberta import modeling_roberta as mr
 
 from ..errors import UnsupportedModelError
 from ..subnet import Subnet
-from . import AttnFn, BlockSpec, MlpFn, check_type, register
-from .hf_common import NOMINAL_TOKENS, HFAdapter, additive_bias, fused_activation, linear_macs, supports
+from . import AttnFn, BlockSpec, MlpFn, check_type, nominal_tokens, register
+from .hf_common import HFAdapter, additive_bias, fused_activation, linear_macs, supports
 
 _HEADS = ("SequenceClassification", "TokenClassification", "QuestionAnswering", "MultipleChoice", "MaskedLM")
 # Per family: the layer's module classes, checked exactly (a subclass may change the computation).
@@ -54,7 +54,7 @@ class BertAdapter(HFAdapter):
         self.base = model.base_model
         names = {id(m): n for n, m in model.named_modules()}
         self.base_prefix = names[id(self.base)]
-        tokens = min(NOMINAL_TOKENS, config.max_position_embeddings)
+        tokens = min(nominal_tokens(model), config.max_position_embeddings)  # no longer sequences exist
         blocks, layers = [], []
         for layer in self.base.encoder.layer:
             where = names[id(layer)]

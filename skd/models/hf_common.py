@@ -24,8 +24,6 @@ from ..errors import UnsupportedModelError
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, ModelAdapter, head_rows, truncated_linear
 
-NOMINAL_TOKENS = 128  # text models: MACs are counted per sequence of this many tokens (or the position limit)
-
 
 def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """The 4-D attention mask HuggingFace builds for its attention functions -> an additive float bias.
