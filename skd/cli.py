@@ -276,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                           epochs=args.epochs, progressive_epochs=args.progressive_epochs, method=args.method,
                           batch_size=args.batch_size, lr=args.lr, amp=args.amp, seed=args.seed,
                           checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress,
-                          log_path=args.log, on_epoch=None if not args.no_progress else _epoch_printer(args.epochs))
+                          verbose=True, log_path=args.log)  # --no-progress hides bars, not the epoch lines
     supernet = trainer.fit()
     if trainer.rank == 0:
         save(supernet, args.out, extra=_extra(train, extra, history=trainer.history))
@@ -297,25 +297,6 @@ def _train_loader(args: argparse.Namespace, train: Any) -> Any:
     rank, world = rank_world()
     return DataLoader(train, batch_sampler=GlobalBatchSampler(len(train), args.batch_size, rank, world, args.seed),
                       num_workers=args.workers)
-
-
-def _epoch_printer(epochs: int) -> Any:
-    """on_epoch callback printing PIAD's one line per epoch on rank 0 (PIAD prints it itself when its
-    progress display is on; --no-progress hides the bars, not the report)."""
-    import time
-
-    from ._dist import rank_world
-    from .piad.report import format_line
-
-    start = [time.perf_counter()]
-
-    def on_epoch(record: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        if rank_world()[0] == 0:
-            print(format_line(record, epochs, now - start[0]), flush=True)
-        start[0] = now
-
-    return on_epoch
 
 
 def _check_checkpoint(args: argparse.Namespace, name: str) -> None:
