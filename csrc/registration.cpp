@@ -4,12 +4,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(skd_kernels, m) {
-  // x (N, G*r), w (N,) -> (weight_sum 0-d fp32, sum (G, r) fp32, sum_outer (G, r, r) fp32) of this batch.
+  // x (N, G*r) fp32/bf16/fp16/fp64, w (N,) -> (weight_sum 0-d fp32, sum (G, r) fp32, sum_outer (G, r, r) fp32) of
+  // this batch (fp64 for fp64 x). w may have any float dtype: the public op passes it in fp32 (fp64 for fp64 x),
+  // never rounded to x's dtype, and every kernel reads it in the accumulation type.
   m.def("weighted_covariance(Tensor x, Tensor w, int groups) -> (Tensor, Tensor, Tensor)");
   // act, grad (B, T, C) -> (token (B, T) fp32 = |sum_c g*a|, channel (C,) fp32 = sum_b |sum_t g*a|).
   m.def("taylor_scores(Tensor act, Tensor grad) -> (Tensor, Tensor)");
   // y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]); activation in {none, gelu, gelu_tanh}.
   m.def("prefix_linear(Tensor x, Tensor weight, Tensor? bias, int k_in, int k_out, str activation) -> Tensor");
+  // qkv (S, N, r*3*H) rank-major (column j*3H + w*H + h), attn_bias (S|1, H|1, N, N) -> (S, N, r*H), column j*H + h.
+  m.def("prefix_attention(Tensor qkv, int num_heads, float scale, Tensor? attn_bias) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

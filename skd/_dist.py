@@ -1,5 +1,6 @@
 """torch.distributed in one place: this process's rank and world size, process-group setup under
-torchrun, a process's share of a sample budget, and the one flat all-reduce of many tensors.
+torchrun, a process's share of a sample budget, and the flat all-reduce of many tensors (on top of
+`skd_kernels.distributed.all_reduce_flat`, adding mixed dtypes, averaging and the one-process no-op).
 
 Everything here is a no-op (or the one-process answer) when torch.distributed is not initialised.
 """
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+import skd_kernels.distributed
 
 
 def is_distributed() -> bool:
@@ -50,20 +53,18 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], *, dtype: torch.dtype | Non
                     group: object = None) -> None:
     """Sum (average=True: average) `tensors` over processes, in place, with one all-reduce.
 
-    tensors: any shapes, one device; they are concatenated into one flat buffer of `dtype` (default:
-    the first tensor's), reduced, and copied back (cast to each tensor's own dtype). One collective
-    instead of one per tensor: latency, not bandwidth, dominates for many small tensors. No-op with
-    a single process.
+    tensors: any shapes, one device. Those not of `dtype` (default: the first tensor's) are reduced
+    through a `dtype` copy and cast back, so one flat buffer (`skd_kernels.distributed.all_reduce_flat`:
+    one collective, not one per tensor) carries them all. No-op with a single process.
     """
     _, world = rank_world()
     if world == 1 or not tensors:
         return
     dtype = dtype or tensors[0].dtype
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    if average:
-        flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    buffers = [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+    skd_kernels.distributed.all_reduce_flat(buffers, group=group)
+    for t, b in zip(tensors, buffers, strict=True):
+        if average:
+            b /= world
+        if b is not t:
+            t.copy_(b)

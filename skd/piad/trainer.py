@@ -163,6 +163,7 @@ class PIADTrainer:
 
         self.train_dataset = map_dataset(train_data, "train_data")
         self.val_data = val_data
+        self._val_labelled = self._labelled(val_data)
         self.loader = train_loader(train_data, batch_size, self.rank, self.world, seed)
         self.steps_per_epoch = len(self.loader)
         self._proxy, self._proxy_size = proxy_loader(self.train_dataset, self.proxy_samples, seed, self.rank,
@@ -236,7 +237,7 @@ class PIADTrainer:
                                                                            self.steps_per_epoch - 1)}
             if self.method == "piad":
                 record |= {"list_units": len(self.dropout_list), "list_macs": self.list_macs_fraction()}
-            if self.val_data is not None:
+            if self._val_labelled:
                 record |= self._val_metrics()
             self.report.epoch_done(record, seconds=time.perf_counter() - t0)
             self.start_epoch = epoch + 1
@@ -319,15 +320,20 @@ class PIADTrainer:
         return float(mean)
 
     # ------------------------------------------------------------------------------ evaluation
+    def _labelled(self, data: Dataset | DataLoader | None) -> bool:
+        """Whether top-1 is defined on `data`: a classifier, and data whose first sample has labels."""
+        if data is None or self.adapter.num_classes is None:
+            return False
+        ds = data.dataset if isinstance(data, DataLoader) else data
+        first = ds[0] if isinstance(ds, Dataset) and hasattr(ds, "__getitem__") else next(iter(data), None)
+        return first is not None and batches.labels(first) is not None
+
     def _val_metrics(self) -> dict[str, float]:
-        """Top-1 on val_data at the list target and at full width (empty when its batches have no labels)."""
-        loader = self._eval_loader(self.val_data)
-        first = next(iter(loader), None)
-        if first is None or batches.labels(first) is None or self.adapter.num_classes is None:
-            return {}
+        """Top-1 on val_data at the list target and at full width (every process, its share of a Dataset)."""
+        loader, shared = self._eval_loader(self.val_data), not isinstance(self.val_data, DataLoader)
         full = Subnet(attn=self.elastic.head_dims, mlp=self.elastic.hiddens)
-        return {"val_top1_target": self._accuracy(loader, self.smallest_subnet(), shared=True),
-                "val_top1_full": self._accuracy(loader, full, shared=True)}
+        return {"val_top1_target": self._accuracy(loader, self.smallest_subnet(), shared),
+                "val_top1_full": self._accuracy(loader, full, shared)}
 
     def _eval_loader(self, data: Dataset | DataLoader) -> DataLoader:
         """A DataLoader as given; a Dataset's share of this process (every world-th sample), in order."""
