@@ -60,7 +60,8 @@ def _autocast(
     dtype = torch.get_autocast_dtype(device)
     if x.dtype == weight.dtype == dtype and (bias is None or bias.dtype == dtype):
         return x, weight, bias
-    if weight.dim() != 2 or not all(isinstance(k, int) and 0 <= k <= n for k, n in zip((k_out, k_in), weight.shape)):
+    sizes = ((k_out, weight.shape[0]), (k_in, weight.shape[-1]))
+    if weight.dim() != 2 or not all(isinstance(k, int) and 0 <= k <= n for k, n in sizes):
         return x, weight, bias  # `check` names the bad argument
     return x.to(dtype), weight[:k_out, :k_in].to(dtype), None if bias is None else bias[:k_out].to(dtype)
 
