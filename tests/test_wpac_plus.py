@@ -234,3 +234,29 @@ def test_context_second_moment_is_uniform_under_weighted_covariance() -> None:
     for feats in stats.blocks:
         assert float(feats[CONTEXT].cov.weight_sum) == tokens
         assert float(feats["q"].cov.weight_sum) != tokens  # Θ-weighted
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification", "RobertaModel",
+                                  "RobertaForTokenClassification", "ViTModel", "ViTForImageClassification",
+                                  "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"])
+def test_wpac_plus_on_hugging_face_families(name: str) -> None:
+    """Every served Hugging Face family: function preserved ≤ 1e-5 on a fresh batch (padded text), and
+    ElasticViT subnets of the result equal the masking oracle."""
+    from hf_helpers import inputs, main_output, masked_copy, tiny
+
+    from tests.elastic_oracle import random_subnets, rel_err
+
+    model = tiny(name)
+    x = inputs(name, batch=3)
+    with torch.no_grad():
+        ref = main_output(model(**x))
+    calibration = [inputs(name, batch=4) for _ in range(2)]
+    elastic = skd.ElasticViT(model).eval()
+    skd.wpac(elastic, calibration, num_samples=8, criterion="wpac+", progress=False,
+             loss_fn=lambda out, batch: main_output(out).float().square().sum())
+    with torch.no_grad():
+        assert rel_err(main_output(elastic(**x)), ref) <= 1e-5
+        for sub in random_subnets(elastic.head_dims, elastic.hiddens, 3, seed=2):
+            with elastic.standard_layout() as bare:
+                oracle = main_output(masked_copy(bare, sub)(**x))
+            assert rel_err(main_output(elastic(**x, subnet=sub)), oracle) <= 1e-5
