@@ -1,8 +1,9 @@
-"""skd: turn a pretrained timm Vision Transformer into a stratified knowledge-density super-network.
+"""skd: turn a pretrained transformer (timm ViT/DeiT/Swin, or any family with a `skd.models` adapter)
+into a stratified knowledge-density super-network.
 
 WPAC (`skd.wpac`) reorders/rotates its weights so knowledge sits in the leading dims, PIAD
-(`skd.PIADTrainer`) trains every prefix subnetwork at once, and `skd.ElasticViT` runs any size of it
-in O(1). Built only on skd_kernels' public ops.
+(`skd.PIADTrainer`) trains every prefix subnetwork at once, and `skd.ElasticViT` (alias `skd.Elastic`)
+runs any size of it in O(1). Built only on skd_kernels' public ops.
 """
 
 from __future__ import annotations

@@ -2,14 +2,15 @@
 
 One calibration pass runs batches (skd.batches: (inputs, labels), dicts of tensors, ...) through the model
 in eval mode, takes the gradient of the loss w.r.t. each block's q, k, v (the fused qkv Linear's output,
-or the separate q/k/v Linears' outputs), MLP hidden activation (the fc2 input) and, when asked, the
-attention context (the output projection's input), and folds each (activation, gradient) pair into
-sufficient statistics with `skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside
-autograd hooks. Nothing is kept beyond its batch, so peak memory does not depend on the number of
-samples, and the statistics of several processes simply add up (`CalibrationStats.all_reduce`).
+or the separate q/k/v Linears' outputs) and MLP hidden activation (the fc2 input), and folds each
+(activation, gradient) pair into sufficient statistics with `skd_kernels.taylor_scores` and
+`skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept beyond its batch, so peak memory
+does not depend on the number of samples, and the statistics of several processes simply add up
+(`CalibrationStats.all_reduce`).
 
 Features, per block (C = H*hd channels, head-major like the model's own rows):
-  q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; context: (B, T, C) input of the output projection.
+  q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; and, only when asked for (wpac+), context: (B, T, C)
+  input of the output projection, forward only: its uniform per-head covariance, no gradient needed.
 A feature computed as (B*S, N, C) (Swin's window batches) is viewed as (B, S*N, C): the sequences of one
 sample are contiguous, so "per sample" always means per input sample. Token weights (B, T) from the
 adapter (padding 0) multiply every token's contribution: a padding token adds nothing to any statistic.
@@ -65,21 +66,20 @@ def sum_cross_entropy(output: torch.Tensor, batch: Any) -> torch.Tensor:
 class FeatureStats:
     """Statistics of one feature of one block (C channels).
 
-    taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance).
+    taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance); None for the
+    forward-only context feature.
     fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested.
     cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
     uniformly (times the token weight); None for the MLP hidden feature or when not requested.
     """
 
-    taylor: torch.Tensor
+    taylor: torch.Tensor | None
     fisher: torch.Tensor | None = None
     cov: CovState | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulated tensor, in a fixed order (for flat all-reduce)."""
-        out = [self.taylor]
-        if self.fisher is not None:
-            out.append(self.fisher)
+        out = [t for t in (self.taylor, self.fisher) if t is not None]
         if self.cov is not None:
             out += [self.cov.weight_sum, self.cov.sum, self.cov.sum_outer]
         return out
@@ -96,13 +96,14 @@ class CalibrationStats:
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
               device: torch.device, context: bool = False) -> CalibrationStats:
-        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context only if asked for."""
+        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context only if
+        asked for (the context feature has a uniform covariance and nothing else)."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
             c = spec.channels
             feats = {}
-            for name in (*FEATURES, CONTEXT) if context else FEATURES:
+            for name in FEATURES:
                 width = spec.hidden if name == "hidden" else c
                 feats[name] = FeatureStats(
                     taylor=torch.zeros(width, **f64),
@@ -110,6 +111,8 @@ class CalibrationStats:
                     cov=CovState.zeros(spec.num_heads, spec.head_dim, device)
                     if covariance is not None and name != "hidden" else None,
                 )
+            if context:
+                feats[CONTEXT] = FeatureStats(taylor=None, cov=CovState.zeros(spec.num_heads, spec.head_dim, device))
             out.append(feats)
         return cls(out, torch.zeros((), **f64))
 
@@ -181,7 +184,7 @@ class _Collector:
                 self._handles.append(lin.register_forward_hook(functools.partial(self._on_output, i, name)))
             self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_input, i, "hidden")))
             if self.context:
-                self._handles.append(spec.proj.register_forward_pre_hook(functools.partial(self._on_input, i, CONTEXT)))
+                self._handles.append(spec.proj.register_forward_pre_hook(functools.partial(self._on_context, i)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -209,6 +212,22 @@ class _Collector:
     def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
         self._stash(i, name, inputs[0])
 
+    def _on_context(self, i: int, module: nn.Module, inputs: tuple) -> None:
+        """Forward only: the context's uniform per-head covariance needs no gradient (padding weight 0)."""
+        spec = self.blocks[i]
+        x = _fp32_at_least(inputs[0].detach().reshape(self.batch_size, -1, spec.channels))
+        w = x.new_ones(x.shape[:2]) if self.weights is None else self._checked_weights(i, CONTEXT, x)
+        skd_kernels.weighted_covariance(x.reshape(-1, spec.channels), w.reshape(-1).to(x.dtype), spec.num_heads,
+                                        state=self.stats.blocks[i][CONTEXT].cov)
+
+    def _checked_weights(self, i: int, name: str, act: torch.Tensor) -> torch.Tensor:
+        """The batch's (B, T) token weights, after checking they match act (B, T, C)."""
+        w = self.weights
+        if w.shape != act.shape[:2]:
+            raise ValueError(f"{self.blocks[i].name} {name}: token weights have shape {tuple(w.shape)} but the "
+                             f"feature has (batch, tokens) = {tuple(act.shape[:2])}")
+        return w
+
     def _on_grad(self, i: int, name: str, grad: torch.Tensor) -> None:
         act = self._acts.pop((i, name))
         if name != "qkv":
@@ -223,11 +242,8 @@ class _Collector:
         spec, st = self.blocks[i], self.stats.blocks[i][name]
         c = act.shape[-1]
         act, grad = act.reshape(self.batch_size, -1, c), grad.reshape(self.batch_size, -1, c)
-        w = self.weights
+        w = None if self.weights is None else self._checked_weights(i, name, act)
         if w is not None:
-            if w.shape != act.shape[:2]:
-                raise ValueError(f"{spec.name} {name}: token weights have shape {tuple(w.shape)} but the feature "
-                                 f"has (batch, tokens) = {tuple(act.shape[:2])}")
             act = act * w[..., None].to(act.dtype)  # padding tokens: g·a = 0 in every Taylor/Fisher sum
         try:
             token, channel = skd_kernels.taylor_scores(act, grad)
@@ -239,13 +255,16 @@ class _Collector:
             # the "hessian" baseline needs it).
             st.fisher += (grad.float() * act.float()).sum(1).square().sum(0).double()
         if st.cov is not None:
-            x = act.reshape(-1, c)
-            if x.dtype in (torch.float16, torch.bfloat16):
-                x = x.float()  # half-precision models: statistics (and the weights Θ) stay fp32
+            x = _fp32_at_least(act.reshape(-1, c))
             tw = token.reshape(-1) if self.covariance == "weighted" else torch.ones_like(token.reshape(-1))
             if w is not None:
                 tw = tw * w.reshape(-1).to(tw.dtype)
             skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
+
+
+def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision models: statistics (and the weights Θ) stay fp32."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @contextlib.contextmanager
@@ -282,11 +301,11 @@ def calibrate(
     model: the bare model (standard layout) whose `blocks` (adapter BlockSpecs) are hooked; run in eval
     mode, its training flag is restored afterwards. data: yields batches (skd.batches), or a map-style
     Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t) or "uniform"
-    (w_t = 1) per-head covariance of q, k, v (and of the context). fisher: also accumulate Σ (Σ_t g·a)^2.
+    (w_t = 1) per-head covariance of q, k, v. fisher: also accumulate Σ (Σ_t g·a)^2.
     loss_fn(output, batch) -> scalar, summed over the batch (default: `sum_cross_entropy`).
     token_weights(batch) -> (B, T) or None: the adapter's `token_weights` (padding tokens 0).
-    context: also collect the attention context (the output projection's input) as feature CONTEXT
-    (off by default: it costs one more covariance per block).
+    context: also the CONTEXT feature (the output projection's input): its uniform per-head covariance,
+    forward only (off by default: it costs one more covariance per block).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 

@@ -265,19 +265,23 @@ def test_padding_tokens_carry_no_weight_in_statistics() -> None:
         assert set(fa) == {"q", "k", "v", "hidden", CONTEXT}
         for name in ("q", "v", CONTEXT):
             torch.testing.assert_close(fa[name].cov.covariance(), fb[name].cov.covariance(), rtol=1e-9, atol=1e-9)
+        for name in ("q", "v", "hidden"):
             torch.testing.assert_close(fa[name].taylor, fb[name].taylor, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(fa[name].fisher, fb[name].fisher, rtol=1e-9, atol=1e-12)
             assert float(fa[name].taylor.sum()) > 0
+        assert fa[CONTEXT].taylor is None, "the context is forward only"
         n_tokens = sum(int(d["attention_mask"].sum()) for d in data)
-        assert float(fa["v"].cov.weight_sum) == n_tokens
+        assert float(fa["v"].cov.weight_sum) == n_tokens == float(fa[CONTEXT].cov.weight_sum)
         assert float(fw["v"].cov.weight_sum) == 16 * CONFIG["max_len"], "without weights every token counts"
 
 
 def test_context_statistics_match_direct_computation() -> None:
-    """The context feature (o's input) with uniform weights: its per-head covariance by definition."""
+    """The context feature (o's input), whatever the q/k/v covariance mode: its uniform per-head covariance
+    by definition."""
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5).eval()
     adapter = adapter_for(model)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
-    stats = calibrate(model, adapter.blocks, [(x, y)], num_samples=8, covariance="uniform", context=True,
+    stats = calibrate(model, adapter.blocks, [(x, y)], num_samples=8, covariance="weighted", context=True,
                       progress=False)
     ctx = {}
     handles = [s.proj.register_forward_pre_hook(lambda m, a, i=i: ctx.__setitem__(i, a[0].detach()))
