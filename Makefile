@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint gpu-check
 setup: .venv/.skd-deps .venv/.skd-ext
 
 .venv/.skd-deps: pyproject.toml setup.py
@@ -29,3 +29,9 @@ bench: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+# The device check on a lent GPU machine, with that machine's own python and torch (no .venv there): builds,
+# runs the GPU tests, compute-sanitizer, the profiler and the benchmark table into benchmarks/gpu-check-report.md.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check

@@ -1,6 +1,6 @@
 """Builds skd_kernels._C: the C++ CPU kernels always, the CUDA kernels when a toolkit and a CUDA torch exist.
 
-SKD_SKIP_CUDA_BUILD=1 skips CUDA; TORCH_CUDA_ARCH_LIST overrides the default "8.0;9.0"; SKD_SKIP_EXT=1
+SKD_SKIP_CUDA_BUILD=1 skips CUDA; TORCH_CUDA_ARCH_LIST overrides DEFAULT_CUDA_ARCH_LIST; SKD_SKIP_EXT=1
 builds no extension at all (see the end of this file).
 Build against the installed torch: `pip install --no-build-isolation -e .`.
 """
@@ -23,10 +23,14 @@ def _find_cuda_home() -> str | None:
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
+# Machine code for sm_80 (A100) and sm_90 (H100/H200), plus compute_90 PTX that the driver compiles at load
+# time for any newer GPU (without PTX nothing would run there).
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
 _cuda_home = None if os.environ.get("SKD_SKIP_CUDA_BUILD") == "1" else _find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home  # read by torch.utils.cpp_extension at import
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402

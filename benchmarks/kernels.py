@@ -3,6 +3,7 @@
     python -m benchmarks.kernels            # full table (ViT-S and ViT-B shapes), CPU and CUDA if present
     python -m benchmarks.kernels --quick    # a few representative shapes, < 1 minute
     python -m benchmarks.kernels --threads 1  # one CPU thread: stable ratios on a shared machine
+    python -m benchmarks.kernels --overhead-only --threads 1  # only the wrapper overhead table
 
 Every row times a backend and its baseline interleaved (round-robin, same inputs), so machine noise hits
 both alike, and prints the ratio baseline_time / backend_time (higher is better) at the 20th and 50th
@@ -12,6 +13,10 @@ the weight block already extracted as a contiguous tensor (prefix_linear); on CU
 extracted block, cuBLAS's X^T X of the same x (the covariance's GEMM throughput), and a copy moving the
 bytes taylor_scores reads (copy bandwidth). Each timing is appended to benchmarks/results.csv as (op,
 backend, shape, dtype, p20, p50, p80 in ms, device, commit).
+
+A second table, "wrapper overhead per op", times each public op against the raw `torch.ops.skd_kernels.*`
+call it dispatches to, on tiny inputs (the wrapper's cost is per call: dispatch, argument checks, the
+result's NaN/overflow check, CovState's float64 conversion), and prints the difference in µs (target <= 10).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # Lower bounds on baseline_time / backend_time (DESIGN.md's targets).
 CPU_TARGETS = {"taylor_scores": 2.0, "weighted_covariance": 1.3, "prefix_linear": 0.95}
 GPU_TARGETS = {"taylor_scores": 0.8, "weighted_covariance": 0.7, "prefix_linear": 0.9}
+# Per-call cost of the public op over the raw compiled op, in µs (issue 13).
+OVERHEAD_TARGET_US = 10.0
 # Each timing sample runs the op repeatedly for at least this long, so µs-scale GPU ops are measurable.
 MIN_SAMPLE_S = 2e-3
 
@@ -240,6 +247,45 @@ def build_cases(device: torch.device, quick: bool) -> list[Case]:
             + prefix_cases(device, backends, models, (0.5, 1.0), [torch.bfloat16], batch))
 
 
+def overhead_cases(device: torch.device) -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:
+    """(op, shape, public call, raw compiled call) on tiny inputs, for the automatic backend of `device`."""
+    raw = torch.ops.skd_kernels
+    x, w = torch.randn(16, 48, device=device), torch.rand(16, device=device)
+    act, grad = torch.randn(2, 8, 48, device=device), torch.randn(2, 8, 48, device=device)
+    weight, bias = torch.randn(64, 48, device=device), torch.randn(64, device=device)
+    return [
+        ("weighted_covariance", "x(16,48) groups=3", lambda: skd_kernels.weighted_covariance(x, w, 3),
+         lambda: raw.weighted_covariance.default(x, w, 3)),
+        ("taylor_scores", "(2,8,48)", lambda: skd_kernels.taylor_scores(act, grad),
+         lambda: raw.taylor_scores.default(act, grad)),
+        ("prefix_linear", "x(16,48) W[:40,:32] of (64,48) gelu",
+         lambda: skd_kernels.prefix_linear(x, weight, bias, 32, 40, "gelu"),
+         lambda: raw.prefix_linear.default(x, weight, bias, 32, 40, "gelu")),
+    ]
+
+
+def run_overhead(devices: list[torch.device], reps: int) -> list[dict[str, object]]:
+    """Times each public op against its raw compiled op side by side; prints and returns the overhead rows."""
+    rows = []
+    for device in devices:
+        if device.type not in skd_kernels.available_backends(device):
+            continue  # no compiled kernels for this device: nothing raw to compare with
+        for op, shape, public, raw in overhead_cases(device):
+            t = time_side_by_side({"public": public, "raw": raw}, reps, device)
+            rows.append(dict(op=op, device=device.type, shape=shape, raw_us=t["raw"].p50 * 1e3,
+                             over20=(t["public"].p20 - t["raw"].p20) * 1e3,
+                             over50=(t["public"].p50 - t["raw"].p50) * 1e3))
+    header = (f"{'wrapper overhead per op (µs over the raw op)':<46} {'dev':<4} {'shape':<36} {'raw µs':>7} "
+              f"{'+µs p20':>8} {'+µs p50':>8} {'target':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ok = "ok" if r["over50"] <= OVERHEAD_TARGET_US else "MISS"
+        print(f"{r['op']:<46} {r['device']:<4} {r['shape']:<36} {r['raw_us']:7.1f} {r['over20']:8.1f} "
+              f"{r['over50']:8.1f} {'<=' + format(OVERHEAD_TARGET_US, 'g'):>7} {ok}")
+    return rows
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -319,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="CSV to append timings to")
     parser.add_argument("--no-csv", action="store_true", help="do not write the CSV")
+    parser.add_argument("--overhead-only", action="store_true", help="only the wrapper overhead table")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); 1 gives stable ratios on a shared machine")
     args = parser.parse_args(argv)
@@ -330,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
     reps = args.reps or (7 if args.quick else 15)
-    run(devices, args.quick, reps, None if args.no_csv else args.csv)
+    if not args.overhead_only:
+        run(devices, args.quick, reps, None if args.no_csv else args.csv)
+    run_overhead(devices, max(reps, 31))
 
 
 if __name__ == "__main__":

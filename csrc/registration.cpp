@@ -4,7 +4,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(skd_kernels, m) {
-  // x (N, G*r), w (N,) -> (weight_sum 0-d fp32, sum (G, r) fp32, sum_outer (G, r, r) fp32) of this batch.
+  // x (N, G*r) fp32/bf16/fp16/fp64, w (N,) -> (weight_sum 0-d fp32, sum (G, r) fp32, sum_outer (G, r, r) fp32) of
+  // this batch (fp64 for fp64 x). w may have any float dtype: the public op passes it in fp32 (fp64 for fp64 x),
+  // never rounded to x's dtype, and every kernel reads it in the accumulation type.
   m.def("weighted_covariance(Tensor x, Tensor w, int groups) -> (Tensor, Tensor, Tensor)");
   // act, grad (B, T, C) -> (token (B, T) fp32 = |sum_c g*a|, channel (C,) fp32 = sum_b |sum_t g*a|).
   m.def("taylor_scores(Tensor act, Tensor grad) -> (Tensor, Tensor)");

@@ -1,15 +1,15 @@
 """skd_kernels: fused kernels for stratified ViTs — weighted covariance, Taylor scores, prefix GEMM.
 
-Every op dispatches CUDA ext → Triton → CPU ext → reference by device, dtype and availability;
-`available_backends(device)` lists the usable ones and `use_backend(name)` forces one.
-Nothing here knows about models.
+One module per op in skd_kernels/ops/. Every op dispatches CUDA ext → Triton → CPU ext → reference by
+device, dtype and availability; `available_backends(device)` lists the usable ones and `use_backend(name)`
+forces one. Nothing here knows about models.
 """
 
 from ._dispatch import BACKENDS, available_backends, forced_backend, use_backend
 from ._ops import LOAD_ERROR as EXTENSION_LOAD_ERROR
-from .covariance import CovState, weighted_covariance
-from .prefix import prefix_linear
-from .taylor import taylor_scores
+from .ops.prefix_linear import prefix_linear
+from .ops.taylor_scores import taylor_scores
+from .ops.weighted_covariance import CovState, weighted_covariance
 
 __all__ = [
     "BACKENDS",

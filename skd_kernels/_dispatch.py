@@ -1,99 +1,147 @@
-"""Backend selection: CUDA ext → Triton → CPU ext → reference, by device, dtype and availability.
+"""Backend selection per op: CUDA ext → Triton → CPU ext → reference, by device, dtype and availability.
 
-A backend is usable for a tensor when its code is present and it runs on that tensor's device and dtype.
-`use_backend(name)` (a context manager) or the env var SKD_KERNELS_BACKEND forces one; a forced backend
-that cannot run the given tensor raises instead of silently falling back.
+Each op (skd_kernels/ops/<op>.py) registers its kernels here, one per backend that implements it; a
+backend may implement only some ops, or only some dtypes of an op. `use_backend(name)` (a context
+manager) or the env var SKD_KERNELS_BACKEND forces one backend; a forced backend that cannot run an op
+on the given tensors raises, saying why (wrong device, op not implemented, dtype not supported), instead
+of silently falling back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
-from ._ops import COMPILED_KERNELS
-from ._validate import FLOAT_DTYPES
+from . import _ops
+from ._common import FLOAT_DTYPES
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("skd_kernels_backend", default=None)
 
+# Triton kernels take fp32, fp16 and bf16 (no fp64 tensor-core dot).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 @dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of one op: `fn` takes the op's validated inputs; `dtypes` it runs."""
+
+    fn: Callable[..., object]
+    dtypes: tuple[torch.dtype, ...]
+
+
+def _device_type_reason(backend: str) -> Callable[[torch.device], str | None]:
+    def reason(device: torch.device) -> str | None:
+        return None if device.type == backend else f"it runs only on {backend} tensors"
+
+    return reason
+
+
+def _triton_device_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        # The mode Triton fixed when the kernels were decorated (at import), not the env var as it reads now.
+        from .triton._utils import INTERPRET
+
+        return None if INTERPRET else "it runs on cpu tensors only under TRITON_INTERPRET=1 (set before import)"
+    return "it runs only on cuda tensors (or cpu ones under TRITON_INTERPRET=1)"
+
+
+@dataclass
 class Backend:
-    """One implementation of the three ops (each computes one batch, inputs already validated)."""
+    """One implementation family: where it runs and, per op, its kernel or why it has none."""
 
     name: str
-    dtypes: tuple[torch.dtype, ...]
-    runs_on: Callable[[torch.device], bool]
-    weighted_covariance: Callable[..., tuple[torch.Tensor, ...]]
-    taylor_scores: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    prefix_linear: Callable[..., torch.Tensor]
+    device_reason: Callable[[torch.device], str | None]  # why it cannot run on a device, None if it can
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # op -> why there is no kernel
 
-    def usable(self, device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
-        device = torch.device(device)
-        return self.runs_on(device) and (dtype is None or dtype in self.dtypes)
+    def not_supported_reasons(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, op: str | None = None
+    ) -> list[str]:
+        """Why this backend cannot run `op` (any op if None) on `dtype` (any if None) tensors on `device`."""
+        reasons = []
+        device_reason = self.device_reason(torch.device(device))
+        if device_reason is not None:
+            reasons.append(device_reason)
+        if op is not None and op not in self.kernels:
+            reasons.append(f"it has no {op} kernel ({self.missing.get(op, 'not implemented')})")
+        elif op is None and not self.kernels:
+            reasons.append(f"it has no kernels ({'; '.join(sorted(set(self.missing.values()))) or 'none registered'})")
+        if op is None:
+            kernels = list(self.kernels.values())
+        else:
+            kernels = [self.kernels[op]] if op in self.kernels else []
+        if dtype is not None and kernels and not any(dtype in k.dtypes for k in kernels):
+            names = sorted({str(d).removeprefix("torch.") for k in kernels for d in k.dtypes})
+            reasons.append(f"{op or 'its ops'} take{'s' if op else ''} {'/'.join(names)}, not {dtype}")
+        return reasons
 
-
-def _compiled(device_type: str) -> Backend:
-    ops = torch.ops.skd_kernels
-    # The ops are looked up at call time: without a built _C they do not exist, and the package must import.
-    return Backend(
-        name=device_type,
-        dtypes=FLOAT_DTYPES,
-        runs_on=lambda d: d.type == device_type and COMPILED_KERNELS[device_type.upper()],
-        weighted_covariance=lambda x, w, groups: ops.weighted_covariance(x, w, groups),
-        taylor_scores=lambda a, g: ops.taylor_scores(a, g),
-        prefix_linear=lambda x, wt, b, ki, ko, act: ops.prefix_linear(x, wt, b, ki, ko, act),
-    )
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    from . import triton as triton_backend
-
-    if not triton_backend.AVAILABLE:
-        return False
-    # The mode Triton fixed when the kernels were decorated, not the env var as it reads now.
-    from .triton._utils import INTERPRET
-
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+    def usable(self, device: torch.device | str, dtype: torch.dtype | None = None, op: str | None = None) -> bool:
+        return not self.not_supported_reasons(device, dtype, op)
 
 
-def _triton_op(name: str) -> Callable[..., object]:
-    # Imported on first use: importing Triton (and decorating its kernels) is slow and often not needed.
-    def call(*args: object) -> object:
-        from . import triton as triton_backend
-
-        return getattr(triton_backend, name)(*args)
-
-    return call
-
+# The automatic choice, (op, device type, dtype) -> kernel, computed when ops register: a dict lookup is all
+# an unforced call pays (and torch.compile traces a constant table, not a cache filled at run time).
+_AUTO: dict[tuple[str, str, torch.dtype], Callable[..., object]] = {}
 
 _REGISTRY: dict[str, Backend] = {
-    "cuda": _compiled("cuda"),
-    "triton": Backend(
-        name="triton",
-        dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        runs_on=_triton_runs_on,
-        weighted_covariance=_triton_op("weighted_covariance"),
-        taylor_scores=_triton_op("taylor_scores"),
-        prefix_linear=_triton_op("prefix_linear"),
-    ),
-    "cpu": _compiled("cpu"),
-    "reference": Backend(
-        name="reference",
-        dtypes=FLOAT_DTYPES,
-        runs_on=lambda d: True,
-        weighted_covariance=reference.weighted_covariance,
-        taylor_scores=reference.taylor_scores,
-        prefix_linear=reference.prefix_linear,
-    ),
+    "cuda": Backend("cuda", _device_type_reason("cuda")),
+    "triton": Backend("triton", _triton_device_reason),
+    "cpu": Backend("cpu", _device_type_reason("cpu")),
+    "reference": Backend("reference", lambda device: None),
 }
+
+
+def compiled(op: str, dispatch_key: str) -> Kernel | str:
+    """The compiled extension's kernel of `op` for "CPU" or "CUDA" (every float dtype), or why there is none."""
+    fn = _ops.compiled_kernel(op, dispatch_key)
+    return _ops.why_not_compiled(op, dispatch_key) if fn is None else Kernel(fn, FLOAT_DTYPES)
+
+
+def triton(op: str, dtypes: tuple[torch.dtype, ...] = TRITON_DTYPES) -> Kernel:
+    """`skd_kernels.triton.<op>.<op>`, imported on first use: importing Triton (and decorating its kernels)
+    is slow and often not needed."""
+    resolved: list[Callable[..., object]] = []
+
+    def call(*args: object) -> object:
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"{__package__}.triton.{op}"), op))
+        return resolved[0](*args)
+
+    return Kernel(call, dtypes)
+
+
+def register_op(op: str, kernels: dict[str, Kernel | str]) -> None:
+    """Registers an op's kernel per backend name (a str instead of a Kernel says why that backend has none;
+    an omitted backend does not implement the op). Every op needs a reference kernel of every float dtype:
+    it is the last fallback."""
+    unknown = set(kernels) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backends {sorted(unknown)} for {op}; choose from {BACKENDS}")
+    reference = kernels.get("reference")
+    if not isinstance(reference, Kernel) or set(reference.dtypes) != set(FLOAT_DTYPES):
+        raise ValueError(f"{op} needs a reference Kernel taking every dtype of {FLOAT_DTYPES}")
+    for name, kernel in kernels.items():
+        if isinstance(kernel, Kernel):
+            _REGISTRY[name].kernels[op] = kernel
+        else:
+            _REGISTRY[name].missing[op] = kernel
+    for device_type, order in _AUTO_ORDER.items():
+        for dtype in FLOAT_DTYPES:
+            name = next(n for n in (*order, "reference") if _REGISTRY[n].usable(device_type, dtype, op))
+            _AUTO[op, device_type, dtype] = _REGISTRY[name].kernels[op].fn
 
 
 def _check_name(name: str) -> None:
@@ -102,12 +150,11 @@ def _check_name(name: str) -> None:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on `device`, in BACKENDS order.
+    """Names of the backends that can run (some op) on `device`, in BACKENDS order.
 
     Automatic choice tries only some of them (on CPU: cpu, then reference; Triton's interpreter runs
     only when forced).
     """
-    device = torch.device(device)
     return [n for n in BACKENDS if _REGISTRY[n].usable(device)]
 
 
@@ -128,7 +175,8 @@ def use_backend(name: str) -> Iterator[None]:
     _check_name(name)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if not any(_REGISTRY[name].usable(d) for d in devices):
-        raise RuntimeError(f"backend {name!r} is not usable here (usable on cpu: {available_backends('cpu')})")
+        why = "; ".join(_REGISTRY[name].not_supported_reasons(devices[-1]))
+        raise RuntimeError(f"backend {name!r} is not usable here: {why} (usable on cpu: {available_backends('cpu')})")
     token = _forced.set(name)
     try:
         yield
@@ -136,16 +184,26 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def select(device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs an op on tensors of this device and dtype."""
+def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> Backend:
+    """The backend that runs `op` (any op if None) on tensors of this device and dtype."""
     name = forced_backend()
     if name is not None:
         backend = _REGISTRY[name]
-        if not backend.usable(device, dtype):
-            raise RuntimeError(f"forced backend {name!r} cannot run {dtype} tensors on {device}; "
-                               f"usable there: {available_backends(device)}")
+        reasons = backend.not_supported_reasons(device, dtype, op)
+        if reasons:
+            raise RuntimeError(f"forced backend {name!r} cannot run {op or 'ops'} on {dtype} tensors on {device}: "
+                               f"{'; '.join(reasons)}. Usable there: {available_backends(device)}")
         return backend
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        if _REGISTRY[name].usable(device, dtype):
+        if _REGISTRY[name].usable(device, dtype, op):
             return _REGISTRY[name]
     return _REGISTRY["reference"]
+
+
+def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable[..., object]:
+    """The function that runs `op` on tensors of this device and dtype (see `select`)."""
+    if not (_forced.get() or os.environ.get("SKD_KERNELS_BACKEND")):
+        fn = _AUTO.get((op, device.type, dtype))
+        if fn is not None:
+            return fn
+    return select(device, dtype, op).kernels[op].fn

@@ -68,3 +68,56 @@ def test_unknown_backend_raises() -> None:
     with pytest.raises(ValueError, match="unknown backend"), skd_kernels.use_backend("mkl"):
         pass
 
+
+
+def test_forced_backend_without_the_op_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend may implement only some ops: forcing it for one it lacks names the op and the reason."""
+    cpu = _dispatch._REGISTRY["cpu"]
+    monkeypatch.delitem(cpu.kernels, "taylor_scores")
+    monkeypatch.setitem(cpu.missing, "taylor_scores", "not written yet")
+    assert "cpu" in skd_kernels.available_backends(CPU)  # its other ops still run
+    act = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"'cpu'.*no taylor_scores kernel \(not written yet\)"), \
+            skd_kernels.use_backend("cpu"):
+        skd_kernels.taylor_scores(act, act)
+    with skd_kernels.use_backend("cpu"):  # the ops it has are unaffected
+        skd_kernels.prefix_linear(act, torch.randn(5, 4))
+
+
+def test_register_op_rejects_unknown_backends_and_a_missing_reference() -> None:
+    with pytest.raises(ValueError, match="mkl"):
+        _dispatch.register_op("taylor_scores", {"mkl": _dispatch.Kernel(lambda *a: None, (torch.float32,))})
+    with pytest.raises(ValueError, match="reference"):
+        _dispatch.register_op("new_op", {"cpu": _dispatch.Kernel(lambda *a: None, (torch.float32,))})
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_public_ops_never_sync_on_cuda(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole public op runs on fake CUDA tensors, which hold no data: any host sync (.item(), bool(),
+    float() of a tensor, a data-dependent branch) would raise, so passing proves the CUDA path has none."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    cuda = torch.device("cuda")
+    if not _dispatch._REGISTRY[backend].usable(cuda):
+        pytest.skip(f"backend {backend!r} has no CUDA kernels in this build")
+    # Forced through the env var: use_backend would first ask for a real GPU.
+    monkeypatch.setenv("SKD_KERNELS_BACKEND", backend)
+    with FakeTensorMode():
+        with pytest.raises(DataDependentOutputException):  # the detector works: a host sync raises
+            bool(torch.randn(3, device=cuda).sum() > 0)
+        x, w = torch.randn(64, 48, device=cuda), torch.rand(64, device=cuda)
+        act, grad = torch.randn(2, 5, 48, device=cuda), torch.randn(2, 5, 48, device=cuda)
+        weight, bias = torch.randn(40, 48, device=cuda), torch.randn(40, device=cuda)
+        state = skd_kernels.weighted_covariance(x, w, 3)
+        state = skd_kernels.weighted_covariance(x.bfloat16(), w, 3, state=state)
+        token, channel = skd_kernels.taylor_scores(act, grad)
+        y = skd_kernels.prefix_linear(x, weight, bias, 20, 30, "gelu")
+    assert state.sum_outer.shape == (3, 16, 16) and state.sum_outer.device.type == "cuda"
+    assert token.shape == (2, 5) and channel.shape == (48,) and y.shape == (64, 30)
+
+
+def test_all_reduce_flat_needs_one_dtype_and_device() -> None:
+    from skd_kernels.distributed import all_reduce_flat
+
+    with pytest.raises(ValueError, match="one dtype"):
+        all_reduce_flat([torch.zeros(2, dtype=torch.float64), torch.zeros(3)])

@@ -1,7 +1,21 @@
-"""On a CUDA device: the cuda and triton backends against the reference at ViT-B-like sizes, fp32/bf16.
+"""The GPU side of skd_kernels.
 
-ViT-B: 197 tokens, width 768, 12 heads of 64, MLP hidden 3072. Skipped without a GPU.
+On a CUDA device (marked gpu): every public op, on the cuda and triton backends, against the reference —
+fp32/fp16/bf16, ViT-B sizes (197 tokens, width 768, 12 heads of 64, MLP 3072) and odd ones, strided and
+misaligned layouts, extreme covariance weights; no host syncs; the device guard (2 devices).
+On any machine: the CUDA build's arch list (and, with a CUDA build and cuobjdump, what the built library
+holds: PTX, 16-byte loads in taylor_scores, tensor-core MMAs in weighted_covariance), and the bf16/fp16
+covariance kernel's split-product arithmetic, emulated on CPU.
 """
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,32 +23,188 @@ import torch
 import skd_kernels
 from skd_kernels import reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-]
-
+ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("cuda", "triton")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Output tolerance per dtype (rtol, atol). The statistics ops return fp32 sums of exact products, so they
 # use the fp32 one relative to the largest entry; prefix_linear returns x's dtype.
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 5e-2)}
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 5e-3), torch.bfloat16: (1e-2, 5e-2),
+       torch.float64: (1e-10, 1e-10)}
+# The statistics' tolerance relative to the largest entry (tests/kernel_helpers.py's STAT_TOL).
+STAT_TOL = 2e-5
 
 
-def _require(backend: str) -> None:
-    if backend not in skd_kernels.available_backends("cuda"):
-        pytest.skip(f"backend {backend!r} is not usable on cuda here")
+def on_cuda(test: object) -> object:
+    """Marks a test gpu and skips it without a CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))
+
+
+def _require(backend: str, device: str = "cuda") -> None:
+    if backend not in skd_kernels.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not usable on {device} here")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, relative_to_max: bool = False) -> None:
     rtol, atol = TOL[dtype]
-    diff = (got.float() - want.float()).abs()
-    print(f"max diff {diff.max().item():.3e}, mean diff {diff.mean().item():.3e}")
-    if relative_to_max:
-        atol *= max(1.0, want.abs().max().item())
-    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if got.numel():
+        diff = (got.double() - want.double()).abs()
+        print(f"max diff {diff.max().item():.3e}, mean diff {diff.mean().item():.3e}")
+    if relative_to_max and want.numel() and bool(want.any()):
+        atol *= want.abs().max().item()  # no floor: the tiny-weight cases have entries near 1e-8
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol)
 
 
+def _check_covariance(x: torch.Tensor, w: torch.Tensor, groups: int) -> None:
+    state = skd_kernels.weighted_covariance(x, w, groups)
+    tol_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for got, ref in zip((state.weight_sum, state.sum, state.sum_outer),
+                        reference.weighted_covariance(x, w, groups), strict=True):
+        assert got.device == x.device
+        _close(got, ref, tol_dtype, relative_to_max=True)
+
+
+def _check_taylor(act: torch.Tensor, grad: torch.Tensor) -> None:
+    got = skd_kernels.taylor_scores(act, grad)
+    tol_dtype = torch.float64 if act.dtype == torch.float64 else torch.float32
+    for g, ref in zip(got, reference.taylor_scores(act, grad), strict=True):
+        assert g.device == act.device
+        _close(g, ref, tol_dtype, relative_to_max=True)
+
+
+def _check_prefix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int,
+                  activation: str) -> None:
+    got = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation)
+    want = reference.prefix_linear(x.double(), weight.double(), None if bias is None else bias.double(), k_in,
+                                   k_out, activation)
+    assert got.dtype == x.dtype and got.device == x.device
+    _close(got, want.to(x.dtype), x.dtype)
+
+
+# ---- On any machine: the build and the kernels' arithmetic --------------------------------------------
+
+
+def _setup_constant(name: str) -> object:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py defines no {name}")
+
+
+def test_default_arch_list_ships_ptx_for_newer_gpus() -> None:
+    archs = _setup_constant("DEFAULT_CUDA_ARCH_LIST").split(";")
+    # SASS for A100 and H100, and PTX of the newest, which the driver compiles for any later GPU.
+    assert {"8.0", "9.0+PTX"} <= set(archs), archs
+    assert 'os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)' in (ROOT / "setup.py").read_text()
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    cands = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"]
+    try:  # Triton ships one
+        import triton
+
+        cands.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in cands if c.is_file()), None)
+
+
+def _cuda_library() -> Path:
+    try:
+        from skd_kernels import _C
+    except ImportError:
+        pytest.skip("needs the compiled skd_kernels._C")
+    if not _C.WITH_CUDA:
+        pytest.skip("needs a CUDA build of skd_kernels._C")
+    if _cuobjdump() is None:
+        pytest.skip("needs cuobjdump")
+    return Path(_C.__file__)
+
+
+def test_built_library_holds_sm80_sm90_and_ptx() -> None:
+    lib, tool = _cuda_library(), _cuobjdump()
+    elf = subprocess.run([tool, "--list-elf", str(lib)], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert "sm_80" in elf and "sm_90" in elf, elf
+    assert "sm_90" in ptx, f"no compute_90 PTX in {lib.name}: {ptx!r}"
+
+
+def _sass_by_kernel(lib: Path) -> dict[str, str]:
+    out = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90", str(lib)], capture_output=True, text=True,
+                         check=True).stdout
+    parts = re.split(r"\n\s*Function : (\S+)\n", out)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_built_kernels_use_vector_loads_and_tensor_cores() -> None:
+    sass = _sass_by_kernel(_cuda_library())
+    # taylor_pass_kernel<BFloat16, 8, /*guarded=*/false>: the full-tile path, 16-byte loads only.
+    full_tile = [s for name, s in sass.items() if "taylor_pass_kernel" in name and "BFloat16ELi8ELb0" in name]
+    assert len(full_tile) == 1, [n for n in sass if "taylor_pass_kernel" in n]
+    assert "LDG.E.128" in full_tile[0] and "LDG.E.U16" not in full_tile[0]
+    mma = [s for name, s in sass.items() if "cov_mma_kernel" in name]
+    assert len(mma) == 3 and all("HMMA" in s and ".BF16" in s for s in mma), [n for n in sass if "cov" in n]
+
+
+def _split_bf16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = v.to(torch.bfloat16)
+    return hi, (v - hi.float()).to(torch.bfloat16)
+
+
+def emulated_cov_mma(x: torch.Tensor, w: torch.Tensor, groups: int, with_lo: bool = True) -> torch.Tensor:
+    """(G, r, r) Σ w x x^T as csrc/cuda/weighted_covariance.cu's cov_mma_kernel forms it.
+
+    x: (N, G*r) bf16/fp16/fp32, w: (N,) fp32. A = w·x in fp32 split into bf16 A_hi + A_lo; B = x split into
+    bf16 B_hi + B_lo (exactly for bf16, where B_lo = 0 and the kernel skips its term, and fp16); the MMAs add
+    A_hi^T B_hi + A_lo^T B_hi + A_hi^T B_lo. bf16×bf16 products are exact, so float64 sums here differ from
+    the kernel's fp32 ones only in summation rounding.
+    """
+    n, d = x.shape
+    a_hi, a_lo = _split_bf16(x.float() * w.float()[:, None])
+    b_hi, b_lo = _split_bf16(x.float())
+    if x.dtype != torch.float32:
+        assert torch.equal(b_hi.double() + b_lo.double(), x.double()), "x must split exactly into bf16 parts"
+    if x.dtype == torch.bfloat16:
+        assert not b_lo.any()
+    terms = [(a_hi, b_hi)] + ([(a_lo, b_hi)] if with_lo else []) + [(a_hi, b_lo)]
+    view = lambda t: t.double().view(n, groups, d // groups)
+    return sum(torch.einsum("ngi,ngj->gij", view(a), view(b)) for a, b in terms)
+
+
+# (x scale, w scale): ordinary data, and fp16's trouble spots: w·x = 1e5 is past fp16's 65504, and
+# w·x = 1e-8 is below fp16's smallest subnormal (6e-8), for a split in fp16 instead of bf16.
+SPLIT_CASES = {"ordinary": (1.0, 1.0), "large": (100.0, 1e3), "tiny": (1e-2, 1e-6)}
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_product_arithmetic_keeps_fp32_accuracy(dtype: torch.dtype, case: str) -> None:
+    x_scale, w_scale = SPLIT_CASES[case]
+    x = ((torch.randn(301, 96) + 0.5) * x_scale).to(dtype)
+    w = (torch.rand(301) + 0.1) * w_scale
+    want = torch.einsum("ngi,ngj->gij", (x.double() * w.double()[:, None]).view(301, 3, 32),
+                        x.double().view(301, 3, 32))
+    got = emulated_cov_mma(x, w, 3)
+    err = float((got - want).abs().max() / want.abs().max())
+    # An fp32 einsum of the same sum, for scale: the split product should be about as accurate.
+    fp32 = torch.einsum("ngi,ngj->gij", (x.float() * w[:, None]).view(301, 3, 32), x.float().view(301, 3, 32))
+    print(f"{case} {dtype}: relative error {err:.2e} (fp32 einsum: "
+          f"{float((fp32.double() - want).abs().max() / want.abs().max()):.2e})")
+    assert err <= STAT_TOL
+    if case == "ordinary" and dtype == torch.bfloat16:
+        # The residual term is what buys the accuracy: without it bf16 rounding of w·x shows.
+        no_lo = emulated_cov_mma(x, w, 3, with_lo=False)
+        assert float((no_lo - want).abs().max() / want.abs().max()) > STAT_TOL
+
+
+# ---- On a CUDA device ------------------------------------------------------------------------------------
+
+
+@on_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weighted_covariance_vit_b_heads(backend: str, dtype: torch.dtype) -> None:
@@ -42,12 +212,43 @@ def test_weighted_covariance_vit_b_heads(backend: str, dtype: torch.dtype) -> No
     x = torch.randn(8 * 197, 768, device="cuda", dtype=dtype)
     w = torch.rand(8 * 197, device="cuda")
     with skd_kernels.use_backend(backend):
-        state = skd_kernels.weighted_covariance(x, w, groups=12)
-    want = reference.weighted_covariance(x, w, 12)
-    for got, ref in zip((state.weight_sum, state.sum, state.sum_outer), want, strict=True):
-        _close(got.float(), ref, torch.float32, relative_to_max=True)
+        _check_covariance(x, w, 12)
+        _check_covariance(x, w, 1)
 
 
+# (N, width, groups): one row; r = 48 (a partial 64-wide tile); r = 129; r = 200 (4×4 tiles, mirrored
+# off-diagonal ones); r = 1.
+COV_SHAPES = [(1, 48, 1), (197, 144, 3), (129, 129, 1), (300, 400, 2), (5, 7, 7)]
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+@pytest.mark.parametrize(("n", "width", "groups"), COV_SHAPES)
+def test_weighted_covariance_odd_sizes(backend: str, dtype: torch.dtype, n: int, width: int, groups: int) -> None:
+    _require(backend)
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("Triton takes no fp64")
+    x = (torch.randn(n, width, device="cuda", dtype=torch.float64) + 0.5).to(dtype)
+    w = torch.rand(n, device="cuda", dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.1
+    with skd_kernels.use_backend(backend):
+        _check_covariance(x, w, groups)
+        _check_covariance(x.t().contiguous().t(), w, groups)  # column-major x
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_weighted_covariance_fp16_extreme_weights(backend: str, case: str) -> None:
+    _require(backend)
+    x_scale, w_scale = SPLIT_CASES[case]
+    x = ((torch.randn(197, 96, device="cuda") + 0.5) * x_scale).half()
+    w = (torch.rand(197, device="cuda") + 0.1) * w_scale
+    with skd_kernels.use_backend(backend):
+        _check_covariance(x, w, 2)
+
+
+@on_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_taylor_scores_vit_b_mlp(backend: str, dtype: torch.dtype) -> None:
@@ -55,11 +256,47 @@ def test_taylor_scores_vit_b_mlp(backend: str, dtype: torch.dtype) -> None:
     act = torch.randn(8, 197, 3072, device="cuda", dtype=dtype)
     grad = torch.randn(8, 197, 3072, device="cuda", dtype=dtype)
     with skd_kernels.use_backend(backend):
-        got = skd_kernels.taylor_scores(act, grad)
-    for g, ref in zip(got, reference.taylor_scores(act, grad), strict=True):
-        _close(g, ref, torch.float32, relative_to_max=True)
+        _check_taylor(act, grad)
 
 
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values in another memory layout: the CUDA kernel's vector path needs contiguous, aligned rows."""
+    if layout == "strided":  # every other channel of a wider tensor
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], device=t.device, dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "misaligned":  # base pointer 1 element past a 16-byte boundary
+        flat = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+    if layout == "channels_first":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+# (B, T, C): T = 197 and 16 (whole token tiles only), C = 3 and 129 (no vector path), 264 (vector path
+# with a partial last token tile), one element.
+TAYLOR_SHAPES = [(1, 197, 3), (2, 197, 129), (3, 197, 264), (2, 16, 8), (1, 1, 1), (4, 33, 3072)]
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+@pytest.mark.parametrize("shape", TAYLOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ("contiguous", "strided", "misaligned", "channels_first"))
+def test_taylor_scores_odd_sizes_and_layouts(backend: str, dtype: torch.dtype, shape: tuple[int, int, int],
+                                             layout: str) -> None:
+    _require(backend)
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("Triton takes no fp64")
+    act = torch.randn(shape, device="cuda", dtype=dtype)
+    grad = torch.randn(shape, device="cuda", dtype=dtype)
+    with skd_kernels.use_backend(backend):
+        _check_taylor(_layout(act, layout), _layout(grad, layout))
+
+
+@on_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("k_in", "k_out", "activation"), [(768, 3072, "gelu"), (384, 1536, "gelu_tanh"),
@@ -71,12 +308,27 @@ def test_prefix_linear_vit_b_mlp(backend: str, dtype: torch.dtype, k_in: int, k_
     weight = torch.randn(d_out, d_in, device="cuda", dtype=dtype) / d_in**0.5
     bias = torch.randn(d_out, device="cuda", dtype=dtype)
     with skd_kernels.use_backend(backend):
-        got = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation)
-    want = reference.prefix_linear(x.float(), weight.float(), bias.float(), k_in, k_out, activation)
-    assert got.dtype == dtype
-    _close(got, want.to(dtype), dtype)
+        _check_prefix(x, weight, bias, k_in, k_out, activation)
 
 
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "k_in", "k_out"), [(1, 0, 1), (1, 1, 0), (0, 0, 5), (197, 1, 1), (197, 129, 33),
+                                                     (3, 7, 257)])
+@pytest.mark.parametrize("activation", ("none", "gelu", "gelu_tanh"))
+@pytest.mark.parametrize("with_bias", (True, False))
+def test_prefix_linear_odd_sizes(backend: str, dtype: torch.dtype, rows: int, k_in: int, k_out: int,
+                                 activation: str, with_bias: bool) -> None:
+    _require(backend)
+    x = torch.randn(rows, 129, device="cuda", dtype=dtype)
+    weight = torch.randn(257, 129, device="cuda", dtype=dtype) / 129**0.5
+    bias = torch.randn(257, device="cuda", dtype=dtype) if with_bias else None
+    with skd_kernels.use_backend(backend):
+        _check_prefix(x, weight, bias, k_in, k_out, activation)
+
+
+@on_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_linear_grads_vit_b(backend: str) -> None:
     _require(backend)
@@ -89,3 +341,113 @@ def test_prefix_linear_grads_vit_b(backend: str) -> None:
     want = torch.autograd.grad(reference.prefix_linear(x, weight, bias, 384, 1536, "gelu"), (x, weight, bias), g)
     for a, b in zip(got, want, strict=True):
         _close(a, b, torch.float32, relative_to_max=True)
+
+
+def _needs_memory(gib: int) -> None:
+    if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
+        pytest.skip(f"needs a CUDA device with {gib} GiB")
+
+
+# Past 2^31 elements: offsets such as column * stride of a transposed view must be 64-bit.
+BIG = 2**31 + 2**20
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
+    _require(backend)
+    _needs_memory(40)
+    width = 520
+    n = BIG // width + 1
+    x = torch.randn(width, n, device="cuda", dtype=torch.bfloat16).t()  # (n, width), column stride n
+    w = torch.rand(n, device="cuda")
+    with skd_kernels.use_backend(backend):
+        state = skd_kernels.weighted_covariance(x, w, 2)
+    want = [torch.zeros_like(t, dtype=torch.float64) for t in (state.weight_sum, state.sum, state.sum_outer)]
+    for i in range(0, n, 2**20):  # the reference in row chunks: less memory
+        part = reference.weighted_covariance(x[i : i + 2**20], w[i : i + 2**20], 2)
+        for acc, p in zip(want, part, strict=True):
+            acc += p.double()
+    for got, ref in zip((state.weight_sum, state.sum, state.sum_outer), want, strict=True):
+        _close(got, ref, torch.float32, relative_to_max=True)
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_taylor_scores_offsets_past_2_31(backend: str) -> None:
+    _require(backend)
+    _needs_memory(40)
+    channels = 1100
+    tokens = BIG // channels + 1
+    # (1, tokens, channels) views of channel-major storage: channel stride = tokens.
+    act = torch.randn(1, channels, tokens, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    grad = torch.randn(1, channels, tokens, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    with skd_kernels.use_backend(backend):
+        token, channel = skd_kernels.taylor_scores(act, grad)
+    want_token = torch.empty(1, tokens, device="cuda", dtype=torch.float64)
+    per_sample = torch.zeros(1, channels, device="cuda", dtype=torch.float64)
+    for i in range(0, tokens, 2**18):  # the reference's sums, chunk by chunk
+        prod = act[:, i : i + 2**18].double() * grad[:, i : i + 2**18].double()
+        want_token[:, i : i + 2**18] = prod.sum(-1).abs()
+        per_sample += prod.sum(1)
+    _close(token, want_token, torch.float32, relative_to_max=True)
+    _close(channel, per_sample.abs().sum(0), torch.float32, relative_to_max=True)
+
+
+def _all_ops(device: str, raw: bool) -> None:
+    """Every op once on `device`, as the compiled op (raw) or through the public API."""
+    x = torch.randn(197, 144, device=device, dtype=torch.bfloat16)
+    w = torch.rand(197, device=device)
+    act = torch.randn(2, 197, 264, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(257, 144, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(257, device=device, dtype=torch.bfloat16)
+    if raw:
+        ops = torch.ops.skd_kernels
+        ops.weighted_covariance(x, w, 3)
+        ops.taylor_scores(act, act)
+        ops.prefix_linear(x, weight, bias, 100, 200, "gelu")
+    else:
+        skd_kernels.weighted_covariance(x, w, 3)
+        skd_kernels.taylor_scores(act, act)
+        skd_kernels.prefix_linear(x, weight, bias, 100, 200, "gelu")
+
+
+@on_cuda
+@pytest.mark.parametrize("raw", (True, False), ids=("compiled_ops", "public_ops"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync(backend: str, raw: bool) -> None:
+    _require(backend)
+    if raw and backend != "cuda":
+        pytest.skip("the raw compiled ops are the cuda backend")
+    with skd_kernels.use_backend(backend):
+        _all_ops("cuda", raw)  # warm-up: autotuning and handle creation may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _all_ops("cuda", raw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@on_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_guard_second_device(backend: str) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    _require(backend, "cuda:1")
+    # Tensors on cuda:1 while cuda:0 is current, on a side stream of cuda:1: the kernels must launch on
+    # cuda:1, on its current stream, ordered after the inputs' producers.
+    side = torch.cuda.Stream(device="cuda:1")
+    # stream() also makes its device current, so device(0) comes after it.
+    with skd_kernels.use_backend(backend), torch.cuda.stream(side), torch.cuda.device(0):
+        x = (torch.randn(197, 144, device="cuda:1") + 0.5).bfloat16()
+        w = torch.rand(197, device="cuda:1")
+        act = torch.randn(2, 197, 264, device="cuda:1", dtype=torch.bfloat16)
+        grad = torch.randn(2, 197, 264, device="cuda:1", dtype=torch.bfloat16)
+        weight = torch.randn(257, 144, device="cuda:1") / 12
+        bias = torch.randn(257, device="cuda:1")
+        _check_covariance(x, w, 3)
+        _check_taylor(act, grad)
+        _check_prefix(x.float(), weight, bias, 100, 200, "gelu")
+        assert torch.cuda.current_device() == 0

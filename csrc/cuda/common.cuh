@@ -1,8 +1,10 @@
-// Shared helpers of the CUDA kernels: warp reduction, ceil_div (accumulation type and dispatch: ../dtypes.h).
+// Shared helpers of the CUDA kernels: warp reduction, ceil_div, the device guard (accumulation type and
+// dispatch: ../dtypes.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "../dtypes.h"

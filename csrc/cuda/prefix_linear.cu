@@ -80,6 +80,7 @@ void launch_bias_act(at::Tensor& y, const scalar_t* bias, int64_t stride_bias) {
 at::Tensor prefix_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               int64_t k_in, int64_t k_out, c10::string_view activation) {
   TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "x and weight must be CUDA tensors");
+  const c10::cuda::CUDAGuard guard(x.device());  // cuBLAS, the epilogue and its stream: x's device
   const PrefixGemm g = prefix_gemm_operands(x, weight, bias, k_in, k_out, activation);
   const at::Tensor& b = g.bias;
   const bool has_bias = b.defined();

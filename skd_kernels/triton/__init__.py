@@ -1,4 +1,6 @@
-"""Triton kernels, one file per op family. They run on CUDA, or on CPU under TRITON_INTERPRET=1
+"""Triton kernels, one file per op (named like the op), each registered as a torch.library custom op.
+
+They run on CUDA, or on CPU under TRITON_INTERPRET=1
 (which must be set before this package is imported: Triton picks interpreter vs compiler at @jit time).
 """
 
@@ -10,8 +12,8 @@ except ImportError:  # no Triton: the dispatcher skips this backend
     AVAILABLE = False
 
 if AVAILABLE:
-    from .covariance import weighted_covariance
     from .prefix_linear import prefix_linear
-    from .taylor import taylor_scores
+    from .taylor_scores import taylor_scores
+    from .weighted_covariance import weighted_covariance
 
     __all__ = ["prefix_linear", "taylor_scores", "weighted_covariance"]

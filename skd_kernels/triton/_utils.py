@@ -1,4 +1,5 @@
-"""Launch heuristics shared by the Triton kernels: autotune configs, dot operand dtypes, SM counts.
+"""Launch helpers shared by the Triton kernels: autotune configs and their pruning, dot operand dtypes,
+grid limits, SM counts and the device guard.
 
 Under TRITON_INTERPRET=1 (kernels run on CPU tensors through numpy) every kernel gets ONE small config,
 so nothing is autotuned and the interpreter stays fast.
@@ -6,8 +7,11 @@ so nothing is autotuned and the interpreter stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -16,10 +20,85 @@ import triton.language as tl
 # Read once, like Triton itself, which picks interpreter vs compiler when @triton.jit runs at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# CUDA grid limits: axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 only 65535. Kernels put their
+# large index on axis 0.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What config pruning needs to know of a GPU: its compute capability major and the shared memory one
+    program may use."""
+
+    major: int
+    shared_bytes: int
+
+
+# The reference targets (tools and tests without a GPU): H100 (sm_90, 227 KiB) and A100 (sm_80, 163 KiB).
+TARGETS = {90: Target(9, 227 * 1024), 80: Target(8, 163 * 1024)}
+
+
+def launch_target(device: torch.device | None) -> Target:
+    """The Target of a CUDA device (its own capability and shared memory limit); sm_90's without one."""
+    if device is None or device.type != "cuda":
+        return TARGETS[90]
+    return _device_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def max_shared_bytes(device: torch.device | None) -> int:
+    """Shared memory one program may use on `device` (sm_90's 227 KiB when it is not a CUDA device)."""
+    return launch_target(device).shared_bytes
+
+
+@functools.cache
+def _device_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    return Target(props.major, getattr(props, "shared_memory_per_block_optin", TARGETS[90].shared_bytes))
+
+
+def checked_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """`grid`, or a ValueError when an axis exceeds what CUDA can launch (MAX_GRID)."""
+    for axis, (n, limit) in enumerate(zip(grid, MAX_GRID, strict=False)):
+        if n > limit:
+            raise ValueError(f"launch grid {grid} exceeds CUDA's limit {limit} on axis {axis}: the input is too large")
+    return grid
+
 
 def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune configs for the current mode: the GPU list, or the single interpreter config."""
     return [interpreter] if INTERPRET else gpu
+
+
+class ConfigPruner:
+    """An autotune `early_config_prune`: drops the configs that would not fit the launch device's shared
+    memory or that spill registers there.
+
+    shared_bytes(config, operand_bytes) estimates a config's shared memory (within ~15 % of what Triton 3.8
+    allocates, see benchmarks/triton_resources.py) for dot operands of operand_bytes (the kernel's DOT_DTYPE).
+    Spills cannot be estimated as simply, so they are measured: spills[(major, operand_bytes)] holds the
+    configs that spilled when compiled for that compute capability (benchmarks/triton_resources.py).
+    Keeps the smallest config if none survives.
+    """
+
+    def __init__(self, shared_bytes: Callable[[triton.Config, int], int],
+                 spills: dict[tuple[int, int], list[triton.Config]]) -> None:
+        self.shared_bytes = shared_bytes
+        self.spills = spills
+
+    def keep(self, configs: list[triton.Config], operand_bytes: int, target: Target) -> list[triton.Config]:
+        spilling = self.spills.get((target.major, operand_bytes), [])
+        kept = [c for c in configs
+                if self.shared_bytes(c, operand_bytes) <= target.shared_bytes and c not in spilling]
+        return kept or [min(configs, key=lambda c: self.shared_bytes(c, operand_bytes))]
+
+    def __call__(self, configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+        device = next((a.device for a in named_args.values() if isinstance(a, torch.Tensor)), None)
+        return self.keep(configs, kwargs["DOT_DTYPE"].primitive_bitwidth // 8, launch_target(device))
+
+
+def bucket(n: int, cap: int) -> int:
+    """n rounded up to a power of two, at most `cap`: an autotune key that does not change with every size."""
+    return min(triton.next_power_of_2(max(n, 1)), cap)
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -43,6 +122,12 @@ def fp32_dot_precision() -> str:
     still faster than FMA-based fp32. "high"/"medium" allow plain TF32. Ignored by the interpreter.
     """
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context that makes t's CUDA device current, so a launch runs on t's device and its current stream
+    (Triton launches on the current device); nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache

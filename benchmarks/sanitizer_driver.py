@@ -1,0 +1,99 @@
+"""Runs every public op once on the tail shapes, for `compute-sanitizer` (memcheck, racecheck) to watch.
+
+    compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_driver [--device cuda] [--backend cuda]
+
+Tail shapes: T = 197 tokens (not a multiple of any tile), C in {3, 129} channels (narrower than a vector
+load, and one past a multiple of it), a vector-loadable C = 264 whose last token tile is partial, groups of
+r = 48 (a partial 64-wide covariance tile) with N = 1 and N = 197 rows, prefix widths k = 0 and k = 1.
+Each result is compared with skd_kernels.reference, so a kernel that reads or writes the wrong memory
+fails here even where the sanitizer has nothing to say. Prints one line per call and "driver ok" last.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import skd_kernels
+from skd_kernels import reference
+
+TOKENS = 197
+CHANNELS = (3, 129, 264)
+COV_SHAPES = ((1, 48, 1), (197, 48, 1), (197, 3 * 48, 3), (1, 3 * 48, 3))  # (N, width, groups)
+PREFIX_KS = ((0, 1), (1, 0), (1, 1), (0, 0), (129, 48))  # (k_in, k_out) of a (257, 129) weight
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(name: str, got: tuple[torch.Tensor, ...] | torch.Tensor, want: tuple[torch.Tensor, ...] | torch.Tensor,
+           tol: float) -> None:
+    got_t = got if isinstance(got, tuple) else (got,)
+    want_t = want if isinstance(want, tuple) else (want,)
+    for g, w in zip(got_t, want_t, strict=True):
+        scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+    print(f"ok {name}")
+
+
+def backends_for(device: torch.device) -> list[str]:
+    """The compiled and Triton backends that run on `device` (not Triton's slow CPU interpreter)."""
+    names = [b for b in skd_kernels.available_backends(device) if b != "reference"]
+    return [b for b in names if not (b == "triton" and device.type == "cpu")]
+
+
+def run(device: torch.device, backends: list[str]) -> None:
+    """Every op × dtype × tail shape on `device`, on each of `backends`, checked against the reference."""
+    if not backends:
+        raise RuntimeError(f"no compiled or Triton backend runs on {device}")
+    for backend in backends:
+        print(f"backend {backend}")
+        with skd_kernels.use_backend(backend):
+            _run_ops(device)
+    print("driver ok")
+
+
+def _run_ops(device: torch.device) -> None:
+    """Every op × dtype × tail shape once on `device` with the backend in force."""
+    for dtype in DTYPES:
+        tag = str(dtype).removeprefix("torch.")
+        stat_tol = 1e-4 if dtype == torch.float32 else 2e-4
+        for c in CHANNELS:
+            act = torch.randn(2, TOKENS, c, device=device, dtype=dtype)
+            grad = torch.randn(2, TOKENS, c, device=device, dtype=dtype)
+            _check(f"taylor_scores {tag} (2,{TOKENS},{c})", skd_kernels.taylor_scores(act, grad),
+                   reference.taylor_scores(act, grad), stat_tol)
+        for n, width, groups in COV_SHAPES:
+            x = (torch.randn(n, width, device=device) + 0.5).to(dtype)
+            w = torch.rand(n, device=device)
+            state = skd_kernels.weighted_covariance(x, w, groups)
+            _check(f"weighted_covariance {tag} N={n} r={width // groups} G={groups}",
+                   (state.weight_sum, state.sum, state.sum_outer), reference.weighted_covariance(x, w, groups),
+                   stat_tol)
+        weight = torch.randn(257, 129, device=device, dtype=dtype) / 129**0.5
+        bias = torch.randn(257, device=device, dtype=dtype)
+        out_tol = 1e-4 if dtype == torch.float32 else 3e-2
+        for rows in (1, TOKENS):
+            x = torch.randn(rows, 129, device=device, dtype=dtype)
+            for k_in, k_out in PREFIX_KS:
+                for act_name in ("none", "gelu"):
+                    got = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, act_name)
+                    want = reference.prefix_linear(x.float(), weight.float(), bias.float(), k_in, k_out,
+                                                   act_name)
+                    _check(f"prefix_linear {tag} M={rows} k_in={k_in} k_out={k_out} {act_name}", got, want,
+                           out_tol)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", action="append", help="a backend to run (repeatable; default: every compiled "
+                        "or Triton backend usable on the device)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    run(device, args.backend or backends_for(device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`prefix_linear`: a Linear layer restricted to the leading block of its weight, without copying it.
+
+Kernels: csrc/cpu/prefix_linear.cpp, csrc/cuda/prefix_linear.cu, skd_kernels/triton/prefix_linear.py;
+`reference` below is the oracle and last fallback. The compiled and Triton ops share the fake kernel and
+the backward defined here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch, _ops
+from .._common import FLOAT_DTYPES, check_float
+
+OP = "prefix_linear"
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+
+
+def prefix_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    k_in: int | None = None,
+    k_out: int | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]), bias and activation fused.
+
+    x: (..., I') with I' >= k_in; weight: (O, I); bias: (O,) or None; all one dtype (fp32/bf16/fp16/fp64).
+    k_in in [0, I] (default I), k_out in [0, O] (default O); activation None | "gelu" | "gelu_tanh".
+    Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
+    Differentiable in x, weight (gradient zero outside the block) and bias.
+
+    Equivalent to::
+
+        y = F.linear(x[..., :k_in], weight[:k_out, :k_in], bias[:k_out]); y = F.gelu(y) if gelu
+    """
+    k_in = weight.shape[1] if k_in is None else k_in
+    k_out = weight.shape[0] if k_out is None else k_out
+    activation = activation or "none"
+    check(x, weight, bias, k_in, k_out, activation)
+    return _dispatch.kernel(OP, x.device, x.dtype)(x, weight, bias, k_in, k_out, activation)
+
+
+def check(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int, activation: str
+) -> None:
+    """Shape and range checks only (ValueError naming the argument): scanning x for NaN would cost a pass
+    over it on the hot path."""
+    check_float("x", x)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    out_f, in_f = weight.shape
+    if not isinstance(k_in, int) or not 0 <= k_in <= in_f:
+        raise ValueError(f"k_in={k_in!r} out of range [0, {in_f}]")
+    if not isinstance(k_out, int) or not 0 <= k_out <= out_f:
+        raise ValueError(f"k_out={k_out!r} out of range [0, {out_f}]")
+    if x.shape[-1] < k_in:
+        raise ValueError(f"x's last dim {x.shape[-1]} is smaller than k_in={k_in}")
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] < k_out:
+            raise ValueError(f"bias must be 1-D with at least k_out={k_out} entries, got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS} (or None)")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}"
+                         + ("" if bias is None else f", {bias.dtype}"))
+    if x.device != weight.device or (bias is not None and bias.device != weight.device):
+        raise ValueError("x, weight and bias must be on one device")
+
+
+def reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k_in: int,
+    k_out: int,
+    activation: str = "none",
+) -> torch.Tensor:
+    """y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]) in plain PyTorch.
+
+    x: (..., >= k_in), weight: (out, in), bias: (out,) or None. Returns (..., k_out) in x's dtype.
+    """
+    y = F.linear(x[..., :k_in], weight[:k_out, :k_in], None if bias is None else bias[:k_out])
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    return y
+
+
+def fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int, activation: str
+) -> torch.Tensor:
+    """Output metadata of the compiled and Triton ops (torch.compile, FakeTensorMode)."""
+    torch._check(0 <= k_in <= weight.shape[1] and 0 <= k_out <= weight.shape[0], lambda: "k out of range")
+    torch._check(x.shape[-1] >= k_in, lambda: "x narrower than k_in")
+    return x.new_empty((*x.shape[:-1], k_out))
+
+
+def _gelu_grad(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return grad
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.ops.aten.gelu_backward(grad, z, approximate=approximate)
+
+
+def backward(
+    op: object, ctx: object, grad_y: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    """Gradients of prefix_linear; `op` is the forward op, used to recompute the pre-activation.
+
+    Gradients outside the leading block are zero; x's beyond k_in too.
+    """
+    x, weight, bias = ctx.saved_tensors
+    k_in, k_out, activation = ctx.k_in, ctx.k_out, ctx.activation
+    if activation != "none":
+        z = op(x, weight, bias, k_in, k_out, "none")
+        grad_y = _gelu_grad(grad_y, z, activation)
+    w_blk = weight[:k_out, :k_in]
+    rows = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) is ambiguous when k_out = 0
+    g2 = grad_y.reshape(rows, k_out)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        gx = grad_y @ w_blk
+        grad_x = gx if x.shape[-1] == k_in else F.pad(gx, (0, x.shape[-1] - k_in))
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.zeros_like(weight)
+        grad_w[:k_out, :k_in] = g2.t() @ x.reshape(rows, x.shape[-1])[:, :k_in]
+    if bias is not None and ctx.needs_input_grad[2]:
+        grad_b = torch.zeros_like(bias)
+        grad_b[:k_out] = g2.sum(0)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, bias, k_in, k_out, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.k_in, ctx.k_out, ctx.activation = k_in, k_out, activation
+
+
+def register_autograd(qualname: str, op: object) -> None:
+    """Attach prefix_linear's backward to a registered operator (compiled or Triton)."""
+    torch.library.register_autograd(qualname, functools.partial(backward, op), setup_context=setup_context)
+
+
+if _ops.has_schema(OP):
+    torch.library.register_fake(f"skd_kernels::{OP}")(fake)
+    register_autograd(f"skd_kernels::{OP}", torch.ops.skd_kernels.prefix_linear)
+
+_dispatch.register_op(OP, {
+    "cuda": _dispatch.compiled(OP, "CUDA"),
+    "triton": _dispatch.triton(OP),
+    "cpu": _dispatch.compiled(OP, "CPU"),
+    "reference": _dispatch.Kernel(reference, FLOAT_DTYPES),
+})
