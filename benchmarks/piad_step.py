@@ -13,10 +13,10 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 
 import skd
 import skd.digits  # registers vit_digits with timm
+from skd.piad.recipe import build_optimizer
 
 
 def step_ms(elastic: skd.ElasticViT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -44,7 +44,7 @@ def main() -> None:
     elastic = skd.ElasticViT(model).train()
     cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x, y = torch.randn(args.batch, *cfg), torch.randint(0, model.num_classes, (args.batch,))
-    opt = create_optimizer_v2(elastic, "adamw", lr=1e-4)
+    opt = build_optimizer(elastic, "adamw", lr=1e-4, weight_decay=0.05)  # PIAD's optimizer
     rows = []
     for f in (1.0, 1 / 3):
         elastic.set_subnet(macs=f)

@@ -21,22 +21,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from . import batches
+from ._dist import all_reduce_flat, rank_world
 from .elastic import ElasticViT
 from .evaluate import eval_mode
 from .stats import QKV, LossFn, calibrate
 from .subnet import DropoutList, Group, Subnet
 
 Module = tuple[int, str]  # (block index, "attn" | "mlp")
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes when torch.distributed is initialised (importance statistics add up)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 @dataclass
@@ -74,30 +68,34 @@ def _sum_loss(elastic: ElasticViT, loss_fn: LossFn | None) -> LossFn:
 
 
 @torch.no_grad()
-def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet], loss_fn: LossFn) -> list[float]:
+def _mean_losses(elastic: ElasticViT, data: Iterable, subnets: list[Subnet], loss_fn: LossFn,
+                 progress: bool) -> list[float]:
     """Mean loss per sample of each subnet over `data` (all processes' shares together)."""
     dev = _device(elastic)
     sums = torch.zeros(len(subnets) + 1, dtype=torch.float64, device=dev)  # last entry: sample count
-    for batch in data:
+    bar = tqdm(data, desc=f"importance: {len(subnets)} subnets' losses", unit="batch",
+               disable=not progress or rank_world()[0] != 0)
+    for batch in bar:
         batch = batches.to_device(batch, dev)
         args, kwargs = batches.model_inputs(batch)
         for j, s in enumerate(subnets):
             sums[j] += loss_fn(elastic(*args, subnet=s, **kwargs), batch).double()
         sums[-1] += batches.batch_size(batch)
-    _all_reduce(sums)
+    all_reduce_flat([sums])  # the proxy shares' sums add up
     if sums[-1] == 0:
         raise ValueError("the proxy set is empty")
     return (sums[:-1] / sums[-1]).tolist()
 
 
-def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int, loss_fn: LossFn) -> dict[Module, torch.Tensor]:
+def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int, loss_fn: LossFn,
+            progress: bool) -> dict[Module, torch.Tensor]:
     """Full-width Taylor channel scores (width,) float64 per module, from WPAC's calibration pass.
 
     Attention: q, k and v scores of rank j summed over heads (head-major channels h*hd + j).
     """
     adapter = elastic.adapter
     with elastic.standard_layout() as model:
-        stats = calibrate(model, adapter.blocks, data, num_samples=num_samples, covariance=None, progress=False,
+        stats = calibrate(model, adapter.blocks, data, num_samples=num_samples, covariance=None, progress=progress,
                           loss_fn=loss_fn, token_weights=adapter.token_weights)
     out: dict[Module, torch.Tensor] = {}
     for b, (spec, feats) in enumerate(zip(adapter.blocks, stats.blocks, strict=True)):
@@ -108,7 +106,7 @@ def _taylor(elastic: ElasticViT, data: Iterable, num_samples: int, loss_fn: Loss
 
 def estimate_importance(
     elastic: ElasticViT, data: Iterable, num_samples: int, subnet: Subnet | None = None,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn | None = None, *, progress: bool = False,
 ) -> Importance:
     """Module sensitivity and normalised Taylor importance of `subnet` (default: full) on the proxy `data`.
 
@@ -117,18 +115,19 @@ def estimate_importance(
     the proxy set's size (over all processes). Under torch.distributed each
     process passes its own shard (num_samples // world, +1 on the first num_samples % world ranks) and
     the statistics are all-reduced. Runs in eval mode; train/eval mode and active subnet are restored.
+    progress: show the two passes (every subnet's loss, then the Taylor scores) as progress bars on rank 0.
     """
     base = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens) if subnet is None else subnet
     base.validate(elastic.head_dims, elastic.hiddens)
     with eval_mode(elastic):
         modules = [(b, m) for m in ("attn", "mlp") for b, w in enumerate(getattr(base, m)) if w]
         loss_fn = _sum_loss(elastic, loss_fn)
-        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)], loss_fn)
+        losses = _mean_losses(elastic, data, [base, *(_bypass(base, mod) for mod in modules)], loss_fn, progress)
         if losses[0] <= 0:
             raise ValueError(f"the subnet's proxy loss is {losses[0]}: relative sensitivities are undefined")
         gamma = {mod: (lb - losses[0]) / losses[0] for mod, lb in zip(modules, losses[1:], strict=True)}
         alpha = {}
-        for mod, t in _taylor(elastic, data, num_samples, loss_fn).items():
+        for mod, t in _taylor(elastic, data, num_samples, loss_fn, progress).items():
             t = t[: getattr(base, mod[1])[mod[0]]]  # the kept dims (a prefix) share the module's mass
             if len(t) == 0:
                 continue

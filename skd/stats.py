@@ -35,6 +35,7 @@ import skd_kernels
 from skd_kernels import CovState
 
 from . import batches
+from ._dist import all_reduce_flat, rank_share
 from .models import BlockSpec
 
 QKV = ("q", "k", "v")
@@ -122,15 +123,7 @@ class CalibrationStats:
 
     def all_reduce(self, group: object = None) -> CalibrationStats:
         """Sums every process's statistics in place with one all-reduce of a flat float64 buffer."""
-        import torch.distributed as dist
-
-        tensors = self.tensors()
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        all_reduce_flat(self.tensors(), group=group)
         return self
 
 
@@ -139,21 +132,6 @@ def _batches(data: Iterable | Dataset) -> Iterable:
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
         return DataLoader(data, batch_size=DATASET_BATCH_SIZE)
     return data
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _rank_budget(num_samples: int) -> tuple[int, int, int]:
-    """(this process's share of num_samples, rank, world size); the shares sum to num_samples."""
-    rank, world = rank_world()
-    return num_samples // world + int(rank < num_samples % world), rank, world
 
 
 class _Collector:
@@ -316,7 +294,7 @@ def calibrate(
         raise ValueError(f"covariance={covariance!r} must be one of {COVARIANCE_MODES}")
     loss_fn = loss_fn or sum_cross_entropy
     param = next(model.parameters())
-    budget, rank, world = _rank_budget(num_samples)
+    budget, rank, world = rank_share(num_samples)
     stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context)
     was_training = model.training
     model.eval()

@@ -55,3 +55,36 @@ def test_two_gloo_processes_match_single_process(tmp_path, _digits_vit_trained):
         worst = max(worst, (v - single["params"][k]).abs().max().item())
         torch.testing.assert_close(v, single["params"][k], rtol=1e-4, atol=1e-5)
     print("max |2-process - 1-process| =", worst)
+
+
+def _train_with_val(world: int, out: str) -> None:
+    """One epoch with val data and a log: every rank's history (val top-1 counted over both shares) is saved."""
+    from skd.digits import load_digits_split, pretrained_digits_vit
+    from skd.piad import PIADTrainer
+
+    train, test = load_digits_split()
+    tr = PIADTrainer(pretrained_digits_vit(progress=False), Subset(train, range(N_TRAIN)), Subset(test, range(45)),
+                     batch_size=PER_RANK * 2 // world, log_path=out + ".jsonl", **KW)
+    tr.fit()
+    torch.save(tr.history, out)
+
+
+def _val_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _train_with_val(world, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_report_the_same_history_as_one(tmp_path, _digits_vit_trained):
+    """45 val samples split 23/22 over the ranks: the summed counts give one process's top-1; only rank 0 logs."""
+    mp.spawn(_val_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _train_with_val(1, str(tmp_path / "single.pt"))
+    r0, r1, single = (torch.load(tmp_path / f, weights_only=True) for f in ("rank0.pt", "rank1.pt", "single.pt"))
+    assert r0 == r1
+    assert {k: r0[0][k] for k in ("val_top1_target", "val_top1_full", "list_units")} == \
+        {k: single[0][k] for k in ("val_top1_target", "val_top1_full", "list_units")}
+    assert (tmp_path / "rank0.pt.jsonl").exists() and not (tmp_path / "rank1.pt.jsonl").exists()
