@@ -42,7 +42,7 @@ TOKENS = 197
 # name: (embedding width d, heads, MLP hidden width)
 MODELS = {"vit_s": (384, 6, 1536), "vit_b": (768, 12, 3072)}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-# Lower bounds on baseline_time / backend_time (DESIGN.md's targets).
+# Lower bounds on baseline_time / backend_time (docs/design.md's targets).
 CPU_TARGETS = {"taylor_scores": 2.0, "weighted_covariance": 1.3, "prefix_linear": 0.95}
 GPU_TARGETS = {"taylor_scores": 0.8, "weighted_covariance": 0.7, "prefix_linear": 0.9}
 # Per-call cost of the public op over the raw compiled op, in µs (issue 13).

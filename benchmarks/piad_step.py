@@ -1,6 +1,6 @@
 """PIAD step cost: a training step (forward, backward, AdamW step) of the 1/3-MACs subnet vs the full model.
 
-Target (DESIGN.md): ≤ 0.5 × a full step, because the subnet runs at its own size through prefix views
+Target (docs/design.md): ≤ 0.4 × a full step, because the subnet runs at its own size through prefix views
 (masking would cost 1.0 ×). Usage: python benchmarks/piad_step.py [--model vit_digits] [--batch 64]
 """
 

@@ -1,6 +1,6 @@
 """WPAC's cost: time vs one plain forward+backward over the same samples, and peak memory vs samples.
 
-Targets (DESIGN.md): WPAC on 1024 samples <= 1.5x the time of one plain forward+backward (loss.backward()
+Targets (docs/design.md): WPAC on 1024 samples <= 1.5x the time of one plain forward+backward (loss.backward()
 with weight gradients, as a training step computes) over them; peak memory at 1024 samples <= 1.15x
 that at 256. Model: vit_small_patch16_224, random init, 224 px, random images and labels.
 

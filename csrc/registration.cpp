@@ -12,6 +12,8 @@ TORCH_LIBRARY(skd_kernels, m) {
   m.def("taylor_scores(Tensor act, Tensor grad) -> (Tensor, Tensor)");
   // y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]); activation in {none, gelu, gelu_tanh}.
   m.def("prefix_linear(Tensor x, Tensor weight, Tensor? bias, int k_in, int k_out, str activation) -> Tensor");
+  // qkv (S, N, r*3*H) rank-major (column j*3H + w*H + h), attn_bias (S|1, H|1, N, N) -> (S, N, r*H), column j*H + h.
+  m.def("prefix_attention(Tensor qkv, int num_heads, float scale, Tensor? attn_bias) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

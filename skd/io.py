@@ -1,15 +1,21 @@
 """Save and load super-networks: safetensors for tensors + JSON metadata; atomic writes; no pickle.
 
-File format: one safetensors file whose metadata holds a single key "skd" with a JSON document:
+File format: one safetensors file whose metadata holds the key "skd" with a JSON document:
     format ("skd"), skd_version, kind ("elastic" | "model" | "extracted" | "tensors"), and for models:
     the adapter's record (`ModelAdapter.record()`: "source" — "timm" when absent, as in files of skd 0.1 —
     and the source's own keys, e.g. timm's architecture and model_args), layout (LAYOUT_VERSION for
     rank-major ElasticViT weights, "timm" for the model's own head-major layout, whatever its library),
-    subnet, dropout_list.
+    subnet, dropout_list, and `extra` (the caller's JSON metadata, e.g. the CLI's class names and training
+    history; absent when none),
+and the key "skd_sha256" with a JSON document {"metadata": hex, "tensors": {name: hex}}: the SHA-256 of the
+"skd" document's text and of every tensor's bytes, so a flipped byte, or a tag (say the layout) edited
+without its tensors, is refused on load. Files written before the digests existed have no "skd_sha256"
+and load unchecked (only the non-finite check applies).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -27,13 +33,28 @@ from .subnet import DropoutList, Subnet
 
 _META_KEY = "skd"
 STANDARD_LAYOUT = "timm"  # the model's own head-major layout (named after skd 0.1's only library)
+_DIGEST_KEY = "skd_sha256"
+
+
+def _sha256(t: torch.Tensor) -> str:
+    """Hex SHA-256 of a CPU contiguous tensor's raw bytes (as safetensors stores them; any dtype)."""
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor], doing: str) -> None:
+    """ValueError naming the first floating tensor holding NaN or Inf: such weights give silent garbage."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values; refusing to {doing} it")
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Write `tensors` (name -> tensor, any device/dtype) and JSON-serialisable `metadata` to `path` atomically.
+    """Write `tensors` (name -> tensor, any device/dtype) and JSON-serialisable `metadata` to `path` atomically,
+    with the SHA-256 of the metadata and of every tensor (see the module docstring).
 
-    The file is written to a temporary file in the same folder and renamed over `path`, so a crash
-    never leaves a half-written file under `path`. Tensors must not share storage (safetensors rule).
+    Raises ValueError for metadata that is not JSON, a non-tensor value, or a floating tensor holding NaN/Inf
+    (nothing is written then). The file is written to a temporary file in the same folder and renamed over
+    `path`, so a crash never leaves a half-written file under `path`. Tensors must not share storage (safetensors rule).
     """
     try:
         meta = json.dumps(metadata)
@@ -43,18 +64,23 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _check_finite(path, flat, "save")
+    digests = json.dumps({"metadata": hashlib.sha256(meta.encode()).hexdigest(),
+                          "tensors": {k: _sha256(v) for k, v in flat.items()}})
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(flat, str(tmp), metadata={_META_KEY: meta})
+        safetensors.torch.save_file(flat, str(tmp), metadata={_META_KEY: meta, _DIGEST_KEY: digests})
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by `save_tensors`: (tensors on CPU, metadata). Never unpickles.
+    """Read a file written by `save_tensors`: (tensors on CPU, metadata dict). Never unpickles.
 
-    Raises ValueError when the file is truncated, corrupted or was not written by skd.
+    Raises ValueError when the file is truncated, corrupted (a digest disagrees with the metadata or a
+    tensor), was not written by skd, its metadata is not a JSON object, or a floating tensor holds NaN/Inf.
     """
     try:
         with safetensors.safe_open(os.fspath(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
+            header = f.metadata() or {}
+            raw = header.get(_META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise
@@ -66,25 +92,53 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         metadata = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: skd metadata is not valid JSON: {e}") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: skd metadata must be a JSON object, got {type(metadata).__name__}")
+    if _DIGEST_KEY in header:
+        _verify(path, raw, header[_DIGEST_KEY], tensors)
+    _check_finite(path, tensors, "load")
     return tensors, metadata
 
 
-def save(obj: ElasticViT | nn.Module, path: str | os.PathLike) -> None:
+def _verify(path: str | os.PathLike, raw_meta: str, raw_digests: str, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError unless the recorded SHA-256 digests match the metadata text and every tensor's bytes."""
+    try:
+        digests = json.loads(raw_digests)
+        meta_digest, tensor_digests = digests["metadata"], dict(digests["tensors"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its SHA-256 record is malformed ({e}); the file is corrupted") from e
+    if hashlib.sha256(raw_meta.encode()).hexdigest() != meta_digest:
+        raise ValueError(f"{path}: the skd metadata does not match its SHA-256 (edited or corrupted); refusing it")
+    if set(tensor_digests) != set(tensors):
+        raise ValueError(f"{path}: the tensor names do not match the SHA-256 record; the file is corrupted")
+    bad = [k for k, t in tensors.items() if _sha256(t) != tensor_digests[k]]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]!r} does not match its SHA-256 "
+                         f"({len(bad)} of {len(tensors)} differ): the file is corrupted")
+
+
+def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
     """Save an ElasticViT (weights in its layout, subnet, dropout list), a model from `ElasticViT.extract()`
-    or a bare model of a supported family, atomically. The model is recorded by its adapter (no pickle)."""
+    or a bare model of a supported family, atomically. The model is recorded by its adapter (no pickle).
+    `extra`: JSON-serialisable metadata kept alongside (e.g. the CLI's class names and training history);
+    read it back with `load_tensors(path)[1]["extra"]`."""
     if isinstance(obj, ElasticViT):
         if obj.in_standard_layout:  # the weights are head-major right now; the file would claim rank-major
             raise ValueError("obj cannot be saved inside standard_layout(); save it after the block")
         model, adapter, layout = obj.model, obj.adapter, LAYOUT_VERSION
-        extra = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
-                 "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}
+        described = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
+                     "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}
     elif isinstance(obj, nn.Module):
         model, adapter, layout = obj, adapter_for(obj), STANDARD_LAYOUT
-        extra = ({"kind": "extracted", "subnet": Subnet.from_dict(obj.skd_subnet).to_dict()}
-                 if hasattr(obj, "skd_subnet") else {"kind": "model"})  # skd_subnet: set by ElasticViT.extract()
+        described = ({"kind": "extracted", "subnet": Subnet.from_dict(obj.skd_subnet).to_dict()}
+                     if hasattr(obj, "skd_subnet") else {"kind": "model"})  # skd_subnet: set by ElasticViT.extract()
     else:
         raise ValueError(f"obj must be an ElasticViT or a model, got {type(obj).__name__}")
-    metadata = {"format": "skd", "skd_version": __version__, "layout": layout, **extra}
+    metadata = {"format": "skd", "skd_version": __version__, "layout": layout, **described}
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra must be a dict of JSON metadata, got {type(extra).__name__}")
+        metadata["extra"] = extra
     record = adapter.record()
     clash = sorted(record.keys() & metadata.keys())
     if clash:

@@ -1,6 +1,6 @@
 """WPAC: the function-preserving transform that puts each block's most important knowledge first.
 
-Per block (DESIGN.md, "The method, precisely"), with per-head transforms applied block-diagonally:
+Per block (docs/design.md, "The method, precisely"), with per-head transforms applied block-diagonally:
   V/O: rows of T_h = eigenvectors (descending) of the Θ-weighted covariance of v_h;
        Wv_h <- T_h Wv_h, bv_h <- T_h bv_h, Wo[:, h] <- Wo[:, h] T_h^T.
   Q/K: U_h from C^q_h + C^k_h, applied to the q and k rows and biases (scores q·k unchanged).

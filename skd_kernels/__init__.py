@@ -1,4 +1,4 @@
-"""skd_kernels: fused kernels for stratified ViTs — weighted covariance, Taylor scores, prefix GEMM.
+"""skd_kernels: fused kernels for stratified ViTs — weighted covariance, Taylor scores, prefix GEMM and attention.
 
 One module per op in skd_kernels/ops/. Every op dispatches CUDA ext → Triton → CPU ext → reference by
 device, dtype and availability; `available_backends(device)` lists the usable ones and `use_backend(name)`
@@ -7,6 +7,7 @@ forces one. Nothing here knows about models.
 
 from ._dispatch import BACKENDS, available_backends, forced_backend, use_backend
 from ._ops import LOAD_ERROR as EXTENSION_LOAD_ERROR
+from .ops.prefix_attention import prefix_attention
 from .ops.prefix_linear import prefix_linear
 from .ops.taylor_scores import taylor_scores
 from .ops.weighted_covariance import CovState, weighted_covariance
@@ -17,6 +18,7 @@ __all__ = [
     "CovState",
     "available_backends",
     "forced_backend",
+    "prefix_attention",
     "prefix_linear",
     "taylor_scores",
     "use_backend",

@@ -131,3 +131,69 @@ def test_extracted_model_round_trip(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), small(x))
+
+
+def _flip_byte(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_byte_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    skd.save(_elastic(), path)
+    _flip_byte(path, 3)  # inside the last tensor's payload: still a valid safetensors file
+    with pytest.raises(ValueError, match=r"does not match its SHA-256 \(1 of \d+ differ\)"):
+        skd.load(path)
+
+
+def test_edited_metadata_without_its_tensors_is_refused(tmp_path: Path) -> None:
+    """A layout tag changed by hand (the tensors stay rank-major) must not load as head-major weights."""
+    path = tmp_path / "m.safetensors"
+    skd.save(_elastic(), path)
+    data = path.read_bytes()
+    edited = data.replace(b'\\"layout\\": 1', b'\\"layout\\": 0')
+    assert edited != data and len(edited) == len(data)
+    path.write_bytes(edited)
+    with pytest.raises(ValueError, match="metadata does not match its SHA-256"):
+        load_tensors(path)
+
+
+def test_non_finite_weights_are_refused_on_save_and_load(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(ValueError, match=r"tensor 'w' holds NaN or Inf"):
+        save_tensors(path, {"w": torch.tensor([1.0, float("nan")])}, {})
+    assert not path.exists()
+    # a file written without the check (an old skd, or another tool) is refused on load
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w": torch.tensor([float("inf"), 2.0])}, str(path), metadata={"skd": "{}"})
+    with pytest.raises(ValueError, match=r"tensor 'w' holds NaN or Inf"):
+        load_tensors(path)
+
+
+def test_file_without_digests_still_loads(tmp_path: Path) -> None:
+    """Files from before the SHA-256 record (the landed format) load unchanged."""
+    import safetensors.torch
+
+    path = tmp_path / "m.safetensors"
+    elastic = _elastic()
+    skd.save(elastic, path)
+    tensors, meta = load_tensors(path)
+    old = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(tensors, str(old), metadata={"skd": json.dumps(meta)})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(skd.load(old).eval()(x), elastic.eval()(x))
+
+
+def test_extra_metadata_round_trip_and_malformed_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    extra = {"class_names": ["cat", "dog"], "history": [{"epoch": 1, "loss": 0.5}]}
+    skd.save(_elastic(), path, extra=extra)
+    assert load_tensors(path)[1]["extra"] == extra
+    with pytest.raises(ValueError, match="extra must be a dict"):
+        skd.save(_elastic(), tmp_path / "x.safetensors", extra=[1, 2])
+    save_tensors(path, {"a": torch.ones(1)}, [1, 2])
+    with pytest.raises(ValueError, match="metadata must be a JSON object, got list"):
+        load_tensors(path)

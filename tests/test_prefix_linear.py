@@ -186,3 +186,20 @@ def _bad(kwargs: dict[str, object]) -> dict[str, object]:
 def test_bad_input_raises_naming_argument(kwargs: dict[str, object], arg: str) -> None:
     with pytest.raises(ValueError, match=rf"\b{arg}\b"):
         skd_kernels.prefix_linear(**_bad(kwargs))
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_autocast_runs_in_the_autocast_dtype_like_f_linear(activation):
+    """Inside torch.autocast the op computes in bf16 as F.linear does (fp32 x, weight and bias in)."""
+    x, weight, bias = torch.randn(5, 7, 48), torch.randn(40, 48), torch.randn(40)
+    weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = skd_kernels.prefix_linear(x, weight, bias, k_in=30, k_out=17, activation=activation)
+        want = F.linear(x[..., :30], weight[:17, :30], bias[:17])
+        want = F.gelu(want) if activation else want
+    assert y.dtype == torch.bfloat16 and want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32
+    g = weight.grad
+    assert g[:17, :30].abs().sum() > 0 and g[17:].abs().sum() == 0 and g[:, 30:].abs().sum() == 0

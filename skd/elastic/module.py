@@ -245,8 +245,16 @@ class ElasticViT(nn.Module):
         h = spec.num_heads
         s, n, _ = x.shape
         mask = masks.get((i, "attn"))
+        dropout = spec.attn_dropout if self.training else 0.0
         if spec.fused:
             qkv = skd_kernels.prefix_linear(x, spec.qkv.weight, spec.qkv.bias, k_out=3 * h * r)  # (S, N, r*3*H)
+            if dropout == 0.0 and not torch.is_grad_enabled():
+                # prefix_attention reads the rank-major qkv and writes rank-major proj columns: no activation
+                # copy. Training keeps SDPA below: its fused backward beats the op's plain-PyTorch one.
+                if mask is not None:  # rank-major column j*3H + w*H + h belongs to rank j
+                    qkv = (qkv.view(s, n, r, 3 * h) * mask.to(qkv)[:, None]).view(s, n, 3 * h * r)
+                o = skd_kernels.prefix_attention(qkv, h, spec.scale, None if bias is None else bias.to(qkv.dtype))
+                return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
             # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
             # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
             # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
@@ -257,8 +265,7 @@ class ElasticViT(nn.Module):
         else:
             q, k, v = (self._head_major(skd_kernels.prefix_linear(x, lin.weight, lin.bias, k_out=h * r), h, r, mask)
                        for lin in (spec.q, spec.k, spec.v))
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=spec.attn_dropout if self.training else 0.0, scale=spec.scale)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
         o = o.permute(0, 2, 3, 1).reshape(s, n, r * h)  # (S, N, r, H): rank-major proj columns
         return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
 

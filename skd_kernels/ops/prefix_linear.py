@@ -33,7 +33,8 @@ def prefix_linear(
     x: (..., I') with I' >= k_in; weight: (O, I); bias: (O,) or None; all one dtype (fp32/bf16/fp16/fp64).
     k_in in [0, I] (default I), k_out in [0, O] (default O); activation None | "gelu" | "gelu_tanh".
     Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
-    Differentiable in x, weight (gradient zero outside the block) and bias.
+    Differentiable in x, weight (gradient zero outside the block) and bias. Inside `torch.autocast` it
+    computes in the autocast dtype, like F.linear (the leading block of weight is cast, not all of it).
 
     Equivalent to::
 
@@ -42,8 +43,27 @@ def prefix_linear(
     k_in = weight.shape[1] if k_in is None else k_in
     k_out = weight.shape[0] if k_out is None else k_out
     activation = activation or "none"
+    x, weight, bias = _autocast(x, weight, bias, k_in, k_out)
     check(x, weight, bias, k_in, k_out, activation)
     return _dispatch.kernel(OP, x.device, x.dtype)(x, weight, bias, k_in, k_out, activation)
+
+
+def _autocast(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inside `torch.autocast` the op behaves like F.linear there: it runs in the autocast dtype. Only the
+    leading block of the weight is cast (the cast is a copy either way, as F.linear's is), so a
+    mixed-precision subnetwork never copies more than it reads. Outside autocast: the inputs unchanged."""
+    device = x.device.type
+    if not (torch.is_autocast_enabled(device) and x.is_floating_point()):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+        return x, weight, bias
+    sizes = ((k_out, weight.shape[0]), (k_in, weight.shape[-1]))
+    if weight.dim() != 2 or not all(isinstance(k, int) and 0 <= k <= n for k, n in sizes):
+        return x, weight, bias  # `check` names the bad argument
+    return x.to(dtype), weight[:k_out, :k_in].to(dtype), None if bias is None else bias[:k_out].to(dtype)
 
 
 def check(

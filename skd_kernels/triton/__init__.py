@@ -12,8 +12,9 @@ except ImportError:  # no Triton: the dispatcher skips this backend
     AVAILABLE = False
 
 if AVAILABLE:
+    from .prefix_attention import prefix_attention
     from .prefix_linear import prefix_linear
     from .taylor_scores import taylor_scores
     from .weighted_covariance import weighted_covariance
 
-    __all__ = ["prefix_linear", "taylor_scores", "weighted_covariance"]
+    __all__ = ["prefix_attention", "prefix_linear", "taylor_scores", "weighted_covariance"]

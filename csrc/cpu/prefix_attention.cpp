@@ -1,0 +1,360 @@
+// prefix_attention on CPU: attention over the first r dims of every head, read from and written to skd's
+// rank-major prefix layout, flash-style (online softmax over key tiles).
+//
+// qkv (S, N, r*3*H): column j*3H + w*H + h is rank j of head h of w in {q, k, v}. out (S, N, r*H): column
+// j*H + h. A head's r dims sit 3H apart, which no BLAS reads, so each work item (sequence s, query tile)
+// packs what it needs into thread-local buffers of its dtype, head-major with unit stride over j: a
+// per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
+// products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
+// at::parallel_for): sgemm/dgemm for fp32/fp64; for bf16/fp16 the tiles stay in their dtype and MKL's
+// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32, with the
+// softmax probabilities rounded to the input dtype for the second product as in ATen's flash attention.
+// The output is written straight into the proj's rank-major columns.
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+// MKL's Fortran BLAS (LP64) and CBLAS bf16/fp16 GEMMs, exported by libtorch_cpu on x86 builds. Weak: a torch
+// built without MKL leaves them null, the extension still loads, and gemm_rm falls back to a plain loop.
+extern "C" {
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+// CBLAS enums are ints: 101 row-major, 111 no transpose, 112 transpose.
+__attribute__((weak)) void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const at::BFloat16* a, int lda, const at::BFloat16* b, int ldb, float beta, float* c,
+                            int ldc);
+__attribute__((weak)) void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const at::Half* a,
+                          int lda, const at::Half* b, int ldb, float beta, float* c, int ldc);
+}
+
+namespace skd::cpu {
+namespace {
+
+// Row-major C (m, n) = alpha * A (m, k) @ op(B) + beta * C; op(B) = B (k, n) or, with b_t, B^T for B (n, k).
+// A and B in the input dtype, C in the accumulation type; beta is 0 (C is not read) or 1.
+template <typename in_t, typename acc>
+void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a, int64_t lda, const in_t* b,
+             int64_t ldb, acc beta, acc* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  // Fortran BLAS is column-major: C^T (n, m) = op(B)^T A^T.
+  const char ta = b_t ? 'T' : 'N', tb = 'N';
+  if constexpr (std::is_same_v<in_t, at::BFloat16>) {
+    if (cblas_gemm_bf16bf16f32 != nullptr) {
+      return cblas_gemm_bf16bf16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+    }
+  } else if constexpr (std::is_same_v<in_t, at::Half>) {
+    if (cblas_gemm_f16f16f32 != nullptr) {
+      return cblas_gemm_f16f16f32(101, 111, b_t ? 112 : 111, mi, ni, ki, alpha, a, la, b, lb, beta, c, lc);
+    }
+  } else if constexpr (std::is_same_v<acc, double>) {
+    if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  } else {
+    if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+  }
+  for (int64_t i = 0; i < m; ++i) {  // no MKL in this torch: correct, not fast
+    for (int64_t j = 0; j < n; ++j) {
+      acc dot = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        dot += static_cast<acc>(a[i * lda + t]) * static_cast<acc>(b_t ? b[j * ldb + t] : b[t * ldb + j]);
+      }
+      c[i * ldc + j] = alpha * dot + (beta == acc(0) ? acc(0) : beta * c[i * ldc + j]);
+    }
+  }
+}
+
+// Tile sizes: a query tile of at most kQTile rows; a key tile whose packed K and V (2 * kt * H * r values)
+// stay near 2 MiB (bf16: 1 MiB), so the two products of every head reuse them from L2.
+constexpr int64_t kQTile = 256;
+constexpr int64_t kKVBudget = int64_t(1) << 19;
+
+struct Shape {
+  int64_t S, N, H, r, qt, kt;
+};
+
+#ifdef __AVX2__
+// out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8), transposed in registers.
+inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
+  __m256 r[8], t[8], u[8];
+  for (int a = 0; a < 8; ++a) r[a] = _mm256_loadu_ps(in + a * w);
+  for (int a = 0; a < 8; a += 2) {
+    t[a] = _mm256_unpacklo_ps(r[a], r[a + 1]);
+    t[a + 1] = _mm256_unpackhi_ps(r[a], r[a + 1]);
+  }
+  for (int a = 0; a < 8; a += 4) {
+    u[a] = _mm256_shuffle_ps(t[a], t[a + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[a + 1] = _mm256_shuffle_ps(t[a], t[a + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[a + 2] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[a + 3] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int a = 0; a < 4; ++a) {
+    _mm256_storeu_ps(out + a * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x20));
+    _mm256_storeu_ps(out + (a + 4) * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x31));
+  }
+}
+
+// The same for 2-byte elements (bf16, fp16): only their bits move.
+template <typename T, std::enable_if_t<sizeof(T) == 2, int> = 0>
+inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
+  __m128i a[8], b[8], c[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k * w));
+  for (int k = 0; k < 8; k += 2) {
+    b[k] = _mm_unpacklo_epi16(a[k], a[k + 1]);
+    b[k + 1] = _mm_unpackhi_epi16(a[k], a[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    c[k] = _mm_unpacklo_epi32(b[k], b[k + 2]);
+    c[k + 1] = _mm_unpackhi_epi32(b[k], b[k + 2]);
+    c[k + 2] = _mm_unpacklo_epi32(b[k + 1], b[k + 3]);
+    c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * k * ld), _mm_unpacklo_epi64(c[k], c[k + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * k + 1) * ld), _mm_unpackhi_epi64(c[k], c[k + 4]));
+  }
+}
+#endif
+
+// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * 3H + c] for the tokens i < n, ranks j < r and the nc
+// columns c (nc = H: one of q, k, v; 2H: k and v, whose packed heads follow each other).
+// A token's (r, 3H) block is transposed in 8x8 register blocks (a scalar loop with strided loads measured
+// 25 % of the kernel), element by element at the edges and for fp64.
+template <typename scalar_t>
+void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, const Shape& g, scalar_t* dst,
+                int64_t ld_h, int64_t ld_i) {
+  const int64_t w = 3 * g.H;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* row = src + i * src_tok;
+    scalar_t* out = dst + i * ld_i;
+    int64_t j0 = 0;
+#ifdef __AVX2__
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (; j0 + 8 <= g.r; j0 += 8) {
+        int64_t c = 0;
+        for (; c + 8 <= nc; c += 8) transpose8x8(row + j0 * w + c, w, out + c * ld_h + j0, ld_h);
+        for (; c < nc; ++c) {
+          for (int64_t j = j0; j < j0 + 8; ++j) out[c * ld_h + j] = row[j * w + c];
+        }
+      }
+    }
+#endif
+    for (int64_t c = 0; c < nc; ++c) {
+      for (int64_t j = j0; j < g.r; ++j) out[c * ld_h + j] = row[j * w + c];
+    }
+  }
+}
+
+// out[i * H * r + j * H + h] = src[h * n * r + i * r + j] for the tokens i < n: the inverse of pack_heads
+// for one (H, n, r) buffer, into the proj's rank-major columns.
+template <typename scalar_t>
+void unpack_heads(const scalar_t* src, int64_t n, const Shape& g, scalar_t* out) {
+  const int64_t H = g.H, r = g.r, ld_h = n * r;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* in = src + i * r;
+    scalar_t* row = out + i * H * r;
+    int64_t h0 = 0;
+#ifdef __AVX2__
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (; h0 + 8 <= H; h0 += 8) {
+        int64_t j = 0;
+        for (; j + 8 <= r; j += 8) transpose8x8(in + h0 * ld_h + j, ld_h, row + j * H + h0, H);
+        for (; j < r; ++j) {
+          for (int64_t h = h0; h < h0 + 8; ++h) row[j * H + h] = in[h * ld_h + j];
+        }
+      }
+    }
+#endif
+    for (int64_t j = 0; j < r; ++j) {
+      for (int64_t h = h0; h < H; ++h) row[j * H + h] = in[h * ld_h + j];
+    }
+  }
+}
+
+// Online-softmax update of one score row x (n values, already scaled), plus its bias row if any:
+// p = exp(x + bias - m_new) overwrites x (two passes: bias and max, then exp and sum); returns the factor
+// exp(m_old - m_new) that rescales the row's running sum and output.
+template <typename scalar_t, typename acc>
+acc softmax_step(acc* x, const scalar_t* bias, int64_t n, acc& m, acc& l) {
+  using Vec = Vectorized<acc>;
+  constexpr acc kInf = std::numeric_limits<acc>::infinity();
+  const int64_t vec_end = n - n % Vec::size();
+  Vec vmax(-kInf);
+  acc mx = -kInf;
+  int64_t t = 0;
+  for (; t < vec_end; t += Vec::size()) {
+    Vec v = Vec::loadu(x + t);
+    if (bias != nullptr) {
+      v = v + load_acc(bias + t);
+      v.store(x + t);
+    }
+    vmax = at::vec::maximum(vmax, v);
+  }
+  for (; t < n; ++t) {
+    if (bias != nullptr) x[t] += static_cast<acc>(bias[t]);
+    mx = std::max(mx, x[t]);
+  }
+  mx = std::max(mx, at::vec::vec_reduce_all<acc>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax));
+  const acc m_new = std::max(m, mx);
+  // A row whose scores are all -inf so far (a fully masked tile) keeps p = 0 instead of exp(nan).
+  const acc shift = m_new == -kInf ? acc(0) : m_new;
+  Vec vsum(0);
+  for (t = 0; t < vec_end; t += Vec::size()) {
+    const Vec p = (Vec::loadu(x + t) - Vec(shift)).exp_u20();
+    p.store(x + t);
+    vsum = vsum + p;
+  }
+  acc sum = at::vec::vec_reduce_all<acc>([](Vec a, Vec b) { return a + b; }, vsum);
+  for (; t < n; ++t) {
+    x[t] = std::exp(x[t] - shift);
+    sum += x[t];
+  }
+  const acc alpha = m == -kInf ? acc(0) : std::exp(m - shift);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+template <typename scalar_t>
+void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scale_d, at::Tensor& out,
+                      const Shape& g) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr bool kNarrow = !std::is_same_v<scalar_t, acc>;
+  const acc scale = static_cast<acc>(scale_d);
+  const int64_t H = g.H, r = g.r, Hr = H * r;
+  const int64_t n_qt = (g.N + g.qt - 1) / g.qt;
+  const scalar_t* base = qkv.const_data_ptr<scalar_t>();
+  const int64_t st_s = qkv.stride(0), st_n = qkv.stride(1);
+  const bool has_bias = bias.defined();
+  const scalar_t* bias_ptr = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
+  // Broadcast bias dims (size 1) read with stride 0.
+  const int64_t b_s = has_bias && bias.size(0) > 1 ? bias.stride(0) : 0;
+  const int64_t b_h = has_bias && bias.size(1) > 1 ? bias.stride(1) : 0;
+  const int64_t b_i = has_bias ? bias.stride(2) : 0;
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
+    // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
+    // the three are packed in one pass as (3H, N, r). Scores (qt, kt); output (H, qt, r).
+    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
+    // ob the output before its transpose (fp32/fp64: o itself).
+    std::vector<scalar_t> qkv_p(H * g.qt * r + 2 * H * g.kt * r);
+    std::vector<scalar_t> p(kNarrow ? g.qt * g.kt : 0), ob(kNarrow ? H * g.qt * r : 0);
+    std::vector<acc> sc(g.qt * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
+    int64_t packed_s = -1;  // the sequence whose keys and values kv holds, when it holds all of them
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
+      const scalar_t* seq = base + s * st_s;
+      scalar_t* q = qkv_p.data();
+      scalar_t* kv = q + H * qn * r;
+      const bool one_tile = qn == g.N && g.kt >= g.N;
+      if (one_tile) {
+        pack_heads(seq, st_n, g.N, 3 * H, g, q, g.N * r, r);
+      } else {
+        kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
+        pack_heads(seq + q0 * st_n, st_n, qn, H, g, q, qn * r, r);
+      }
+      std::fill(o.begin(), o.end(), acc(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
+      std::fill(l.begin(), l.end(), acc(0));
+      for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
+        const int64_t kn = std::min(g.kt, g.N - k0);
+        if (!one_tile && packed_s != s) {
+          pack_heads(seq + k0 * st_n + H, st_n, kn, 2 * H, g, kv, kn * r, r);
+          packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          // (Splitting the query rows into blocks of 64, so that the scores stay in L1/L2 between the two
+          // products, measured 3-15 % slower: more, smaller MKL calls.)
+          acc* oh = o.data() + h * qn * r;
+          // scores (qn, kn) = q_h k_h^T * scale
+          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.data(), kn);
+          for (int64_t i = 0; i < qn; ++i) {
+            acc* x = sc.data() + i * kn;
+            const scalar_t* brow = has_bias ? bias_ptr + s * b_s + h * b_h + (q0 + i) * b_i + k0 : nullptr;
+            const acc alpha = softmax_step(x, brow, kn, m[h * qn + i], l[h * qn + i]);
+            // (the first key tile finds o = 0: nothing to rescale)
+            if (k0 > 0 && alpha != acc(1)) {
+              at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
+            }
+            if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
+          }
+          // o_h (qn, r) += p (qn, kn) v_h (kn, r)
+          const scalar_t* probs;
+          if constexpr (kNarrow) {
+            probs = p.data();
+          } else {
+            probs = sc.data();
+          }
+          gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
+        }
+      }
+      // o[h, i, :] /= l[h, i], rounded to scalar_t, then out[s, q0 + i, j*H + h] = o[h, i, j]: the proj's
+      // rank-major columns, one (H, r) -> (r, H) transpose per token.
+      scalar_t* o_out;
+      if constexpr (kNarrow) {
+        o_out = ob.data();
+      } else {
+        o_out = o.data();
+      }
+      for (int64_t hi = 0; hi < H * qn; ++hi) {
+        const acc inv = acc(1) / l[hi];
+        acc* row = o.data() + hi * r;
+        at::vec::map([inv](Vec a) { return a * Vec(inv); }, row, row, r);
+        if constexpr (kNarrow) at::vec::convert(row, o_out + hi * r, r);
+      }
+      unpack_heads(o_out, qn, g, out_ptr + (s * g.N + q0) * Hr);
+    }
+  });
+}
+
+at::Tensor prefix_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, double scale,
+                                const std::optional<at::Tensor>& attn_bias) {
+  TORCH_CHECK(qkv_in.dim() == 3, "qkv must be (S, N, r*3*H), got ", qkv_in.dim(), " dims");
+  TORCH_CHECK(num_heads >= 1 && qkv_in.size(2) % (3 * num_heads) == 0,
+              "qkv's width ", qkv_in.size(2), " must be a multiple of 3 * num_heads = ", 3 * num_heads);
+  const int64_t S = qkv_in.size(0), N = qkv_in.size(1), H = num_heads, r = qkv_in.size(2) / (3 * H);
+  at::Tensor bias;
+  if (attn_bias.has_value() && attn_bias->defined()) {
+    const at::Tensor& b = *attn_bias;
+    TORCH_CHECK(b.dim() == 4 && (b.size(0) == 1 || b.size(0) == S) && (b.size(1) == 1 || b.size(1) == H) &&
+                    b.size(2) == N && b.size(3) == N,
+                "attn_bias must be (S or 1, H or 1, N, N) = (", S, ", ", H, ", ", N, ", ", N, "), got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == qkv_in.scalar_type() && b.device() == qkv_in.device(),
+                "attn_bias must share qkv's dtype and device");
+    bias = b.stride(3) == 1 ? b : b.contiguous();  // rows are read with unit stride
+  }
+  at::Tensor out = at::empty({S, N, r * H}, qkv_in.options());
+  if (out.numel() == 0) return out;  // r == 0: (S, N, 0)
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  Shape g{S, N, H, r, 0, 0};
+  g.kt = std::min<int64_t>(N, std::max<int64_t>(64, kKVBudget / (2 * H * r)));
+  // Query tiles: as even as possible, and at least one per thread when there are fewer sequences than threads.
+  const int64_t threads = at::get_num_threads();
+  int64_t n_qt = (N + kQTile - 1) / kQTile;
+  if (S * n_qt < threads) n_qt = std::min<int64_t>((N + 15) / 16, (threads + S - 1) / S);
+  n_qt = std::max<int64_t>(n_qt, 1);
+  g.qt = (N + n_qt - 1) / n_qt;
+  SKD_DISPATCH_FLOATS(qkv.scalar_type(), "skd_prefix_attention", [&] {
+    attention_kernel<scalar_t>(qkv, bias, scale, out, g);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace skd::cpu
+
+TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) {
+  m.impl("prefix_attention", &skd::cpu::prefix_attention_cpu);
+}

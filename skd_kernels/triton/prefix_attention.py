@@ -1,0 +1,145 @@
+"""Triton prefix_attention: flash attention that reads q, k, v of each head straight from the rank-major
+qkv (column j·3H + w·H + h) and writes the output in the proj's rank-major columns (j·H + h).
+
+One program per (sequence, head, query tile): it loads its q tile through the layout's strides, walks the
+key tiles with an online softmax in fp32, and stores once. Registered as the custom op
+`skd_kernels::triton_prefix_attention` with the op's fake kernel and shared backward.
+
+Equivalent to::
+
+    q, k, v = qkv.unflatten(-1, (r, 3, H)).permute(3, 0, 4, 1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).permute(0, 2, 3, 1).flatten(2)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.prefix_attention import fake, register_autograd
+from ._utils import bucket, checked_grid, dot_dtype, fp32_dot_precision, max_shared_bytes, on_device, pick_configs
+
+# Autotune key: the sequence length rounded up to a power of two (at most this), so a new N reuses its bucket.
+_KEY_CAP = 1 << 13
+
+
+def _cfg(bm: int, bn: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+
+
+# Query/key tiles for N = 49 (Swin windows) ... 4k tokens and head widths up to 128 (not compiled for sm_90
+# here: no GPU was lent; the pruner below drops those whose tiles exceed the device's shared memory).
+_CONFIGS = pick_configs(
+    [_cfg(128, 64, 3, 8), _cfg(64, 64, 3, 4), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 4), _cfg(16, 32, 2, 2)],
+    _cfg(16, 16, 1, 4),
+)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Drops configs whose tiles exceed the launch device's shared memory: the q tile plus, per pipeline
+    stage, a k and a v tile of BLOCK_D columns (keeps the smallest config if none fits)."""
+    operand_bytes = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
+    d = kwargs["BLOCK_D"]
+
+    def shared(c: triton.Config) -> int:
+        return (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * d * operand_bytes
+
+    limit = max_shared_bytes(named_args["qkv_ptr"].device)
+    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
+
+
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "BLOCK_D", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _prefix_attention_kernel(
+    qkv_ptr, bias_ptr, out_ptr,
+    N, H, R, scale, N_BUCKET,
+    stride_qs, stride_qn, stride_bs, stride_bh, stride_bi, stride_bj,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[s, i, j*H + h] = Σ_t softmax_t(q·k_t * scale + bias) v_t[j]; grid (S*H, cdiv(N, BLOCK_M))."""
+    sh = tl.program_id(0)
+    s = sh // H
+    h = sh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < R
+    m_ok = offs_m < N
+    seq = qkv_ptr + s.to(tl.int64) * stride_qs
+    # rank j of head h of q/k/v sits at column j*3H + {0, H, 2H} + h
+    col = offs_d * 3 * H + h
+    q = tl.load(seq + offs_m.to(tl.int64)[:, None] * stride_qn + col[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        rows = seq + offs_n.to(tl.int64)[:, None] * stride_qn
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(rows + (col + H)[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(rows + (col + 2 * H)[None, :], mask=kv_mask, other=0.0)
+        x = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
+        if HAS_BIAS:
+            b_ptrs = (bias_ptr + s.to(tl.int64) * stride_bs + h * stride_bh
+                      + offs_m.to(tl.int64)[:, None] * stride_bi + offs_n[None, :] * stride_bj)
+            x += tl.load(b_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.where(n_ok[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        # Rows masked to -inf so far keep p = 0 (exp(-inf - -inf) would be NaN).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(x - shift[:, None])
+        alpha = tl.exp(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_ptrs = out_ptr + (s.to(tl.int64) * N + offs_m.to(tl.int64))[:, None] * (R * H) + (offs_d * H + h)[None, :]
+    tl.store(o_ptrs, out, mask=m_ok[:, None] & d_ok[None, :])
+
+
+@torch.library.custom_op("skd_kernels::triton_prefix_attention", mutates_args=())
+def _prefix_attention_op(
+    qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tensor | None
+) -> torch.Tensor:
+    s, n, c = qkv.shape
+    h = num_heads
+    r = c // (3 * h)
+    out = torch.empty((s, n, r * h), dtype=qkv.dtype, device=qkv.device)
+    if out.numel() == 0:
+        return out
+    if qkv.stride(2) != 1:  # columns are addressed as offsets from the row start
+        qkv = qkv.contiguous()
+    b = attn_bias
+    # broadcast bias dims (size 1) are read with stride 0
+    b_strides = (0, 0, 0, 0) if b is None else tuple(0 if b.shape[d] == 1 and d < 2 else b.stride(d) for d in range(4))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        # (sequence, head) pairs on axis 0 (up to 2^31 - 1), query tiles on axis 1 (up to 65535)
+        return checked_grid((s * h, triton.cdiv(n, meta["BLOCK_M"])))
+
+    with on_device(qkv):
+        _prefix_attention_kernel[grid](
+            qkv, b if b is not None else qkv, out,
+            n, h, r, scale, bucket(n, _KEY_CAP),
+            qkv.stride(0), qkv.stride(1), *b_strides,
+            HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype(qkv.dtype), PRECISION=fp32_dot_precision(),
+            BLOCK_D=max(16, triton.next_power_of_2(r)),
+        )
+    return out
+
+
+_prefix_attention_op.register_fake(fake)
+register_autograd("skd_kernels::triton_prefix_attention")
+
+
+def prefix_attention(
+    qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """prefix_attention through the Triton flash kernel.
+
+    qkv: (S, N, r·3·H) rank-major, any strides; attn_bias: (S or 1, H or 1, N, N) in qkv's dtype or None;
+    fp32/fp16/bf16. Returns (S, N, r·H), column j·H + h, in qkv's dtype. Differentiable in qkv and attn_bias.
+    """
+    return _prefix_attention_op(qkv, num_heads, scale, attn_bias)

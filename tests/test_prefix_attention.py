@@ -1,0 +1,202 @@
+"""prefix_attention on every CPU-usable backend against skd_kernels.reference: forward over dtypes and odd
+sizes, with and without bias, non-contiguous inputs, r = 0, gradients (gradcheck in float64), opcheck, no
+activation copy and bad input. The reference itself is checked against today's copy + SDPA + permute path."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import (
+    BACKENDS,
+    LOW_PRECISION,
+    OUTPUT_TOL,
+    assert_close,
+    backend_dtype_shape_params,
+    scale,
+    supports,
+)
+from torch.profiler import ProfilerActivity, profile
+
+import skd_kernels
+from skd_kernels import reference
+
+# (S, N, H, r, big): every r in {1, 3, 8, 32} x N in {1, 5, 197} x H in {1, 3, 6}; N = 197 is big (the
+# Triton interpreter runs the same code paths on the small N).
+SHAPES = [(2, n, h, r, n > 64) for r, n, h in itertools.product((1, 3, 8, 32), (1, 5, 197), (1, 3, 6))]
+SCALE = 0.37  # not 1/sqrt(r): the op takes the full head's scale
+
+
+def _qkv(s: int, n: int, h: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(s, n, r * 3 * h).to(dtype)
+
+
+def _bias(s: int, n: int, h: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(s, h, n, n).to(dtype)
+
+
+def _check(out: torch.Tensor, qkv: torch.Tensor, h: int, bias: torch.Tensor | None, label: str) -> None:
+    want = reference.prefix_attention(qkv, h, SCALE, bias)
+    rtol, atol = OUTPUT_TOL[qkv.dtype]
+    assert_close(label, out, want, rtol=rtol, atol=atol * scale(want))
+
+
+def _run(backend: str, qkv: torch.Tensor, h: int, bias: torch.Tensor | None) -> torch.Tensor:
+    with skd_kernels.use_backend(backend):
+        return skd_kernels.prefix_attention(qkv, h, SCALE, bias)
+
+
+def test_reference_is_todays_sdpa_path() -> None:
+    """The oracle equals the path it replaces: per-token (r, 3H) -> (3H, r) copy, SDPA, permute back."""
+    s, n, h, r = 3, 11, 4, 5
+    qkv = _qkv(s, n, h, r, torch.float64)
+    bias = _bias(s, n, h, torch.float64)
+    q, k, v = qkv.view(s * n, r, 3 * h).transpose(1, 2).contiguous().view(s, n, 3, h, r).permute(2, 0, 3, 1, 4)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=SCALE).permute(0, 2, 3, 1).reshape(s, n, -1)
+    assert_close("reference vs sdpa", reference.prefix_attention(qkv, h, SCALE, bias), sdpa, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("backend", "dtype", "s", "n", "h", "r", "big"),
+                         backend_dtype_shape_params((torch.float32, *LOW_PRECISION, torch.float64), SHAPES))
+def test_matches_reference(backend: str, dtype: torch.dtype, s: int, n: int, h: int, r: int, big: bool) -> None:
+    qkv = _qkv(s, n, h, r, dtype)
+    for bias in (None, _bias(s, n, h, dtype)):
+        out = _run(backend, qkv, h, bias)
+        assert out.shape == (s, n, r * h)
+        _check(out, qkv, h, bias, f"{backend}/{dtype} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_width_gives_empty_output(backend: str) -> None:
+    qkv = torch.randn(2, 7, 0)
+    out = _run(backend, qkv, 3, _bias(2, 7, 3, torch.float32))
+    assert out.shape == (2, 7, 0) and out.dtype == qkv.dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_and_broadcast_bias(backend: str) -> None:
+    s, n, h, r = 2, 9, 3, 4
+    c = 3 * h * r
+    wide = torch.randn(s, n, c + 5)[..., :c]  # token stride c + 5
+    tokens_first = torch.randn(n, s, c).transpose(0, 1)  # sequence stride c
+    column_strided = torch.randn(s, n, 2 * c)[..., ::2]  # column stride 2 (copied, not misread)
+    bias_t = torch.randn(s, h, n, n).transpose(2, 3)  # key stride n
+    shared = torch.randn(1, h, n, n)  # one bias for every sequence (Swin's relative position bias)
+    expanded = torch.randn(1, 1, n, n).expand(s, h, n, n)  # stride 0 in S and H
+    one_for_all = torch.randn(1, 1, n, n)
+    for qkv, bias in itertools.product((wide, tokens_first, column_strided),
+                                       (None, bias_t, shared, expanded, one_for_all)):
+        assert not qkv.is_contiguous()
+        label = f"{backend} qkv{tuple(qkv.stride())} bias{None if bias is None else tuple(bias.stride())}"
+        _check(_run(backend, qkv, h, bias), qkv, h, bias, label)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if supports(b, torch.float64)])
+def test_gradcheck_float64(backend: str) -> None:
+    s, n, h, r = 2, 4, 2, 3
+    qkv = _qkv(s, n, h, r, torch.float64).requires_grad_()
+    for bias in (None, torch.randn(1, h, n, n, dtype=torch.float64), torch.randn(s, 1, n, n, dtype=torch.float64)):
+        inputs = (qkv,) if bias is None else (qkv, bias.requires_grad_())
+
+        def fn(qkv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            with skd_kernels.use_backend(backend):
+                return skd_kernels.prefix_attention(qkv, h, SCALE, bias)
+
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_reference(backend: str) -> None:
+    """fp32 gradients in qkv and a broadcast bias (every backend, Triton included) equal autograd through
+    the reference."""
+    s, n, h, r = 3, 6, 2, 5
+    qkv, bias = _qkv(s, n, h, r, torch.float32), torch.randn(1, h, n, n)
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (qkv, bias)]
+        out = _run(name, *leaves[:1], h, leaves[1])
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        grads[name] = [t.grad for t in leaves]
+    for label, got, want in zip(("qkv", "bias"), grads[backend], grads["reference"], strict=True):
+        assert_close(f"{backend} grad {label}", got, want, rtol=1e-4, atol=1e-5 * scale(want))
+
+
+def _opcheck_args() -> list[tuple]:
+    qkv, bias = _qkv(2, 5, 3, 2, torch.float32), _bias(2, 5, 3, torch.float32)
+    return [
+        (qkv, 3, SCALE, None),
+        (qkv.requires_grad_(), 3, SCALE, bias.requires_grad_()),
+        (qkv.detach().bfloat16(), 3, SCALE, bias.detach()[:1].bfloat16()),
+        (torch.randn(2, 5, 0), 3, SCALE, None),
+    ]
+
+
+def test_opcheck_compiled_op() -> None:
+    for args in [*_opcheck_args(), (_qkv(1, 3, 2, 2, torch.float64), 2, SCALE, None)]:
+        torch.library.opcheck(torch.ops.skd_kernels.prefix_attention.default, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_opcheck_triton_op() -> None:
+    from skd_kernels.triton import prefix_attention as _  # noqa: F401 (registers the op)
+
+    for args in _opcheck_args():
+        torch.library.opcheck(torch.ops.skd_kernels.triton_prefix_attention.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_allocates_only_its_output(dtype: torch.dtype) -> None:
+    """No activation copy: the largest tensor allocation is the (S, N, r*H) output, a third of qkv."""
+    s, n, h, r = 4, 64, 6, 16
+    qkv, bias = _qkv(s, n, h, r, dtype), _bias(1, n, h, dtype)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _run("cpu", qkv, h, bias)
+    largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+    out_bytes = s * n * r * h * qkv.element_size()
+    print(f"largest allocation {largest} B, output {out_bytes} B, qkv {qkv.numel() * qkv.element_size()} B")
+    assert 0 < largest <= out_bytes
+
+
+def _bad(kwargs: dict[str, object]) -> dict[str, object]:
+    return {"qkv": _qkv(2, 5, 3, 2, torch.float32), "num_heads": 3, "scale": SCALE, "attn_bias": None, **kwargs}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "arg"),
+    [
+        ({"qkv": torch.randn(10, 18)}, "qkv"),
+        ({"qkv": torch.randn(2, 5, 17)}, "qkv"),
+        ({"qkv": torch.randn(2, 5, 18).int()}, "qkv"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"num_heads": 2.0}, "num_heads"),
+        ({"scale": float("nan")}, "scale"),
+        ({"scale": "0.1"}, "scale"),
+        ({"attn_bias": torch.randn(2, 3, 5, 4)}, "attn_bias"),
+        ({"attn_bias": torch.randn(3, 3, 5, 5)}, "attn_bias"),
+        ({"attn_bias": torch.randn(2, 2, 5, 5)}, "attn_bias"),
+        ({"attn_bias": torch.randn(3, 5, 5)}, "attn_bias"),
+        ({"attn_bias": torch.randn(2, 3, 5, 5, dtype=torch.float64)}, "attn_bias"),
+    ],
+    ids=["2d-qkv", "width-not-3H", "int-qkv", "zero-heads", "float-heads", "nan-scale", "str-scale",
+         "bias-keys", "bias-batch", "bias-heads", "3d-bias", "bias-dtype"],
+)
+def test_bad_input_raises_naming_argument(kwargs: dict[str, object], arg: str) -> None:
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        skd_kernels.prefix_attention(**_bad(kwargs))
+
+
+def test_one_compiled_graph_serves_every_width() -> None:
+    """The fake kernel takes the width from qkv's (symbolic) shape: torch.compile traces the op once for
+    four widths r, and the compiled results equal the reference."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda qkv, bias: skd_kernels.prefix_attention(qkv, 3, SCALE, bias),
+                       backend=counter, dynamic=True, fullgraph=True)
+    bias = _bias(1, 9, 3, torch.float32)
+    for r in (4, 8, 12, 16):
+        qkv = _qkv(2, 9, 3, r, torch.float32)
+        _check(fn(qkv, bias), qkv, 3, bias, f"compiled r={r}")
+    assert counter.frame_count == 1
