@@ -16,7 +16,7 @@ def test_first_block_is_the_two_commands():
 
 
 def test_quickstart_runs(tmp_path, monkeypatch):
-    (code,) = _blocks("python")
+    code = _blocks("python")[0]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
@@ -29,3 +29,25 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         small.eval()
         assert torch.allclose(small(images), elastic.set_subnet(macs=0.5)(images), atol=1e-4, rtol=1e-4)
+
+
+def test_huggingface_quickstart_runs(tmp_path, monkeypatch):
+    """The MiniLM block: WPAC+ on real weights, half of every module, extract and save."""
+    hf_code = _blocks("python")[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {}
+    exec(compile(hf_code, str(README), "exec"), namespace)
+    import torch
+
+    elastic, small, held_out, out = namespace["elastic"], namespace["small"], namespace["held_out"], namespace["out"]
+    assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
+    assert (tmp_path / "minilm.safetensors").is_file()
+    assert 0.4 < elastic.macs() / elastic.full_macs < 0.6
+    batch = next(iter(held_out))
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(**batch).last_hidden_state, out.last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+    scores = namespace["agreement"](namespace["embed"](namespace["original"], held_out),
+                                    namespace["embed"](elastic, held_out))
+    assert 0.5 < scores["mean_cosine"] < 1.0  # half of everything is not the full model, but close to it
