@@ -28,12 +28,13 @@ def _train(world: int, out: str) -> None:
     torch.save({"params": model.state_dict(), "list": tr.dropout_list.units}, out)
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, train=_train) -> None:
+    """One gloo process running `train(world, its output path)`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _train(world, os.path.join(tmp, f"rank{rank}.pt"))
+        train(world, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -69,19 +70,9 @@ def _train_with_val(world: int, out: str) -> None:
     torch.save(tr.history, out)
 
 
-def _val_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _train_with_val(world, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_processes_report_the_same_history_as_one(tmp_path, _digits_vit_trained):
     """45 val samples split 23/22 over the ranks: the summed counts give one process's top-1; only rank 0 logs."""
-    mp.spawn(_val_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), _train_with_val), nprocs=2, join=True)
     _train_with_val(1, str(tmp_path / "single.pt"))
     r0, r1, single = (torch.load(tmp_path / f, weights_only=True) for f in ("rank0.pt", "rank1.pt", "single.pt"))
     assert r0 == r1
