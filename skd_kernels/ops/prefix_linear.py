@@ -72,7 +72,9 @@ def bind(
     k_out = weight.shape[0] if k_out is None else k_out
     activation = activation or "none"
     check_float("weight", weight)
-    check(weight.new_empty((0, k_in)), weight, bias, k_in, k_out, activation)
+    # an empty x of width k_in in weight's dtype and device: every check but x's own (done per call)
+    probe = weight.new_empty((0, k_in if isinstance(k_in, int) and k_in >= 0 else 0))
+    check(probe, weight, bias, k_in, k_out, activation)
     dtype, device = weight.dtype, weight.device
     fn = _dispatch.kernel(OP, device, dtype)
     with torch.no_grad():  # views for the no-grad path only: they must not record autograd
