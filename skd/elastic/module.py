@@ -223,7 +223,8 @@ class ElasticViT(nn.Module):
         subnet: overrides the active subnet for this call only. masks: {(block, "attn"): (r_b,),
         (block, "mlp"): (h_b,)} multiplicative masks (any float dtype/device broadcastable to the
         activations) on the kept rank dims of q, k and v of every head, and on the kept post-activation
-        MLP hidden units (e.g. channel dropout); absent keys mean no mask.
+        MLP hidden units (e.g. channel dropout); absent keys mean no mask. Each subnet's ops are checked and
+        bound once and kept for later calls (skd/elastic/plan.py); without grad they skip the autograd layer.
         """
         if self._standard:
             raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")

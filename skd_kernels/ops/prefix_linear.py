@@ -204,7 +204,8 @@ def backward(
         grad_x = gx if x.shape[-1] == k_in else F.pad(gx, (0, x.shape[-1] - k_in))
     if ctx.needs_input_grad[1]:
         grad_w = torch.zeros_like(weight)
-        grad_w[:k_out, :k_in] = g2.t() @ x.reshape(rows, x.shape[-1])[:, :k_in]
+        # the GEMM writes straight into the block (BLAS with the weight's row stride), no temporary copy
+        grad_w[:k_out, :k_in].addmm_(g2.t(), x.reshape(rows, x.shape[-1])[:, :k_in], beta=0)
     if bias is not None and ctx.needs_input_grad[2]:
         grad_b = torch.zeros_like(bias)
         grad_b[:k_out] = g2.sum(0)
