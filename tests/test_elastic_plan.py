@@ -141,6 +141,11 @@ def test_autocast_forward_runs_in_the_autocast_dtype() -> None:
             low = elastic(x)
         assert low.dtype == torch.bfloat16 and rel_err(low.float(), y) <= 3e-2
         assert elastic(x).dtype == torch.float32  # the fp32 plan again after autocast
+        proj = elastic.model.blocks[1].attn.proj
+        proj.weight = nn.Parameter(proj.weight * -2.0)  # the autocast plan holds Parameters: rebuilt too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            changed = elastic(x)
+        assert rel_err(changed.float(), elastic.extract()(x)) <= 3e-2 and rel_err(changed.float(), y) > 0.1
 
 
 def test_copies_and_pickles_run_on_their_own_weights() -> None:

@@ -58,9 +58,9 @@ class Plan:
         self.subnet = subnet
         linears = [lin for spec in blocks for lin in
                    ((spec.qkv,) if spec.fused else (spec.q, spec.k, spec.v)) + (spec.proj, spec.fc1, spec.fc2)]
-        # What the bound views were sliced from: the Parameters and their storage (see `current`).
+        # What the plan's ops read: the Parameters (held by both kinds) and their storage (the views) (`current`)
         self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(),
-                          None if lin.bias is None else lin.bias.data_ptr()) for lin in linears] if bound else []
+                          None if lin.bias is None else lin.bias.data_ptr()) for lin in linears]
         gemm = _bind if bound else _partial
         self.blocks = tuple(_block(spec, r, m, gemm, bound) for spec, r, m in zip(blocks, subnet.attn, subnet.mlp,
                                                                                   strict=True))
