@@ -17,9 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
+#include <memory>
 
 #include "common.h"
+#include "softmax_avx512.h"
 
 // MKL's Fortran BLAS (LP64) and CBLAS bf16/fp16 GEMMs, exported by libtorch_cpu on x86 builds. Weak: a torch
 // built without MKL leaves them null, the extension still loads, and gemm_rm falls back to a plain loop.
@@ -78,6 +79,12 @@ void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a
 // stay near 2 MiB (bf16: 1 MiB), so the two products of every head reuse them from L2.
 constexpr int64_t kQTile = 256;
 constexpr int64_t kKVBudget = int64_t(1) << 19;
+
+// n uninitialised values.
+template <typename T>
+std::unique_ptr<T[]> buffer(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
 
 struct Shape {
   int64_t S, N, H, r, qt, kt;
@@ -225,6 +232,21 @@ acc softmax_step(acc* x, const scalar_t* bias, int64_t n, acc& m, acc& l) {
   return alpha;
 }
 
+// softmax_step on the fastest path this CPU has; for bf16/fp16 also rounds p to the input dtype into probs
+// (n values; fp32/fp64: unused, p stays in x).
+template <typename scalar_t, typename acc>
+acc softmax_row(acc* x, const scalar_t* bias, int64_t n, acc& m, acc& l, scalar_t* probs, bool avx512) {
+  if constexpr (std::is_same_v<acc, float>) {
+    if (avx512) {
+      if constexpr (std::is_same_v<scalar_t, float>) probs = x;
+      return softmax_step_avx512(x, bias, n, m, l, probs);
+    }
+  }
+  const acc alpha = softmax_step(x, bias, n, m, l);
+  if constexpr (!std::is_same_v<scalar_t, acc>) at::vec::convert(x, probs, n);
+  return alpha;
+}
+
 template <typename scalar_t>
 void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scale_d, at::Tensor& out,
                       const Shape& g) {
@@ -243,20 +265,23 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
   const int64_t b_h = has_bias && bias.size(1) > 1 ? bias.stride(1) : 0;
   const int64_t b_i = has_bias ? bias.stride(2) : 0;
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const bool avx512 = std::is_same_v<acc, float> && has_avx512();
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
     // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
     // the three are packed in one pass as (3H, N, r). Scores (qt, kt); output (H, qt, r).
     // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
     // ob the output before its transpose (fp32/fp64: o itself).
-    std::vector<scalar_t> qkv_p(H * g.qt * r + 2 * H * g.kt * r);
-    std::vector<scalar_t> p(kNarrow ? g.qt * g.kt : 0), ob(kNarrow ? H * g.qt * r : 0);
-    std::vector<acc> sc(g.qt * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
+    // (Uninitialised: every value is written before it is read; zero-filling them measured 3 % of the op.)
+    const auto qkv_p = buffer<scalar_t>(H * g.qt * r + 2 * H * g.kt * r);
+    const auto p = buffer<scalar_t>(kNarrow ? g.qt * g.kt : 0), ob = buffer<scalar_t>(kNarrow ? H * g.qt * r : 0);
+    const auto sc = buffer<acc>(g.qt * g.kt), o = buffer<acc>(H * g.qt * r), m = buffer<acc>(H * g.qt),
+               l = buffer<acc>(H * g.qt);
     int64_t packed_s = -1;  // the sequence whose keys and values kv holds, when it holds all of them
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
       const scalar_t* seq = base + s * st_s;
-      scalar_t* q = qkv_p.data();
+      scalar_t* q = qkv_p.get();
       scalar_t* kv = q + H * qn * r;
       const bool one_tile = qn == g.N && g.kt >= g.N;
       if (one_tile) {
@@ -265,9 +290,9 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
         kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
         pack_heads(seq + q0 * st_n, st_n, qn, H, g, q, qn * r, r);
       }
-      std::fill(o.begin(), o.end(), acc(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
-      std::fill(l.begin(), l.end(), acc(0));
+      std::fill_n(o.get(), H * qn * r, acc(0));
+      std::fill_n(m.get(), H * qn, -std::numeric_limits<acc>::infinity());
+      std::fill_n(l.get(), H * qn, acc(0));
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
         const int64_t kn = std::min(g.kt, g.N - k0);
         if (!one_tile && packed_s != s) {
@@ -277,25 +302,24 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
         for (int64_t h = 0; h < H; ++h) {
           // (Splitting the query rows into blocks of 64, so that the scores stay in L1/L2 between the two
           // products, measured 3-15 % slower: more, smaller MKL calls.)
-          acc* oh = o.data() + h * qn * r;
+          acc* oh = o.get() + h * qn * r;
           // scores (qn, kn) = q_h k_h^T * scale
-          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.data(), kn);
+          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.get(), kn);
           for (int64_t i = 0; i < qn; ++i) {
-            acc* x = sc.data() + i * kn;
+            acc* x = sc.get() + i * kn;
             const scalar_t* brow = has_bias ? bias_ptr + s * b_s + h * b_h + (q0 + i) * b_i + k0 : nullptr;
-            const acc alpha = softmax_step(x, brow, kn, m[h * qn + i], l[h * qn + i]);
+            const acc alpha = softmax_row(x, brow, kn, m[h * qn + i], l[h * qn + i], p.get() + i * kn, avx512);
             // (the first key tile finds o = 0: nothing to rescale)
             if (k0 > 0 && alpha != acc(1)) {
               at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
             }
-            if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
           }
           // o_h (qn, r) += p (qn, kn) v_h (kn, r)
           const scalar_t* probs;
           if constexpr (kNarrow) {
-            probs = p.data();
+            probs = p.get();
           } else {
-            probs = sc.data();
+            probs = sc.get();
           }
           gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
         }
@@ -304,13 +328,13 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
       // rank-major columns, one (H, r) -> (r, H) transpose per token.
       scalar_t* o_out;
       if constexpr (kNarrow) {
-        o_out = ob.data();
+        o_out = ob.get();
       } else {
-        o_out = o.data();
+        o_out = o.get();
       }
       for (int64_t hi = 0; hi < H * qn; ++hi) {
         const acc inv = acc(1) / l[hi];
-        acc* row = o.data() + hi * r;
+        acc* row = o.get() + hi * r;
         at::vec::map([inv](Vec a) { return a * Vec(inv); }, row, row, r);
         if constexpr (kNarrow) at::vec::convert(row, o_out + hi * r, r);
       }
