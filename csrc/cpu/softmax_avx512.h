@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -21,10 +22,12 @@
 
 namespace skd::cpu {
 
-// AVX-512 F/BW/VL/DQ: masked 16-bit loads and stores need BW and VL.
+// AVX-512 F/BW/VL/DQ (masked 16-bit loads and stores need BW and VL), unless SKD_CPU_AVX2_ONLY is set: the
+// tests use it to run the AVX2 path an AVX-512 machine would otherwise never take.
 inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool yes = std::getenv("SKD_CPU_AVX2_ONLY") == nullptr && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
   return yes;
 }
 
