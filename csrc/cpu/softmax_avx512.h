@@ -87,21 +87,21 @@ SKD_AVX512 inline void store16(T* p, __m512 v, __mmask16 k) {
   }
 }
 
-// Online-softmax update of one fp32 score row x (n values, already scaled) plus its bias row if any (T*):
+// Online-softmax update of one fp32 score row x * scale (n values) plus its bias row if any (T*):
 // p = exp(x + bias - m_new) goes to probs (T: the input dtype, the second product's operand; may be x
 // itself for fp32). m and l are the row's running max and sum; returns exp(m_old - m_new), the factor that
 // rescales the row's running sum and output (0 while the row has seen only -inf).
 template <typename T>
-SKD_AVX512 float softmax_step_avx512(float* x, const T* bias, int64_t n, float& m, float& l, T* probs) {
+SKD_AVX512 float softmax_step_avx512(float* x, float scale, const T* bias, int64_t n, float& m, float& l, T* probs) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
+  const bool scaled = scale != 1.f;
   __m512 vmax = _mm512_set1_ps(-kInf);
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
     __m512 v = _mm512_maskz_loadu_ps(k, x + t);
-    if (bias != nullptr) {
-      v = _mm512_add_ps(v, load16(bias + t, k));
-      _mm512_mask_storeu_ps(x + t, k, v);
-    }
+    if (scaled) v = _mm512_mul_ps(v, _mm512_set1_ps(scale));
+    if (bias != nullptr) v = _mm512_add_ps(v, load16(bias + t, k));
+    if (scaled || bias != nullptr) _mm512_mask_storeu_ps(x + t, k, v);
     vmax = _mm512_mask_max_ps(vmax, k, vmax, v);
   }
   const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
