@@ -7,9 +7,11 @@
 // per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
 // products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
 // at::parallel_for): sgemm/dgemm for fp32/fp64; for bf16/fp16 the tiles stay in their dtype and MKL's
-// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32, with the
-// softmax probabilities rounded to the input dtype for the second product as in ATen's flash attention.
-// The output is written straight into the proj's rank-major columns.
+// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32 — or, for bf16
+// at small r, oneDNN's brgemm (BrgemmTiles below) — with the softmax probabilities rounded to the input
+// dtype for the second product as in ATen's flash attention. The online softmax runs in AVX-512 where the
+// CPU has it (softmax_avx512.h), else in AVX2. The output is written straight into the proj's rank-major
+// columns.
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
