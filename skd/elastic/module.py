@@ -16,6 +16,7 @@ import skd_kernels
 
 from .. import batches
 from .._checks import check_fraction, check_int, check_positive
+from ..compensation import compensated_bias, fold
 from ..errors import UnsupportedModelError
 from ..models import ModelAdapter, adapter_for
 from ..subnet import DropoutList, Subnet
@@ -254,7 +255,7 @@ class ElasticViT(nn.Module):
                 if mask is not None:  # rank-major column j*3H + w*H + h belongs to rank j
                     qkv = (qkv.view(s, n, r, 3 * h) * mask.to(qkv)[:, None]).view(s, n, 3 * h * r)
                 o = skd_kernels.prefix_attention(qkv, h, spec.scale, None if bias is None else bias.to(qkv.dtype))
-                return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
+                return skd_kernels.prefix_linear(o, spec.proj.weight, compensated_bias(spec.proj, h * r), k_in=h * r)
             # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
             # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
             # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
@@ -267,7 +268,7 @@ class ElasticViT(nn.Module):
                        for lin in (spec.q, spec.k, spec.v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
         o = o.permute(0, 2, 3, 1).reshape(s, n, r * h)  # (S, N, r, H): rank-major proj columns
-        return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
+        return skd_kernels.prefix_linear(o, spec.proj.weight, compensated_bias(spec.proj, h * r), k_in=h * r)
 
     @staticmethod
     def _head_major(y: torch.Tensor, h: int, r: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -288,15 +289,16 @@ class ElasticViT(nn.Module):
         if mask is not None:
             y = y * mask.to(y)
         y = spec.hidden_dropout(y)
-        return skd_kernels.prefix_linear(y, spec.fc2.weight, spec.fc2.bias, k_in=h)
+        return skd_kernels.prefix_linear(y, spec.fc2.weight, compensated_bias(spec.fc2, h), k_in=h)
 
     # --------------------------------------------------------------------------------------- extract
     def extract(self, subnet: Subnet | None = None) -> nn.Module:
         """A standalone, physically smaller copy of the model at `subnet` (default: the active one).
 
         Built by the adapter from the model library's own modules (`ModelAdapter.shrink`), computing
-        what this ElasticViT computes at `subnet`; it runs without skd. `out.skd_subnet` records the
-        widths (plain data) so `skd.save` can record how to rebuild this shape.
+        what this ElasticViT computes at `subnet`, bias compensation (skd.compensation) folded into its
+        biases; it runs without skd. `out.skd_subnet` records the widths (plain data) so `skd.save` can
+        record how to rebuild this shape.
         """
         subnet = self._checked(subnet)
         self._guard.remove()  # the copy must not carry the wrapped-model guard
@@ -306,8 +308,10 @@ class ElasticViT(nn.Module):
             self._guard = self.model.register_forward_pre_hook(self._refuse_bare_forward)
         del out._skd_wrapped
         shrinker = adapter_for(out)
-        if not self._standard:
-            self._layout.apply(shrinker.blocks, to_standard=True)
+        if self._standard:  # bias compensation folds where every width is a prefix
+            self._layout.apply(shrinker.blocks, to_standard=False)
+        fold(shrinker.blocks, subnet)
+        self._layout.apply(shrinker.blocks, to_standard=True)
         shrinker.shrink(subnet)
         out.skd_subnet = subnet.to_dict()
         return out
