@@ -149,6 +149,13 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[st
     save_tensors(path, {**model.state_dict(), **compensation.means(model)}, {**metadata, **record})
 
 
+def _restore_means(path: str | os.PathLike, model: nn.Module, means: dict[str, torch.Tensor]) -> None:
+    try:
+        compensation.restore_means(model, means)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
 def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     """Load a file written by `save`: an ElasticViT (rebuilding the model from its adapter's record), or for
     a saved `extract()` the standalone smaller model.
@@ -184,11 +191,11 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
         model.load_state_dict(tensors, assign=True)
-        compensation.restore_means(model, means)
+        _restore_means(path, model, means)
     elastic = ElasticViT(model)
     if rank_major:  # the file holds the re-laid weights (and means): load them after wrapping
         model.load_state_dict(tensors, assign=True)
-        compensation.restore_means(model, means)
+        _restore_means(path, model, means)
     if meta.get("dropout_list") is not None:
         elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])
     if meta.get("subnet") is not None:
