@@ -161,17 +161,23 @@ def test_compensate_false_removes_stale_means() -> None:
         skd.wpac(model, _batches(), num_samples=24, progress=False, compensate="yes")
 
 
-@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def _swin() -> nn.Module:
+    from tests.test_wpac_plus import _randomised, _tiny_swin
+
+    return _randomised(_tiny_swin)
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "swin"])
 def test_elastic_equals_compensated_oracle_and_extract_at_every_width(arch: str) -> None:
     from tests.elastic_oracle import random_subnets
 
-    elastic = skd.ElasticViT(_model(arch)).eval()
+    elastic = skd.ElasticViT(_swin() if arch == "swin" else _model(arch)).eval()
     skd.wpac(elastic, _batches(), num_samples=24, criterion="wpac+", progress=False, compensate=True)
     with elastic.standard_layout() as inner:
         bare = copy.deepcopy(inner)
     x = torch.randn(2, 3, 32, 32) + 0.5
-    hd, hidden = elastic.head_dims[0], elastic.hiddens[0]
-    uniform = [Subnet(attn=[r] * len(elastic.head_dims), mlp=[max(0, hidden * r // hd)] * len(elastic.hiddens))
+    hd = elastic.head_dims[0]  # every family here has one head size
+    uniform = [Subnet(attn=[r] * len(elastic.head_dims), mlp=[h * r // hd for h in elastic.hiddens])
                for r in range(hd + 1)]
     with torch.no_grad():
         full = elastic(x, subnet=uniform[-1])
