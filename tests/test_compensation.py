@@ -140,10 +140,11 @@ def test_stored_means_are_the_measured_means_and_the_function_is_kept(criterion:
         torch.testing.assert_close(compensation.input_mean(spec.fc2).double(), m["fc2"], rtol=1e-4, atol=1e-5)
 
 
-def test_wpac_plus_orders_mlp_units_by_centred_output_variance_under_compensation() -> None:
+@pytest.mark.parametrize("criterion", ["wpac+", "wpac", "random"])
+def test_mlp_units_are_ordered_by_centred_output_variance_under_compensation(criterion: str) -> None:
     model = _model(seed=2)
     data = _batches()
-    skd.wpac(model, data, num_samples=24, criterion="wpac+", progress=False, compensate=True)
+    skd.wpac(model, data, num_samples=24, criterion=criterion, progress=False, compensate=True)
     measured = _input_moments(model, data)
     for spec, rep, m in zip(adapter_for(model).blocks, model.skd_report.blocks, measured, strict=True):
         score = m["fc2_var"] * spec.fc2.weight.double().square().sum(0)  # in the new unit order
