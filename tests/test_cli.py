@@ -434,10 +434,11 @@ def test_wpac_compensate_stores_the_means_in_the_file(tmp_path):
     from skd.io import load, load_tensors
 
     out = tmp_path / "c.safetensors"
-    r = skd("wpac", "vit_digits", "--pretrained", "--samples", "32", "--criterion", "wpac+", "--compensate",
-            "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    stored = [k for k in load_tensors(out)[0] if k.startswith(compensation.FILE_PREFIX)]
-    elastic = load(out)
-    assert len(stored) == 2 * len(elastic.head_dims)
-    assert sorted(compensation.means(elastic.model)) == sorted(stored)
+    for flag, per_block in ((("--compensate",), 2), (("--compensate", "attn"), 1)):
+        r = skd("wpac", "vit_digits", "--pretrained", "--samples", "32", "--criterion", "wpac+", *flag,
+                "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        stored = [k for k in load_tensors(out)[0] if k.startswith(compensation.FILE_PREFIX)]
+        elastic = load(out)
+        assert len(stored) == per_block * len(elastic.head_dims)
+        assert sorted(compensation.means(elastic.model)) == sorted(stored)

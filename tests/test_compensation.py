@@ -158,8 +158,24 @@ def test_compensate_false_removes_stale_means() -> None:
     assert compensation.means(model)
     skd.wpac(model, _batches(), num_samples=24, criterion="wpac+", progress=False)
     assert compensation.means(model) == {}
-    with pytest.raises(ValueError, match="compensate must be True or False"):
-        skd.wpac(model, _batches(), num_samples=24, progress=False, compensate="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="compensate must be one of"):
+            skd.wpac(model, _batches(), num_samples=24, progress=False, compensate=bad)
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_compensating_one_part_leaves_the_other_as_without(part: str) -> None:
+    """compensate="attn" stores only the output projections' means and keeps the criterion's MLP order;
+    "mlp" only fc2's (and the variance order), with the attention transformed as without compensation."""
+    model = _model(seed=4)
+    plain, one = copy.deepcopy(model), copy.deepcopy(model)
+    skd.wpac(plain, _batches(), num_samples=24, criterion="wpac+", progress=False)
+    skd.wpac(one, _batches(), num_samples=24, criterion="wpac+", progress=False, compensate=part)
+    for a, b in zip(adapter_for(plain).blocks, adapter_for(one).blocks, strict=True):
+        assert (compensation.input_mean(b.proj) is not None) == (part == "attn")
+        assert (compensation.input_mean(b.fc2) is not None) == (part == "mlp")
+        same = (a.fc1.weight, b.fc1.weight) if part == "attn" else (a.proj.weight, b.proj.weight)
+        torch.testing.assert_close(*same, rtol=1e-6, atol=1e-6)
 
 
 def _swin() -> nn.Module:
