@@ -9,9 +9,9 @@ the leading fraction f of the dims kept in one of five modes:
   mlp: only the MLP hidden units (attention full); all: attention dims and MLP units together.
 qk, vo and mlp cannot be expressed as an skd Subnet (q, k and v share one width), so they zero the
 dropped rows/columns of a copy of the transformed model, which is exact for "keep the first r dims".
-"none" is the untransformed model truncated. A criterion suffixed "/comp" runs skd.wpac(...,
-compensate=True): truncation adds the dropped dims' mean contribution to the output bias (skd.compensation;
-in the zeroing modes too). Prints Markdown tables (accuracy %, mean [min, max] over the
+"none" is the untransformed model truncated. A criterion suffixed "/comp", "/attn" or "/mlp" runs
+skd.wpac(..., compensate=True, "attn" or "mlp"): truncation adds the dropped dims' mean contribution to the
+output bias (skd.compensation; in the zeroing modes too). Prints Markdown tables (accuracy %, mean [min, max] over the
 draws) and writes a PNG plot of the attn mode.
 
     python -m benchmarks.wpac_quality [--samples 512] [--draws 3] [--modes attn qk vo mlp all]
@@ -36,7 +36,17 @@ from skd.digits import accuracy, load_digits_split, pretrained_digits_vit
 from skd.models import adapter_for
 from skd.wpac import CRITERIA
 
-COMPENSATED = "/comp"  # criterion suffix: skd.wpac(..., compensate=True)
+# criterion label suffix -> skd.wpac(..., compensate=...)
+COMPENSATE_SUFFIXES: dict[str, bool | str] = {"/comp": True, "/attn": "attn", "/mlp": "mlp"}
+LABELS = ("none", *CRITERIA, *(c + suffix for c in CRITERIA for suffix in COMPENSATE_SUFFIXES))
+
+
+def parse_label(label: str) -> tuple[str, bool | str]:
+    """"wpac+/attn" -> ("wpac+", "attn"); "wpac" -> ("wpac", False)."""
+    for suffix, compensate in COMPENSATE_SUFFIXES.items():
+        if label.endswith(suffix):
+            return label.removesuffix(suffix), compensate
+    return label, False
 
 DEFAULT_PLOT = Path(__file__).with_name("wpac_quality.png")
 MODES = ("attn", "qk", "vo", "mlp", "all")
@@ -97,8 +107,8 @@ def quality_table(samples: int, draws: int, modes: list[str], fractions: list[fl
             elastic = skd.ElasticViT(copy.deepcopy(base)).eval()
             t0 = time.perf_counter()
             if criterion != "none":
-                skd.wpac(elastic, calib, num_samples=samples, criterion=criterion.removesuffix(COMPENSATED),
-                         progress=False, compensate=criterion.endswith(COMPENSATED))
+                name, compensate = parse_label(criterion)
+                skd.wpac(elastic, calib, num_samples=samples, criterion=name, progress=False, compensate=compensate)
             seconds = time.perf_counter() - t0
             for mode in modes:
                 row = table.setdefault((criterion, mode), [[] for _ in fractions])
@@ -155,7 +165,7 @@ def main() -> None:
     # below the paper's fractions: on this small task 1/4 is already easy for WPAC
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0625, 0.125, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--criteria", nargs="+", default=["none", *CRITERIA],
-                        choices=["none", *CRITERIA, *(c + COMPENSATED for c in CRITERIA)])
+                        choices=LABELS)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()

@@ -2,7 +2,8 @@
 package's weights, BertModel, 6 layers, 12 heads x 32 dims, MLP 1536), no fine-tuning.
 
 Each criterion (wpac, wpac+, pca, taylor, magnitude, hessian, random; "none" = the model as it is; a
-"/comp" suffix adds skd.wpac(..., compensate=True), bias compensation of the dropped dims) transforms a
+"/comp", "/attn" or "/mlp" suffix adds skd.wpac(..., compensate=True, "attn" or "mlp"), bias compensation of
+the dropped dims) transforms a
 copy of MiniLM, calibrated on English sentences from scikit-learn's documentation (skd.text's CALIBRATION
 set) with the bare encoder's default loss (in-batch contrastive, skd.losses); `--draws` disjoint
 calibration sets (every k-th sentence of the pool, at offsets 0, 1, ...) give the spread. It is then run
@@ -33,11 +34,11 @@ from skd import embeddings as E
 from skd import text
 from skd.wpac import CRITERIA
 
+from .wpac_quality import LABELS, parse_label
+
 FRACTIONS = (0.125, 0.25, 0.5, 0.75)
 AXES = ("attn", "mlp", "all")
 METRICS = ("mean_cosine", "spearman", "top1")
-COMPENSATED = "/comp"  # criterion suffix: skd.wpac(..., compensate=True)
-CHOICES = ("none", *CRITERIA, *(c + COMPENSATED for c in CRITERIA))
 
 
 def _load():
@@ -72,15 +73,15 @@ def quality_table(calibration: int, evaluation: int | None, max_length: int, fra
     reference = E.embed(model, eval_batches)
     table: dict[tuple[str, str, float], list[dict[str, float]]] = {}
     for criterion in criteria:
-        name = criterion.removesuffix(COMPENSATED)
-        for d in range(1 if name in ("none", "magnitude", "random") and name == criterion else draws):
+        name, compensate = parse_label(criterion)
+        for d in range(1 if name in ("none", "magnitude", "random") and not compensate else draws):
             cal = pool[d::step][:calibration]  # spread over all of the documentation; draws disjoint
             cal_loader = torch.utils.data.DataLoader(text.TextDataset(cal, tokenizer, max_length), batch_size=32)
             t0 = time.perf_counter()
             copy_ = copy.deepcopy(model)
             if criterion != "none":
                 skd.wpac(copy_, cal_loader, num_samples=len(cal), criterion=name, progress=False,
-                         compensate=criterion.endswith(COMPENSATED))
+                         compensate=compensate)
             seconds = time.perf_counter() - t0
             elastic = skd.ElasticViT(copy_).eval()
             for axis in axes:
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1, help="disjoint calibration draws (default 1)")
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     parser.add_argument("--axes", nargs="+", default=list(AXES), choices=AXES)
-    parser.add_argument("--criteria", nargs="+", default=["none", *CRITERIA], choices=CHOICES)
+    parser.add_argument("--criteria", nargs="+", default=["none", *CRITERIA], choices=LABELS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 64 calibration and 128 held-out sentences, f = 1/4 and 1/2")
