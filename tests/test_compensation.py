@@ -288,3 +288,28 @@ def test_files_without_means_load_uncompensated_and_bad_means_are_refused(tmp_pa
                  meta)
     with pytest.raises(ValueError, match="no Linear of that name"):
         skd.load(tmp_path / "bad.safetensors")
+
+
+def test_piad_trains_a_compensated_model_and_keeps_its_means(digits_vit, digits_data) -> None:
+    """PIAD trains through the compensated biases (the means stay fixed); the trained super-network's subnets
+    still equal their extracted models."""
+    from torch.utils.data import DataLoader, Subset
+
+    from skd.piad import PIADTrainer
+
+    train = Subset(digits_data[0], range(96))
+    model = copy.deepcopy(digits_vit)
+    skd.wpac(model, DataLoader(train, batch_size=32), num_samples=96, criterion="wpac+", progress=False,
+             compensate="attn")
+    stored = {k: v.clone() for k, v in compensation.means(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = PIADTrainer(model, train, epochs=1, progressive_epochs=1, batch_size=32, proxy_samples=32, lr=5e-4,
+                      warmup_epochs=0, progress=False).fit()
+    assert any(not torch.equal(v, before[k]) for k, v in out.model.state_dict().items())  # it trained
+    with out.standard_layout() as inner:
+        assert all(torch.equal(v, stored[k]) for k, v in compensation.means(inner).items())
+        assert compensation.means(inner).keys() == stored.keys()
+    x = torch.stack([digits_data[1][i][0] for i in range(8)])
+    subnet = out.dropout_list.subnet(len(out.dropout_list))
+    with torch.no_grad():
+        assert _rel(out.eval().extract(subnet).eval()(x), out(x, subnet=subnet)) <= 1e-5
