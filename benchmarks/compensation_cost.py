@@ -6,6 +6,7 @@ Runs alternate (plain, compensated, plain, compensated, ...) on fresh copies of 
 other processes hits both alike; prints each run's seconds and the median ratio per model and criterion.
 
     python -m benchmarks.compensation_cost [--repeats 4] [--criteria wpac wpac+] [--threads 1]
+        [--models "digits ViT" MiniLM]
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--criteria", nargs="+", default=["wpac", "wpac+"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
-    for name, make in MODELS.items():
-        model, data, n = make()
+    for name in args.models:
+        model, data, n = MODELS[name]()
         for criterion in args.criteria:
             seconds(model, data, n, criterion, False)  # warm-up (first-call allocations, lazy imports)
             plain, comp = [], []
