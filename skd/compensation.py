@@ -8,7 +8,8 @@ exactly and leaves only the dropped features' centred part lost. (For attention 
 values' mean over the attended tokens, since each query's attention weights sum to 1.)
 
 The mean E[x] (in_features,) is a non-persistent buffer `skd_input_mean` of the Linear, set by
-`skd.wpac(..., compensate=True)` from its calibration statistics, in the Linear's current input layout
+`skd.wpac(..., compensate=True | "attn" | "mlp")` from its calibration statistics (over all real tokens), in
+the Linear's current input layout
 (ElasticViT's rank-major layout permutes it along with the weights' columns). A model without the buffer
 computes exactly what it did before. At full width the correction is zero, so the function is unchanged;
 it depends only on the kept width (one mat-vec per block and width), and `ElasticViT.extract` folds it into

@@ -184,10 +184,10 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
         raise ValueError(f"{path}: tensors do not match the rebuilt {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
     if meta["kind"] == "extracted":
+        if means:
+            raise ValueError(f"{path}: an extracted model's file holds input means (extract() folds them)")
         model.load_state_dict(tensors)
         return model
-    if means and meta["kind"] == "extracted":
-        raise ValueError(f"{path}: an extracted model's file holds input means (they are folded on extract)")
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
         model.load_state_dict(tensors, assign=True)

@@ -288,6 +288,13 @@ def test_files_without_means_load_uncompensated_and_bad_means_are_refused(tmp_pa
                  meta)
     with pytest.raises(ValueError, match="no Linear of that name"):
         skd.load(tmp_path / "bad.safetensors")
+    small = skd.ElasticViT(model).extract(Subnet(attn=[8, 8, 8], mlp=[64, 64, 64]))
+    skd.save(small, tmp_path / "small.safetensors")
+    tensors, meta = load_tensors(tmp_path / "small.safetensors")
+    save_tensors(tmp_path / "bad_small.safetensors", {**tensors, "skd_input_mean:blocks.0.mlp.fc2": torch.zeros(64)},
+                 meta)
+    with pytest.raises(ValueError, match="extracted model's file holds input means"):
+        skd.load(tmp_path / "bad_small.safetensors")
 
 
 def test_piad_trains_a_compensated_model_and_keeps_its_means(digits_vit, digits_data) -> None:
