@@ -245,7 +245,7 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
 def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats], compensate: frozenset[str]
                           ) -> BlockReport:
     """Criterion "wpac+" on one block: fold b_v, output-preserving V/O, WPAC's Q/K rotation, and the MLP in
-    Taylor order (with compensation: centred output-variance order, as every criterion)."""
+    Taylor order (with MLP compensation: centred output-variance order, as every criterion)."""
     h, hd = spec.num_heads, spec.head_dim
     moved = _fold_value_bias(spec)
     cc = _second_moment(spec, CONTEXT, feats[CONTEXT].cov, shift=moved)
