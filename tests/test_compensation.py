@@ -320,3 +320,29 @@ def test_piad_trains_a_compensated_model_and_keeps_its_means(digits_vit, digits_
     subnet = out.dropout_list.subnet(len(out.dropout_list))
     with torch.no_grad():
         assert _rel(out.eval().extract(subnet).eval()(x), out(x, subnet=subnet)) <= 1e-5
+
+
+def test_cached_plans_follow_means_and_in_place_weight_updates() -> None:
+    """ElasticViT caches per-subnet plans: storing or removing means (skd.wpac on the wrapped model) rebuilds
+    them, and an in-place weight update (an optimizer step) reaches the compensated bias."""
+    from tests.elastic_oracle import masked_copy
+
+    elastic = skd.ElasticViT(_model(seed=5)).eval()
+    x = torch.randn(2, 3, 32, 32) + 0.5
+    subnet = Subnet(attn=[4, 9, 2], mlp=[50, 120, 7])
+
+    def oracle(compensated: bool) -> torch.Tensor:
+        with elastic.standard_layout() as inner:
+            bare = copy.deepcopy(inner)
+        return (_compensated_oracle if compensated else masked_copy)(bare, subnet)(x)
+
+    with torch.no_grad():
+        elastic(x, subnet=subnet)  # a plan without compensation is cached
+        skd.wpac(elastic, _batches(), num_samples=24, criterion="wpac", progress=False, compensate=True)
+        assert _rel(elastic(x, subnet=subnet), oracle(True)) <= 1e-5
+        for spec in elastic.adapter.blocks:
+            spec.proj.weight.mul_(1.1)
+            spec.fc2.weight.add_(0.01)
+        assert _rel(elastic(x, subnet=subnet), oracle(True)) <= 1e-5
+        skd.wpac(elastic, _batches(), num_samples=24, criterion="wpac", progress=False)
+        assert _rel(elastic(x, subnet=subnet), oracle(False)) <= 1e-5
