@@ -19,6 +19,9 @@ TORCH_LIBRARY(skd_kernels, m) {
   m.def("prefix_linear(Tensor x, Tensor weight, Tensor? bias, int k_in, int k_out, str activation) -> Tensor");
   // qkv (S, N, r*3*H) rank-major (column j*3H + w*H + h), attn_bias (S|1, H|1, N, N) -> (S, N, r*H), column j*H + h.
   m.def("prefix_attention(Tensor qkv, int num_heads, float scale, Tensor? attn_bias) -> Tensor");
+  // q, k, v each (S, N, r*H) rank-major (column j*H + h; HF's separate Linears), attn_bias as above -> (S, N, r*H).
+  m.def("prefix_attention_separate(Tensor q, Tensor k, Tensor v, int num_heads, float scale, Tensor? attn_bias) "
+        "-> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -8,6 +8,7 @@ forces one. Nothing here knows about models.
 from ._dispatch import BACKENDS, available_backends, forced_backend, use_backend
 from ._ops import LOAD_ERROR as EXTENSION_LOAD_ERROR
 from .ops.prefix_attention import prefix_attention
+from .ops.prefix_attention_separate import prefix_attention_separate
 from .ops.prefix_linear import prefix_linear
 from .ops.taylor_scores import taylor_scores
 from .ops.weighted_covariance import CovState, weighted_covariance
@@ -19,6 +20,7 @@ __all__ = [
     "available_backends",
     "forced_backend",
     "prefix_attention",
+    "prefix_attention_separate",
     "prefix_linear",
     "taylor_scores",
     "use_backend",

@@ -7,11 +7,13 @@ first), float64 for float64 input.
 
 from ._common import accumulation_dtype
 from .ops.prefix_attention import reference as prefix_attention
+from .ops.prefix_attention_separate import reference as prefix_attention_separate
 from .ops.prefix_linear import ACTIVATIONS
 from .ops.prefix_linear import reference as prefix_linear
 from .ops.taylor_scores import reference as taylor_scores
 from .ops.weighted_covariance import reference as weighted_covariance
 
 __all__ = [
-    "ACTIVATIONS", "accumulation_dtype", "prefix_attention", "prefix_linear", "taylor_scores", "weighted_covariance",
+    "ACTIVATIONS", "accumulation_dtype", "prefix_attention", "prefix_attention_separate",
+    "prefix_linear", "taylor_scores", "weighted_covariance",
 ]

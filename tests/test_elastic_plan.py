@@ -131,6 +131,26 @@ def test_plan_follows_the_forced_backend() -> None:
         assert "skd_kernels::prefix_attention" in _ops_called(lambda: elastic(x))
 
 
+def test_separate_qkv_inference_runs_prefix_attention_separate() -> None:
+    """Separate q, k, v (HF BERT): no-grad inference runs prefix_attention_separate on the three GEMM outputs
+    instead of the head-major copies + SDPA, with the reference backend's values; grad mode keeps SDPA."""
+    if "cpu" not in skd_kernels.available_backends("cpu"):
+        pytest.skip(f"the compiled extension is not available ({skd_kernels.EXTENSION_LOAD_ERROR})")
+    elastic, inputs = _family("BertModel")
+    elastic.set_subnet(keep=0.5)
+    op, sdpa = "skd_kernels::prefix_attention_separate", "aten::scaled_dot_product_attention"
+    with torch.no_grad():
+        y = _call(elastic, inputs)
+        called = _ops_called(lambda: _call(elastic, inputs))
+        assert op in called and sdpa not in called
+        with skd_kernels.use_backend("reference"):
+            assert op not in _ops_called(lambda: _call(elastic, inputs))
+            assert rel_err(_call(elastic, inputs), y) <= 1e-5
+    called = _ops_called(lambda: _call(elastic, inputs))
+    assert op not in called and sdpa in called
+    assert rel_err(_call(elastic, inputs).detach(), y) <= 1e-5
+
+
 def test_autocast_forward_runs_in_the_autocast_dtype() -> None:
     elastic, inputs = _family("vit")
     x = inputs["x"]

@@ -1,8 +1,10 @@
 // prefix_attention on CPU: attention over the first r dims of every head, read from and written to skd's
 // rank-major prefix layout, flash-style (online softmax over key tiles).
 //
-// qkv (S, N, r*3*H): column j*3H + w*H + h is rank j of head h of w in {q, k, v}. out (S, N, r*H): column
-// j*H + h. A head's r dims sit 3H apart, which no BLAS reads, so each work item (sequence s, query tile)
+// qkv (S, N, r*3*H): column j*3H + w*H + h is rank j of head h of w in {q, k, v}; or (prefix_attention_separate)
+// q, k, v each (S, N, r*H), column j*H + h (HF models' separate q/k/v Linears). out (S, N, r*H): column j*H + h.
+// Both forms run one kernel on three base pointers and a rank stride (3H fused, H separate). A head's r dims
+// sit 3H (or H) apart, which no BLAS reads, so each work item (sequence s, query tile)
 // packs what it needs into thread-local buffers of its dtype, head-major with unit stride over j: a
 // per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
 // products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
@@ -94,6 +96,16 @@ struct Shape {
   int64_t S, N, H, r, qt, kt;
 };
 
+// Where q, k and v live: base pointers, per-tensor sequence and token strides, and the rank stride w (3H for
+// the fused qkv, whose three pointers are H columns apart; H for separate tensors). Columns have unit stride.
+template <typename scalar_t>
+struct Operands {
+  const scalar_t* base[3];
+  int64_t st_s[3], st_n[3];
+  int64_t w;
+  bool fused;
+};
+
 #ifdef __AVX2__
 // out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8), transposed in registers.
 inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
@@ -137,14 +149,14 @@ inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
 }
 #endif
 
-// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * 3H + c] for the tokens i < n, ranks j < r and the nc
-// columns c (nc = H: one of q, k, v; 2H: k and v, whose packed heads follow each other).
+// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * w + c] for the tokens i < n, ranks j < r and the nc
+// columns c (nc = H: one of q, k, v; 2H or 3H: neighbouring ones of a fused qkv, whose packed heads follow
+// each other); w is the rank stride.
 // A token's (r, 3H) block is transposed in 8x8 register blocks (a scalar loop with strided loads measured
 // 25 % of the kernel), element by element at the edges and for fp64.
 template <typename scalar_t>
-void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, const Shape& g, scalar_t* dst,
-                int64_t ld_h, int64_t ld_i) {
-  const int64_t w = 3 * g.H;
+void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, int64_t w, const Shape& g,
+                scalar_t* dst, int64_t ld_h, int64_t ld_i) {
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* row = src + i * src_tok;
     scalar_t* out = dst + i * ld_i;
@@ -163,6 +175,20 @@ void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, con
     for (int64_t c = 0; c < nc; ++c) {
       for (int64_t j = j0; j < g.r; ++j) out[c * ld_h + j] = row[j * w + c];
     }
+  }
+}
+
+// Packs tokens t0 .. t0 + n of sequence s of the `count` operands from `first` (0 q, 1 k, 2 v) into dst,
+// operand after operand, each (H, n, r): one pass over a fused qkv's neighbouring columns, else one per tensor.
+template <typename scalar_t>
+void pack_operands(const Operands<scalar_t>& x, int first, int count, int64_t s, int64_t t0, int64_t n,
+                   const Shape& g, scalar_t* dst) {
+  const int64_t H = g.H, r = g.r;
+  for (int o = first; o < first + count; ++o) {
+    const int64_t nc = x.fused ? count * H : H;
+    pack_heads(x.base[o] + s * x.st_s[o] + t0 * x.st_n[o], x.st_n[o], n, nc, x.w, g, dst + (o - first) * H * n * r,
+               n * r, r);
+    if (x.fused) return;
   }
 }
 
@@ -339,7 +365,7 @@ struct BrgemmTiles {
 };
 
 template <typename scalar_t>
-void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scale_d, at::Tensor& out,
+void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, double scale_d, at::Tensor& out,
                       const Shape& g) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
@@ -347,8 +373,6 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
   const acc scale = static_cast<acc>(scale_d);
   const int64_t H = g.H, r = g.r, Hr = H * r;
   const int64_t n_qt = (g.N + g.qt - 1) / g.qt;
-  const scalar_t* base = qkv.const_data_ptr<scalar_t>();
-  const int64_t st_s = qkv.stride(0), st_n = qkv.stride(1);
   const bool has_bias = bias.defined();
   const scalar_t* bias_ptr = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
   // Broadcast bias dims (size 1) read with stride 0.
@@ -380,15 +404,14 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
     int64_t packed_s = -1;  // the sequence whose keys and values kv holds, when it holds all of them
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
-      const scalar_t* seq = base + s * st_s;
       scalar_t* q = qkv_p.get();
       scalar_t* kv = q + H * qn * r;
       const bool one_tile = qn == g.N && g.kt >= g.N;
       if (one_tile) {
-        pack_heads(seq, st_n, g.N, 3 * H, g, q, g.N * r, r);
+        pack_operands(x, 0, 3, s, 0, g.N, g, q);
       } else {
         kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
-        pack_heads(seq + q0 * st_n, st_n, qn, H, g, q, qn * r, r);
+        pack_operands(x, 0, 1, s, q0, qn, g, q);
       }
       std::fill_n(o.get(), H * qn * ldo, acc(0));
       std::fill_n(m.get(), H * qn, -std::numeric_limits<acc>::infinity());
@@ -397,7 +420,7 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
         const int64_t kn = std::min(g.kt, g.N - k0);
         const bool fresh = one_tile || packed_s != s;
         if (!one_tile && packed_s != s) {
-          pack_heads(seq + k0 * st_n + H, st_n, kn, 2 * H, g, kv, kn * r, r);
+          pack_operands(x, 1, 2, s, k0, kn, g, kv);
           packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
         }
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -464,25 +487,23 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
   });
 }
 
-at::Tensor prefix_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, double scale,
-                                const std::optional<at::Tensor>& attn_bias) {
-  TORCH_CHECK(qkv_in.dim() == 3, "qkv must be (S, N, r*3*H), got ", qkv_in.dim(), " dims");
-  TORCH_CHECK(num_heads >= 1 && qkv_in.size(2) % (3 * num_heads) == 0,
-              "qkv's width ", qkv_in.size(2), " must be a multiple of 3 * num_heads = ", 3 * num_heads);
-  const int64_t S = qkv_in.size(0), N = qkv_in.size(1), H = num_heads, r = qkv_in.size(2) / (3 * H);
+// The checked bias (rows read with unit stride) and the output; then the kernel, given the operands (made from
+// tensors whose columns have unit stride) for the input dtype.
+template <typename MakeOperands>
+at::Tensor run(const at::Tensor& like, int64_t S, int64_t N, int64_t H, int64_t r, double scale,
+               const std::optional<at::Tensor>& attn_bias, MakeOperands make) {
   at::Tensor bias;
   if (attn_bias.has_value() && attn_bias->defined()) {
     const at::Tensor& b = *attn_bias;
     TORCH_CHECK(b.dim() == 4 && (b.size(0) == 1 || b.size(0) == S) && (b.size(1) == 1 || b.size(1) == H) &&
                     b.size(2) == N && b.size(3) == N,
                 "attn_bias must be (S or 1, H or 1, N, N) = (", S, ", ", H, ", ", N, ", ", N, "), got ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == qkv_in.scalar_type() && b.device() == qkv_in.device(),
-                "attn_bias must share qkv's dtype and device");
+    TORCH_CHECK(b.scalar_type() == like.scalar_type() && b.device() == like.device(),
+                "attn_bias must share the inputs' dtype and device");
     bias = b.stride(3) == 1 ? b : b.contiguous();  // rows are read with unit stride
   }
-  at::Tensor out = at::empty({S, N, r * H}, qkv_in.options());
+  at::Tensor out = at::empty({S, N, r * H}, like.options());
   if (out.numel() == 0) return out;  // r == 0: (S, N, 0)
-  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
   Shape g{S, N, H, r, 0, 0};
   g.kt = std::min<int64_t>(N, std::max<int64_t>(64, kKVBudget / (2 * H * r)));
   // Query tiles: as even as possible, and at least one per thread when there are fewer sequences than threads.
@@ -491,10 +512,49 @@ at::Tensor prefix_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, dou
   if (S * n_qt < threads) n_qt = std::min<int64_t>((N + 15) / 16, (threads + S - 1) / S);
   n_qt = std::max<int64_t>(n_qt, 1);
   g.qt = (N + n_qt - 1) / n_qt;
-  SKD_DISPATCH_FLOATS(qkv.scalar_type(), "skd_prefix_attention", [&] {
-    attention_kernel<scalar_t>(qkv, bias, scale, out, g);
+  SKD_DISPATCH_FLOATS(like.scalar_type(), "skd_prefix_attention", [&] {
+    attention_kernel<scalar_t>(make(scalar_t(0)), bias, scale, out, g);
   });
   return out;
+}
+
+at::Tensor unit_columns(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
+at::Tensor prefix_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, double scale,
+                                const std::optional<at::Tensor>& attn_bias) {
+  TORCH_CHECK(qkv_in.dim() == 3, "qkv must be (S, N, r*3*H), got ", qkv_in.dim(), " dims");
+  TORCH_CHECK(num_heads >= 1 && qkv_in.size(2) % (3 * num_heads) == 0,
+              "qkv's width ", qkv_in.size(2), " must be a multiple of 3 * num_heads = ", 3 * num_heads);
+  const int64_t H = num_heads;
+  const at::Tensor qkv = unit_columns(qkv_in);
+  return run(qkv, qkv.size(0), qkv.size(1), H, qkv.size(2) / (3 * H), scale, attn_bias, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* p = qkv.const_data_ptr<scalar_t>();
+    const int64_t ss = qkv.stride(0), sn = qkv.stride(1);
+    return Operands<scalar_t>{{p, p + H, p + 2 * H}, {ss, ss, ss}, {sn, sn, sn}, 3 * H, true};
+  });
+}
+
+at::Tensor prefix_attention_separate_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                         int64_t num_heads, double scale, const std::optional<at::Tensor>& attn_bias) {
+  TORCH_CHECK(q_in.dim() == 3, "q must be (S, N, r*H), got ", q_in.dim(), " dims");
+  TORCH_CHECK(k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(), "q, k and v must share one shape, got ",
+              q_in.sizes(), ", ", k_in.sizes(), ", ", v_in.sizes());
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type() &&
+                  k_in.device() == q_in.device() && v_in.device() == q_in.device(),
+              "q, k and v must share one dtype and device");
+  TORCH_CHECK(num_heads >= 1 && q_in.size(2) % num_heads == 0,
+              "q's width ", q_in.size(2), " must be a multiple of num_heads = ", num_heads);
+  const int64_t H = num_heads;
+  const at::Tensor q = unit_columns(q_in), k = unit_columns(k_in), v = unit_columns(v_in);
+  return run(q, q.size(0), q.size(1), H, q.size(2) / H, scale, attn_bias, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    return Operands<scalar_t>{{q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>()},
+                              {q.stride(0), k.stride(0), v.stride(0)},
+                              {q.stride(1), k.stride(1), v.stride(1)},
+                              H,
+                              false};
+  });
 }
 
 }  // namespace
@@ -502,4 +562,5 @@ at::Tensor prefix_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, dou
 
 TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) {
   m.impl("prefix_attention", &skd::cpu::prefix_attention_cpu);
+  m.impl("prefix_attention_separate", &skd::cpu::prefix_attention_separate_cpu);
 }

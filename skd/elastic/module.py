@@ -269,18 +269,21 @@ class ElasticViT(nn.Module):
         s, n, _ = x.shape
         mask = masks.get((i, "attn"))
         dropout = spec.attn_dropout if self.training else 0.0
+        if dropout == 0.0 and not torch.is_grad_enabled() and p.attention is not None:
+            # prefix_attention (fused qkv) or prefix_attention_separate (q, k, v) reads the rank-major GEMM
+            # outputs and writes rank-major proj columns: no activation copy. Training keeps SDPA below: its
+            # fused backward beats the ops' plain-PyTorch one.
+            ys = [gemm(x) for gemm in p.qkv]  # (S, N, r*3*H), or q, k, v each (S, N, r*H)
+            if mask is not None:  # rank-major column j*W + c belongs to rank j
+                ys = [(y.view(s, n, r, -1) * mask.to(y)[:, None]).view(y.shape) for y in ys]
+            if bias is not None:  # the ops take (S or 1, H or 1, N, N): a padding mask's (S, 1, 1, N) is expanded
+                bias = bias.to(ys[0].dtype).expand(*bias.shape[:2], n, n)  # (stride 0 over queries: no copy)
+            return p.proj(p.attention(*ys, bias))
         if spec.fused:
-            qkv = p.qkv[0](x)  # (S, N, r*3*H)
-            if dropout == 0.0 and not torch.is_grad_enabled():
-                # prefix_attention reads the rank-major qkv and writes rank-major proj columns: no activation
-                # copy. Training keeps SDPA below: its fused backward beats the op's plain-PyTorch one.
-                if mask is not None:  # rank-major column j*3H + w*H + h belongs to rank j
-                    qkv = (qkv.view(s, n, r, 3 * h) * mask.to(qkv)[:, None]).view(s, n, 3 * h * r)
-                return p.proj(p.attention(qkv, None if bias is None else bias.to(qkv.dtype)))
             # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
             # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
             # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
-            qkv = qkv.view(s * n, r, 3 * h).transpose(1, 2).contiguous()
+            qkv = p.qkv[0](x).view(s * n, r, 3 * h).transpose(1, 2).contiguous()
             if mask is not None:
                 qkv = qkv * mask.to(qkv)
             q, k, v = qkv.view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views

@@ -19,6 +19,7 @@ from torch import nn
 import skd_kernels
 from skd_kernels import _dispatch
 from skd_kernels.ops import prefix_attention as prefix_attention_op
+from skd_kernels.ops import prefix_attention_separate as separate_op
 from skd_kernels.ops import prefix_linear as prefix_linear_op
 
 from ..compensation import compensated_bias, input_mean
@@ -26,16 +27,17 @@ from ..models import BlockSpec
 from ..subnet import Subnet
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
-# (qkv (S, N, r*3*H) rank-major, bias (S or 1, H or 1, N, N) | None) -> (S, N, r*H) rank-major
-Attention = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (qkv (S, N, r*3*H) rank-major, bias (S or 1, H or 1, N, N) | None) -> (S, N, r*H) rank-major; for separate
+# q, k, v: (q, k, v each (S, N, r*H) rank-major, bias) -> (S, N, r*H)
+Attention = Callable[..., torch.Tensor]
 
 
 class BlockPlan(NamedTuple):
     """One block at one subnet. r: dims kept per head; hidden: MLP units kept (0: that branch is skipped
     and its fields are None). qkv: (fused qkv GEMM,) x (S, N, D) -> (S, N, r*3*H), or (q, k, v) GEMMs each
     -> (S, N, r*H); proj: (S, N, r*H) -> (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused
-    activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention for a fused qkv, used
-    at inference."""
+    activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention (fused qkv) or
+    prefix_attention_separate (q, k, v, CPU only; else None), used at inference."""
 
     r: int
     hidden: int
@@ -133,9 +135,12 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
         qkv = (gemm(spec.qkv, k_out=3 * h * r),) if spec.fused else tuple(gemm(lin, k_out=h * r)
                                                                            for lin in (spec.q, spec.k, spec.v))
         proj = _output_gemm(gemm, spec.proj, h * r, bound)
-        if spec.fused:
-            attention = _bound_attention(spec, spec.qkv.weight) if bound else functools.partial(
-                _public_attention, num_heads=h, scale=spec.scale)
+        weight = spec.qkv.weight if spec.fused else spec.q.weight
+        # prefix_attention_separate has a CPU kernel only: elsewhere its reference would materialise the
+        # (S, H, N, N) scores, so separate q, k, v keep the copies + SDPA there (attention None).
+        if spec.fused or weight.device.type == "cpu":
+            attention = _bound_attention(spec, weight) if bound else functools.partial(
+                _public_attention if spec.fused else _public_separate, num_heads=h, scale=spec.scale)
     if m:
         fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), _output_gemm(gemm, spec.fc2, m, bound)
     return BlockPlan(r, m, qkv, proj, attention, fc1, fc2)
@@ -145,18 +150,26 @@ def _public_attention(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: i
     return skd_kernels.prefix_attention(qkv, num_heads, scale, bias)
 
 
-def _bound_attention(spec: BlockSpec, weight: torch.Tensor) -> Attention:
-    """prefix_attention for this block's heads and scale with the kernel chosen once (weight's device and
-    dtype); below the autograd layer when no gradient is needed. qkv is the plan's own GEMM output, so only
-    an attention bias (built by the adapter) is checked."""
-    h, scale = spec.num_heads, float(spec.scale)
-    fn = _dispatch.kernel(prefix_attention_op.OP, weight.device, weight.dtype)
+def _public_separate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                     scale: float) -> torch.Tensor:
+    return skd_kernels.prefix_attention_separate(q, k, v, num_heads, scale, bias)
 
-    def call(qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+
+def _bound_attention(spec: BlockSpec, weight: torch.Tensor) -> Attention:
+    """prefix_attention (fused qkv) or prefix_attention_separate (q, k, v) for this block's heads and scale
+    with the kernel chosen once (weight's device and dtype); below the autograd layer when no gradient is
+    needed. The inputs are the plan's own GEMM outputs, so only an attention bias (built by the adapter) is
+    checked."""
+    h, scale = spec.num_heads, float(spec.scale)
+    op = prefix_attention_op if spec.fused else separate_op
+    fn = _dispatch.kernel(op.OP, weight.device, weight.dtype)
+
+    def call(*args: torch.Tensor | None) -> torch.Tensor:  # (qkv, bias) or (q, k, v, bias)
+        *inputs, bias = args
         if bias is not None:
-            prefix_attention_op.check(qkv, h, scale, bias)
-        if _dispatch.needs_grad(qkv, bias):
-            return fn(qkv, h, scale, bias)
-        return _dispatch.below_autograd(fn, qkv, h, scale, bias)
+            op.check(*inputs, h, scale, bias)
+        if _dispatch.needs_grad(*args):
+            return fn(*inputs, h, scale, bias)
+        return _dispatch.below_autograd(fn, *inputs, h, scale, bias)
 
     return call

@@ -9,7 +9,8 @@ Layouts (H heads, width r per head):
 Kernels: csrc/cpu/prefix_attention.cpp (flash-style, packed tiles through MKL or oneDNN's brgemm, AVX-512
 softmax where the CPU has it), skd_kernels/triton/prefix_attention.py (CUDA, or CPU under
 TRITON_INTERPRET=1); no CUDA C++ kernel (Triton serves CUDA).
-`reference` below is the oracle and last fallback; the backward (plain PyTorch, recomputing the
+skd_kernels/ops/prefix_attention_separate.py is the same op on separate q, k, v tensors (the same CPU kernel;
+it shares the checks, probabilities and backward below). `reference` below is the oracle and last fallback; the backward (plain PyTorch, recomputing the
 probabilities) is shared by the compiled and Triton ops.
 """
 
@@ -53,25 +54,35 @@ def check(qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tens
     check_float("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-D (S, N, r*3*H), got shape {tuple(qkv.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads={num_heads!r} must be a positive int")
+    check_heads_and_scale(num_heads, scale)
     if qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv's width {qkv.shape[-1]} must be a multiple of 3 * num_heads = {3 * num_heads}")
+    check_bias(attn_bias, "qkv", qkv, num_heads)
+
+
+def check_heads_and_scale(num_heads: int, scale: float) -> None:
+    """num_heads a positive int, scale a finite real (ValueError naming the argument)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads={num_heads!r} must be a positive int")
     # abs(scale) < inf rather than math.isfinite: False for NaN too, and it traces for a symbolic float
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) < math.inf:
         raise ValueError(f"scale={scale!r} must be a finite real number")
+
+
+def check_bias(attn_bias: torch.Tensor | None, name: str, x: torch.Tensor, num_heads: int) -> None:
+    """attn_bias None or (S or 1, H or 1, N, N) in the dtype and on the device of input `name`, x (S, N, C)."""
     if attn_bias is None:
         return
     check_float("attn_bias", attn_bias)
-    s, n, _ = qkv.shape
+    s, n, _ = x.shape
     b = tuple(attn_bias.shape)
     if len(b) != 4 or b[0] not in (1, s) or b[1] not in (1, num_heads) or b[2:] != (n, n):
         raise ValueError(f"attn_bias must be (S or 1, H or 1, N, N) = ({s} or 1, {num_heads} or 1, {n}, {n}), "
                          f"got {b}")
-    if attn_bias.dtype != qkv.dtype:
-        raise ValueError(f"attn_bias must have qkv's dtype {qkv.dtype}, got {attn_bias.dtype}")
-    if attn_bias.device != qkv.device:
-        raise ValueError(f"attn_bias must be on qkv's device {qkv.device}, got {attn_bias.device}")
+    if attn_bias.dtype != x.dtype:
+        raise ValueError(f"attn_bias must have {name}'s dtype {x.dtype}, got {attn_bias.dtype}")
+    if attn_bias.device != x.device:
+        raise ValueError(f"attn_bias must be on {name}'s device {x.device}, got {attn_bias.device}")
 
 
 def _heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,7 +92,7 @@ def _heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tenso
     return qkv.to(accumulation_dtype(qkv.dtype)).reshape(s, n, r, 3, num_heads).permute(3, 0, 4, 1, 2).unbind(0)
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, attn_bias: torch.Tensor | None) -> torch.Tensor:
+def probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, attn_bias: torch.Tensor | None) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias): (S, H, N, N) in q's dtype."""
     scores = q @ k.transpose(-1, -2) * scale
     if attn_bias is not None:
@@ -97,10 +108,14 @@ def reference(
     qkv: (S, N, r·3·H) rank-major; attn_bias: (S or 1, H or 1, N, N) or None. Returns (S, N, r·H) in
     qkv's dtype, column j·H + h.
     """
-    s, n, c = qkv.shape
     q, k, v = _heads(qkv, num_heads)
-    o = _probabilities(q, k, scale, attn_bias) @ v  # (S, H, N, r)
-    return o.permute(0, 2, 3, 1).reshape(s, n, c // 3).to(qkv.dtype)
+    return rank_major(probabilities(q, k, scale, attn_bias) @ v).to(qkv.dtype)
+
+
+def rank_major(o: torch.Tensor) -> torch.Tensor:
+    """(S, H, N, r) -> (S, N, r·H), column j·H + h."""
+    s, h, n, r = o.shape
+    return o.permute(0, 2, 3, 1).reshape(s, n, r * h)
 
 
 def fake(qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tensor | None) -> torch.Tensor:
@@ -117,22 +132,32 @@ def backward(ctx: object, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, 
     dv = pᵀ do, ds = p ⊙ (do vᵀ − rowsum(do ⊙ o)), dq = ds k · scale, dk = dsᵀ q · scale.
     """
     qkv, attn_bias = ctx.saved_tensors
-    h, scale = ctx.num_heads, ctx.scale
     s, n, c = qkv.shape
-    r = c // (3 * h)
-    q, k, v = _heads(qkv, h)
-    p = _probabilities(q, k, scale, attn_bias)
+    q, k, v = _heads(qkv, ctx.num_heads)
+    grads, grad_bias = head_grads(q, k, v, grad_out, ctx.scale, attn_bias, ctx.needs_input_grad[0],
+                                  ctx.needs_input_grad[3])
+    grad_qkv = None if grads is None else torch.stack(grads).permute(1, 3, 4, 0, 2).reshape(s, n, c).to(qkv.dtype)
+    return grad_qkv, None, None, grad_bias
+
+
+def head_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, scale: float,
+    attn_bias: torch.Tensor | None, need_inputs: bool, need_bias: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """((dq, dk, dv) each (S, H, N, r) in q's dtype, or None; grad of attn_bias, summed over its broadcast
+    dims, in its dtype, or None) for q, k, v (S, H, N, r) and grad_out (S, N, r·H) rank-major."""
+    s, h, n, r = q.shape
+    p = probabilities(q, k, scale, attn_bias)
     do = grad_out.to(q.dtype).reshape(s, n, r, h).permute(0, 3, 1, 2)  # (S, H, N, r)
     dp = do @ v.transpose(-1, -2)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    grad_qkv = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        dq, dk, dv = ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do
-        grad_qkv = torch.stack((dq, dk, dv)).permute(1, 3, 4, 0, 2).reshape(s, n, c).to(qkv.dtype)
-    if attn_bias is not None and ctx.needs_input_grad[3]:
+    grads = grad_bias = None
+    if need_inputs:
+        grads = (ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do)
+    if attn_bias is not None and need_bias:
         broadcast = [d for d in (0, 1) if attn_bias.shape[d] == 1]
         grad_bias = (ds.sum(broadcast, keepdim=True) if broadcast else ds).to(attn_bias.dtype)
-    return grad_qkv, None, None, grad_bias
+    return grads, grad_bias
 
 
 def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
