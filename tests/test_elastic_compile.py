@@ -4,11 +4,15 @@ compiled model computes what the eager one does at each width."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import hf_helpers
+import pytest
 import timm
 import torch
 import torch._dynamo.testing
 from elastic_oracle import rel_err
+from timm.models.swin_transformer import SwinTransformer
 
 from skd import ElasticViT, Subnet
 
@@ -62,6 +66,39 @@ def test_skipped_branch_compiles_its_own_graph_and_matches() -> None:
             assert rel_err(compiled(x), elastic(x)) <= 1e-6
     assert counter.frame_count == 2
 
+
+
+def _swin() -> tuple[ElasticViT, Callable[[torch.nn.Module], torch.Tensor]]:
+    """Shifted windows (masks, relative position bias) and patch merging: 2 stages of 2 blocks."""
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 3),
+                            num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    return ElasticViT(model.eval()).eval(), lambda m: m(x)
+
+
+def _hf(name: str) -> tuple[ElasticViT, Callable[[torch.nn.Module], torch.Tensor]]:
+    inputs = hf_helpers.inputs(name)
+    return ElasticViT(hf_helpers.tiny(name)).eval(), lambda m: hf_helpers.main_output(m(**inputs))
+
+
+# family -> (its ElasticViT, model -> the output tensor on a fixed batch)
+FAMILIES = {"timm_swin": _swin, "hf_bert": lambda: _hf("BertModel"),
+            "hf_vit": lambda: _hf("ViTForImageClassification")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compiles_once_for_four_widths(family: str) -> None:
+    elastic, out = FAMILIES[family]()
+    compiled, counter = _compiled(elastic)
+    with torch.no_grad():
+        for keep in KEEPS:
+            elastic.set_subnet(keep=keep)
+            assert rel_err(out(compiled), out(elastic)) <= 1e-6
+    assert counter.frame_count == 1
 
 def test_subnet_per_call_compiles_at_most_two_graphs() -> None:
     """forward(subnet=...) passes plain ints from the caller: Dynamo's automatic dynamic shapes compile the

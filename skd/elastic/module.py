@@ -37,6 +37,8 @@ class ElasticViT(nn.Module):
     only valid inside `standard_layout()`. `adapter` (the model's `ModelAdapter`, built once) and
     `in_standard_layout` are public. Raises UnsupportedModelError for models that cannot be
     prefix-truncated (qk_norm, scale_norm, gated attention, unknown architectures).
+    `torch.compile(elastic)` traces the widths as symbols: one graph serves every subnet set by
+    `set_subnet` that skips the same branches (width 0) (skd/elastic/symbolic.py).
     """
 
     def __init__(self, model: nn.Module, dropout_list: DropoutList | None = None) -> None:
