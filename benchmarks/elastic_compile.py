@@ -1,15 +1,17 @@
 """torch.compile of an ElasticViT: graphs built and compile time over several widths, and steady-state
 speed of compiled elastic vs eager elastic vs the compiled extract()ed model.
 
-A timm ViT shape (random init, 224 px), MACs fractions 1/4, 1/2, 1. The compiled ElasticViT meets the
-fractions in turn (set_subnet(macs=f), then a call): the graphs Dynamo built for all of them
-(torch._dynamo counters) and each first call's wall time (the compile, or only a guard check once the
-graph serves every width). Each extracted model is compiled on its own (one graph per width). Then
-every repeat times, per fraction, eager elastic, compiled elastic, compiled extracted and eager
-extracted back to back, so load from other processes lands on every column alike; medians are shown.
+A timm ViT (random init, its own image size: ViT-Ti/S 224 px, the digits ViT 16 px), MACs fractions 1/4,
+1/2, 1. The compiled ElasticViT meets the fractions in turn (set_subnet, then a call): the graphs Dynamo
+built for all of them (torch._dynamo counters) and each first call's wall time (compile plus one forward;
+once one graph serves every width, only the forward and a guard check). Each extracted model is compiled
+on its own (one graph per width). Then every repeat times, per fraction, eager elastic, compiled elastic,
+compiled extracted and eager extracted back to back, so load from other processes lands on every column
+alike; medians are shown.
 
 `--ab-against DIR` instead times the eager elastic forward of this tree against the skd at DIR (e.g. a
-checkout of main), in alternating subprocesses (this, DIR, this, ...), and prints the ratio per fraction.
+checkout of main), in alternating subprocesses (this, DIR, DIR, this, ...), and prints the ratio per
+fraction.
 
     python benchmarks/elastic_compile.py [--model vit_tiny] [--batch 8] [--repeats 7] [--threads 1]
         [--compile-backend inductor] [--mode MODE] [--ab-against DIR --rounds 3]
@@ -119,19 +121,20 @@ def ab_bench(args: argparse.Namespace, passthrough: list[str]) -> None:
     """Eager elastic forward, this tree vs args.ab_against, alternating subprocesses; ratio of medians."""
     trees = {"this": str(ROOT), "other": str(Path(args.ab_against).resolve())}
     results: dict[str, list[list[float]]] = {k: [] for k in trees}
-    for _ in range(args.rounds):
-        for name, tree in trees.items():
-            env = {**os.environ, "PYTHONPATH": tree}
+    for i in range(args.rounds):
+        for name in (("this", "other") if i % 2 == 0 else ("other", "this")):  # ABBA: no order bias
+            env = {**os.environ, "PYTHONPATH": trees[name]}
             out = subprocess.run([sys.executable, __file__, "--eager-only", *passthrough], env=env, check=True,
                                  capture_output=True, text=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
-    print(f"eager elastic forward, this tree ({trees['this']}) vs {trees['other']}, {args.rounds} alternating rounds")
-    print("| f | this ms | other ms | this/other |")
-    print("|---|---|---|---|")
+    print(f"eager elastic forward, this tree ({trees['this']}) vs {trees['other']}, {args.rounds} rounds (ABBA)")
+    print("| f | this ms | other ms | this/other (ratio of medians) | per-round ratios min–max |")
+    print("|---|---|---|---|---|")
     for j, f in enumerate(FRACTIONS):
         a = statistics.median(r[j] for r in results["this"])
         b = statistics.median(r[j] for r in results["other"])
-        print(f"| {f:.3f} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+        per_round = [t[j] / o[j] for t, o in zip(results["this"], results["other"], strict=True)]
+        print(f"| {f:.3f} | {a:.2f} | {b:.2f} | {a / b:.3f} | {min(per_round):.3f}–{max(per_round):.3f} |")
 
 
 def main() -> None:

@@ -164,8 +164,8 @@ class ElasticViT(nn.Module):
         return self
 
     def _activate(self, subnet: Subnet) -> None:
-        """Make `subnet` (validated) the active one. forward reads its twin of symbolic widths
-        (skd/elastic/symbolic.py): under torch.compile one graph then serves every active width."""
+        """Make `subnet` (validated) the active one. A forward that torch.compile traces reads its twin of
+        symbolic widths (skd/elastic/symbolic.py), so one graph serves every active width."""
         self._subnet = subnet
         self._symbolic = symbolic_widths(subnet)
 
@@ -229,7 +229,10 @@ class ElasticViT(nn.Module):
         """
         if self._standard:
             raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
-        s = self._symbolic if subnet is None else self._checked(subnet)
+        if subnet is None:  # compiling: the symbolic twin (one graph for every width); eager: plain ints, faster
+            s = self._symbolic if torch.compiler.is_compiling() else self._subnet
+        else:
+            s = self._checked(subnet)
         masks = self._checked_masks(s, masks)
         return self.adapter.run(args, kwargs, s, functools.partial(self._attention, s, masks),
                                 functools.partial(self._mlp, s, masks))

@@ -18,6 +18,8 @@ from .._common import FLOAT_DTYPES, check_float
 
 OP = "prefix_linear"
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+# k_in, k_out: ints, or symbolic ints while torch.compile traces (one graph then serves every width)
+WIDTH_TYPES = (int, torch.SymInt)
 
 
 def prefix_linear(
@@ -63,14 +65,9 @@ def _autocast(
     if x.dtype == weight.dtype == dtype and (bias is None or bias.dtype == dtype):
         return x, weight, bias
     sizes = ((k_out, weight.shape[0]), (k_in, weight.shape[-1]))
-    if weight.dim() != 2 or not all(_is_width(k) and 0 <= k <= n for k, n in sizes):
+    if weight.dim() != 2 or not all(isinstance(k, WIDTH_TYPES) and 0 <= k <= n for k, n in sizes):
         return x, weight, bias  # `check` names the bad argument
     return x.to(dtype), weight[:k_out, :k_in].to(dtype), None if bias is None else bias[:k_out].to(dtype)
-
-
-def _is_width(k: object) -> bool:
-    """An int (not a bool) or a symbolic int (torch.compile traces the widths as SymInts)."""
-    return isinstance(k, (int, torch.SymInt)) and not isinstance(k, bool)
 
 
 def check(
@@ -85,9 +82,9 @@ def check(
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
     out_f, in_f = weight.shape
-    if not _is_width(k_in) or not 0 <= k_in <= in_f:
+    if not isinstance(k_in, WIDTH_TYPES) or not 0 <= k_in <= in_f:
         raise ValueError(f"k_in={k_in!r} out of range [0, {in_f}]")
-    if not _is_width(k_out) or not 0 <= k_out <= out_f:
+    if not isinstance(k_out, WIDTH_TYPES) or not 0 <= k_out <= out_f:
         raise ValueError(f"k_out={k_out!r} out of range [0, {out_f}]")
     if x.shape[-1] < k_in:
         raise ValueError(f"x's last dim {x.shape[-1]} is smaller than k_in={k_in}")
