@@ -10,6 +10,8 @@ its branch (the guard `width != 0` splits them).
 
 from __future__ import annotations
 
+import functools
+
 from ..subnet import Subnet
 
 try:
@@ -19,16 +21,20 @@ except ImportError:  # an older torch without DynamicInt: widths stay plain ints
 
 
 class Width(DynamicInt):
-    """A width that prints as the plain int it is (widths appear in error messages)."""
+    """A width that prints as the plain int it is (widths appear in error messages). Built by int's own
+    constructor: DynamicInt's checks in Python cost 3x more, and set_subnet builds one per module."""
 
+    __new__ = int.__new__
     __repr__ = int.__repr__
     __str__ = int.__repr__
 
 
+@functools.lru_cache(maxsize=64)
 def symbolic_widths(subnet: Subnet) -> Subnet:
     """`subnet`'s widths, each a distinct `Width` (a DynamicInt; a plain int on a torch without one).
 
     Distinct objects, never one shared by blocks of equal width: Dynamo gives one DynamicInt object one
-    symbol, which would tie the widths of a uniform subnet together in the traced graph.
+    symbol, which would tie the widths of a uniform subnet together in the traced graph. Cached per subnet
+    (a Subnet is an immutable value): switching among a few budgets then costs a lookup, not a rebuild.
     """
     return Subnet(attn=[Width(v) for v in subnet.attn], mlp=[Width(v) for v in subnet.mlp])
