@@ -26,11 +26,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import timm
 import torch
+import torch._functorch.config
+import torch._inductor.config
 from torch._dynamo.utils import counters
 
 from skd import ElasticViT
@@ -80,6 +83,11 @@ def compile_bench(args: argparse.Namespace) -> None:
     elastic, x, subnets = _setup(args)
     dense = [elastic.extract(s).eval() for s in subnets]
     options = dict(backend=args.compile_backend, mode=args.mode)
+    # cold compiles: inductor's on-disk caches (graphs, generated C++) would turn a rerun's compile times into
+    # cache loads; an empty cache directory of this run's own (read when inductor first needs it)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="skd_elastic_compile_")
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     with _grad_mode(args):
         compiled = torch.compile(elastic, **options)
         e_graphs, e_first = _first_calls([compiled] * len(FRACTIONS), x,
