@@ -2,10 +2,10 @@
 speed of compiled elastic vs eager elastic vs the compiled extract()ed model.
 
 A timm ViT (random init, its own image size: ViT-Ti/S 224 px, the digits ViT 16 px), MACs fractions 1/4,
-1/2, 1. The compiled ElasticViT meets the fractions in turn (set_subnet, then a call): the graphs Dynamo
-built for all of them (torch._dynamo counters) and each first call's wall time (compile plus one forward;
-once one graph serves every width, only the forward and a guard check). Each extracted model is compiled
-on its own (one graph per width). Then every repeat times, per fraction, eager elastic, compiled elastic,
+1/2, 1. The compiled ElasticViT meets the fractions in turn (set_subnet, then a call); each extracted model
+is compiled on its own. Per fraction the table gives the graphs Dynamo has built so far (torch._dynamo
+counters) and the first call's wall time (compile plus one forward; only the forward and a guard check once
+one graph serves every width). Then every repeat times, per fraction, eager elastic, compiled elastic,
 compiled extracted and eager extracted back to back, so load from other processes lands on every column
 alike; medians are shown.
 
@@ -70,13 +70,14 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _first_calls(fns: list, x: torch.Tensor, before_each) -> tuple[int, list[float]]:
-    """(graphs built, first-call seconds) of calling fns[j] after before_each(j), for each fraction j."""
-    start, seconds = _graphs(), []
+def _first_calls(fns: list, x: torch.Tensor, before_each) -> tuple[list[int], list[float]]:
+    """(graphs built so far, first-call seconds) after calling fns[j] after before_each(j), per fraction j."""
+    start, graphs, seconds = _graphs(), [], []
     for j, fn in enumerate(fns):
         before_each(j)
         seconds.append(_ms(fn, x) / 1e3)
-    return _graphs() - start, seconds
+        graphs.append(_graphs() - start)
+    return graphs, seconds
 
 
 def compile_bench(args: argparse.Namespace) -> None:
@@ -105,17 +106,16 @@ def compile_bench(args: argparse.Namespace) -> None:
                     if rep:
                         ms[name][j].append(t)
     med = {name: [statistics.median(t) for t in times] for name, times in ms.items()}
-    print(f"compiled elastic: {e_graphs} graph(s) for {len(FRACTIONS)} widths; first call per width (s): "
-          + ", ".join(f"{s:.1f}" for s in e_first) + f"; total {sum(e_first):.1f} s")
-    print(f"compiled extracted: {d_graphs} graph(s), one model per width; first call per width (s): "
-          + ", ".join(f"{s:.1f}" for s in d_first) + f"; total {sum(d_first):.1f} s")
-    print("| f | MACs frac | eager elastic ms | compiled elastic ms | compiled extracted ms | eager extracted ms | "
+    print("| f | MACs frac | graphs so far: compiled elastic | compiled extracted | first call s: compiled elastic | "
+          "compiled extracted | eager elastic ms | compiled elastic ms | compiled extracted ms | eager extracted ms | "
           "compiled/eager elastic | compiled elastic/compiled extracted | eager elastic/eager extracted |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for j, (f, s) in enumerate(zip(FRACTIONS, subnets, strict=True)):
         ee, ce, cd, ed = (med[n][j] for n in columns)
-        print(f"| {f:.3f} | {elastic.macs(s) / elastic.full_macs:.3f} | {ee:.2f} | {ce:.2f} | {cd:.2f} | {ed:.2f} | "
+        print(f"| {f:.3f} | {elastic.macs(s) / elastic.full_macs:.3f} | {e_graphs[j]} | {d_graphs[j]} | "
+              f"{e_first[j]:.1f} | {d_first[j]:.1f} | {ee:.2f} | {ce:.2f} | {cd:.2f} | {ed:.2f} | "
               f"{ce / ee:.3f} | {ce / cd:.3f} | {ee / ed:.3f} |", flush=True)
+    print(f"first calls in all: compiled elastic {sum(e_first):.1f} s, compiled extracted {sum(d_first):.1f} s")
 
 
 def eager_only(args: argparse.Namespace) -> None:
