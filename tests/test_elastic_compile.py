@@ -113,6 +113,31 @@ def test_subnet_per_call_compiles_at_most_two_graphs() -> None:
     assert counter.frame_count <= 2
 
 
+
+def test_training_compiles_at_most_two_graphs_with_eager_gradients() -> None:
+    """Forward and backward (AOTAutograd traces the ops' backward with symbolic widths): gradients equal
+    eager's. Full width takes a second graph in training (a contiguity check on the full-size views guards
+    `width != full`), so four widths need two."""
+    elastic = _elastic().train()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    for keep in KEEPS:
+        elastic.set_subnet(keep=keep)
+        grads = []
+        for model in (compiled, elastic):
+            elastic.zero_grad()
+            model(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in elastic.parameters()])
+        assert any(g.abs().sum() > 0 for g in grads[1])
+        for got, want in zip(*grads, strict=True):
+            if want.any():
+                assert rel_err(got, want) <= 1e-6
+            else:  # outside the subnet's blocks
+                assert not got.any()
+    assert counter.frame_count <= 2
+
 def test_inductor_compiles_once_for_four_widths() -> None:
     """The real compiler (inductor, C++ codegen on CPU) with symbolic widths: one graph, eager's outputs."""
     elastic = _elastic()
