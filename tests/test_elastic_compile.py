@@ -15,6 +15,7 @@ from elastic_oracle import rel_err
 from timm.models.swin_transformer import SwinTransformer
 
 from skd import ElasticViT, Subnet
+from skd.compensation import set_input_mean
 
 KEEPS = (0.25, 0.5, 0.75, 1.0)
 
@@ -99,6 +100,22 @@ def test_every_family_compiles_once_for_four_widths(family: str) -> None:
             elastic.set_subnet(keep=keep)
             assert rel_err(out(compiled), out(elastic)) <= 1e-6
     assert counter.frame_count == 1
+
+
+def test_bias_compensation_compiles_at_most_two_graphs() -> None:
+    """With stored input means (skd.compensation) the compensated bias is exactly the bias at full width, a
+    branch of its own: one graph for the narrower widths, one for full width; outputs equal eager's."""
+    elastic = _elastic()
+    for spec in elastic.adapter.blocks:
+        for lin in (spec.proj, spec.fc2):
+            set_input_mean(lin, torch.randn(lin.in_features))
+    x = torch.randn(2, 3, 32, 32)
+    compiled, counter = _compiled(elastic, fullgraph=True)
+    with torch.no_grad():
+        for keep in KEEPS:
+            elastic.set_subnet(keep=keep)
+            assert rel_err(compiled(x), elastic(x)) <= 1e-6
+    assert counter.frame_count <= 2
 
 def test_subnet_per_call_compiles_at_most_two_graphs() -> None:
     """forward(subnet=...) passes plain ints from the caller: Dynamo's automatic dynamic shapes compile the
