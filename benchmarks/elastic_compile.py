@@ -1,5 +1,4 @@
-"""torch.compile of an ElasticViT: graphs built and compile time over several widths, and steady-state
-speed of compiled elastic vs eager elastic vs the compiled extract()ed model.
+"""torch.compile of an ElasticViT: graphs, compile time and speed vs eager and vs the compiled extract()ed model.
 
 A timm ViT (random init, its own image size: ViT-Ti/S 224 px, the digits ViT 16 px), MACs fractions 1/4,
 1/2, 1. The compiled ElasticViT meets the fractions in turn (set_subnet, then a call); each extracted model
