@@ -85,10 +85,10 @@ def compile_bench(args: argparse.Namespace) -> None:
     options = dict(backend=args.compile_backend, mode=args.mode)
     # cold compiles: inductor's on-disk caches (graphs, generated C++) would turn a rerun's compile times into
     # cache loads; an empty cache directory of this run's own (read when inductor first needs it)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="skd_elastic_compile_")
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    with _grad_mode(args):
+    with tempfile.TemporaryDirectory(prefix="skd_elastic_compile_") as cache, _grad_mode(args):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         compiled = torch.compile(elastic, **options)
         e_graphs, e_first = _first_calls([compiled] * len(FRACTIONS), x,
                                          lambda j: elastic.set_subnet(subnet=subnets[j]))
