@@ -148,7 +148,8 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[st
 
 def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     """Load a file written by `save`: an ElasticViT (rebuilding the model from its adapter's record), or for
-    a saved `extract()` the standalone smaller model.
+    a saved `extract()` the standalone smaller model. Every tensor keeps the dtype it was saved in (e.g. a
+    bf16 model loads as bf16).
 
     Raises ValueError when the file is truncated/corrupted, not an skd model file, written with an
     unknown layout, or when its tensors do not match the architecture its metadata names.
@@ -172,8 +173,10 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: tensors do not match the rebuilt {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
+    # assign=True everywhere: the model takes the file's tensors themselves, so their dtypes (a bf16 model
+    # stays bf16) come back as saved instead of being copied into the freshly built fp32 parameters.
     if meta["kind"] == "extracted":
-        model.load_state_dict(tensors)
+        model.load_state_dict(tensors, assign=True)
         return model
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:

@@ -145,6 +145,19 @@ def test_record_rebuild_round_trip(tmp_path) -> None:
         _close(main_output(loaded.eval()(**x)), main_output(model(**x)))
 
 
+def test_bf16_model_round_trip_keeps_dtype(tmp_path) -> None:
+    """A bf16 HF super-network and its extract load back in bf16 with the same outputs."""
+    model, x = tiny("BertForSequenceClassification").to(torch.bfloat16), inputs("BertForSequenceClassification")
+    elastic = ElasticViT(model).set_subnet(macs=0.6)
+    for obj, name in ((elastic, "elastic"), (elastic.extract(), "small")):
+        skd.save(obj, tmp_path / f"{name}.safetensors")
+        loaded = skd.load(tmp_path / f"{name}.safetensors").eval()
+        dtypes = {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()}
+        assert dtypes == {torch.bfloat16}, name
+        with torch.no_grad():
+            assert torch.equal(main_output(loaded(**x)), main_output(obj(**x))), name
+
+
 def test_unsupported_classes_raise_with_reason() -> None:
     decoder = tf.BertLMHeadModel(tf.BertConfig(**{**TEXT, "is_decoder": True}))
     with pytest.raises(UnsupportedModelError, match=r"BertLMHeadModel is not supported: .*decoders"):

@@ -133,6 +133,21 @@ def test_extracted_model_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded.eval()(x), small(x))
 
 
+def test_bf16_model_loads_back_as_bf16(tmp_path: Path) -> None:
+    """A bf16 super-network and its extract come back in bf16 with the same outputs (not copied into the
+    rebuilt model's fp32 parameters)."""
+    elastic = ElasticViT(timm.create_model("vit_tiny_patch16_224", **TINY).to(torch.bfloat16).eval()).eval()
+    elastic.set_subnet(subnet=Subnet(attn=[5, 0, 16], mlp=[100, 7, 0]))
+    small = elastic.extract()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    for obj, name in ((elastic, "elastic"), (small, "small")):
+        skd.save(obj, tmp_path / f"{name}.safetensors")
+        loaded = skd.load(tmp_path / f"{name}.safetensors").eval()
+        assert {t.dtype for t in loaded.state_dict().values()} == {torch.bfloat16}, name
+        with torch.no_grad():
+            assert torch.equal(loaded(x), obj(x)), name
+
+
 def _flip_byte(path: Path, offset_from_end: int) -> None:
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0x40
