@@ -37,8 +37,13 @@ def test_demo_quick(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("results.json", "accuracy_vs_macs.png", "latency_vs_macs.png", "supernet.safetensors", "report.md"):
         assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())["results"]
+    summary = json.loads((out / "results.json").read_text())
+    results = summary["results"]
     assert set(results) == {"PIAD (WPAC + PIAD)", "WPAC only", "Taylor order"}
+    import torch
+
+    where = f"cpu, {torch.get_num_threads()} threads"  # latencies say where they were measured
+    assert summary["latency"] == {"device": where, "batch": 64} and where in (out / "report.md").read_text()
     full = next(row for row in results["WPAC only"] if row["budget"] == 1.0)
     assert full["accuracy"] > 0.9  # WPAC keeps the trained digits model's function
     assert "| method | budget |" in r.stdout
