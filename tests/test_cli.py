@@ -87,7 +87,7 @@ def test_train_under_torchrun_two_processes(tmp_path):
 
 def test_bench_quick_prints_both_tables():
     r = skd_process("bench", "--quick")  # the benchmarks run as child processes writing to the real stdout
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr  # also the entry point's status 0 on success
     assert "taylor_scores" in r.stdout and "prefix_linear" in r.stdout  # the kernel table
     assert "vit_tiny" in r.stdout  # the elastic latency table
 
@@ -121,11 +121,7 @@ def test_bad_arguments_exit_2_with_one_line(args, needle, bad_argument_results):
 
 
 def test_entry_point_exit_status():
-    """`python -m skd.cli` itself: main()'s status becomes the process's (0 on success, 2 on bad input)."""
-    from skd import __version__
-
-    r = skd_process("--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"skd {__version__}", r.stderr
+    """`python -m skd.cli` itself: main()'s status 2 becomes the process's (status 0: the bench test)."""
     fails(skd_process("info", "README.md", cwd=ROOT), "README.md is not a readable safetensors file")
 
 
