@@ -126,8 +126,6 @@ def test_entry_point_exit_status():
 
 
 # ------------------------------------------------------------------------ checks before compute
-
-
 def _save_model(path: Path, class_names: list[str] | None = None, **kwargs) -> Path:
     """A random-init ElasticViT file (checks need no trained weights), optionally with class names."""
     import timm
