@@ -68,14 +68,15 @@ def test_pipeline_on_image_folder(tmp_path, image_folder):
     assert "vit_digits" in r.stdout and "dropout list:" in r.stdout
 
 
-def test_train_under_torchrun_two_processes(tmp_path):
-    """`skd train` under torchrun: 2 gloo processes train one super-network and only rank 0 writes it."""
+def test_train_under_torchrun_two_processes(tmp_path, image_folder):
+    """`skd train` under torchrun: 2 gloo processes train one super-network and only rank 0 writes it (on the
+    60-image folder: the processes, not the data, are under test)."""
     strat, trained = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
-    r = skd("wpac", "vit_digits", "--pretrained", "--samples", "64", "--out", str(strat))
+    r = skd("wpac", "vit_digits", "--pretrained", "--data", str(image_folder), "--samples", "32", "--out", str(strat))
     assert r.returncode == 0, r.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "skd.cli", "--no-progress", "train", str(strat),
-                        "--epochs", "1", "--batch-size", "32", "--out", str(trained)],
+                        "--data", str(image_folder), "--epochs", "1", "--batch-size", "16", "--out", str(trained)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("wrote") == 1
