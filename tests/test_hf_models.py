@@ -186,8 +186,10 @@ def test_output_attentions_refused_and_hidden_states_returned(name: str) -> None
     for mine, theirs in zip(out.hidden_states, small_out.hidden_states, strict=True):
         _close(mine, theirs)
     model.config.output_attentions = True
-    with pytest.raises(ValueError, match="output_attentions=True"):
-        elastic(**x)
+    for unset in ({}, {"output_attentions": None}):  # None: the config decides, as in transformers
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            elastic(**x, **unset)
+    assert elastic(**x, output_attentions=False).attentions is None
 
 
 def test_unsupported_classes_raise_with_reason() -> None:

@@ -105,7 +105,8 @@ class HFAdapter(ModelAdapter):
         """The model's own forward on `model(*args, **kwargs)` (its own output type), every layer computed
         by `_layer_forward` from attn_fn/mlp_fn; width-0 branches add zero. ValueError for
         output_attentions=True (see the module docstring)."""
-        if kwargs.get("output_attentions", getattr(self.model.config, "output_attentions", False)):
+        asked = kwargs.get("output_attentions")  # None means the config's default, as in transformers
+        if asked or (asked is None and getattr(self.model.config, "output_attentions", False)):
             raise ValueError("output_attentions=True: the elastic forward never forms attention weights (its "
                              "attention kernels compute the output directly), so it cannot return them; pass "
                              "output_attentions=False, or run elastic.extract(), a plain transformers model of "
