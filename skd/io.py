@@ -177,6 +177,7 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     # stays bf16) come back as saved instead of being copied into the freshly built fp32 parameters.
     if meta["kind"] == "extracted":
         model.load_state_dict(tensors, assign=True)
+        _unsaved_buffers_follow(model, tensors)
         return model
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
@@ -184,8 +185,24 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     elastic = ElasticViT(model)
     if rank_major:  # the file holds the re-laid weights: load them after wrapping
         model.load_state_dict(tensors, assign=True)
+    _unsaved_buffers_follow(model, tensors)
     if meta.get("dropout_list") is not None:
         elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])
     if meta.get("subnet") is not None:
         elastic.set_subnet(subnet=Subnet.from_dict(meta["subnet"]))
     return elastic
+
+
+def _unsaved_buffers_follow(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Floating buffers the file does not hold (non-persistent ones, e.g. timm Swin's shifted-window
+    attn_mask) come out of `rebuild` in fp32. When every floating tensor of the file has one dtype, they
+    are cast to it, as `model.to(dtype)` had cast them before saving: a bf16 Swin would otherwise mix a
+    float32 mask into its bf16 attention (a dtype error in timm's own forward)."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for name, buf in list(model.named_buffers()):
+        if name not in tensors and buf.is_floating_point() and buf.dtype != dtype:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, buf.to(dtype))
