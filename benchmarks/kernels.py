@@ -16,7 +16,8 @@ backend, shape, dtype, p20, p50, p80 in ms, device, commit).
 
 A second table, "wrapper overhead per op", times each public op against the raw `torch.ops.skd_kernels.*`
 call it dispatches to, on tiny inputs (the wrapper's cost is per call: dispatch, argument checks, the
-result's NaN/overflow check, CovState's float64 conversion), and prints the difference in µs (target <= 10).
+result's NaN/overflow check, the float64 state: a new one, or the batch added into one), and prints the
+difference in µs (target <= 10).
 """
 
 from __future__ import annotations
@@ -253,9 +254,12 @@ def overhead_cases(device: torch.device) -> list[tuple[str, str, Callable[[], ob
     x, w = torch.randn(16, 48, device=device), torch.rand(16, device=device)
     act, grad = torch.randn(2, 8, 48, device=device), torch.randn(2, 8, 48, device=device)
     weight, bias = torch.randn(64, 48, device=device), torch.randn(64, device=device)
+    state = skd_kernels.weighted_covariance(x, w, 3)
     return [
         ("weighted_covariance", "x(16,48) groups=3", lambda: skd_kernels.weighted_covariance(x, w, 3),
          lambda: raw.weighted_covariance.default(x, w, 3)),
+        ("weighted_covariance", "x(16,48) groups=3, into a state",
+         lambda: skd_kernels.weighted_covariance(x, w, 3, state), lambda: raw.weighted_covariance.default(x, w, 3)),
         ("taylor_scores", "(2,8,48)", lambda: skd_kernels.taylor_scores(act, grad),
          lambda: raw.taylor_scores.default(act, grad)),
         ("prefix_linear", "x(16,48) W[:40,:32] of (64,48) gelu",

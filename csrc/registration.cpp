@@ -8,6 +8,11 @@ TORCH_LIBRARY(skd_kernels, m) {
   // this batch (fp64 for fp64 x). w may have any float dtype: the public op passes it in fp32 (fp64 for fp64 x),
   // never rounded to x's dtype, and every kernel reads it in the accumulation type.
   m.def("weighted_covariance(Tensor x, Tensor w, int groups) -> (Tensor, Tensor, Tensor)");
+  // The public op's CPU path: this batch's statistics checked (w >= 0, result finite; an error otherwise) and
+  // added in float64 to the state (weight_sum (), sum (G, r), sum_outer (G, r, r) float64; all three or none),
+  // returned as new float64 tensors. CPU only: other backends run weighted_covariance and the checks in Python.
+  m.def("weighted_covariance_update(Tensor x, Tensor w, int groups, Tensor? weight_sum, Tensor? sum, "
+        "Tensor? sum_outer) -> (Tensor, Tensor, Tensor)");
   // act, grad (B, T, C) -> (token (B, T) fp32 = |sum_c g*a|, channel (C,) fp32 = sum_b |sum_t g*a|).
   m.def("taylor_scores(Tensor act, Tensor grad) -> (Tensor, Tensor)");
   // y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]); activation in {none, gelu, gelu_tanh}.

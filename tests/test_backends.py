@@ -48,6 +48,16 @@ def test_env_var_forces_backend(monkeypatch: pytest.MonkeyPatch) -> None:
         _dispatch.select(CPU, torch.float32)
 
 
+def test_env_var_set_and_unset_at_run_time_steers_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-call kernel lookup reads the env var as os.environ holds it now (not a copy taken at import)."""
+    auto = _dispatch.kernel("taylor_scores", CPU, torch.float32)
+    monkeypatch.setenv("SKD_KERNELS_BACKEND", "reference")
+    assert _dispatch.kernel("taylor_scores", CPU, torch.float32) is _dispatch._REGISTRY["reference"].kernels[
+        "taylor_scores"].fn
+    monkeypatch.delenv("SKD_KERNELS_BACKEND")
+    assert _dispatch.kernel("taylor_scores", CPU, torch.float32) is auto
+
+
 def test_forced_backend_that_cannot_run_the_tensor_raises() -> None:
     act = torch.randn(2, 3, 4)
     # "cuda" never runs CPU tensors: without a GPU the context refuses at entry, with one the call raises.

@@ -193,3 +193,28 @@ def test_opcheck_compiled_op_with_fp32_weights() -> None:
     x, w = _inputs(37, 40, torch.float32)
     for low in LOW_PRECISION:
         torch.library.opcheck(torch.ops.skd_kernels.weighted_covariance.default, (x.to(low), w, 4))
+
+
+def test_opcheck_cpu_update_op() -> None:
+    """The CPU extension's checked float64 update (the public op's CPU path), with and without a state."""
+    x, w = _inputs(37, 40, torch.float32)
+    state = skd_kernels.weighted_covariance(x, w, 4)
+    for args in ((x, w, 4, None, None, None), (x.bfloat16(), w, 4, state.weight_sum, state.sum, state.sum_outer),
+                 (x.double(), w.double(), 2, None, None, None)):
+        torch.library.opcheck(torch.ops.skd_kernels.weighted_covariance_update.default, args)
+
+
+@pytest.mark.parametrize("bad", ["nan-x", "negative-w"])
+def test_bad_input_in_a_wide_result_names_it_and_leaves_state_untouched(bad: str) -> None:
+    """Results over 4096 entries are checked through their diagonal (the CPU update's native loop and the
+    Python checks alike); a failure there still names the argument and leaves the state as it was."""
+    x, w = _inputs(50, 96, torch.float32)  # 1 group of 96: 9216 entries
+    state = skd_kernels.weighted_covariance(x, w)
+    before = [t.clone() for t in (state.weight_sum, state.sum, state.sum_outer)]
+    if bad == "nan-x":
+        x[7, 90] = float("nan")
+    else:
+        w[3] = -1e-3
+    with pytest.raises(ValueError, match=r"\bx\b" if bad == "nan-x" else r"\bw\b"):
+        skd_kernels.weighted_covariance(x, w, state=state)
+    assert all(torch.equal(a, b) for a, b in zip(before, (state.weight_sum, state.sum, state.sum_outer), strict=True))

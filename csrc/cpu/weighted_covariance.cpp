@@ -147,9 +147,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_cpu(const at:
   return {weight_sum, part_sum.sum(0).view({groups, r}), sum_outer};
 }
 
+// Results up to this many entries are checked whole, larger ones through their diagonal (as the Python
+// front end's _CHECK_WHOLE in skd_kernels/ops/weighted_covariance.py: a contiguous max beats a strided one).
+constexpr int64_t kCheckWhole = 4096;
+
+// True when min w >= 0 and Σw and the peaks are finite (NaN fails every comparison). acc: float or double.
+template <typename acc>
+bool checks_pass(const at::Tensor& w, const at::Tensor& weight_sum, const at::Tensor& peaks) {
+  const acc* wp = w.const_data_ptr<acc>();
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    if (!(wp[i] >= 0)) return false;
+  }
+  if (!std::isfinite(*weight_sum.const_data_ptr<acc>())) return false;
+  // peaks: the whole (G, r, r) result, or a strided view of its diagonals.
+  const acc* pp = peaks.const_data_ptr<acc>();
+  const int64_t groups = peaks.size(0), n = peaks.size(1), sg = peaks.stride(0), sn = peaks.stride(peaks.dim() - 1);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i = 0; i < n * (peaks.dim() == 3 ? n : 1); ++i) {
+      if (!std::isfinite(pp[g * sg + i * sn])) return false;
+    }
+  }
+  return true;
+}
+
+// prev + batch (or batch alone) as a new float64 tensor of batch's shape; batch and prev contiguous.
+template <typename acc>
+at::Tensor widen_add(const at::Tensor& batch, const std::optional<at::Tensor>& prev) {
+  at::Tensor out = at::empty(batch.sizes(), batch.options().dtype(at::kDouble));
+  const acc* b = batch.const_data_ptr<acc>();
+  double* o = out.mutable_data_ptr<double>();
+  const double* p = prev ? prev->const_data_ptr<double>() : nullptr;
+  for (int64_t i = 0; i < batch.numel(); ++i) o[i] = (p ? p[i] : 0.0) + static_cast<double>(b[i]);
+  return out;
+}
+
+// The public op's CPU path in one native call (a tensor op called from Python costs ~1 us, and its
+// ATen counterpart from C++ ~0.5 us: more than these loops on a calibration batch): the batch's
+// statistics, checked (min w >= 0, Σw and Σ w x x^T finite — which bound the rest, see the front end), then
+// added in float64 to the state (new tensors, so a failed check leaves the state untouched). A failed check
+// raises a c10::Error; the front end then names the culprit.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_covariance_update_cpu(
+    const at::Tensor& x, const at::Tensor& w_in, int64_t groups, const std::optional<at::Tensor>& weight_sum,
+    const std::optional<at::Tensor>& sum, const std::optional<at::Tensor>& sum_outer) {
+  const bool has_state = weight_sum.has_value() && sum.has_value() && sum_outer.has_value();
+  TORCH_CHECK(has_state || !(weight_sum.has_value() || sum.has_value() || sum_outer.has_value()),
+              "the state is all three of weight_sum, sum, sum_outer or none");
+  auto [ws, s, so] = weighted_covariance_cpu(x, w_in, groups);
+  if (has_state) {
+    for (const at::Tensor* t : {&*weight_sum, &*sum, &*sum_outer}) {
+      TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->device().is_cpu(),
+                  "the state must be contiguous float64 CPU tensors");
+    }
+    TORCH_CHECK(weight_sum->dim() == 0 && sum->sizes() == s.sizes() && sum_outer->sizes() == so.sizes(),
+                "state shape does not match x");
+  }
+  const at::Tensor w = w_in.to(ws.scalar_type()).contiguous();
+  s = s.contiguous();
+  so = so.contiguous();
+  const at::Tensor peaks = so.numel() <= kCheckWhole ? so : so.diagonal(0, 1, 2);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "skd_weighted_covariance_update", [&] {
+    TORCH_CHECK(checks_pass<scalar_t>(w, ws, peaks),
+                "weighted_covariance: w has a negative or non-finite entry, x a non-finite one, or the result "
+                "overflows");
+    out = {widen_add<scalar_t>(ws, weight_sum), widen_add<scalar_t>(s, sum), widen_add<scalar_t>(so, sum_outer)};
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace skd::cpu
 
 TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) {
   m.impl("weighted_covariance", &skd::cpu::weighted_covariance_cpu);
+  m.impl("weighted_covariance_update", &skd::cpu::weighted_covariance_update_cpu);
 }

@@ -22,9 +22,12 @@ from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
 from .budget import Budgets, LatencyTable
 from .layout import RankMajorLayout
+from .plan import Plan
 
 # {(block, "attn"): (r_b,), (block, "mlp"): (h_b,)} multiplicative masks on the kept dims
 Masks = dict[tuple[int, str], torch.Tensor]
+# forward plans kept (skd/elastic/plan.py): a few budgets in turn stay cached; PIAD's random subnets do not pile up
+PLAN_CACHE_SIZE = 16
 
 
 class ElasticViT(nn.Module):
@@ -56,10 +59,15 @@ class ElasticViT(nn.Module):
         self._dropout_list: DropoutList | None = None
         self.dropout_list = dropout_list
         self._latency: LatencyTable | None = None
+        self._plans: dict[tuple[Subnet, str | None, bool], Plan] = {}
         self._standard = False
         self._layout.apply(adapter.blocks, to_standard=False)
         model._skd_wrapped = True
         self._guard = model.register_forward_pre_hook(self._refuse_bare_forward)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Plans hold closures over this instance's weights: a copy or an unpickled module builds its own.
+        return {**super().__getstate__(), "_plans": {}}
 
     # ----------------------------------------------------------------------------------------- layout
     @property
@@ -215,14 +223,28 @@ class ElasticViT(nn.Module):
         subnet: overrides the active subnet for this call only. masks: {(block, "attn"): (r_b,),
         (block, "mlp"): (h_b,)} multiplicative masks (any float dtype/device broadcastable to the
         activations) on the kept rank dims of q, k and v of every head, and on the kept post-activation
-        MLP hidden units (e.g. channel dropout); absent keys mean no mask.
+        MLP hidden units (e.g. channel dropout); absent keys mean no mask. Each subnet's ops are checked and
+        bound once and kept for later calls (skd/elastic/plan.py); without grad they skip the autograd layer.
         """
         if self._standard:
             raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
-        s = self._checked(subnet)
-        masks = self._checked_masks(s, masks)
-        return self.adapter.run(args, kwargs, s, functools.partial(self._attention, s, masks),
-                                functools.partial(self._mlp, s, masks))
+        plan = self._plan(self._checked(subnet))
+        masks = self._checked_masks(plan.subnet, masks)
+        return self.adapter.run(args, kwargs, plan.subnet, functools.partial(self._attention, plan, masks),
+                                functools.partial(self._mlp, plan, masks))
+
+    def _plan(self, s: Subnet) -> Plan:
+        """The forward plan of subnet `s` (validated), cached per (subnet, forced backend, autocast)."""
+        if torch.compiler.is_compiling():
+            return Plan(self.adapter.blocks, s, bound=False)
+        autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+        key = (s, skd_kernels.forced_backend(), autocast)
+        plan = self._plans.get(key)
+        if plan is None or not plan.current():
+            plan = self._plans[key] = Plan(self.adapter.blocks, s, bound=not autocast)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                del self._plans[next(iter(self._plans))]  # the oldest built
+        return plan
 
     def _checked_masks(self, s: Subnet, masks: Masks | None) -> Masks:
         if masks is None:
@@ -239,22 +261,22 @@ class ElasticViT(nn.Module):
                                  f"{getattr(m, 'shape', type(m).__name__)}")
         return masks
 
-    def _attention(self, sub: Subnet, masks: Masks, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _attention(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x: (S, N, D) -> (S, N, D_out) through the first r dims of every head; bias: broadcastable to (S, H, N, N)."""
-        spec, r = self.adapter.blocks[i], sub.attn[i]
-        h = spec.num_heads
+        spec, p = self.adapter.blocks[i], plan.blocks[i]
+        h, r = spec.num_heads, p.r
         s, n, _ = x.shape
         mask = masks.get((i, "attn"))
         dropout = spec.attn_dropout if self.training else 0.0
         if spec.fused:
-            qkv = skd_kernels.prefix_linear(x, spec.qkv.weight, spec.qkv.bias, k_out=3 * h * r)  # (S, N, r*3*H)
-            if dropout == 0.0 and not torch.is_grad_enabled():
+            qkv = p.qkv[0](x)  # (S, N, r*3*H)
+            if dropout == 0.0 and not torch.is_grad_enabled() and s >= p.attention_min_batch:
                 # prefix_attention reads the rank-major qkv and writes rank-major proj columns: no activation
-                # copy. Training keeps SDPA below: its fused backward beats the op's plain-PyTorch one.
+                # copy. Training keeps SDPA below: its fused backward beats the op's plain-PyTorch one; so do
+                # small low-precision batches (see plan.py).
                 if mask is not None:  # rank-major column j*3H + w*H + h belongs to rank j
                     qkv = (qkv.view(s, n, r, 3 * h) * mask.to(qkv)[:, None]).view(s, n, 3 * h * r)
-                o = skd_kernels.prefix_attention(qkv, h, spec.scale, None if bias is None else bias.to(qkv.dtype))
-                return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
+                return p.proj(p.attention(qkv, None if bias is None else bias.to(qkv.dtype)))
             # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
             # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
             # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
@@ -263,11 +285,10 @@ class ElasticViT(nn.Module):
                 qkv = qkv * mask.to(qkv)
             q, k, v = qkv.view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views
         else:
-            q, k, v = (self._head_major(skd_kernels.prefix_linear(x, lin.weight, lin.bias, k_out=h * r), h, r, mask)
-                       for lin in (spec.q, spec.k, spec.v))
+            q, k, v = (self._head_major(gemm(x), h, r, mask) for gemm in p.qkv)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
         o = o.permute(0, 2, 3, 1).reshape(s, n, r * h)  # (S, N, r, H): rank-major proj columns
-        return skd_kernels.prefix_linear(o, spec.proj.weight, spec.proj.bias, k_in=h * r)
+        return p.proj(o)
 
     @staticmethod
     def _head_major(y: torch.Tensor, h: int, r: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -278,17 +299,17 @@ class ElasticViT(nn.Module):
             y = y * mask.to(y)
         return y.view(s, n, h, r).transpose(1, 2)
 
-    def _mlp(self, sub: Subnet, masks: Masks, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D) through the first h hidden units."""
-        spec, h = self.adapter.blocks[i], sub.mlp[i]
-        y = skd_kernels.prefix_linear(x, spec.fc1.weight, spec.fc1.bias, k_out=h, activation=spec.fused_act)
+        spec, p = self.adapter.blocks[i], plan.blocks[i]
+        y = p.fc1(x)
         if spec.fused_act is None:
             y = spec.act(y)
         mask = masks.get((i, "mlp"))
         if mask is not None:
             y = y * mask.to(y)
         y = spec.hidden_dropout(y)
-        return skd_kernels.prefix_linear(y, spec.fc2.weight, spec.fc2.bias, k_in=h)
+        return p.fc2(y)
 
     # --------------------------------------------------------------------------------------- extract
     def extract(self, subnet: Subnet | None = None) -> nn.Module:

@@ -39,10 +39,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> Optimizer:
-    """"adamw" (torch's AdamW, betas (0.9, 0.999)) or "sgd" (momentum 0.9, Nesterov), over `param_groups`."""
+    """"adamw" (torch's fused AdamW, betas (0.9, 0.999)) or "sgd" (momentum 0.9, Nesterov), over `param_groups`."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        # fused: one pass per parameter instead of a pass per Adam term; 27 vs 85 ms per step on ViT-S (CPU,
+        # 1 thread), a cost that does not shrink with the subnet (benchmarks/piad_step.py)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     raise ValueError(f"optimizer={name!r} must be one of {OPTIMIZERS}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,56 @@ def prefix_linear(
     activation = activation or "none"
     x, weight, bias = _autocast(x, weight, bias, k_in, k_out)
     check(x, weight, bias, k_in, k_out, activation)
-    return _dispatch.kernel(OP, x.device, x.dtype)(x, weight, bias, k_in, k_out, activation)
+    fn = _dispatch.kernel(OP, x.device, x.dtype)
+    if _dispatch.needs_grad(x, weight, bias):
+        return fn(x, weight, bias, k_in, k_out, activation)
+    return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
+
+
+def bind(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    k_in: int | None = None,
+    k_out: int | None = None,
+    activation: str | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`x -> prefix_linear(x, weight, bias, k_in, k_out, activation)` with all but x checked once and the
+    kernel chosen once (for weight's device and dtype, under the backend forced now, if any), for a
+    caller that runs one weight block many times (skd.ElasticViT's per-subnet plan).
+
+    Per call only x is checked (its dtype, device and width; a bad x raises prefix_linear's ValueError)
+    and autograd is recorded only when needed. For use outside torch.autocast (where prefix_linear
+    casts). The callable holds views of weight and bias: rebind after their storage is replaced (e.g.
+    by `module.to()`); in-place updates (optimizer steps) are seen.
+    """
+    k_in = weight.shape[1] if k_in is None else k_in
+    k_out = weight.shape[0] if k_out is None else k_out
+    activation = activation or "none"
+    check_float("weight", weight)
+    # an empty x of width k_in in weight's dtype and device: every check but x's own (done per call)
+    probe = weight.new_empty((0, k_in if isinstance(k_in, int) and k_in >= 0 else 0))
+    check(probe, weight, bias, k_in, k_out, activation)
+    dtype, device = weight.dtype, weight.device
+    fn = _dispatch.kernel(OP, device, dtype)
+    with torch.no_grad():  # views for the no-grad path only: they must not record autograd
+        w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
+    approximate = {"none": None, "gelu": "none", "gelu_tanh": "tanh"}[activation]
+    on_cpu_kernel = fn is _ops.compiled_kernel(OP, "CPU")
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.device != device or not x.dim() \
+                or x.shape[-1] < k_in:
+            check(x, weight, bias, k_in, k_out, activation)  # raises prefix_linear's error for this x
+        if _dispatch.needs_grad(x, weight, bias):
+            return fn(x, weight, bias, k_in, k_out, activation)
+        if not on_cpu_kernel:
+            return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
+        # The CPU kernel's own computation (a BLAS GEMM on the strided block, bias in beta, GELU in place) on
+        # views sliced once: the op call and its slicing cost ~7 µs, a third of a small GEMM.
+        y = F.linear(x if x.shape[-1] == k_in else x[..., :k_in], w_blk, b_blk)
+        return y if approximate is None else torch._C._nn.gelu_(y, approximate=approximate)
+
+    return call
 
 
 def _autocast(
@@ -154,7 +204,8 @@ def backward(
         grad_x = gx if x.shape[-1] == k_in else F.pad(gx, (0, x.shape[-1] - k_in))
     if ctx.needs_input_grad[1]:
         grad_w = torch.zeros_like(weight)
-        grad_w[:k_out, :k_in] = g2.t() @ x.reshape(rows, x.shape[-1])[:, :k_in]
+        # the GEMM writes straight into the block (BLAS with the weight's row stride), no temporary copy
+        grad_w[:k_out, :k_in].addmm_(g2.t(), x.reshape(rows, x.shape[-1])[:, :k_in], beta=0)
     if bias is not None and ctx.needs_input_grad[2]:
         grad_b = torch.zeros_like(bias)
         grad_b[:k_out] = g2.sum(0)

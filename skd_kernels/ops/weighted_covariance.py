@@ -15,7 +15,9 @@ from .._common import FLOAT_DTYPES, accumulation_dtype, check_finite_result, che
 from ..distributed import all_reduce_flat
 
 OP = "weighted_covariance"
-# Results up to this many entries are checked for NaN/overflow whole rather than through their diagonal.
+UPDATE_OP = "weighted_covariance_update"
+# Results up to this many entries are checked for NaN/overflow whole rather than through their diagonal
+# (kCheckWhole in csrc/cpu/weighted_covariance.cpp is the same rule).
 _CHECK_WHOLE = 4096
 
 
@@ -88,12 +90,25 @@ def weighted_covariance(
         state.sum_outer += einsum("n,ngi,ngj->gij", w, xg, xg)
     """
     check(x, w, groups)
-    if state is not None and state.sum.shape != (groups, x.shape[1] // groups):
-        raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
     acc = accumulation_dtype(x.dtype)
     if w.dtype != acc:  # weights are never rounded to x's dtype: fp32 (fp64 for fp64 x) on every backend
         w = w.to(acc)
-    weight_sum, s, sum_outer = _dispatch.kernel(OP, x.device, x.dtype)(x, w, groups)
+    kernel = _dispatch.kernel(OP, x.device, x.dtype)
+    if kernel is _CPU_KERNEL and _CPU_UPDATE is not None:
+        # The CPU extension checks, and adds into the state, in the same native call (csrc/cpu/
+        # weighted_covariance.cpp); when it raises (a failed check, a state of the wrong shape or dtype), the
+        # path below runs again and names the culprit.
+        try:  # (not contextlib.suppress: its enter/exit cost 1 µs)
+            if state is None:
+                return CovState(*_CPU_UPDATE(x, w, groups, None, None, None))
+            state.weight_sum, state.sum, state.sum_outer = _CPU_UPDATE(x, w, groups, state.weight_sum, state.sum,
+                                                                       state.sum_outer)
+            return state
+        except RuntimeError:
+            pass
+    if state is not None and state.sum.shape != (groups, x.shape[1] // groups):
+        raise ValueError(f"state has shape {tuple(state.sum.shape)}, x gives ({groups}, {x.shape[1] // groups})")
+    weight_sum, s, sum_outer = kernel(x, w, groups)
     # Checked before the state is touched. NaN/Inf in w shows in Σw (or, -Inf, in min w); in x, in the
     # diagonal Σ w x_i² (w = 0 gives 0·Inf = NaN). A finite Σw and diagonal bound Σ w x and the off-diagonal
     # entries (Cauchy-Schwarz), so these d + 1 numbers prove the whole result finite.
@@ -147,8 +162,21 @@ def fake(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple[torch.Tensor, .
     return x.new_empty((), **acc), x.new_empty((groups, r), **acc), x.new_empty((groups, r, r), **acc)
 
 
+def fake_update(
+    x: torch.Tensor, w: torch.Tensor, groups: int, weight_sum: torch.Tensor | None, sum: torch.Tensor | None,
+    sum_outer: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Output metadata of the CPU extension's weighted_covariance_update: the state's three tensors in float64."""
+    return tuple(t.to(torch.float64) for t in fake(x, w, groups))
+
+
 if _ops.has_schema(OP):
     torch.library.register_fake(f"skd_kernels::{OP}")(fake)
+if _ops.has_schema(UPDATE_OP):
+    torch.library.register_fake(f"skd_kernels::{UPDATE_OP}")(fake_update)
+# The CPU extension's batch kernel and its checked float64 update (None when the extension lacks them).
+_CPU_KERNEL = _ops.compiled_kernel(OP, "CPU")
+_CPU_UPDATE = _ops.compiled_kernel(UPDATE_OP, "CPU")
 
 _dispatch.register_op(OP, {
     "cuda": _dispatch.compiled(OP, "CUDA"),

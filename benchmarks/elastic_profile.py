@@ -1,0 +1,76 @@
+"""Where an elastic forward's time goes: torch.profiler op table of ElasticViT and of its extract()ed model.
+
+For one model, batch and MACs fraction (no grad, CPU), prints per forward: wall ms of each, the ATen/custom
+op calls and Python function calls (cProfile) per forward, then the top ops by self CPU time (µs per
+forward and calls per forward). The profiler adds its own per-op cost, so
+read the op counts and the shares, and take speeds from benchmarks/elastic_latency.py.
+
+    python benchmarks/elastic_profile.py [--model vit_digits] [--batch 1] [--macs 0.25] [--iters 200] [--threads 1]
+        [--dtype fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import skd.digits  # noqa: F401  registers vit_digits with timm
+from skd import ElasticViT
+
+
+def table(fn, x: torch.Tensor, iters: int, rows: int) -> str:
+    for _ in range(3):
+        fn(x)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    wall = (time.perf_counter() - t0) / iters * 1e3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn(x)
+    python = cProfile.Profile()
+    python.runcall(lambda: [fn(x) for _ in range(iters)])
+    py_calls = pstats.Stats(python).total_calls / iters
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / iters
+    lines = [f"wall {wall:.3f} ms/forward unprofiled; profiled self CPU {total / 1e3:.3f} ms/forward, "
+             f"{sum(e.count for e in events) / iters:.0f} op calls/forward, {py_calls:.0f} Python calls/forward",
+             "| op | self µs/forward | share | calls/forward |", "|---|---:|---:|---:|"]
+    for e in events[:rows]:
+        lines.append(f"| {e.key} | {e.self_cpu_time_total / iters:.1f} | {e.self_cpu_time_total / iters / total:.1%} "
+                     f"| {e.count / iters:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_digits")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--macs", type=float, default=0.25)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = timm.create_model(args.model).to(dtype).eval()
+    elastic = ElasticViT(model).eval().set_subnet(macs=args.macs)
+    dense = elastic.extract().eval()
+    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], dtype=dtype)
+    print(f"{args.model}, {args.dtype}, batch {args.batch}, MACs {elastic.macs() / elastic.full_macs:.3f}, "
+          f"{elastic.subnet}, {torch.get_num_threads()} threads")
+    with torch.no_grad():
+        for name, fn in (("elastic", elastic), ("extracted", dense)):
+            print(f"\n{name}: {table(fn, x, args.iters, args.rows)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""What a subnet fixes for ElasticViT's eager forward, worked out once: per block the widths and the bound
+prefix GEMMs and attention, checked and sliced when the plan is built instead of on every call.
+
+On a small model (the digits ViT at batch 1) a block's GEMMs take ~15 µs each, and the public ops' per-call
+work (checks, backend look-up, autograd layer, slicing) cost as much again; a plan leaves one kernel call per
+GEMM. ElasticViT keeps a few recent plans per (subnet, forced backend, autocast) and rebuilds one whose
+weights were replaced (`current`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import skd_kernels
+from skd_kernels import _dispatch
+from skd_kernels.ops import prefix_attention as prefix_attention_op
+from skd_kernels.ops import prefix_linear as prefix_linear_op
+
+from ..models import BlockSpec
+from ..subnet import Subnet
+
+Gemm = Callable[[torch.Tensor], torch.Tensor]
+# (qkv (S, N, r*3*H) rank-major, bias (S or 1, H or 1, N, N) | None) -> (S, N, r*H) rank-major
+Attention = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class BlockPlan(NamedTuple):
+    """One block at one subnet. r: dims kept per head; hidden: MLP units kept (0: that branch is skipped
+    and its fields are None). qkv: (fused qkv GEMM,) x (S, N, D) -> (S, N, r*3*H), or (q, k, v) GEMMs each
+    -> (S, N, r*H); proj: (S, N, r*H) -> (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused
+    activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention for a fused qkv, used
+    at inference for batches of at least `attention_min_batch` sequences (else copy + SDPA is faster)."""
+
+    r: int
+    hidden: int
+    qkv: tuple[Gemm, ...] | None
+    proj: Gemm | None
+    attention: Attention | None
+    attention_min_batch: int
+    fc1: Gemm | None
+    fc2: Gemm | None
+
+
+class Plan:
+    """The bound ops of every block at `subnet` (validated against the model's widths beforehand).
+
+    bound=True: GEMMs from `skd_kernels.ops.prefix_linear.bind` and prefix_attention below the autograd
+    layer when no gradient is needed — outside torch.autocast only. bound=False: partials of the public ops
+    (inside autocast, and while torch.compile traces: nothing is sliced or cached outside the graph).
+    """
+
+    def __init__(self, blocks: Sequence[BlockSpec], subnet: Subnet, bound: bool) -> None:
+        self.subnet = subnet
+        linears = [lin for spec in blocks for lin in
+                   ((spec.qkv,) if spec.fused else (spec.q, spec.k, spec.v)) + (spec.proj, spec.fc1, spec.fc2)]
+        # What the plan's ops read: the Parameters (held by both kinds) and their storage (the views) (`current`)
+        self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(),
+                          None if lin.bias is None else lin.bias.data_ptr()) for lin in linears]
+        gemm = _bind if bound else _partial
+        self.blocks = tuple(_block(spec, r, m, gemm, bound) for spec, r, m in zip(blocks, subnet.attn, subnet.mlp,
+                                                                                  strict=True))
+
+    def current(self) -> bool:
+        """False once a weight or bias the plan was built from was replaced or moved to new storage
+        (`module.to(...)`, a new Parameter): the plan must be rebuilt. In-place updates keep it current."""
+        for lin, w, b, w_ptr, b_ptr in self._sources:
+            if lin.weight is not w or lin.bias is not b or w.data_ptr() != w_ptr or (b is not None
+                                                                                      and b.data_ptr() != b_ptr):
+                return False
+        return True
+
+
+def _bind(lin: nn.Linear, k_in: int | None = None, k_out: int | None = None, activation: str | None = None) -> Gemm:
+    return prefix_linear_op.bind(lin.weight, lin.bias, k_in, k_out, activation)
+
+
+def _partial(lin: nn.Linear, k_in: int | None = None, k_out: int | None = None,
+             activation: str | None = None) -> Gemm:
+    return functools.partial(skd_kernels.prefix_linear, weight=lin.weight, bias=lin.bias, k_in=k_in, k_out=k_out,
+                             activation=activation)
+
+
+def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool) -> BlockPlan:
+    h = spec.num_heads
+    qkv = proj = attention = fc1 = fc2 = None
+    min_batch = 1
+    if r:
+        qkv = (gemm(spec.qkv, k_out=3 * h * r),) if spec.fused else tuple(gemm(lin, k_out=h * r)
+                                                                           for lin in (spec.q, spec.k, spec.v))
+        proj = gemm(spec.proj, k_in=h * r)
+        if spec.fused:
+            attention = _bound_attention(spec, spec.qkv.weight) if bound else functools.partial(
+                _public_attention, num_heads=h, scale=spec.scale)
+            if spec.qkv.weight.dtype in (torch.bfloat16, torch.float16):
+                # The CPU op's bf16 tiles lose to copy + SDPA below ~256 rank-rows per call (RESULTS.md,
+                # "prefix_attention vs today's path": 0.81-0.87 at batch 1, 0.88-0.95 at batch 8 and r = 16).
+                min_batch = -(-256 // r)
+    if m:
+        fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), gemm(spec.fc2, k_in=m)
+    return BlockPlan(r, m, qkv, proj, attention, min_batch, fc1, fc2)
+
+
+def _public_attention(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
+    return skd_kernels.prefix_attention(qkv, num_heads, scale, bias)
+
+
+def _bound_attention(spec: BlockSpec, weight: torch.Tensor) -> Attention:
+    """prefix_attention for this block's heads and scale with the kernel chosen once (weight's device and
+    dtype); below the autograd layer when no gradient is needed. qkv is the plan's own GEMM output, so only
+    an attention bias (built by the adapter) is checked."""
+    h, scale = spec.num_heads, float(spec.scale)
+    fn = _dispatch.kernel(prefix_attention_op.OP, weight.device, weight.dtype)
+
+    def call(qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is not None:
+            prefix_attention_op.check(qkv, h, scale, bias)
+        if _dispatch.needs_grad(qkv, bias):
+            return fn(qkv, h, scale, bias)
+        return _dispatch.below_autograd(fn, qkv, h, scale, bias)
+
+    return call

@@ -1,0 +1,179 @@
+"""ElasticViT's per-subnet forward plan (skd/elastic/plan.py): the lean no-grad path equals the recording
+path on every family (fused qkv, Swin's bias, separate q/k/v), with masks, fp32 and bf16; plans follow
+replaced and in-place-updated weights, forced backends and autocast; the cache stays bounded."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import hf_helpers
+import pytest
+import timm
+import torch
+from elastic_oracle import random_subnets, rel_err
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import skd_kernels
+from skd import ElasticViT, Subnet
+from skd.elastic.module import PLAN_CACHE_SIZE
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
+TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 3),
+                 num_classes=10)
+
+
+def _perturbed(model: nn.Module) -> nn.Module:
+    with torch.no_grad():  # random init leaves biases/norms at 0/1; make every term matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _family(name: str) -> tuple[ElasticViT, dict]:
+    """(ElasticViT in eval mode, its keyword-free call's inputs as kwargs or {"x": images})."""
+    torch.manual_seed(0)
+    if name == "vit":
+        return ElasticViT(_perturbed(VisionTransformer(**TINY_VIT))).eval(), {"x": torch.randn(2, 3, 32, 32)}
+    if name == "swin":
+        return ElasticViT(_perturbed(SwinTransformer(**TINY_SWIN))).eval(), {"x": torch.randn(2, 3, 32, 32)}
+    return ElasticViT(hf_helpers.tiny(name)).eval(), hf_helpers.inputs(name)
+
+
+def _call(elastic: ElasticViT, inputs: dict, **kw) -> torch.Tensor:
+    out = elastic(inputs["x"], **kw) if "x" in inputs else elastic(**inputs, **kw)
+    return out if isinstance(out, torch.Tensor) else hf_helpers.main_output(out)
+
+
+def _masks(subnet: Subnet, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {**{(i, "attn"): torch.rand(r, generator=g) for i, r in enumerate(subnet.attn) if r},
+            **{(i, "mlp"): torch.rand(m, generator=g) for i, m in enumerate(subnet.mlp) if m}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["vit", "swin", "BertModel"])
+def test_lean_no_grad_forward_equals_recording_forward(name: str, dtype: torch.dtype) -> None:
+    """No grad: bound GEMMs and prefix_attention below autograd. Grad on: the ops recording autograd (and
+    SDPA for the attention). Same values at random subnets, with and without masks."""
+    elastic, inputs = _family(name)
+    elastic.to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for j, subnet in enumerate(random_subnets(elastic.head_dims, elastic.hiddens, n=3, seed=7)):
+        for masks in (None, _masks(subnet, j)):
+            with torch.no_grad():
+                lean = _call(elastic, inputs, subnet=subnet, masks=masks)
+            recorded = _call(elastic, inputs, subnet=subnet, masks=masks)
+            assert lean.grad_fn is None and recorded.grad_fn is not None
+            err = rel_err(lean.float(), recorded.detach().float())
+            print(f"{name} {dtype} {subnet} masks={masks is not None}: {err:.2e}")
+            assert err <= tol
+
+
+def test_plan_follows_replaced_and_updated_weights() -> None:
+    """A plan holds views of the weights: in-place updates are seen; a replaced Parameter or a dtype move
+    (new storage) rebuilds the plan instead of reading stale memory."""
+    elastic, inputs = _family("vit")
+    x = inputs["x"]
+    elastic.set_subnet(subnet=Subnet(attn=[5, 0, 16], mlp=[100, 7, 0]))
+    with torch.no_grad():
+        before = elastic(x)
+        elastic.model.blocks[0].attn.qkv.weight.mul_(1.5)  # in place, like an optimizer step
+        updated = elastic(x)
+        assert rel_err(updated, before) > 1e-3
+        assert rel_err(updated, elastic.extract()(x)) <= 1e-5
+        fc1 = elastic.model.blocks[0].mlp.fc1
+        fc1.weight = nn.Parameter(torch.randn_like(fc1.weight) * 0.1)  # a new Parameter, new storage
+        replaced = elastic(x)
+        assert rel_err(replaced, updated) > 1e-3
+        assert rel_err(replaced, elastic.extract()(x)) <= 1e-5
+        wide = elastic.to(torch.float64)(x.double())  # every parameter moved to new storage
+        assert wide.dtype == torch.float64 and rel_err(wide.float(), replaced) <= 1e-5
+
+
+def test_plan_cache_is_bounded_and_reused() -> None:
+    elastic, inputs = _family("vit")
+    subnets = random_subnets(elastic.head_dims, elastic.hiddens, n=3 * PLAN_CACHE_SIZE, seed=3)
+    with torch.no_grad():
+        for s in subnets:
+            elastic(inputs["x"], subnet=s)
+        assert len(elastic._plans) <= PLAN_CACHE_SIZE
+        s = subnets[-1]
+        plan = elastic._plan(s)
+        elastic(inputs["x"], subnet=s)
+        assert elastic._plan(s) is plan  # a current plan is reused, not rebuilt
+
+
+def _ops_called(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.events()}
+
+
+def test_plan_follows_the_forced_backend() -> None:
+    """The kernels are chosen per (subnet, forced backend): forcing the reference backend after a plan was
+    built with the compiled one runs plain PyTorch, with the same values."""
+    if "cpu" not in skd_kernels.available_backends("cpu"):
+        pytest.skip(f"the compiled extension is not available ({skd_kernels.EXTENSION_LOAD_ERROR})")
+    elastic, inputs = _family("vit")
+    x = inputs["x"]
+    elastic.set_subnet(keep=0.5)
+    with torch.no_grad():
+        y = elastic(x)
+        assert "skd_kernels::prefix_attention" in _ops_called(lambda: elastic(x))
+        with skd_kernels.use_backend("reference"):
+            assert "skd_kernels::prefix_attention" not in _ops_called(lambda: elastic(x))
+            assert rel_err(elastic(x), y) <= 1e-5
+        assert "skd_kernels::prefix_attention" in _ops_called(lambda: elastic(x))
+
+
+def test_autocast_forward_runs_in_the_autocast_dtype() -> None:
+    elastic, inputs = _family("vit")
+    x = inputs["x"]
+    elastic.set_subnet(keep=0.5)
+    with torch.no_grad():
+        y = elastic(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = elastic(x)
+        assert low.dtype == torch.bfloat16 and rel_err(low.float(), y) <= 3e-2
+        assert elastic(x).dtype == torch.float32  # the fp32 plan again after autocast
+        proj = elastic.model.blocks[1].attn.proj
+        proj.weight = nn.Parameter(proj.weight * -2.0)  # the autocast plan holds Parameters: rebuilt too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            changed = elastic(x)
+        assert rel_err(changed.float(), elastic.extract()(x)) <= 3e-2 and rel_err(changed.float(), y) > 0.1
+
+
+def test_copies_and_pickles_run_on_their_own_weights() -> None:
+    elastic, inputs = _family("vit")
+    x = inputs["x"]
+    elastic.set_subnet(keep=0.5)
+    with torch.no_grad():
+        y = elastic(x)
+        twin = copy.deepcopy(elastic)
+        buf = io.BytesIO()
+        torch.save(elastic, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            assert rel_err(other(x), y) <= 1e-6
+            other.model.blocks[0].attn.proj.weight.mul_(3.0)
+            assert rel_err(other(x), y) > 1e-3
+        assert rel_err(elastic(x), y) == 0.0
+
+
+def test_digits_vit_runs_through_the_plan() -> None:
+    """The digits ViT (the small model the plan is for) at batch 1: equals its extract()ed model."""
+    import skd.digits  # noqa: F401  registers vit_digits with timm
+
+    torch.manual_seed(0)
+    elastic = ElasticViT(_perturbed(timm.create_model("vit_digits"))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for f in (0.25, 1 / 3, 1.0):
+            elastic.set_subnet(macs=f)
+            assert rel_err(elastic(x), elastic.extract()(x)) <= 1e-5

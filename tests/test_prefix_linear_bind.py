@@ -1,0 +1,155 @@
+"""prefix_linear's lean paths: `bind` (weight side checked once, skd.ElasticViT's per-subnet plan) and the
+public op below the autograd layer when no gradient is needed. Both must equal the public op with autograd
+on fresh random inputs, every dtype and backend, and raise its errors on bad input."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from kernel_helpers import BACKENDS, OUTPUT_TOL, assert_close, scale, supports
+
+import skd_kernels
+from skd_kernels import reference
+from skd_kernels.ops.prefix_linear import bind
+
+# (leading dims of x, x's width, weight (out, in), k_in, k_out): odd sizes, k = 0 and full, x wider than k_in
+SHAPES = [
+    ((5,), 7, (9, 7), 7, 9),
+    ((2, 3), 20, (13, 17), 11, 6),
+    ((4, 65), 96, (288, 96), 96, 63),
+    ((3,), 5, (6, 5), 0, 4),
+    ((3,), 5, (6, 5), 3, 0),
+]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _inputs(lead, width, out_in, dtype, grad=False):
+    x = torch.randn(*lead, width).to(dtype)
+    weight = (torch.randn(*out_in) * out_in[1] ** -0.5).to(dtype).requires_grad_(grad)
+    bias = torch.randn(out_in[0]).to(dtype).requires_grad_(grad)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(("backend", "dtype"), [(b, d) for b in (None, *BACKENDS) for d in DTYPES
+                                                 if b is None or (b != "triton" and supports(b, d))], ids=str)
+def test_no_grad_paths_equal_public_op_with_autograd(backend, dtype, shape, activation) -> None:
+    """bind(...)(x) and the public op under no_grad (both below autograd) equal the public op recording
+    autograd, and the reference; no grad_fn where none is needed. backend None: automatic choice."""
+    lead, width, out_in, k_in, k_out = shape
+    x, weight, bias = _inputs(lead, width, out_in, dtype, grad=True)
+    with skd_kernels.use_backend(backend) if backend else contextlib.nullcontext():
+        recorded = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation)
+        assert recorded.grad_fn is not None
+        bound = bind(weight, bias, k_in, k_out, activation)
+        with torch.no_grad():
+            public = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation)
+            lean = bound(x)
+    want = reference.prefix_linear(x, weight.detach(), bias.detach(), k_in, k_out, activation or "none")
+    rtol, atol = OUTPUT_TOL[dtype]
+    for label, y in (("public no_grad", public), ("bound", lean)):
+        assert y.grad_fn is None and y.dtype == dtype
+        assert_close(f"{label} vs recorded", y, recorded.detach(), rtol=rtol, atol=atol * scale(want))
+        assert_close(f"{label} vs reference", y, want, rtol=rtol, atol=atol * scale(want))
+
+
+def test_no_grad_needed_when_nothing_requires_grad() -> None:
+    """Grad mode on but no input requiring grad: no graph is recorded, the values are the op's."""
+    x, weight, bias = _inputs((3, 4), 10, (8, 10), torch.float32)
+    y = skd_kernels.prefix_linear(x, weight, bias, 7, 5, "gelu")
+    z = bind(weight, bias, 7, 5, "gelu")(x)
+    assert y.grad_fn is None and z.grad_fn is None
+    want = reference.prefix_linear(x, weight, bias, 7, 5, "gelu")
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(z, want)
+
+
+def test_bound_gradients_equal_public_op() -> None:
+    """With grad needed the bound callable records the op's autograd: same gradients as the public op."""
+    x, weight, bias = _inputs((2, 5), 12, (9, 12), torch.float64, grad=True)
+    x.requires_grad_(True)
+    g = torch.randn(2, 5, 6, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: skd_kernels.prefix_linear(x, weight, bias, 10, 6, "gelu_tanh"),
+               lambda: bind(weight, bias, 10, 6, "gelu_tanh")(x)):
+        y = fn()
+        assert y.grad_fn is not None
+        grads.append(torch.autograd.grad(y, (x, weight, bias), g))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert grads[1][1][:, 10:].abs().sum() == 0 and grads[1][1][6:].abs().sum() == 0
+
+
+def test_bound_sees_in_place_weight_updates() -> None:
+    """The callable holds views of the weight: an optimizer-style in-place update is seen at once."""
+    x, weight, bias = _inputs((4,), 8, (6, 8), torch.float32)
+    bound = bind(weight, bias, 8, 5)
+    before = bound(x)
+    with torch.no_grad():
+        weight.mul_(-2.0).add_(torch.randn_like(weight))
+        bias.add_(1.0)
+    after = bound(x)
+    torch.testing.assert_close(after, reference.prefix_linear(x, weight, bias, 8, 5))
+    assert not torch.allclose(before, after)
+
+
+def _bad(kwargs):
+    x, weight, bias = _inputs((3,), 8, (6, 8), torch.float32)
+    return {"x": x, "weight": weight, "bias": bias, **kwargs}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"k_in": 9}, {"k_in": -1}, {"k_out": 7}, {"k_out": -2}, {"weight": torch.randn(6, 8, 1)},
+     {"weight": torch.randn(6, 8).int()}, {"bias": torch.randn(5)}, {"bias": torch.randn(6, dtype=torch.float64)},
+     {"activation": "relu"}],
+    ids=["k_in>in", "k_in<0", "k_out>out", "k_out<0", "3d-weight", "int-weight", "short-bias", "bias-dtype",
+         "bad-activation"],
+)
+def test_bind_raises_the_public_ops_error_on_bad_weight_side(kwargs) -> None:
+    args = _bad(kwargs)
+    with pytest.raises(ValueError) as public:
+        skd_kernels.prefix_linear(**args)
+    args.pop("x")
+    with pytest.raises(ValueError) as bound:
+        bind(**args)
+    assert str(bound.value) == str(public.value)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [torch.randn(3, 4), torch.randn(3, 8).int(), torch.randn(3, 8, dtype=torch.float64), torch.randn(())],
+    ids=["narrower-than-k_in", "int-x", "dtype-mismatch", "0-d"],
+)
+@pytest.mark.parametrize("grad", [False, True])
+def test_bound_call_raises_the_public_ops_error_on_bad_x(x, grad) -> None:
+    _, weight, bias = _inputs((3,), 8, (6, 8), torch.float32, grad=grad)
+    with pytest.raises(ValueError) as public:
+        skd_kernels.prefix_linear(x, weight, bias, 6, 5)
+    bound = bind(weight, bias, 6, 5)
+    with pytest.raises(ValueError) as lean:
+        bound(x)
+    assert str(lean.value) == str(public.value)
+
+
+def test_bound_call_names_a_non_tensor_x() -> None:
+    _, weight, bias = _inputs((3,), 8, (6, 8), torch.float32)
+    with pytest.raises(ValueError, match=r"\bx must be a torch.Tensor"):
+        bind(weight, bias)([1.0] * 8)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_bound_equals_public_op(dtype) -> None:
+    """The Triton backend through `bind` (interpreted on CPU; one small shape, the interpreter is slow)."""
+    x, weight, bias = _inputs((2, 3), 20, (13, 17), dtype, grad=True)
+    with skd_kernels.use_backend("triton"):
+        recorded = skd_kernels.prefix_linear(x, weight, bias, 11, 6, "gelu")
+        with torch.no_grad():
+            lean = bind(weight, bias, 11, 6, "gelu")(x)
+    assert lean.grad_fn is None
+    rtol, atol = OUTPUT_TOL[dtype]
+    assert_close("triton bound", lean, recorded.detach(), rtol=rtol, atol=atol * scale(recorded.detach()))
