@@ -254,7 +254,7 @@ def cmd_wpac(args: argparse.Namespace) -> None:
     dataset = _data(args, args.data, elastic, "train", extra)
     elastic.to(args.device)
     wpac(elastic, _loader(args, dataset), num_samples=args.samples, criterion=args.criterion,
-         progress=not args.no_progress)
+         compensate={None: False, "all": True}.get(args.compensate, args.compensate), progress=not args.no_progress)
     save(elastic, args.out, extra=_extra(dataset, extra))
     print(f"wrote {args.out}")
 
@@ -468,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--samples", type=_positive_int, default=1024, help="calibration samples (default 1024)")
     w.add_argument("--criterion", default="wpac",
                    choices=("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian"))
+    w.add_argument("--compensate", nargs="?", const="all", choices=("all", "attn", "mlp"),
+                   help="bias compensation: truncated widths add the dropped dims' mean through the output bias, "
+                        "in attention and MLP (no value or 'all'; for encoders read from all tokens, e.g. mean "
+                        "pooling) or only 'attn' (e.g. classifiers reading one token) or 'mlp'")
     w.add_argument("--out", type=Path, required=True, help="the skd file to write")
 
     t = command("train", cmd_train, "PIAD training of a stratified model (works under torchrun)")

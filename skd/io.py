@@ -11,6 +11,9 @@ and the key "skd_sha256" with a JSON document {"metadata": hex, "tensors": {name
 "skd" document's text and of every tensor's bytes, so a flipped byte, or a tag (say the layout) edited
 without its tensors, is refused on load. Files written before the digests existed have no "skd_sha256"
 and load unchecked (only the non-finite check applies).
+The tensors are the model's state_dict plus bias compensation's input means (skd.compensation: buffers
+outside the state_dict), named "skd_input_mean:<module name>", in the file's layout; files without them
+load as before.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, compensation
 from ._atomic import atomic_path
 from .elastic import LAYOUT_VERSION, ElasticViT
 from .models import adapter_for, rebuild
@@ -143,7 +146,14 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[st
     clash = sorted(record.keys() & metadata.keys())
     if clash:
         raise ValueError(f"{type(adapter).__name__}.record() uses reserved keys {clash}")
-    save_tensors(path, model.state_dict(), {**metadata, **record})
+    save_tensors(path, {**model.state_dict(), **compensation.means(model)}, {**metadata, **record})
+
+
+def _restore_means(path: str | os.PathLike, model: nn.Module, means: dict[str, torch.Tensor]) -> None:
+    try:
+        compensation.restore_means(model, means)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
@@ -155,6 +165,7 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     unknown layout, or when its tensors do not match the architecture its metadata names.
     """
     tensors, meta = load_tensors(path)
+    means = compensation.pop_means(tensors)
     if meta.get("format") != "skd" or meta.get("kind") not in ("elastic", "model", "extracted"):
         raise ValueError(f"{path} is not an skd model file (metadata kind={meta.get('kind')!r})")
     if meta.get("layout") not in (LAYOUT_VERSION, STANDARD_LAYOUT):
@@ -176,15 +187,19 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     # assign=True everywhere: the model takes the file's tensors themselves, so their dtypes (a bf16 model
     # stays bf16) come back as saved instead of being copied into the freshly built fp32 parameters.
     if meta["kind"] == "extracted":
+        if means:
+            raise ValueError(f"{path}: an extracted model's file holds input means (extract() folds them)")
         model.load_state_dict(tensors, assign=True)
         _unsaved_buffers_follow(model, tensors)
         return model
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
         model.load_state_dict(tensors, assign=True)
+        _restore_means(path, model, means)
     elastic = ElasticViT(model)
-    if rank_major:  # the file holds the re-laid weights: load them after wrapping
+    if rank_major:  # the file holds the re-laid weights (and means): load them after wrapping
         model.load_state_dict(tensors, assign=True)
+        _restore_means(path, model, means)
     _unsaved_buffers_follow(model, tensors)
     if meta.get("dropout_list") is not None:
         elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])

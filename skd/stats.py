@@ -72,18 +72,60 @@ class FeatureStats:
     fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested.
     cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
     uniformly (times the token weight); None for the MLP hidden feature or when not requested.
+    moments: the MLP hidden feature's per-unit first and second moments (tokens weighted by their token
+    weight only), or None when not requested (calibrate(moments=True)) and for every other feature.
     """
 
     taylor: torch.Tensor | None
     fisher: torch.Tensor | None = None
     cov: CovState | None = None
+    moments: Moments | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulated tensor, in a fixed order (for flat all-reduce)."""
         out = [t for t in (self.taylor, self.fisher) if t is not None]
         if self.cov is not None:
             out += [self.cov.weight_sum, self.cov.sum, self.cov.sum_outer]
+        if self.moments is not None:
+            out += [self.moments.weight_sum, self.moments.sum, self.moments.sum_sq]
         return out
+
+
+@dataclass
+class Moments:
+    """Per-channel weighted moments of C channels: weight_sum () Σw, sum (C,) Σ w·x, sum_sq (C,) Σ w·x²;
+    all float64."""
+
+    weight_sum: torch.Tensor
+    sum: torch.Tensor
+    sum_sq: torch.Tensor
+
+    @classmethod
+    def zeros(cls, channels: int, device: torch.device) -> Moments:
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros((), **f64), torch.zeros(channels, **f64), torch.zeros(channels, **f64))
+
+    def update(self, x: torch.Tensor, w: torch.Tensor | None) -> None:
+        """Fold in x (S, T, C) any float dtype with token weights w (S, T) (None: all 1).
+
+        One batch is reduced in fp32 (two GEMVs, as cheap as reading x twice) and added to the fp64 totals,
+        so rounding does not grow with the number of batches."""
+        x = _fp32_at_least(x.detach()).reshape(-1, x.shape[-1])
+        w = x.new_ones(x.shape[0]) if w is None else w.reshape(-1).to(x.dtype)
+        self.weight_sum += w.sum().double()
+        self.sum += (w @ x).double()
+        self.sum_sq += (w @ x.square()).double()
+
+    def mean(self) -> torch.Tensor:
+        """(C,) float64 E[x]; ValueError when no token carried weight."""
+        if float(self.weight_sum) <= 0:
+            raise ValueError("no token carried weight: the moments are undefined")
+        return self.sum / self.weight_sum
+
+    def variance(self) -> torch.Tensor:
+        """(C,) float64 Var[x] = E[x²] - E[x]², clamped at 0 (rounding)."""
+        mean = self.mean()
+        return (self.sum_sq / self.weight_sum - mean.square()).clamp_min(0)
 
 
 @dataclass
@@ -96,9 +138,9 @@ class CalibrationStats:
 
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
-              device: torch.device, context: bool = False) -> CalibrationStats:
-        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context only if
-        asked for (the context feature has a uniform covariance and nothing else)."""
+              device: torch.device, context: bool = False, moments: bool = False) -> CalibrationStats:
+        """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context/hidden
+        moments only if asked for (the context feature has a uniform covariance and nothing else)."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
@@ -111,6 +153,7 @@ class CalibrationStats:
                     fisher=torch.zeros(width, **f64) if fisher else None,
                     cov=CovState.zeros(spec.num_heads, spec.head_dim, device)
                     if covariance is not None and name != "hidden" else None,
+                    moments=Moments.zeros(width, device) if moments and name == "hidden" else None,
                 )
             if context:
                 feats[CONTEXT] = FeatureStats(taylor=None, cov=CovState.zeros(spec.num_heads, spec.head_dim, device))
@@ -221,6 +264,8 @@ class _Collector:
         c = act.shape[-1]
         act, grad = act.reshape(self.batch_size, -1, c), grad.reshape(self.batch_size, -1, c)
         w = None if self.weights is None else self._checked_weights(i, name, act)
+        if st.moments is not None:
+            st.moments.update(act, w)
         if w is not None:
             act = act * w[..., None].to(act.dtype)  # padding tokens: g·a = 0 in every Taylor/Fisher sum
         try:
@@ -271,6 +316,7 @@ def calibrate(
     loss_fn: LossFn | None = None,
     token_weights: TokenWeightsFn | None = None,
     context: bool = False,
+    moments: bool = False,
     progress: bool = True,
     group: object = None,
 ) -> CalibrationStats:
@@ -284,6 +330,7 @@ def calibrate(
     token_weights(batch) -> (B, T) or None: the adapter's `token_weights` (padding tokens 0).
     context: also the CONTEXT feature (the output projection's input): its uniform per-head covariance,
     forward only (off by default: it costs one more covariance per block).
+    moments: also the MLP hidden feature's per-unit first and second moments (`Moments`; off by default).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
@@ -295,7 +342,7 @@ def calibrate(
     loss_fn = loss_fn or sum_cross_entropy
     param = next(model.parameters())
     budget, rank, world = rank_share(num_samples)
-    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context)
+    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context, moments)
     was_training = model.training
     model.eval()
     bar = tqdm(total=budget, desc="skd calibration", unit="sample", disable=not progress or rank != 0)

@@ -460,3 +460,19 @@ def test_hf_image_model_folder_with_its_processor_normalisation(tmp_path, image_
     r = skd("eval", str(out), "--data", str(image_folder), "--budgets", "0.5,1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("| w.safetensors |") == 2
+
+
+def test_wpac_compensate_stores_the_means_in_the_file(tmp_path):
+    """`skd wpac --compensate`: the file carries bias compensation's input means and loads with them."""
+    from skd import compensation
+    from skd.io import load, load_tensors
+
+    out = tmp_path / "c.safetensors"
+    for flag, per_block in ((("--compensate",), 2), (("--compensate", "attn"), 1)):
+        r = skd("wpac", "vit_digits", "--pretrained", "--samples", "32", "--criterion", "wpac+", *flag,
+                "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        stored = [k for k in load_tensors(out)[0] if k.startswith(compensation.FILE_PREFIX)]
+        elastic = load(out)
+        assert len(stored) == per_block * len(elastic.head_dims)
+        assert sorted(compensation.means(elastic.model)) == sorted(stored)

@@ -1,5 +1,6 @@
 """Distributed calibration: 2 gloo processes on CPU, each reading its own shard, give the same
-statistics and the same transformed weights as one process on all the samples."""
+statistics and the same transformed weights (and bias compensation's means) as one process on all the
+samples."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch.multiprocessing as mp
 from timm.models.vision_transformer import VisionTransformer
 
 import skd
+from skd import compensation
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
-CRITERIA = ("wpac", "hessian")
+RUNS = (("wpac", False), ("hessian", False), ("wpac+", True))  # (criterion, compensate)
 WORLD = 2
 
 
@@ -29,17 +31,22 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 10) -> list[tuple[tor
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
+def _stratified(model: VisionTransformer, data: list, criterion: str, compensate: bool) -> tuple[dict, int]:
+    """(state_dict and compensation means, samples used) of skd.wpac on a copy of model."""
+    m = skd.wpac(copy.deepcopy(model), data, num_samples=40, criterion=criterion, compensate=compensate,
+                 progress=False)
+    return {**m.state_dict(), **compensation.means(m)}, m.skd_report.samples
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model, x, y = _setup()
         shard = slice(rank * 20, (rank + 1) * 20)  # rank r's shard, as a DistributedSampler would give
-        for criterion in CRITERIA:
-            m = skd.wpac(copy.deepcopy(model), _batches(x[shard], y[shard]), num_samples=40,
-                         criterion=criterion, progress=False)
-            torch.save({"state": m.state_dict(), "samples": m.skd_report.samples},
-                       Path(out_dir) / f"{criterion}-{rank}.pt")
+        for criterion, compensate in RUNS:
+            state, samples = _stratified(model, _batches(x[shard], y[shard]), criterion, compensate)
+            torch.save({"state": state, "samples": samples}, Path(out_dir) / f"{criterion}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -52,8 +59,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        singles = {c: skd.wpac(copy.deepcopy(model), _batches(x, y), num_samples=40, criterion=c,
-                               progress=False).state_dict() for c in CRITERIA}
+        singles = {c: _stratified(model, _batches(x, y), c, comp)[0] for c, comp in RUNS}
     finally:
         torch.set_num_threads(threads)
     for criterion, single in singles.items():

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..compensation import BUFFER as INPUT_MEAN
 from ..models import BlockSpec
 
 LAYOUT_VERSION = 1
@@ -66,3 +67,4 @@ class RankMajorLayout:
                     _permute_(lin.weight, perm, 0)
                     _permute_(lin.bias, perm, 0)
                 _permute_(spec.proj.weight, single, 1)
+                _permute_(getattr(spec.proj, INPUT_MEAN, None), single, 0)  # bias compensation's context mean

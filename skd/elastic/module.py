@@ -16,6 +16,7 @@ import skd_kernels
 
 from .. import batches
 from .._checks import check_fraction, check_int, check_positive
+from ..compensation import fold
 from ..errors import UnsupportedModelError
 from ..models import ModelAdapter, adapter_for
 from ..subnet import DropoutList, Subnet
@@ -316,8 +317,9 @@ class ElasticViT(nn.Module):
         """A standalone, physically smaller copy of the model at `subnet` (default: the active one).
 
         Built by the adapter from the model library's own modules (`ModelAdapter.shrink`), computing
-        what this ElasticViT computes at `subnet`; it runs without skd. `out.skd_subnet` records the
-        widths (plain data) so `skd.save` can record how to rebuild this shape.
+        what this ElasticViT computes at `subnet`, bias compensation (skd.compensation) folded into its
+        biases; it runs without skd. `out.skd_subnet` records the widths (plain data) so `skd.save` can
+        record how to rebuild this shape.
         """
         subnet = self._checked(subnet)
         self._guard.remove()  # the copy must not carry the wrapped-model guard
@@ -327,8 +329,10 @@ class ElasticViT(nn.Module):
             self._guard = self.model.register_forward_pre_hook(self._refuse_bare_forward)
         del out._skd_wrapped
         shrinker = adapter_for(out)
-        if not self._standard:
-            self._layout.apply(shrinker.blocks, to_standard=True)
+        if self._standard:  # bias compensation folds where every width is a prefix
+            self._layout.apply(shrinker.blocks, to_standard=False)
+        fold(shrinker.blocks, subnet)
+        self._layout.apply(shrinker.blocks, to_standard=True)
         shrinker.shrink(subnet)
         out.skd_subnet = subnet.to_dict()
         return out

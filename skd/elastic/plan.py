@@ -21,6 +21,7 @@ from skd_kernels import _dispatch
 from skd_kernels.ops import prefix_attention as prefix_attention_op
 from skd_kernels.ops import prefix_linear as prefix_linear_op
 
+from ..compensation import compensated_bias, input_mean
 from ..models import BlockSpec
 from ..subnet import Subnet
 
@@ -61,13 +62,17 @@ class Plan:
         # What the plan's ops read: the Parameters (held by both kinds) and their storage (the views) (`current`)
         self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(),
                           None if lin.bias is None else lin.bias.data_ptr()) for lin in linears]
+        self._means = [(lin, input_mean(lin)) for lin in linears]  # bias compensation's, stored or removed
         gemm = _bind if bound else _partial
         self.blocks = tuple(_block(spec, r, m, gemm, bound) for spec, r, m in zip(blocks, subnet.attn, subnet.mlp,
                                                                                   strict=True))
 
     def current(self) -> bool:
         """False once a weight or bias the plan was built from was replaced or moved to new storage
-        (`module.to(...)`, a new Parameter): the plan must be rebuilt. In-place updates keep it current."""
+        (`module.to(...)`, a new Parameter), or an input mean was stored or removed (skd.wpac): the plan must
+        be rebuilt. In-place updates keep it current."""
+        if any(input_mean(lin) is not mean for lin, mean in self._means):
+            return False
         for lin, w, b, w_ptr, b_ptr in self._sources:
             if lin.weight is not w or lin.bias is not b or w.data_ptr() != w_ptr or (b is not None
                                                                                       and b.data_ptr() != b_ptr):
@@ -85,6 +90,43 @@ def _partial(lin: nn.Linear, k_in: int | None = None, k_out: int | None = None,
                              activation=activation)
 
 
+class _Compensated:
+    """prefix_linear through the first k_in inputs of `lin` with bias compensation's bias (skd.compensation),
+    b + W[:, k_in:] E[x[k_in:]], computed on every call so it follows any in-place weight update.
+
+    When autograd must record (or unbound, under autocast/compile): the public op with that bias, so its
+    gradient reaches W and b. Otherwise the bias is written into a buffer the bound GEMM reads (one small
+    mat-vec per call, no per-call op overhead).
+    """
+
+    def __init__(self, lin: nn.Linear, k_in: int, bound: bool) -> None:
+        self.lin, self.k_in = lin, k_in
+        self.bias = self.fast = None
+        if bound:
+            with torch.no_grad():
+                self.bias = compensated_bias(lin, k_in).detach().clone()
+            self.fast = _bind(_Weights(lin.weight, self.bias), k_in=k_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lin, k = self.lin, self.k_in
+        if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
+            return skd_kernels.prefix_linear(x, lin.weight, compensated_bias(lin, k), k_in=k)
+        torch.addmv(lin.bias, lin.weight[:, k:], input_mean(lin)[k:], out=self.bias)
+        return self.fast(x)
+
+
+class _Weights(NamedTuple):
+    """What `_bind` reads of a Linear, with another bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bool) -> Gemm:
+    """The GEMM of an output projection or fc2: `gemm`'s, or the compensated one when `lin` stores a mean."""
+    return gemm(lin, k_in=k_in) if input_mean(lin) is None else _Compensated(lin, k_in, bound)
+
+
 def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool) -> BlockPlan:
     h = spec.num_heads
     qkv = proj = attention = fc1 = fc2 = None
@@ -92,7 +134,7 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
     if r:
         qkv = (gemm(spec.qkv, k_out=3 * h * r),) if spec.fused else tuple(gemm(lin, k_out=h * r)
                                                                            for lin in (spec.q, spec.k, spec.v))
-        proj = gemm(spec.proj, k_in=h * r)
+        proj = _output_gemm(gemm, spec.proj, h * r, bound)
         if spec.fused:
             attention = _bound_attention(spec, spec.qkv.weight) if bound else functools.partial(
                 _public_attention, num_heads=h, scale=spec.scale)
@@ -101,7 +143,7 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
                 # "prefix_attention vs today's path": 0.81-0.87 at batch 1, 0.88-0.95 at batch 8 and r = 16).
                 min_batch = -(-256 // r)
     if m:
-        fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), gemm(spec.fc2, k_in=m)
+        fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), _output_gemm(gemm, spec.fc2, m, bound)
     return BlockPlan(r, m, qkv, proj, attention, min_batch, fc1, fc2)
 
 
