@@ -200,3 +200,41 @@ def test_one_compiled_graph_serves_every_width() -> None:
         qkv = _qkv(2, 9, 3, r, torch.float32)
         _check(fn(qkv, bias), qkv, 3, bias, f"compiled r={r}")
     assert counter.frame_count == 1
+
+
+def _masked_bias(s: int, n: int, h: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scores shifted by tens (exps underflow to 0, row maxima far from 0) and about half the keys at -inf
+    (masked out), every row keeping key 0."""
+    bias = torch.randn(s, h, n, n) * 30
+    bias.masked_fill_(torch.rand(s, h, n, n) < 0.5, float("-inf"))
+    bias[..., 0] = 0
+    return bias.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize(("s", "n", "h", "r"), [(2, 37, 3, 8), (1, 700, 6, 64), (1, 300, 64, 16)],
+                         ids=["tail-lanes", "two-key-tiles", "two-key-tiles-small-r"])
+def test_cpu_masked_keys_and_large_scores(dtype: torch.dtype, s: int, n: int, h: int, r: int) -> None:
+    """The CPU kernel's own exp and online softmax: 37 keys leave a partial vector; 700 keys at H*r = 384 and
+    300 keys at H*r = 1024 split into two key tiles (the running max and sum rescaled between them; bf16 at
+    r <= 16 through brgemm, accumulating into its output)."""
+    qkv = (_qkv(s, n, h, r, torch.float32) * 3).to(dtype)
+    for bias in (None, _masked_bias(s, n, h, dtype)):
+        out = _run("cpu", qkv, h, bias)
+        assert torch.isfinite(out).all()
+        _check(out, qkv, h, bias, f"{dtype} bias={bias is not None}")
+
+
+def test_cpu_avx2_path_matches_reference() -> None:
+    """On an AVX-512 CPU the kernel takes its AVX-512 softmax; SKD_CPU_AVX2_ONLY=1 forces the AVX2 one, which
+    the CPU-backend tests above then check in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    tests = "cpu and (matches_reference or masked_keys or non_contiguous) and not avx2"
+    env = {**os.environ, "SKD_CPU_AVX2_ONLY": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout

@@ -7,9 +7,12 @@
 // per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
 // products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
 // at::parallel_for): sgemm/dgemm for fp32/fp64; for bf16/fp16 the tiles stay in their dtype and MKL's
-// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32, with the
-// softmax probabilities rounded to the input dtype for the second product as in ATen's flash attention.
-// The output is written straight into the proj's rank-major columns.
+// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32 — or, for bf16
+// at small r, oneDNN's brgemm (BrgemmTiles below) — with the softmax probabilities rounded to the input
+// dtype for the second product as in ATen's flash attention. The online softmax runs in AVX-512 where the
+// CPU has it (softmax_avx512.h), else in AVX2. The output is written straight into the proj's rank-major
+// columns.
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -17,9 +20,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
+#include <memory>
+#include <optional>
 
 #include "common.h"
+#include "softmax_avx512.h"
 
 // MKL's Fortran BLAS (LP64) and CBLAS bf16/fp16 GEMMs, exported by libtorch_cpu on x86 builds. Weak: a torch
 // built without MKL leaves them null, the extension still loads, and gemm_rm falls back to a plain loop.
@@ -78,6 +83,12 @@ void gemm_rm(bool b_t, int64_t m, int64_t n, int64_t k, acc alpha, const in_t* a
 // stay near 2 MiB (bf16: 1 MiB), so the two products of every head reuse them from L2.
 constexpr int64_t kQTile = 256;
 constexpr int64_t kKVBudget = int64_t(1) << 19;
+
+// n uninitialised values.
+template <typename T>
+std::unique_ptr<T[]> buffer(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
 
 struct Shape {
   int64_t S, N, H, r, qt, kt;
@@ -225,6 +236,108 @@ acc softmax_step(acc* x, const scalar_t* bias, int64_t n, acc& m, acc& l) {
   return alpha;
 }
 
+// softmax_step on the fastest path this CPU has, for scores x * scale; for bf16/fp16 also rounds p to the
+// input dtype into probs (n values; fp32/fp64: unused, p stays in x).
+template <typename scalar_t, typename acc>
+acc softmax_row(acc* x, acc scale, const scalar_t* bias, int64_t n, acc& m, acc& l, scalar_t* probs, bool avx512) {
+  if constexpr (std::is_same_v<acc, float>) {
+    if (avx512) {
+      if constexpr (std::is_same_v<scalar_t, float>) probs = x;
+      return softmax_step_avx512(x, scale, bias, n, m, l, probs);
+    }
+  }
+  if (scale != acc(1)) at::vec::map([scale](Vectorized<acc> a) { return a * Vectorized<acc>(scale); }, x, x, n);
+  const acc alpha = softmax_step(x, bias, n, m, l);
+  if constexpr (!std::is_same_v<scalar_t, acc>) at::vec::convert(x, probs, n);
+  return alpha;
+}
+
+// bf16 products through oneDNN's brgemm micro-kernel (AMX where the CPU has it), the kernel ATen's flash
+// attention runs for bf16. Its B operands are packed once per key tile, for every head, into the VNNI
+// layout cpublas::pack writes, in column blocks of 64 keys (k^T) and of nb <= 64 ranks (v), zero-padded;
+// r must be even (the VNNI pairs). Used for r <= kMaxRank only: on ViT shapes (197 tokens, Sapphire
+// Rapids-class CPU, 1 thread) it beat MKL's bf16 GEMM by 7-10 % at r = 16 but lost 5-20 % at r = 32 and 64,
+// where MKL's call overhead no longer dominates and packing k^T (a strided gather) costs ~10 %.
+struct BrgemmTiles {
+  using bf16 = at::BFloat16;
+  int64_t H = 0, r = 0, kn = 0;
+  int64_t ke = 0;   // kn rounded up to 64: the scores' leading dimension
+  int64_t kn2 = 0;  // kn rounded up to even: the probabilities' leading dimension, the second product's K
+  int64_t nb = 0;   // v's column block: r rounded up to 16 (r <= 64) or 64
+  int64_t rn = 0;   // r rounded up to nb: the output accumulator's leading dimension
+  std::unique_ptr<bf16[]> kt, v, tmp;
+  static constexpr int64_t kRows = 64;  // rows per brgemm call
+
+  BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max) : H(H_), r(r_), nb(block(r_)), rn(padded(r_)) {
+    const int64_t ke_max = (kt_max + 63) / 64 * 64;
+    kt = buffer<bf16>(H * ke_max * r);
+    v = buffer<bf16>(H * (kt_max + 1) * rn);
+    tmp = buffer<bf16>(std::max(r * 64, (kt_max + 1) * nb));
+  }
+
+  static int64_t block(int64_t r) { return r <= 64 ? (r + 15) / 16 * 16 : 64; }
+  static int64_t padded(int64_t r) { return (r + block(r) - 1) / block(r) * block(r); }
+
+  static constexpr int64_t kMaxRank = 16;
+
+  static bool usable(int64_t r) {
+    return r % 2 == 0 && r <= kMaxRank && has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
+  }
+
+  // kv: the key tile's k then v heads, (2H, n, r) with unit stride over ranks (pack_heads' layout).
+  void pack(const bf16* kvp, int64_t n) {
+    namespace blas = at::native::cpublas;
+    kn = n;
+    ke = (n + 63) / 64 * 64;
+    kn2 = (n + 1) / 2 * 2;
+    const bf16 zero(0.f);
+    for (int64_t h = 0; h < H; ++h) {
+      const bf16* k = kvp + h * n * r;
+      for (int64_t b = 0; b < ke; b += 64) {  // (r, 64) = k[b:b+64, :]^T
+        const int64_t w = std::min<int64_t>(64, n - b);
+        for (int64_t j = 0; j < r; ++j) {
+          bf16* row = tmp.get() + j * 64;
+          for (int64_t t = 0; t < w; ++t) row[t] = k[(b + t) * r + j];
+          std::fill(row + w, row + 64, zero);
+        }
+        blas::pack(r, 64, 64, 64, at::kBFloat16, at::kBFloat16, tmp.get(), kt.get() + (h * ke + b) * r);
+      }
+      const bf16* vh = kvp + (H + h) * n * r;
+      for (int64_t c = 0; c < rn; c += nb) {  // (kn2, nb) = v[:, c:c+nb]
+        const int64_t w = std::min(nb, r - c);
+        for (int64_t t = 0; t < kn2; ++t) {
+          bf16* row = tmp.get() + t * nb;
+          if (t < n) std::copy_n(vh + t * r + c, w, row);
+          std::fill(row + (t < n ? w : 0), row + nb, zero);
+        }
+        blas::pack(kn2, nb, nb, nb, at::kBFloat16, at::kBFloat16, tmp.get(), v.get() + h * kn2 * rn + c * kn2);
+      }
+    }
+  }
+
+  // sc (qn, ke) = q_h (qn, r) k_h^T, unscaled.
+  void scores(int64_t h, const bf16* q, int64_t qn, float* sc) const {
+    for (int64_t i = 0; i < qn; i += kRows) {
+      const int64_t mi = std::min(kRows, qn - i);
+      for (int64_t b = 0; b < ke; b += 64) {
+        at::native::cpublas::brgemm(mi, 64, r, r, 64, ke, false, q + i * r, kt.get() + (h * ke + b) * r,
+                                    sc + i * ke + b);
+      }
+    }
+  }
+
+  // o (qn, rn) (+)= p (qn, kn2) v_h.
+  void values(int64_t h, const bf16* p, int64_t qn, bool add, float* o) const {
+    for (int64_t i = 0; i < qn; i += kRows) {
+      const int64_t mi = std::min(kRows, qn - i);
+      for (int64_t c = 0; c < rn; c += nb) {
+        at::native::cpublas::brgemm(mi, nb, kn2, kn2, nb, rn, add, p + i * kn2, v.get() + h * kn2 * rn + c * kn2,
+                                    o + i * rn + c);
+      }
+    }
+  }
+};
+
 template <typename scalar_t>
 void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scale_d, at::Tensor& out,
                       const Shape& g) {
@@ -243,20 +356,32 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
   const int64_t b_h = has_bias && bias.size(1) > 1 ? bias.stride(1) : 0;
   const int64_t b_i = has_bias ? bias.stride(2) : 0;
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  const bool avx512 = std::is_same_v<acc, float> && has_avx512();
+  const bool use_brgemm = std::is_same_v<scalar_t, at::BFloat16> && BrgemmTiles::usable(r);
+  // The output accumulator's and the probabilities' leading dimensions (brgemm pads them).
+  const int64_t ldo = use_brgemm ? BrgemmTiles::padded(r) : r;
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
     // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
     // the three are packed in one pass as (3H, N, r). Scores (qt, kt); output (H, qt, r).
     // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
     // ob the output before its transpose (fp32/fp64: o itself).
-    std::vector<scalar_t> qkv_p(H * g.qt * r + 2 * H * g.kt * r);
-    std::vector<scalar_t> p(kNarrow ? g.qt * g.kt : 0), ob(kNarrow ? H * g.qt * r : 0);
-    std::vector<acc> sc(g.qt * g.kt), o(H * g.qt * r), m(H * g.qt), l(H * g.qt);
+    // (Uninitialised: every value is written before it is read; zero-filling them measured 3 % of the op.)
+    // With brgemm the scores are (qt, kt rounded up to 64) and p (qt, kt rounded up to even).
+    const auto qkv_p = buffer<scalar_t>(H * g.qt * r + 2 * H * g.kt * r);
+    const int64_t kt_pad = use_brgemm ? (g.kt + 63) / 64 * 64 : g.kt;
+    const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0), ob = buffer<scalar_t>(kNarrow ? H * g.qt * r : 0);
+    const auto sc = buffer<acc>(g.qt * kt_pad), o = buffer<acc>(H * g.qt * ldo), m = buffer<acc>(H * g.qt),
+               l = buffer<acc>(H * g.qt);
+    std::optional<BrgemmTiles> tiles;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (use_brgemm) tiles.emplace(H, r, g.kt);
+    }
     int64_t packed_s = -1;  // the sequence whose keys and values kv holds, when it holds all of them
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_qt, q0 = (item % n_qt) * g.qt, qn = std::min(g.qt, g.N - q0);
       const scalar_t* seq = base + s * st_s;
-      scalar_t* q = qkv_p.data();
+      scalar_t* q = qkv_p.get();
       scalar_t* kv = q + H * qn * r;
       const bool one_tile = qn == g.N && g.kt >= g.N;
       if (one_tile) {
@@ -265,57 +390,77 @@ void attention_kernel(const at::Tensor& qkv, const at::Tensor& bias, double scal
         kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
         pack_heads(seq + q0 * st_n, st_n, qn, H, g, q, qn * r, r);
       }
-      std::fill(o.begin(), o.end(), acc(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
-      std::fill(l.begin(), l.end(), acc(0));
+      std::fill_n(o.get(), H * qn * ldo, acc(0));
+      std::fill_n(m.get(), H * qn, -std::numeric_limits<acc>::infinity());
+      std::fill_n(l.get(), H * qn, acc(0));
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
         const int64_t kn = std::min(g.kt, g.N - k0);
+        const bool fresh = one_tile || packed_s != s;
         if (!one_tile && packed_s != s) {
           pack_heads(seq + k0 * st_n + H, st_n, kn, 2 * H, g, kv, kn * r, r);
           packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
         }
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (tiles && fresh) tiles->pack(kv, kn);
+        }
+        // Leading dimensions of the scores and of p.
+        const int64_t ld_sc = tiles ? tiles->ke : kn, ld_p = tiles ? tiles->kn2 : kn;
         for (int64_t h = 0; h < H; ++h) {
           // (Splitting the query rows into blocks of 64, so that the scores stay in L1/L2 between the two
           // products, measured 3-15 % slower: more, smaller MKL calls.)
-          acc* oh = o.data() + h * qn * r;
-          // scores (qn, kn) = q_h k_h^T * scale
-          gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.data(), kn);
+          acc* oh = o.get() + h * qn * ldo;
+          // scores (qn, kn) = q_h k_h^T (* scale: MKL's alpha, or in the softmax after brgemm)
+          acc score_scale = scale;
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            if (tiles) tiles->scores(h, q + h * qn * r, qn, sc.get());
+          }
+          if (!tiles) {
+            gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.get(), kn);
+            score_scale = acc(1);
+          }
           for (int64_t i = 0; i < qn; ++i) {
-            acc* x = sc.data() + i * kn;
+            acc* x = sc.get() + i * ld_sc;
             const scalar_t* brow = has_bias ? bias_ptr + s * b_s + h * b_h + (q0 + i) * b_i + k0 : nullptr;
-            const acc alpha = softmax_step(x, brow, kn, m[h * qn + i], l[h * qn + i]);
+            scalar_t* prow = p.get() + i * ld_p;
+            const acc alpha = softmax_row(x, score_scale, brow, kn, m[h * qn + i], l[h * qn + i], prow, avx512);
+            if (ld_p > kn) prow[kn] = scalar_t(0);  // brgemm's even K: a zero probability
             // (the first key tile finds o = 0: nothing to rescale)
             if (k0 > 0 && alpha != acc(1)) {
-              at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * r, oh + i * r, r);
+              at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * ldo, oh + i * ldo, r);
             }
-            if constexpr (kNarrow) at::vec::convert(x, p.data() + i * kn, kn);
           }
           // o_h (qn, r) += p (qn, kn) v_h (kn, r)
-          const scalar_t* probs;
-          if constexpr (kNarrow) {
-            probs = p.data();
-          } else {
-            probs = sc.data();
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            if (tiles) tiles->values(h, p.get(), qn, k0 > 0, oh);
           }
-          gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
+          if (!tiles) {
+            const scalar_t* probs;
+            if constexpr (kNarrow) {
+              probs = p.get();
+            } else {
+              probs = sc.get();
+            }
+            gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
+          }
         }
       }
       // o[h, i, :] /= l[h, i], rounded to scalar_t, then out[s, q0 + i, j*H + h] = o[h, i, j]: the proj's
       // rank-major columns, one (H, r) -> (r, H) transpose per token.
       scalar_t* o_out;
       if constexpr (kNarrow) {
-        o_out = ob.data();
+        o_out = ob.get();
       } else {
-        o_out = o.data();
+        o_out = o.get();
       }
       for (int64_t hi = 0; hi < H * qn; ++hi) {
         const acc inv = acc(1) / l[hi];
-        acc* row = o.data() + hi * r;
+        acc* row = o.get() + hi * ldo;
         at::vec::map([inv](Vec a) { return a * Vec(inv); }, row, row, r);
         if constexpr (kNarrow) at::vec::convert(row, o_out + hi * r, r);
       }
       unpack_heads(o_out, qn, g, out_ptr + (s * g.N + q0) * Hr);
     }
+    if (tiles) at::native::cpublas::brgemm_release();  // the AMX tile state this thread configured
   });
 }
 

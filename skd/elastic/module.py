@@ -271,10 +271,9 @@ class ElasticViT(nn.Module):
         dropout = spec.attn_dropout if self.training else 0.0
         if spec.fused:
             qkv = p.qkv[0](x)  # (S, N, r*3*H)
-            if dropout == 0.0 and not torch.is_grad_enabled() and s >= p.attention_min_batch:
+            if dropout == 0.0 and not torch.is_grad_enabled():
                 # prefix_attention reads the rank-major qkv and writes rank-major proj columns: no activation
-                # copy. Training keeps SDPA below: its fused backward beats the op's plain-PyTorch one; so do
-                # small low-precision batches (see plan.py).
+                # copy. Training keeps SDPA below: its fused backward beats the op's plain-PyTorch one.
                 if mask is not None:  # rank-major column j*3H + w*H + h belongs to rank j
                     qkv = (qkv.view(s, n, r, 3 * h) * mask.to(qkv)[:, None]).view(s, n, 3 * h * r)
                 return p.proj(p.attention(qkv, None if bias is None else bias.to(qkv.dtype)))

@@ -35,14 +35,13 @@ class BlockPlan(NamedTuple):
     and its fields are None). qkv: (fused qkv GEMM,) x (S, N, D) -> (S, N, r*3*H), or (q, k, v) GEMMs each
     -> (S, N, r*H); proj: (S, N, r*H) -> (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused
     activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention for a fused qkv, used
-    at inference for batches of at least `attention_min_batch` sequences (else copy + SDPA is faster)."""
+    at inference."""
 
     r: int
     hidden: int
     qkv: tuple[Gemm, ...] | None
     proj: Gemm | None
     attention: Attention | None
-    attention_min_batch: int
     fc1: Gemm | None
     fc2: Gemm | None
 
@@ -130,7 +129,6 @@ def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bo
 def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool) -> BlockPlan:
     h = spec.num_heads
     qkv = proj = attention = fc1 = fc2 = None
-    min_batch = 1
     if r:
         qkv = (gemm(spec.qkv, k_out=3 * h * r),) if spec.fused else tuple(gemm(lin, k_out=h * r)
                                                                            for lin in (spec.q, spec.k, spec.v))
@@ -138,13 +136,9 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
         if spec.fused:
             attention = _bound_attention(spec, spec.qkv.weight) if bound else functools.partial(
                 _public_attention, num_heads=h, scale=spec.scale)
-            if spec.qkv.weight.dtype in (torch.bfloat16, torch.float16):
-                # The CPU op's bf16 tiles lose to copy + SDPA below ~256 rank-rows per call (RESULTS.md,
-                # "prefix_attention vs today's path": 0.81-0.87 at batch 1, 0.88-0.95 at batch 8 and r = 16).
-                min_batch = -(-256 // r)
     if m:
         fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), _output_gemm(gemm, spec.fc2, m, bound)
-    return BlockPlan(r, m, qkv, proj, attention, min_batch, fc1, fc2)
+    return BlockPlan(r, m, qkv, proj, attention, fc1, fc2)
 
 
 def _public_attention(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:

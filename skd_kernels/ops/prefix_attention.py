@@ -6,8 +6,9 @@ Layouts (H heads, width r per head):
         of the qkv prefix GEMM on rank-major rows (skd.ElasticViT's layout; every width r is a prefix).
     out (S, N, r·H): column j·H + h — the rank-major column order the proj prefix GEMM reads.
 
-Kernels: csrc/cpu/prefix_attention.cpp (flash-style, packed tiles through MKL), skd_kernels/triton/
-prefix_attention.py (CUDA, or CPU under TRITON_INTERPRET=1); no CUDA C++ kernel (Triton serves CUDA).
+Kernels: csrc/cpu/prefix_attention.cpp (flash-style, packed tiles through MKL or oneDNN's brgemm, AVX-512
+softmax where the CPU has it), skd_kernels/triton/prefix_attention.py (CUDA, or CPU under
+TRITON_INTERPRET=1); no CUDA C++ kernel (Triton serves CUDA).
 `reference` below is the oracle and last fallback; the backward (plain PyTorch, recomputing the
 probabilities) is shared by the compiled and Triton ops.
 """

@@ -1,0 +1,125 @@
+// One online-softmax row step in AVX-512, for CPUs that have it (checked at run time: the extension itself is
+// built for AVX2, whose 8-wide exp made the softmax 40 % of prefix_attention where ATen's flash attention,
+// dispatched to AVX-512, spends half that). Functions carry their own target attribute, so nothing here
+// runs on a CPU without AVX-512.
+#pragma once
+
+#include <immintrin.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+// GCC 12 flags the placeholder operand of its own masked/reduce intrinsics as uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace skd::cpu {
+
+// AVX-512 F/BW/VL/DQ (masked 16-bit loads and stores need BW and VL), unless SKD_CPU_AVX2_ONLY is set: the
+// tests use it to run the AVX2 path an AVX-512 machine would otherwise never take.
+inline bool has_avx512() {
+  static const bool yes = std::getenv("SKD_CPU_AVX2_ONLY") == nullptr && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+#define SKD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// exp(x) for 16 floats: Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, Cephes' degree-7 polynomial for
+// e^f (about 1 ulp), times 2^n by scalef. x below the smallest normal's log (and -inf) gives 0; above
+// log(FLT_MAX) gives +inf; NaN stays NaN.
+SKD_AVX512 inline __m512 exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.7228391f), lo = _mm512_set1_ps(-87.3365447f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);  // max/min return x's NaN as the second operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  const __m512 y = _mm512_scalef_ps(p, n);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y), nan, x);
+}
+
+// The k lanes of 16 consecutive T, widened to float (other lanes 0).
+template <typename T>
+SKD_AVX512 inline __m512 load16(const T* p, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  }
+}
+
+// Stores the k lanes of v as T, rounded to nearest even (bf16: as c10's round_to_nearest_even; NaN stays NaN).
+template <typename T>
+SKD_AVX512 inline void store16(T* p, __m512 v, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, k, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// Online-softmax update of one fp32 score row x * scale (n values) plus its bias row if any (T*):
+// p = exp(x + bias - m_new) goes to probs (T: the input dtype, the second product's operand; may be x
+// itself for fp32). m and l are the row's running max and sum; returns exp(m_old - m_new), the factor that
+// rescales the row's running sum and output (0 while the row has seen only -inf).
+template <typename T>
+SKD_AVX512 float softmax_step_avx512(float* x, float scale, const T* bias, int64_t n, float& m, float& l, T* probs) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const bool scaled = scale != 1.f;
+  __m512 vmax = _mm512_set1_ps(-kInf);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(k, x + t);
+    if (scaled) v = _mm512_mul_ps(v, _mm512_set1_ps(scale));
+    if (bias != nullptr) v = _mm512_add_ps(v, load16(bias + t, k));
+    if (scaled || bias != nullptr) _mm512_mask_storeu_ps(x + t, k, v);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, v);
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  // A row whose scores are all -inf so far (a fully masked tile) keeps p = 0 instead of exp(nan).
+  const __m512 shift = _mm512_set1_ps(m_new == -kInf ? 0.f : m_new);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + t), shift));
+    store16(probs + t, p, k);
+    vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+  }
+  const float alpha = m == -kInf ? 0.f : std::exp(m - (m_new == -kInf ? 0.f : m_new));
+  l = l * alpha + _mm512_reduce_add_ps(vsum);
+  m = m_new;
+  return alpha;
+}
+
+}  // namespace skd::cpu
+
+#pragma GCC diagnostic pop
