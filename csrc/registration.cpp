@@ -16,7 +16,9 @@ TORCH_LIBRARY(skd_kernels, m) {
   // act, grad (B, T, C) -> (token (B, T) fp32 = |sum_c g*a|, channel (C,) fp32 = sum_b |sum_t g*a|).
   m.def("taylor_scores(Tensor act, Tensor grad) -> (Tensor, Tensor)");
   // y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]); activation in {none, gelu, gelu_tanh}.
-  m.def("prefix_linear(Tensor x, Tensor weight, Tensor? bias, int k_in, int k_out, str activation) -> Tensor");
+  // k_in, k_out are SymInt so torch.compile keeps a subnetwork's widths symbolic (one graph for every width);
+  // the kernels take int64_t: they only ever run on concrete widths.
+  m.def("prefix_linear(Tensor x, Tensor weight, Tensor? bias, SymInt k_in, SymInt k_out, str activation) -> Tensor");
   // qkv (S, N, r*3*H) rank-major (column j*3H + w*H + h), attn_bias (S|1, H|1, N, N) -> (S, N, r*H), column j*H + h.
   m.def("prefix_attention(Tensor qkv, int num_heads, float scale, Tensor? attn_bias) -> Tensor");
 }

@@ -134,6 +134,28 @@ def test_opcheck_compiled_op() -> None:
         torch.library.opcheck(op, args)
 
 
+
+def test_one_compiled_graph_serves_every_width() -> None:
+    """k_in and k_out are SymInt in the schema and the fake kernel keeps them symbolic: torch.compile
+    traces the op once for four (k_in, k_out) pairs, with and without autograd, and the results equal the
+    reference."""
+    import torch._dynamo.testing
+
+    x, weight, bias = _inputs((2, 3), 20, (24, 20), torch.float32)
+    for grad in (False, True):
+        counter = torch._dynamo.testing.CompileCounter()
+        fn = torch.compile(lambda x, w, b, k_in, k_out: skd_kernels.prefix_linear(x, w, b, k_in, k_out, "gelu"),
+                           backend=counter, dynamic=True, fullgraph=True)
+        for k_in, k_out in ((5, 6), (10, 12), (15, 18), (20, 24)):
+            leaves = [t.clone().requires_grad_(grad) for t in (x, weight, bias)]
+            y = fn(*leaves, k_in, k_out)
+            _check(y, x, weight, bias, k_in, k_out, "gelu", f"compiled grad={grad} k=({k_in}, {k_out})")
+            if grad:  # the backward traced with symbolic widths: gradient only inside the block
+                y.sum().backward()
+                assert leaves[1].grad[:k_out, :k_in].abs().sum() > 0
+                assert not leaves[1].grad[k_out:].any() and not leaves[1].grad[:, k_in:].any()
+        assert counter.frame_count == 1
+
 def _largest_allocation(fn: object) -> int:
     """Bytes of the largest tensor allocation made while `fn` runs (torch.profiler's memory accounting)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

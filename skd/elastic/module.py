@@ -24,6 +24,7 @@ from ..timing import time_ms
 from .budget import Budgets, LatencyTable
 from .layout import RankMajorLayout
 from .plan import Plan
+from .symbolic import symbolic_widths
 
 # {(block, "attn"): (r_b,), (block, "mlp"): (h_b,)} multiplicative masks on the kept dims
 Masks = dict[tuple[int, str], torch.Tensor]
@@ -40,6 +41,8 @@ class ElasticViT(nn.Module):
     only valid inside `standard_layout()`. `adapter` (the model's `ModelAdapter`, built once) and
     `in_standard_layout` are public. Raises UnsupportedModelError for models that cannot be
     prefix-truncated (qk_norm, scale_norm, gated attention, unknown architectures).
+    `torch.compile(elastic)` traces the widths as symbols: one graph serves every subnet set by
+    `set_subnet` that skips the same branches (width 0) (skd/elastic/symbolic.py).
     """
 
     def __init__(self, model: nn.Module, dropout_list: DropoutList | None = None) -> None:
@@ -56,7 +59,7 @@ class ElasticViT(nn.Module):
         self._budgets = Budgets(adapter.blocks, adapter.other_macs())
         self.head_dims = self._budgets.head_dims
         self.hiddens = self._budgets.hiddens
-        self._subnet = self._budgets.full
+        self._activate(self._budgets.full)
         self._dropout_list: DropoutList | None = None
         self.dropout_list = dropout_list
         self._latency: LatencyTable | None = None
@@ -154,19 +157,26 @@ class ElasticViT(nn.Module):
             raise ValueError(f"set_subnet takes exactly one of subnet=, keep=, macs=, index=, latency_ms=; "
                              f"got {sorted(given) or 'none'}")
         if subnet is not None:
-            self._subnet = self._checked(subnet)
+            chosen = self._checked(subnet)
         elif keep is not None:
-            self._subnet = self.uniform(keep)
+            chosen = self.uniform(keep)
         elif macs is not None:
             f = check_fraction("macs", macs)
-            self._subnet = self._budgets.largest_under(self._dropout_list, self.macs, f * self.full_macs, "macs", f)
+            chosen = self._budgets.largest_under(self._dropout_list, self.macs, f * self.full_macs, "macs", f)
         elif index is not None:
             if self._dropout_list is None:
                 raise ValueError("index= needs a dropout list (elastic.dropout_list is None)")
-            self._subnet = self._dropout_list.subnet(index)
+            chosen = self._dropout_list.subnet(index)
         else:
-            self._subnet = self._by_latency(latency_ms)
+            chosen = self._by_latency(latency_ms)
+        self._activate(chosen)
         return self
+
+    def _activate(self, subnet: Subnet) -> None:
+        """Make `subnet` (validated) the active one. A forward that torch.compile traces reads its twin of
+        symbolic widths (skd/elastic/symbolic.py), so one graph serves every active width."""
+        self._subnet = subnet
+        self._symbolic = symbolic_widths(subnet)
 
     # ------------------------------------------------------------------------------------------ MACs
     def macs(self, subnet: Subnet | None = None) -> int:
@@ -201,11 +211,11 @@ class ElasticViT(nn.Module):
                 lowest, full = self.macs(nth(count - 1)), self.full_macs
                 for j in range(points):  # MACs evenly spaced from the smallest subnet (j = 0) to full
                     target = lowest + j / (points - 1) * (full - lowest)
-                    self._subnet = self._budgets.largest_under(self._dropout_list, self.macs, target, "macs",
-                                                               target / full)
+                    chosen = self._budgets.largest_under(self._dropout_list, self.macs, target, "macs", target / full)
+                    self._activate(chosen)
                     table.append((self.macs(), time_ms(lambda: batches.call(self, example_input), repeats, device)))
         finally:
-            self._subnet = active
+            self._activate(active)
         table.sort()
         self._latency = LatencyTable(table)
         return table
@@ -229,7 +239,11 @@ class ElasticViT(nn.Module):
         """
         if self._standard:
             raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
-        plan = self._plan(self._checked(subnet))
+        if subnet is None:  # compiling: the symbolic twin (one graph for every width); eager: plain ints, faster
+            s = self._symbolic if torch.compiler.is_compiling() else self._subnet
+        else:
+            s = self._checked(subnet)
+        plan = self._plan(s)
         masks = self._checked_masks(plan.subnet, masks)
         return self.adapter.run(args, kwargs, plan.subnet, functools.partial(self._attention, plan, masks),
                                 functools.partial(self._mlp, plan, masks))

@@ -19,6 +19,8 @@ from .._common import FLOAT_DTYPES, check_float
 
 OP = "prefix_linear"
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+# k_in, k_out: ints, or symbolic ints while torch.compile traces (one graph then serves every width)
+WIDTH_TYPES = (int, torch.SymInt)
 
 
 def prefix_linear(
@@ -32,7 +34,9 @@ def prefix_linear(
     """y = act(x[..., :k_in] @ weight[:k_out, :k_in]^T + bias[:k_out]), bias and activation fused.
 
     x: (..., I') with I' >= k_in; weight: (O, I); bias: (O,) or None; all one dtype (fp32/bf16/fp16/fp64).
-    k_in in [0, I] (default I), k_out in [0, O] (default O); activation None | "gelu" | "gelu_tanh".
+    k_in in [0, I] (default I), k_out in [0, O] (default O), ints or symbolic sizes (torch.SymInt: under
+    torch.compile the widths stay symbolic, so one graph serves every width); activation None | "gelu" |
+    "gelu_tanh".
     Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
     Differentiable in x, weight (gradient zero outside the block) and bias. Inside `torch.autocast` it
     computes in the autocast dtype, like F.linear (the leading block of weight is cast, not all of it).
@@ -111,7 +115,7 @@ def _autocast(
     if x.dtype == weight.dtype == dtype and (bias is None or bias.dtype == dtype):
         return x, weight, bias
     sizes = ((k_out, weight.shape[0]), (k_in, weight.shape[-1]))
-    if weight.dim() != 2 or not all(isinstance(k, int) and 0 <= k <= n for k, n in sizes):
+    if weight.dim() != 2 or not all(isinstance(k, WIDTH_TYPES) and 0 <= k <= n for k, n in sizes):
         return x, weight, bias  # `check` names the bad argument
     return x.to(dtype), weight[:k_out, :k_in].to(dtype), None if bias is None else bias[:k_out].to(dtype)
 
@@ -128,9 +132,9 @@ def check(
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
     out_f, in_f = weight.shape
-    if not isinstance(k_in, int) or not 0 <= k_in <= in_f:
+    if not isinstance(k_in, WIDTH_TYPES) or not 0 <= k_in <= in_f:
         raise ValueError(f"k_in={k_in!r} out of range [0, {in_f}]")
-    if not isinstance(k_out, int) or not 0 <= k_out <= out_f:
+    if not isinstance(k_out, WIDTH_TYPES) or not 0 <= k_out <= out_f:
         raise ValueError(f"k_out={k_out!r} out of range [0, {out_f}]")
     if x.shape[-1] < k_in:
         raise ValueError(f"x's last dim {x.shape[-1]} is smaller than k_in={k_in}")
@@ -170,8 +174,12 @@ def reference(
 def fake(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int, activation: str
 ) -> torch.Tensor:
-    """Output metadata of the compiled and Triton ops (torch.compile, FakeTensorMode)."""
-    torch._check(0 <= k_in <= weight.shape[1] and 0 <= k_out <= weight.shape[0], lambda: "k out of range")
+    """Output metadata of the compiled and Triton ops (torch.compile, FakeTensorMode); k_in and k_out may be
+    symbolic (one check each: `a <= b and c` would force a symbolic bool to a concrete one)."""
+    torch._check(k_in >= 0, lambda: "k_in < 0")
+    torch._check(k_in <= weight.shape[1], lambda: "k_in > weight's in_features")
+    torch._check(k_out >= 0, lambda: "k_out < 0")
+    torch._check(k_out <= weight.shape[0], lambda: "k_out > weight's out_features")
     torch._check(x.shape[-1] >= k_in, lambda: "x narrower than k_in")
     return x.new_empty((*x.shape[:-1], k_out))
 

@@ -1,0 +1,173 @@
+"""torch.compile of an ElasticViT: one graph serves every width (the widths are symbolic), and the
+compiled model computes what the eager one does at each width."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import hf_helpers
+import pytest
+import timm
+import torch
+import torch._dynamo.testing
+from elastic_oracle import rel_err
+from timm.models.swin_transformer import SwinTransformer
+
+from skd import ElasticViT, Subnet
+from skd.compensation import set_input_mean
+
+KEEPS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _elastic() -> ElasticViT:
+    """A 2-block ViT-Ti-width model (head_dim 64, hidden 768) on 32 px inputs, weights perturbed, eval mode."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    with torch.no_grad():  # random init leaves biases at 0: make every term matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ElasticViT(model).eval()
+
+
+def _compiled(elastic: ElasticViT, **kwargs: object) -> tuple[torch.nn.Module, torch._dynamo.testing.CompileCounter]:
+    torch._dynamo.reset()  # graphs of earlier tests must not be reused or counted
+    counter = torch._dynamo.testing.CompileCounter()  # the eager backend, counting the graphs it is given
+    return torch.compile(elastic, backend=counter, **kwargs), counter
+
+
+def test_one_graph_serves_four_widths_and_any_subnet() -> None:
+    elastic = _elastic()
+    x = torch.randn(2, 3, 32, 32)
+    for dynamic in (True, None):  # dynamic=None: torch.compile's default
+        compiled, counter = _compiled(elastic, dynamic=dynamic, fullgraph=True)
+        with torch.no_grad():
+            for keep in KEEPS:
+                elastic.set_subnet(keep=keep)
+                err = rel_err(compiled(x), elastic(x))
+                print(f"dynamic={dynamic} keep={keep} widths={elastic.subnet.attn}: rel err {err:.1e}")
+                assert err <= 1e-6
+            assert counter.frame_count == 1
+            # per-block widths differing within the subnet reuse the graph: each width is its own symbol
+            elastic.set_subnet(subnet=Subnet(attn=[5, 37], mlp=[100, 7]))
+            assert rel_err(compiled(x), elastic(x)) <= 1e-6
+            assert counter.frame_count == 1
+    assert all(type(w) is int for w in (*elastic.subnet.attn, *elastic.subnet.mlp))  # the public subnet is plain
+
+
+def test_skipped_branch_compiles_its_own_graph_and_matches() -> None:
+    """Width 0 skips a branch (other control flow): a second graph, still equal to eager."""
+    elastic = _elastic()
+    x = torch.randn(2, 3, 32, 32)
+    compiled, counter = _compiled(elastic)
+    with torch.no_grad():
+        for subnet in (Subnet(attn=[16, 16], mlp=[192, 192]), Subnet(attn=[0, 9], mlp=[100, 0]),
+                       Subnet(attn=[0, 40], mlp=[7, 0])):
+            elastic.set_subnet(subnet=subnet)
+            assert rel_err(compiled(x), elastic(x)) <= 1e-6
+    assert counter.frame_count == 2
+
+
+
+def _swin() -> tuple[ElasticViT, Callable[[torch.nn.Module], torch.Tensor]]:
+    """Shifted windows (masks, relative position bias) and patch merging: 2 stages of 2 blocks."""
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 3),
+                            num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    return ElasticViT(model.eval()).eval(), lambda m: m(x)
+
+
+def _hf(name: str) -> tuple[ElasticViT, Callable[[torch.nn.Module], torch.Tensor]]:
+    inputs = hf_helpers.inputs(name)
+    return ElasticViT(hf_helpers.tiny(name)).eval(), lambda m: hf_helpers.main_output(m(**inputs))
+
+
+# family -> (its ElasticViT, model -> the output tensor on a fixed batch)
+FAMILIES = {"timm_swin": _swin, "hf_bert": lambda: _hf("BertModel"),
+            "hf_vit": lambda: _hf("ViTForImageClassification")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compiles_once_for_four_widths(family: str) -> None:
+    elastic, out = FAMILIES[family]()
+    compiled, counter = _compiled(elastic)
+    with torch.no_grad():
+        for keep in KEEPS:
+            elastic.set_subnet(keep=keep)
+            assert rel_err(out(compiled), out(elastic)) <= 1e-6
+    assert counter.frame_count == 1
+
+
+def test_bias_compensation_compiles_at_most_two_graphs() -> None:
+    """With stored input means (skd.compensation) the compensated bias is exactly the bias at full width, a
+    branch of its own: one graph for the narrower widths, one for full width; outputs equal eager's."""
+    elastic = _elastic()
+    for spec in elastic.adapter.blocks:
+        for lin in (spec.proj, spec.fc2):
+            set_input_mean(lin, torch.randn(lin.in_features))
+    x = torch.randn(2, 3, 32, 32)
+    compiled, counter = _compiled(elastic, fullgraph=True)
+    with torch.no_grad():
+        for keep in KEEPS:
+            elastic.set_subnet(keep=keep)
+            assert rel_err(compiled(x), elastic(x)) <= 1e-6
+    assert counter.frame_count <= 2
+
+def test_subnet_per_call_compiles_at_most_two_graphs() -> None:
+    """forward(subnet=...) passes plain ints from the caller: Dynamo's automatic dynamic shapes compile the
+    first widths as constants and the next as symbols, so four subnets need two graphs."""
+    elastic = _elastic()
+    x = torch.randn(2, 3, 32, 32)
+    compiled, counter = _compiled(elastic)
+    with torch.no_grad():
+        for keep in KEEPS:
+            subnet = elastic.uniform(keep)
+            assert rel_err(compiled(x, subnet=subnet), elastic(x, subnet=subnet)) <= 1e-6
+    assert counter.frame_count <= 2
+
+
+
+def test_training_compiles_at_most_two_graphs_with_eager_gradients() -> None:
+    """Forward and backward (AOTAutograd traces the ops' backward with symbolic widths): gradients equal
+    eager's. Full width takes a second graph in training (a contiguity check on the full-size views guards
+    `width != full`), so four widths need two."""
+    elastic = _elastic().train()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    for keep in KEEPS:
+        elastic.set_subnet(keep=keep)
+        grads = []
+        for model in (compiled, elastic):
+            elastic.zero_grad()
+            model(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in elastic.parameters()])
+        assert any(g.abs().sum() > 0 for g in grads[1])
+        for got, want in zip(*grads, strict=True):
+            if want.any():
+                assert rel_err(got, want) <= 1e-6
+            else:  # outside the subnet's blocks
+                assert not got.any()
+    assert counter.frame_count <= 2
+
+def test_inductor_compiles_once_for_four_widths() -> None:
+    """The real compiler (inductor, C++ codegen on CPU) with symbolic widths: one graph, eager's outputs."""
+    elastic = _elastic()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(elastic, backend="inductor", fullgraph=True)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for keep in KEEPS:
+            elastic.set_subnet(keep=keep)
+            err = rel_err(compiled(x), elastic(x))
+            print(f"inductor keep={keep}: rel err {err:.1e}")
+            assert err <= 1e-5
+    print(f"inductor: {time.perf_counter() - start:.1f} s for four widths")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
