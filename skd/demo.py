@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from . import io
@@ -26,6 +27,7 @@ from .plots import plot_lines
 from .wpac import wpac
 
 BUDGETS = (0.15, 0.25, 1 / 3, 0.5, 2 / 3, 1.0)
+LATENCY_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(calib_samples=256, proxy_samples=128, epochs=2, progressive_epochs=1, target_macs=1 / 3,
+        return cls(calib_samples=256, proxy_samples=128, epochs=1, progressive_epochs=1, target_macs=1 / 3,
                    budgets=(1 / 3, 1.0))
 
 
@@ -85,13 +87,18 @@ def run_demo(out: str | os.PathLike = "skd-demo", config: DemoConfig | None = No
 
     models = {"PIAD (WPAC + PIAD)": supernet, "WPAC only": ElasticViT(stratified),
               "Taylor order": ElasticViT(taylor)}
-    results = {name: evaluate_budgets(m, test, config.budgets, progress=progress) for name, m in models.items()}
+    results = {name: evaluate_budgets(m, test, config.budgets, latency_batch=LATENCY_BATCH, progress=progress)
+               for name, m in models.items()}
     table = format_table(results)
+    # Latencies are only meaningful with where they were measured: the device and its thread count.
+    device = next(supernet.parameters()).device
+    where = f"{device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     summary = {"config": config.__dict__ | {"budgets": list(config.budgets)}, "results": results,
+               "latency": {"device": where, "batch": LATENCY_BATCH},
                "dropout_list_units": len(supernet.dropout_list), "seconds": time.perf_counter() - t0}
     _write_text(out / "results.json", json.dumps(summary, indent=2))
     for key, ylabel, name in (("accuracy", "top-1 accuracy (%)", "accuracy_vs_macs.png"),
-                              ("latency_ms", "latency (ms, batch 64)", "latency_vs_macs.png")):
+                              ("latency_ms", f"latency (ms, batch {LATENCY_BATCH}, {where})", "latency_vs_macs.png")):
         scale = 100 if key == "accuracy" else 1
         plot_lines({m: [(r["macs_fraction"], scale * r[key]) for r in rows] for m, rows in results.items()},
                    out / name, xlabel="fraction of the full model's MACs", ylabel=ylabel,
@@ -100,7 +107,9 @@ def run_demo(out: str | os.PathLike = "skd-demo", config: DemoConfig | None = No
         "# skd demo: digits ViT", "",
         f"WPAC on {config.calib_samples} calibration samples, then PIAD for {config.epochs} epochs "
         f"(dropout list grown over {config.progressive_epochs}, target {config.target_macs:.2f} of the MACs). "
-        "WPAC only and Taylor order are evaluated without training, with uniform widths.", "",
+        "WPAC only and Taylor order are evaluated without training, with uniform widths. Latency: median "
+        f"forward time of a batch of {LATENCY_BATCH} held-out digits on {where} (other work on the machine "
+        "slows it).", "",
         table, "", "![accuracy vs MACs](accuracy_vs_macs.png)", "", "![latency vs MACs](latency_vs_macs.png)", ""]))
     print(table)
     print(f"\nwrote {out}/: results.json, accuracy_vs_macs.png, latency_vs_macs.png, supernet.safetensors, report.md")

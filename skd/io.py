@@ -158,7 +158,8 @@ def _restore_means(path: str | os.PathLike, model: nn.Module, means: dict[str, t
 
 def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     """Load a file written by `save`: an ElasticViT (rebuilding the model from its adapter's record), or for
-    a saved `extract()` the standalone smaller model.
+    a saved `extract()` the standalone smaller model. Every tensor keeps the dtype it was saved in (e.g. a
+    bf16 model loads as bf16).
 
     Raises ValueError when the file is truncated/corrupted, not an skd model file, written with an
     unknown layout, or when its tensors do not match the architecture its metadata names.
@@ -183,10 +184,13 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: tensors do not match the rebuilt {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
+    # assign=True everywhere: the model takes the file's tensors themselves, so their dtypes (a bf16 model
+    # stays bf16) come back as saved instead of being copied into the freshly built fp32 parameters.
     if meta["kind"] == "extracted":
         if means:
             raise ValueError(f"{path}: an extracted model's file holds input means (extract() folds them)")
-        model.load_state_dict(tensors)
+        model.load_state_dict(tensors, assign=True)
+        _unsaved_buffers_follow(model, tensors)
         return model
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
@@ -196,8 +200,24 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     if rank_major:  # the file holds the re-laid weights (and means): load them after wrapping
         model.load_state_dict(tensors, assign=True)
         _restore_means(path, model, means)
+    _unsaved_buffers_follow(model, tensors)
     if meta.get("dropout_list") is not None:
         elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])
     if meta.get("subnet") is not None:
         elastic.set_subnet(subnet=Subnet.from_dict(meta["subnet"]))
     return elastic
+
+
+def _unsaved_buffers_follow(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Floating buffers the file does not hold (non-persistent ones, e.g. timm Swin's shifted-window
+    attn_mask) come out of `rebuild` in fp32. When every floating tensor of the file has one dtype, they
+    are cast to it, as `model.to(dtype)` had cast them before saving: a bf16 Swin would otherwise mix a
+    float32 mask into its bf16 attention (a dtype error in timm's own forward)."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for name, buf in list(model.named_buffers()):
+        if name not in tensors and buf.is_floating_point() and buf.dtype != dtype:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, buf.to(dtype))

@@ -1,4 +1,9 @@
-"""The `skd` command end to end through subprocess, on tiny settings, and its errors."""
+"""The `skd` command end to end on tiny settings, and its errors.
+
+Commands that must succeed run in this process (`skd`); bad-input cases run in a fresh process, several to
+one process (`skd_cases`), each case's exit status and single stderr line checked; the real entry point and
+torchrun run as their own processes (see cli_helpers).
+"""
 
 import json
 import subprocess
@@ -6,11 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-
-def skd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skd.cli", "--no-progress", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+from cli_helpers import fails, skd, skd_cases, skd_process
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,13 @@ def test_demo_quick(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("results.json", "accuracy_vs_macs.png", "latency_vs_macs.png", "supernet.safetensors", "report.md"):
         assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())["results"]
+    summary = json.loads((out / "results.json").read_text())
+    results = summary["results"]
     assert set(results) == {"PIAD (WPAC + PIAD)", "WPAC only", "Taylor order"}
+    import torch
+
+    where = f"cpu, {torch.get_num_threads()} threads"  # latencies say where they were measured
+    assert summary["latency"] == {"device": where, "batch": 64} and where in (out / "report.md").read_text()
     full = next(row for row in results["WPAC only"] if row["budget"] == 1.0)
     assert full["accuracy"] > 0.9  # WPAC keeps the trained digits model's function
     assert "| method | budget |" in r.stdout
@@ -62,13 +68,15 @@ def test_pipeline_on_image_folder(tmp_path, image_folder):
     assert "vit_digits" in r.stdout and "dropout list:" in r.stdout
 
 
-def test_train_under_torchrun_two_processes(tmp_path):
-    """`skd train` under torchrun: 2 gloo processes train one super-network and only rank 0 writes it."""
+def test_train_under_torchrun_two_processes(tmp_path, image_folder):
+    """`skd train` under torchrun: 2 gloo processes train one super-network and only rank 0 writes it (on the
+    60-image folder: the processes, not the data, are under test)."""
     strat, trained = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
-    assert skd("wpac", "vit_digits", "--pretrained", "--samples", "64", "--out", str(strat)).returncode == 0
+    r = skd("wpac", "vit_digits", "--pretrained", "--data", str(image_folder), "--samples", "32", "--out", str(strat))
+    assert r.returncode == 0, r.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "skd.cli", "--no-progress", "train", str(strat),
-                        "--epochs", "1", "--batch-size", "32", "--out", str(trained)],
+                        "--data", str(image_folder), "--epochs", "1", "--batch-size", "16", "--out", str(trained)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("wrote") == 1
@@ -79,41 +87,46 @@ def test_train_under_torchrun_two_processes(tmp_path):
 
 
 def test_bench_quick_prints_both_tables():
-    r = skd("bench", "--quick")
-    assert r.returncode == 0, r.stderr
+    r = skd_process("bench", "--quick")  # the benchmarks run as child processes writing to the real stdout
+    assert r.returncode == 0, r.stderr  # also the entry point's status 0 on success
     assert "taylor_scores" in r.stdout and "prefix_linear" in r.stdout  # the kernel table
     assert "vit_tiny" in r.stdout  # the elastic latency table
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (("eval", "missing.safetensors"), "no such file"),
-        (("extract", "README.md", "--macs", "0.5", "--out", "x.safetensors"), "README.md"),
-        (("extract", "README.md", "--macs", "1.5", "--out", "x.safetensors"), "outside (0, 1]"),
-        (("eval", "README.md", "--budgets", "0,1"), "outside (0, 1]"),
-        (("wpac", "no_such_model_xyz", "--out", "x.safetensors"), "unknown model"),
-        (("wpac", "vit_tiny_patch16_224", "--pretrained", "--out", "x.safetensors"), "cannot load pretrained"),
-        (("wpac", "vit_digits", "--data", "no/such/dir", "--out", "x.safetensors"), "no such folder"),
-    ],
-)
-def test_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):
-    root = Path(__file__).resolve().parent.parent
-    r = skd(*args, cwd=root)
+ROOT = Path(__file__).resolve().parent.parent
+BAD_ARGUMENTS = [
+    (("eval", "missing.safetensors"), "no such file"),
+    (("extract", "README.md", "--macs", "0.5", "--out", "x.safetensors"), "README.md"),
+    (("extract", "README.md", "--macs", "1.5", "--out", "x.safetensors"), "outside (0, 1]"),
+    (("eval", "README.md", "--budgets", "0,1"), "outside (0, 1]"),
+    (("wpac", "no_such_model_xyz", "--out", "x.safetensors"), "unknown model"),
+    (("wpac", "vit_tiny_patch16_224", "--pretrained", "--out", "x.safetensors"), "cannot load pretrained"),
+    (("wpac", "vit_digits", "--data", "no/such/dir", "--out", "x.safetensors"), "no such folder"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_argument_results() -> dict:
+    """Every BAD_ARGUMENTS case run in the repository root, all in one fresh process: args -> result."""
+    cases = [args for args, _ in BAD_ARGUMENTS]
+    return dict(zip(cases, skd_cases(*cases, cwd=ROOT), strict=True))
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_ARGUMENTS)
+def test_bad_arguments_exit_2_with_one_line(args, needle, bad_argument_results):
+    r = bad_argument_results[args]
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
-    assert not (root / "x.safetensors").exists()
+    assert not (ROOT / "x.safetensors").exists()
+
+
+def test_entry_point_exit_status():
+    """`python -m skd.cli` itself: main()'s status 2 becomes the process's (status 0: the bench test)."""
+    fails(skd_process("info", "README.md", cwd=ROOT), "README.md is not a readable safetensors file")
 
 
 # ------------------------------------------------------------------------ checks before compute
-def fails(r: subprocess.CompletedProcess, needle: str) -> None:
-    """Exit 2 with exactly one line on stderr that contains `needle`."""
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-
-
 def _save_model(path: Path, class_names: list[str] | None = None, **kwargs) -> Path:
     """A random-init ElasticViT file (checks need no trained weights), optionally with class names."""
     import timm
@@ -145,13 +158,14 @@ def model_file(tmp_path_factory, image_folder) -> Path:
 def test_version_and_global_options_after_the_sub_command(model_file):
     from skd import __version__
 
-    r = skd("--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"skd {__version__}"
-    r = skd("info", str(model_file), "--device", "cpu", "--seed", "3", "--workers", "0")
-    assert r.returncode == 0, r.stderr
-    assert "classes:      10: class_0, class_1" in r.stdout
-    fails(skd("info", str(model_file), "--device", "cuda:99"), "needs CUDA GPU 99")
-    fails(skd("info", str(model_file), "--device", "gpu0"), "not a torch device")
+    version, info, cuda99, gpu0 = skd_cases(
+        ("--version",), ("info", str(model_file), "--device", "cpu", "--seed", "3", "--workers", "0"),
+        ("info", str(model_file), "--device", "cuda:99"), ("info", str(model_file), "--device", "gpu0"))
+    assert version.returncode == 0 and version.stdout.strip() == f"skd {__version__}"
+    assert info.returncode == 0, info.stderr
+    assert "classes:      10: class_0, class_1" in info.stdout
+    fails(cuda99, "needs CUDA GPU 99")
+    fails(gpu0, "not a torch device")
 
 
 def test_model_input_size_drives_the_transform(tmp_path, image_folder):
@@ -161,7 +175,8 @@ def test_model_input_size_drives_the_transform(tmp_path, image_folder):
     out = tmp_path / "w.safetensors"
     r = skd("wpac", str(tiny), "--data", str(image_folder), "--samples", "8", "--batch-size", "8", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    fails(skd("wpac", str(tiny), "--img-size", "64", "--out", str(out)), "only apply to a timm model name")
+    (refused,) = skd_cases(("wpac", str(tiny), "--img-size", "64", "--out", str(out)))
+    fails(refused, "only apply to a timm model name")
 
 
 def test_vit_digits_image_folder_is_not_cropped(image_folder):
@@ -190,8 +205,8 @@ def test_new_head_for_a_dataset_with_more_classes(tmp_path, image_folder):
         for png in sorted((image_folder / "class_0").iterdir())[:2]:
             (folder / extra / png.name).write_bytes(png.read_bytes())
     out = tmp_path / "w.safetensors"
-    fails(skd("wpac", "vit_digits", "--data", str(folder), "--samples", "8", "--out", str(out)),
-          "12 class folders but the model's head has 10 outputs")
+    (refused,) = skd_cases(("wpac", "vit_digits", "--data", str(folder), "--samples", "8", "--out", str(out)))
+    fails(refused, "12 class folders but the model's head has 10 outputs")
     assert not out.exists()
     r = skd("wpac", "vit_digits", "--pretrained", "--num-classes", "12", "--data", str(folder), "--samples", "8",
             "--batch-size", "8", "--out", str(out))
@@ -215,21 +230,24 @@ def test_classes_are_matched_by_name(tmp_path, image_folder, model_file):
     assert {label for _, label in data.samples} == set(range(1, 10))
     assert all(Path(p).parent.name == names[label] for p, label in data.samples)
     nameless = _save_model(tmp_path / "nameless.safetensors")
-    fails(skd("eval", str(nameless), "--data", str(subset)), "9 class folders but the model's head has 10")
-    fails(skd("eval", str(model_file), "--data", str(_copy_folder(image_folder, tmp_path / "one", names[:1]))),
-          "classification needs at least 2")
+    one = _copy_folder(image_folder, tmp_path / "one", names[:1])
     odd = _copy_folder(image_folder, tmp_path / "odd", names[:3])
     (odd / "class_2").rename(odd / "zebra")
-    fails(skd("eval", str(model_file), "--data", str(odd)), "['zebra'] are not among the 10 classes")
+    unnamed, single, zebra = skd_cases(("eval", str(nameless), "--data", str(subset)),
+                                       ("eval", str(model_file), "--data", str(one)),
+                                       ("eval", str(model_file), "--data", str(odd)))
+    fails(unnamed, "9 class folders but the model's head has 10")
+    fails(single, "classification needs at least 2")
+    fails(zebra, "['zebra'] are not among the 10 classes")
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path, image_folder, model_file):
     folder = _copy_folder(image_folder, tmp_path / "bad", [f"class_{i}" for i in range(10)])
     bad = folder / "class_3" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
-    for workers in ("0", "2"):
-        fails(skd("eval", str(model_file), "--data", str(folder), "--budgets", "1", "--workers", workers),
-              f"{bad}: not a readable image")
+    for r in skd_cases(*(("eval", str(model_file), "--data", str(folder), "--budgets", "1", "--workers", workers)
+                         for workers in ("0", "2"))):
+        fails(r, f"{bad}: not a readable image")
     r = skd("eval", str(model_file), "--data", str(folder), "--budgets", "1", "--skip-bad-images")
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable image(s) of 61" in r.stderr and "| m.safetensors |" in r.stdout
@@ -237,35 +255,43 @@ def test_corrupt_image_is_named_or_skipped(tmp_path, image_folder, model_file):
 
 def test_outputs_are_checked_before_compute(tmp_path, model_file):
     before = model_file.read_bytes()
-    fails(skd("extract", str(model_file), "--macs", "0.5", "--out", str(model_file)), "is the input file itself")
+    cases = [
+        (("extract", str(model_file), "--macs", "0.5", "--out", str(model_file)), "is the input file itself"),
+        (("extract", str(model_file), "--macs", "0.5", "--out", str(tmp_path)), "is a folder"),
+        (("extract", str(model_file), "--macs", "0.5", "--out", "/proc/x.safetensors"), "cannot write"),
+        (("eval", str(model_file), "--plot", str(tmp_path)), "--plot"),
+        (("train", str(model_file), "--checkpoint-dir", str(model_file), "--out", str(tmp_path / "t.st")),
+         "is a file, not a folder"),
+        (("demo", "--out", str(model_file)), "is a file, not a folder"),
+        (("wpac", "vit_digits", "--out", "/proc/w.safetensors"), "cannot write"),
+    ]
+    for r, (_, needle) in zip(skd_cases(*(args for args, _ in cases)), cases, strict=True):
+        fails(r, needle)
     assert model_file.read_bytes() == before
-    fails(skd("extract", str(model_file), "--macs", "0.5", "--out", str(tmp_path)), "is a folder")
-    fails(skd("extract", str(model_file), "--macs", "0.5", "--out", "/proc/x.safetensors"), "cannot write")
-    fails(skd("eval", str(model_file), "--plot", str(tmp_path)), "--plot")
-    fails(skd("train", str(model_file), "--checkpoint-dir", str(model_file), "--out", str(tmp_path / "t.st")),
-          "is a file, not a folder")
-    fails(skd("demo", "--out", str(model_file)), "is a file, not a folder")
-    fails(skd("wpac", "vit_digits", "--out", "/proc/w.safetensors"), "cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_checkpoint_needs_resume_or_overwrite(tmp_path, model_file):
     out = tmp_path / "t.safetensors"
-    ckpt = tmp_path / "ckpt"
-    fails(skd("train", str(model_file), "--checkpoint-dir", str(ckpt), "--resume", "--out", str(out)),
-          "--resume: no checkpoint piad-last.safetensors")
-    ckpt.mkdir()
-    (ckpt / "piad-last.safetensors").write_bytes(b"an earlier run")
-    fails(skd("train", str(model_file), "--checkpoint-dir", str(ckpt), "--out", str(out)),
-          "pass --resume to continue it or --overwrite")
-    assert (ckpt / "piad-last.safetensors").read_bytes() == b"an earlier run" and not out.exists()
+    missing, earlier = tmp_path / "ckpt", tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "piad-last.safetensors").write_bytes(b"an earlier run")
+    resume, again = skd_cases(("train", str(model_file), "--checkpoint-dir", str(missing), "--resume", "--out",
+                               str(out)),
+                              ("train", str(model_file), "--checkpoint-dir", str(earlier), "--out", str(out)))
+    fails(resume, "--resume: no checkpoint piad-last.safetensors")
+    fails(again, "pass --resume to continue it or --overwrite")
+    assert (earlier / "piad-last.safetensors").read_bytes() == b"an earlier run" and not out.exists()
 
 
 def test_budget_below_the_smallest_subnet(tmp_path, model_file):
     out = tmp_path / "x.safetensors"
-    for macs in ("1e-9", "0.01"):
-        fails(skd("extract", str(model_file), "--macs", macs, "--out", str(out)), "smallest possible budget 0.0")
-    fails(skd("eval", str(model_file), "--budgets", "0.001,1"), "--budgets 0.001 is below")
+    tiny, tinier, budgets = skd_cases(*(("extract", str(model_file), "--macs", macs, "--out", str(out))
+                                        for macs in ("1e-9", "0.01")),
+                                      ("eval", str(model_file), "--budgets", "0.001,1"))
+    for r in (tiny, tinier):
+        fails(r, "smallest possible budget 0.0")
+    fails(budgets, "--budgets 0.001 is below")
     assert not out.exists()
 
 
@@ -276,22 +302,23 @@ def test_corrupted_or_malformed_files_are_refused(tmp_path, model_file):
     data = bytearray(model_file.read_bytes())
     data[-5] ^= 0x01
     flipped.write_bytes(bytes(data))
-    fails(skd("eval", str(flipped)), "does not match its SHA-256")
     tensors, meta = load_tensors(model_file)
     nan = tmp_path / "nan.safetensors"
     import safetensors.torch
 
     tensors["head.bias"][0] = float("nan")
     safetensors.torch.save_file(tensors, str(nan), metadata={"skd": __import__("json").dumps(meta)})
-    fails(skd("info", str(nan)), "'head.bias' holds NaN or Inf")
     tensors["head.bias"][0] = 0.0
-    bad = tmp_path / "bad.safetensors"
-    save_tensors(bad, tensors, [1, 2])
-    fails(skd("info", str(bad)), "metadata must be a JSON object")
-    save_tensors(bad, tensors, dict(meta, subnet="all of it"))
-    fails(skd("info", str(bad)), "malformed skd metadata")
-    save_tensors(bad, tensors, dict(meta, extra={"class_names": "cat"}))
-    fails(skd("info", str(bad)), "malformed skd metadata")
+    cases = [(("eval", str(flipped)), "does not match its SHA-256"),
+             (("info", str(nan)), "'head.bias' holds NaN or Inf")]
+    for i, (bad_meta, needle) in enumerate([([1, 2], "metadata must be a JSON object"),
+                                            (dict(meta, subnet="all of it"), "malformed skd metadata"),
+                                            (dict(meta, extra={"class_names": "cat"}), "malformed skd metadata")]):
+        bad = tmp_path / f"bad{i}.safetensors"
+        save_tensors(bad, tensors, bad_meta)
+        cases.append((("info", str(bad)), needle))
+    for r, (_, needle) in zip(skd_cases(*(args for args, _ in cases)), cases, strict=True):
+        fails(r, needle)
 
 
 def test_eval_and_info_take_an_extracted_model(tmp_path, image_folder, model_file):
@@ -322,11 +349,14 @@ def test_hf_text_model_through_the_cli(tmp_path, minilm_folder):
     cal.write_text("\n".join(calibration_sentences()[:32]), encoding="utf-8")
     held_out.write_text("\n".join(evaluation_sentences()[:24]), encoding="utf-8")
     strat, small = tmp_path / "m.safetensors", tmp_path / "small.safetensors"
-    r = skd("wpac", str(minilm_folder), "--data", str(cal), "--samples", "32", "--batch-size", "16",
-            "--max-length", "48", "--out", str(strat))
-    assert r.returncode == 0, r.stderr
-    assert r.stderr == ""  # --no-progress also hides transformers' loading bar
-    r = skd("eval", str(strat), "--data", str(held_out), "--budgets", "0.5,1", "--max-length", "48")
+    # One fresh process: transformers' own loading bar and logging write to the process's real stderr
+    wpac_run, eval_run = skd_cases(("wpac", str(minilm_folder), "--data", str(cal), "--samples", "32",
+                                    "--batch-size", "16", "--max-length", "48", "--out", str(strat)),
+                                   ("eval", str(strat), "--data", str(held_out), "--budgets", "0.5,1",
+                                    "--max-length", "48"))
+    assert wpac_run.returncode == 0, wpac_run.stderr
+    assert wpac_run.stderr == ""  # --no-progress also hides transformers' loading bar
+    r = eval_run
     assert r.returncode == 0, r.stderr
     rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| m.safetensors")]
     assert len(rows) == 2
@@ -343,14 +373,18 @@ def test_hf_bad_inputs_exit_2_with_one_line(tmp_path, minilm_folder):
     out = tmp_path / "x.safetensors"
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text('{"architectures": ["GPT2Model"], "model_type": "gpt2"}')
-    fails(skd("wpac", str(tmp_path / "gpt"), "--out", str(out)), "transformers GPT2Model is not supported")
     (tmp_path / "images").mkdir()
-    fails(skd("wpac", str(tmp_path / "images"), "--out", str(out)), "no config.json")
     empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
     empty.write_text("\n  \n")
     latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    fails(skd("wpac", str(minilm_folder), "--data", str(empty), "--out", str(out)), "no examples")
-    fails(skd("wpac", str(minilm_folder), "--data", str(latin), "--out", str(out)), "not UTF-8 text")
+    gpt, images, no_text, not_utf8 = skd_cases(("wpac", str(tmp_path / "gpt"), "--out", str(out)),
+                                               ("wpac", str(tmp_path / "images"), "--out", str(out)),
+                                               ("wpac", str(minilm_folder), "--data", str(empty), "--out", str(out)),
+                                               ("wpac", str(minilm_folder), "--data", str(latin), "--out", str(out)))
+    fails(gpt, "transformers GPT2Model is not supported")
+    fails(images, "no config.json")
+    fails(no_text, "no examples")
+    fails(not_utf8, "not UTF-8 text")
     assert not out.exists()
 
 

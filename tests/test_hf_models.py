@@ -109,6 +109,17 @@ def test_macs_count_heads_once_and_tokens() -> None:
     assert vit.other_macs() == 16 * (32 * 3 * 4 * 4) + 2 * 5 * 32
 
 
+def test_multiple_choice_macs_are_per_choice_sequence() -> None:
+    """Documented: a multiple-choice model counts the MACs of ONE (context, choice) sequence, the same as the
+    one-label sequence classifier on that encoder; its budgets run all C choices at the same fraction."""
+    mc = ElasticViT(tf.BertForMultipleChoice(tf.BertConfig(**TEXT)).eval())
+    one = ElasticViT(tf.BertForSequenceClassification(tf.BertConfig(**TEXT, num_labels=1)).eval())
+    assert mc.full_macs == one.full_macs
+    assert mc.adapter.other_macs() == 32 * 32 + 32  # pooler + the 1-output choice scorer, once per sequence
+    ids = torch.randint(3, 50, (2, 4, 9))  # 2 samples of 4 choices
+    assert mc.set_subnet(macs=0.5)(input_ids=ids).logits.shape == (2, 4)
+
+
 def test_default_losses() -> None:
     model, x = tiny("BertForSequenceClassification"), inputs("BertForSequenceClassification")
     ad = adapter_for(model)
@@ -143,6 +154,42 @@ def test_record_rebuild_round_trip(tmp_path) -> None:
         inner = loaded.model if isinstance(loaded, ElasticViT) else loaded
         assert type(inner) is type(model) and inner.config._attn_implementation == "eager"
         _close(main_output(loaded.eval()(**x)), main_output(model(**x)))
+
+
+def test_bf16_model_round_trip_keeps_dtype(tmp_path) -> None:
+    """A bf16 HF super-network and its extract load back in bf16 with the same outputs."""
+    model, x = tiny("BertForSequenceClassification").to(torch.bfloat16), inputs("BertForSequenceClassification")
+    elastic = ElasticViT(model).set_subnet(macs=0.6)
+    for obj, name in ((elastic, "elastic"), (elastic.extract(), "small")):
+        skd.save(obj, tmp_path / f"{name}.safetensors")
+        loaded = skd.load(tmp_path / f"{name}.safetensors").eval()
+        dtypes = {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()}
+        assert dtypes == {torch.bfloat16}, name
+        with torch.no_grad():
+            assert torch.equal(main_output(loaded(**x)), main_output(obj(**x))), name
+
+
+@pytest.mark.parametrize("name", ["BertModel", "ViTForImageClassification"])
+def test_output_attentions_refused_and_hidden_states_returned(name: str) -> None:
+    """The elastic forward never forms attention weights: output_attentions (argument or config) raises
+    naming the way out (extract()), never an empty tuple; every layer's hidden state is returned and equals
+    the extracted model's (eager attention: transformers' SDPA path returns no attentions either)."""
+    model, x = tiny(name, "eager"), inputs(name)
+    elastic = ElasticViT(model).set_subnet(macs=0.6)
+    small = elastic.extract().eval()
+    with pytest.raises(ValueError, match=r"output_attentions=True: .*elastic\.extract\(\)"):
+        elastic(**x, output_attentions=True)
+    small_out = small(**x, output_attentions=True, output_hidden_states=True)
+    assert len(small_out.attentions) == model.config.num_hidden_layers  # the way out works
+    out = elastic(**x, output_attentions=False, output_hidden_states=True)
+    assert out.attentions is None and len(out.hidden_states) == len(small_out.hidden_states)
+    for mine, theirs in zip(out.hidden_states, small_out.hidden_states, strict=True):
+        _close(mine, theirs)
+    model.config.output_attentions = True
+    for unset in ({}, {"output_attentions": None}):  # None: the config decides, as in transformers
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            elastic(**x, **unset)
+    assert elastic(**x, output_attentions=False).attentions is None
 
 
 def test_unsupported_classes_raise_with_reason() -> None:

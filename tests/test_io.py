@@ -133,6 +133,27 @@ def test_extracted_model_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded.eval()(x), small(x))
 
 
+SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 3), num_classes=5)
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), [("vit_tiny_patch16_224", TINY), ("swin_tiny_patch4_window7_224", SWIN)])
+def test_bf16_model_loads_back_as_bf16(tmp_path: Path, arch: str, kwargs: dict) -> None:
+    """A bf16 super-network and its extract come back in bf16 with the same outputs: the saved tensors are
+    not copied into the rebuilt model's fp32 parameters, and buffers the file does not hold (Swin's
+    shifted-window attn_mask) follow the file's dtype."""
+    elastic = ElasticViT(timm.create_model(arch, **kwargs).to(torch.bfloat16).eval()).eval()
+    elastic.set_subnet(macs=0.6)
+    small = elastic.extract()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    for obj, name in ((elastic, "elastic"), (small, "small")):
+        skd.save(obj, tmp_path / f"{name}.safetensors")
+        loaded = skd.load(tmp_path / f"{name}.safetensors").eval()
+        floats = [t for t in (*loaded.parameters(), *loaded.buffers()) if t.is_floating_point()]
+        assert {t.dtype for t in floats} == {torch.bfloat16}, name
+        with torch.no_grad():
+            assert torch.equal(loaded(x), obj(x)), name
+
+
 def _flip_byte(path: Path, offset_from_end: int) -> None:
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0x40

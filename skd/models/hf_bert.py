@@ -5,6 +5,10 @@ pre-training and next-sentence prediction), e.g. sentence-transformers' all-Mini
 Post-norm layers: x = LN1(x + dropout(o(attention(x)))), x = LN2(x + dropout(fc2(act(fc1(x))))); a
 width-0 branch adds zero but its norm still runs. Decoders (BertLMHeadModel, RobertaForCausalLM, any
 config with is_decoder or cross-attention) are refused: causal caching is not modelled.
+
+MACs "per sample" are per input sequence. A multiple-choice model (BertForMultipleChoice,
+RobertaForMultipleChoice) runs one sequence per (context, choice) pair, so a sample of C choices costs
+C times the MACs reported; budgets are fractions of the full model, which C leaves unchanged.
 """
 
 from __future__ import annotations
@@ -112,7 +116,8 @@ class BertAdapter(HFAdapter):
     def other_macs(self) -> int:
         """The Linears outside the encoder layers at the nominal tokens per sequence: the pooler and
         sequence-level heads once per sample, token-level heads (masked LM decoder, token classifier,
-        QA span head) per token. Embedding lookups cost no MACs."""
+        QA span head) per token. Embedding lookups cost no MACs. Multiple-choice models count one choice's
+        sequence (see the module docstring)."""
         per_sample = [f"{self.base_prefix}.pooler" if self.base_prefix else "pooler"]
         for suffix, heads in _PER_SAMPLE_HEADS.items():
             if type(self.model).__name__.endswith(suffix):

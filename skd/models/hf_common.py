@@ -7,7 +7,9 @@ by a function computing the same layer from the caller's attention/MLP branches;
 (embeddings, mask construction, poolers, heads, the output dataclass) is the model's own code. The
 top-level module is entered through `model.forward` rather than `model(...)`, so forward hooks on the
 model itself (ElasticViT's guard against running rank-major weights directly) do not fire; hooks on
-inner modules do. Attention weights are not computed on this path (`output_attentions` gives none).
+inner modules do. Attention weights are never formed on this path (skd's attention kernels compute the
+output directly), so `output_attentions=True` (as an argument or in the model's config) raises ValueError
+rather than return an empty tuple; `output_hidden_states` works (the layers' outputs).
 """
 
 from __future__ import annotations
@@ -101,7 +103,15 @@ class HFAdapter(ModelAdapter):
     # ----------------------------------------------------------------------------------- elastic
     def run(self, args: tuple, kwargs: dict[str, Any], subnet: Subnet, attn_fn: AttnFn, mlp_fn: MlpFn) -> Any:
         """The model's own forward on `model(*args, **kwargs)` (its own output type), every layer computed
-        by `_layer_forward` from attn_fn/mlp_fn; width-0 branches add zero."""
+        by `_layer_forward` from attn_fn/mlp_fn; width-0 branches add zero. ValueError for
+        output_attentions=True (see the module docstring)."""
+        asked = kwargs.get("output_attentions")  # None means the config's default, as in transformers
+        if asked or (asked is None and getattr(self.model.config, "output_attentions", False)):
+            raise ValueError("output_attentions=True: the elastic forward never forms attention weights (its "
+                             "attention kernels compute the output directly), so it cannot return them; pass "
+                             "output_attentions=False, or run elastic.extract(), a plain transformers model of "
+                             "the same subnetwork with the same outputs, which returns them under transformers' "
+                             "eager attention")
         replacements = [(layer, self._layer_forward(i, layer, subnet, attn_fn, mlp_fn))
                         for i, layer in enumerate(self.layers)]
         with replaced_forwards(replacements):
