@@ -6,8 +6,11 @@ whose interpreter is slow, so shapes marked big run on the other backends only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import skd_kernels
 from skd_kernels import _dispatch
@@ -61,3 +64,10 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, 
 def scale(t: torch.Tensor) -> float:
     """Largest magnitude of `t` (1 when empty or all zero), the unit of the absolute tolerances."""
     return float(t.abs().max()) if t.numel() and bool(t.any()) else 1.0
+
+
+def largest_cpu_allocation(fn: Callable[[], object]) -> int:
+    """Bytes of the largest single CPU tensor allocation while `fn()` runs (torch.profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)

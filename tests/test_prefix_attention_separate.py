@@ -11,8 +11,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import CPU, OUTPUT_TOL, assert_close, scale
-from torch.profiler import ProfilerActivity, profile
+from kernel_helpers import CPU, OUTPUT_TOL, assert_close, largest_cpu_allocation, scale
 
 import skd_kernels
 from skd_kernels import _dispatch, reference
@@ -147,9 +146,7 @@ def test_cpu_kernel_allocates_only_its_output(dtype: torch.dtype) -> None:
     """No activation copy: the largest tensor allocation is the (S, N, r*H) output, the size of q."""
     s, n, h, r = 4, 64, 6, 16
     qkv, bias = _qkv(s, n, h, r, dtype), _bias(1, n, h, dtype)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _run("cpu", qkv, h, bias)
-    largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+    largest = largest_cpu_allocation(lambda: _run("cpu", qkv, h, bias))
     out_bytes = s * n * r * h * qkv[0].element_size()
     print(f"largest allocation {largest} B, output {out_bytes} B")
     assert 0 < largest <= out_bytes

@@ -12,10 +12,10 @@ from kernel_helpers import (
     OUTPUT_TOL,
     assert_close,
     backend_dtype_shape_params,
+    largest_cpu_allocation,
     scale,
     supports,
 )
-from torch.profiler import ProfilerActivity, profile
 
 import skd_kernels
 from skd_kernels import reference
@@ -156,12 +156,6 @@ def test_one_compiled_graph_serves_every_width() -> None:
                 assert not leaves[1].grad[k_out:].any() and not leaves[1].grad[:, k_in:].any()
         assert counter.frame_count == 1
 
-def _largest_allocation(fn: object) -> int:
-    """Bytes of the largest tensor allocation made while `fn` runs (torch.profiler's memory accounting)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
-
 
 # The Triton interpreter stages whole tensors through numpy by design, so only backends that run
 # natively on CPU can show what they allocate here.
@@ -177,8 +171,8 @@ def test_never_copies_the_weight(backend: str) -> None:
 
     # The detector works: a weight view that BLAS cannot read directly (no unit stride) is copied.
     every_other_column = torch.randn(1024, 2048)[:, ::2]
-    assert _largest_allocation(lambda: run(every_other_column)) >= block_bytes
-    largest = _largest_allocation(lambda: run(weight))
+    assert largest_cpu_allocation(lambda: run(every_other_column)) >= block_bytes
+    largest = largest_cpu_allocation(lambda: run(weight))
     print(f"{backend}: largest allocation {largest} B, weight block {block_bytes} B")
     assert largest < block_bytes // 8
 
