@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..ops.prefix_attention import fake, register_autograd
-from ._utils import bucket, checked_grid, dot_dtype, fp32_dot_precision, max_shared_bytes, on_device, pick_configs
+from ._utils import ConfigPruner, bucket, checked_grid, dot_dtype, fp32_dot_precision, on_device, pick_configs
 
 # Autotune key: the sequence length rounded up to a power of two (at most this), so a new N reuses its bucket.
 _KEY_CAP = 1 << 13
@@ -31,29 +31,29 @@ def _cfg(bm: int, bn: int, stages: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
 
 
-# Query/key tiles for N = 49 (Swin windows) ... 4k tokens and head widths up to 128 (not compiled for sm_90
-# here: no GPU was lent; the pruner below drops those whose tiles exceed the device's shared memory).
-_CONFIGS = pick_configs(
-    [_cfg(128, 64, 3, 8), _cfg(64, 64, 3, 4), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 4), _cfg(16, 32, 2, 2)],
-    _cfg(16, 16, 1, 4),
-)
+# The widest head tile (BLOCK_D, r rounded up to a power of two) the configs are sized for: head widths
+# up to 128.
+MAX_BLOCK_D = 128
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Drops configs whose tiles exceed the launch device's shared memory: the q tile plus, per pipeline
-    stage, a k and a v tile of BLOCK_D columns (keeps the smallest config if none fits)."""
-    operand_bytes = kwargs["DOT_DTYPE"].primitive_bitwidth // 8
-    d = kwargs["BLOCK_D"]
+def _shared_bytes(config: triton.Config, operand_bytes: int, BLOCK_D: int = MAX_BLOCK_D) -> int:
+    """Shared memory estimate: the q tile plus, per pipeline stage, a k and a v tile, BLOCK_D columns each."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return (bm + 2 * config.num_stages * bn) * BLOCK_D * operand_bytes
 
-    def shared(c: triton.Config) -> int:
-        return (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * d * operand_bytes
 
-    limit = max_shared_bytes(named_args["q_ptr"].device)
-    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
+# Query/key tiles for N = 49 (Swin windows) ... 4k tokens and head widths up to 128 (not timed on a GPU: none
+# was lent; autotuning picks among them), pruned per launch by the shared memory at the launch's BLOCK_D.
+# Not pruned for spills yet: compiled for sm_90 (benchmarks/triton_resources.py, triton 3.8), fp16/bf16 spill
+# nothing at BLOCK_D <= 64 but the two largest tiles spill at 128, and fp32 (tf32x3 dots) spills in nearly
+# every config from BLOCK_D = 32 on; the estimate is also ~1.1-1.75x low for fp32 and high for fp16/bf16
+# (no async copies: each head's ranks are strided gathers). Tuning them needs a GPU to time.
+_GPU_CONFIGS = [_cfg(128, 64, 3, 8), _cfg(64, 64, 3, 4), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 4), _cfg(16, 32, 2, 2)]
+_CONFIGS = pick_configs(_GPU_CONFIGS, _cfg(16, 16, 1, 4))
 
 
 @triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "BLOCK_D", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": ConfigPruner(_shared_bytes, {}, ("BLOCK_D",))})
 @triton.jit
 def _prefix_attention_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr,
