@@ -12,7 +12,8 @@ it fails, so one failure does not hide the rest:
   5. torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and host
      overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear, the attention
      ops: prefix_attention on the fused qkv and prefix_attention_separate, both Triton's one kernel);
-  6. the benchmark table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS).
+  6. the benchmark table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS, and the attention ops'
+     to the copy + SDPA path).
 The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section. On a lent device:
     python3 -m benchmarks.gpu_check --out $OUT/gpu-check-report.md
 """
@@ -255,7 +256,8 @@ def benchmarks(cuda: bool) -> Step:
         model, batch, dtypes, fractions, prefix_dtypes = "vit_s", 1, [f32], (1.0,), [f32]
     cases = (kernels.taylor_cases(device, backends, [model], dtypes, batch)
              + kernels.covariance_cases(device, backends, [model], dtypes, [batch])
-             + kernels.prefix_cases(device, backends, [model], fractions, prefix_dtypes, batch))
+             + kernels.prefix_cases(device, backends, [model], fractions, prefix_dtypes, batch)
+             + kernels.attention_cases(device, backends, [model], fractions, prefix_dtypes, batch))
     targets = kernels.GPU_TARGETS if cuda else kernels.CPU_TARGETS
     note = "" if cuda else " Dry run: tiny sizes on a shared CPU, a check that the step runs, not a measurement."
     rows = [f"Device: {kernels.device_name(device)}. Ratio = baseline time / op time at p50 (higher is better).{note}",
