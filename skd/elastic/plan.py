@@ -113,7 +113,9 @@ class _Compensated:
         lin, k = self.lin, self.k_in
         if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
             return skd_kernels.prefix_linear(x, lin.weight, compensated_bias(lin, k), k_in=k)
-        torch.addmv(lin.bias, lin.weight[:, k:], input_mean(lin)[k:], out=self.bias)
+        # computed aside, then copied: threads sharing this plan (serving) write identical values, and
+        # addmv(out=) would expose a half-accumulated bias to a concurrent reader
+        self.bias.copy_(torch.addmv(lin.bias, lin.weight[:, k:], input_mean(lin)[k:]))
         return self.fast(x)
 
 
