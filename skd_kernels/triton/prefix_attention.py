@@ -45,9 +45,9 @@ def _shared_bytes(config: triton.Config, operand_bytes: int, BLOCK_D: int = MAX_
 # Query/key tiles for N = 49 (Swin windows) ... 4k tokens and head widths up to 128 (not timed on a GPU: none
 # was lent; autotuning picks among them), pruned per launch by the shared memory at the launch's BLOCK_D.
 # Not pruned for spills yet: compiled for sm_90 (benchmarks/triton_resources.py, triton 3.8), fp16/bf16 spill
-# nothing at BLOCK_D <= 64 but the two largest tiles spill at 128, and fp32 (tf32x3 dots) spills in nearly
-# every config from BLOCK_D = 32 on; the estimate is also ~1.1-1.75x low for fp32 and high for fp16/bf16
-# (no async copies: each head's ranks are strided gathers). Tuning them needs a GPU to time.
+# nothing at BLOCK_D <= 64 but the two largest tiles spill at 128, and fp32 (tf32x3 dots) spills in most
+# configs (in all at 128); the estimate is also 1.05-1.75x low for fp32 and high for fp16/bf16 (no async
+# copies: each head's ranks are strided gathers). benchmarks/RESULTS.md has the table. Tuning needs a GPU.
 _GPU_CONFIGS = [_cfg(128, 64, 3, 8), _cfg(64, 64, 3, 4), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 4), _cfg(16, 32, 2, 2)]
 _CONFIGS = pick_configs(_GPU_CONFIGS, _cfg(16, 16, 1, 4))
 
