@@ -220,6 +220,23 @@ def test_opcheck_triton_op() -> None:
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_triton_op_one_compiled_graph_serves_every_width() -> None:
+    """The Triton op's fake kernel takes the width from q's symbolic shape too: one graph for four widths."""
+    import torch._dynamo.testing
+
+    from skd_kernels.triton import prefix_attention_separate as triton_op
+
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda q, k, v, bias: triton_op(q, k, v, 3, SCALE, bias), backend=counter, dynamic=True,
+                       fullgraph=True)
+    bias = _bias(1, 5, 3, torch.float32)
+    for r in (2, 4, 6, 8):  # widths 6 ... 24, none equal to another size (dynamo would share their symbol)
+        qkv = _qkv(2, 5, 3, r, torch.float32)
+        _check(fn(*qkv, bias), qkv, 3, bias, f"compiled triton r={r}")
+    assert counter.frame_count == 1
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_kernel_is_the_fused_ops_on_rank_stride_h(dtype: torch.dtype) -> None:
     """One kernel for both ops: separate q, k, v (masked keys and scores shifted by tens through the bias)

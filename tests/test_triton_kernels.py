@@ -3,7 +3,7 @@ the reference, k = 0, tile tails and multi-tile paths (mirrored covariance tiles
 
 Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (set by conftest.py before the kernels are imported).
 The general per-backend correctness sweep lives in tests/test_{weighted_covariance,taylor_scores,
-prefix_linear}.py.
+prefix_linear,prefix_attention,prefix_attention_separate}.py.
 """
 
 import importlib
