@@ -139,10 +139,10 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
                                                                            for lin in (spec.q, spec.k, spec.v))
         proj = _output_gemm(gemm, spec.proj, h * r, bound)
         weight = spec.qkv.weight if spec.fused else spec.q.weight
-        # Where prefix_attention_separate has no kernel (CUDA without Triton, fp64 on CUDA) its reference
-        # would materialise the (S, H, N, N) scores, so separate q, k, v keep the copies + SDPA there
-        # (attention None).
-        if spec.fused or _dispatch.select(weight.device, weight.dtype, separate_op.OP).name != "reference":
+        # Where prefix_attention_separate has no kernel (CUDA without Triton, fp64 on CUDA, a forced backend
+        # without one) its reference would materialise the (S, H, N, N) scores, so separate q, k, v keep the
+        # copies + SDPA there (attention None).
+        if spec.fused or _dispatch.has_kernel(separate_op.OP, weight.device, weight.dtype):
             attention = _bound_attention(spec, weight) if bound else functools.partial(
                 _public_attention if spec.fused else _public_separate, num_heads=h, scale=spec.scale)
     if m:
