@@ -249,12 +249,16 @@ def cmd_wpac(args: argparse.Namespace) -> None:
     from .io import save
     from .wpac import wpac
 
+    if args.cross_head and args.compensate not in ("all", "attn"):
+        raise UsageError("--cross-head needs --compensate (or --compensate attn): it extends the attention part's "
+                         "compensation")
     create = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
     elastic, extra = load_model(args.model, args.pretrained, not args.no_progress, **create)
     dataset = _data(args, args.data, elastic, "train", extra)
     elastic.to(args.device)
     wpac(elastic, _loader(args, dataset), num_samples=args.samples, criterion=args.criterion,
-         compensate={None: False, "all": True}.get(args.compensate, args.compensate), progress=not args.no_progress)
+         compensate={None: False, "all": True}.get(args.compensate, args.compensate), cross_head=args.cross_head,
+         progress=not args.no_progress)
     save(elastic, args.out, extra=_extra(dataset, extra))
     print(f"wrote {args.out}")
 
@@ -472,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bias compensation: truncated widths add the dropped dims' mean through the output bias, "
                         "in attention and MLP (no value or 'all'; for encoders read from all tokens, e.g. mean "
                         "pooling) or only 'attn' (e.g. classifiers reading one token) or 'mlp'")
+    w.add_argument("--cross-head", action="store_true",
+                   help="with --compensate [attn]: truncated attention widths also predict the dropped dims "
+                        "linearly from the kept dims of all heads (stores each output projection's input "
+                        "covariance in the file)")
     w.add_argument("--out", type=Path, required=True, help="the skd file to write")
 
     t = command("train", cmd_train, "PIAD training of a stratified model (works under torchrun)")

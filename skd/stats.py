@@ -41,6 +41,9 @@ from .models import BlockSpec
 QKV = ("q", "k", "v")
 FEATURES = (*QKV, "hidden")
 CONTEXT = "context"  # the output projection's input; collected only when asked (calibrate(context=True))
+# The same input's full (C, C) covariance, one group across heads (cross-head compensation; calibrate(
+# context_full=True))
+CONTEXT_FULL = "context_full"
 COVARIANCE_MODES = (None, "weighted", "uniform")
 DATASET_BATCH_SIZE = 64
 
@@ -130,7 +133,8 @@ class Moments:
 
 @dataclass
 class CalibrationStats:
-    """All blocks' statistics: blocks[i][feature] -> FeatureStats (FEATURES, plus CONTEXT when collected);
+    """All blocks' statistics: blocks[i][feature] -> FeatureStats (FEATURES, plus CONTEXT and CONTEXT_FULL
+    when collected);
     samples: () float64 count."""
 
     blocks: list[dict[str, FeatureStats]]
@@ -138,7 +142,8 @@ class CalibrationStats:
 
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
-              device: torch.device, context: bool = False, moments: bool = False) -> CalibrationStats:
+              device: torch.device, context: bool = False, moments: bool = False,
+              context_full: bool = False) -> CalibrationStats:
         """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context/hidden
         moments only if asked for (the context feature has a uniform covariance and nothing else)."""
         f64 = dict(dtype=torch.float64, device=device)
@@ -157,6 +162,8 @@ class CalibrationStats:
                 )
             if context:
                 feats[CONTEXT] = FeatureStats(taylor=None, cov=CovState.zeros(spec.num_heads, spec.head_dim, device))
+            if context_full:
+                feats[CONTEXT_FULL] = FeatureStats(taylor=None, cov=CovState.zeros(1, spec.channels, device))
             out.append(feats)
         return cls(out, torch.zeros((), **f64))
 
@@ -238,8 +245,11 @@ class _Collector:
         spec = self.blocks[i]
         x = _fp32_at_least(inputs[0].detach().reshape(self.batch_size, -1, spec.channels))
         w = x.new_ones(x.shape[:2]) if self.weights is None else self._checked_weights(i, CONTEXT, x)
-        skd_kernels.weighted_covariance(x.reshape(-1, spec.channels), w.reshape(-1).to(x.dtype), spec.num_heads,
-                                        state=self.stats.blocks[i][CONTEXT].cov)
+        x, w = x.reshape(-1, spec.channels), w.reshape(-1).to(x.dtype)
+        skd_kernels.weighted_covariance(x, w, spec.num_heads, state=self.stats.blocks[i][CONTEXT].cov)
+        full = self.stats.blocks[i].get(CONTEXT_FULL)
+        if full is not None:
+            skd_kernels.weighted_covariance(x, w, 1, state=full.cov)
 
     def _checked_weights(self, i: int, name: str, act: torch.Tensor) -> torch.Tensor:
         """The batch's (B, T) token weights, after checking they match act (B, T, C)."""
@@ -317,6 +327,7 @@ def calibrate(
     token_weights: TokenWeightsFn | None = None,
     context: bool = False,
     moments: bool = False,
+    context_full: bool = False,
     progress: bool = True,
     group: object = None,
 ) -> CalibrationStats:
@@ -330,6 +341,8 @@ def calibrate(
     token_weights(batch) -> (B, T) or None: the adapter's `token_weights` (padding tokens 0).
     context: also the CONTEXT feature (the output projection's input): its uniform per-head covariance,
     forward only (off by default: it costs one more covariance per block).
+    context_full: with `context`, also CONTEXT_FULL, that input's full (C, C) covariance across heads (one
+    group; cross-head compensation).
     moments: also the MLP hidden feature's per-unit first and second moments (`Moments`; off by default).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
@@ -342,7 +355,9 @@ def calibrate(
     loss_fn = loss_fn or sum_cross_entropy
     param = next(model.parameters())
     budget, rank, world = rank_share(num_samples)
-    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context, moments)
+    if context_full and not context:
+        raise ValueError("context_full=True needs context=True (it extends the context statistics)")
+    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context, moments, context_full)
     was_training = model.training
     model.eval()
     bar = tqdm(total=budget, desc="skd calibration", unit="sample", disable=not progress or rank != 0)

@@ -22,7 +22,8 @@ the units, vs 0.58 without and 0.72 with the variance order, because units with 
 are dropped and their mean is then added to every token); compensate=True is both. The means are over
 all tokens: right where the output is read from all of them (mean-pooled encoders: MiniLM), wrong for
 the MLP where a classifier reads one token (the digits ViT loses up to 30 points of accuracy with "mlp";
-"attn" helps it).
+"attn" helps it). cross_head=True (with "attn") also stores the context's full covariance, so a truncated
+output projection predicts its dropped dims linearly from the kept dims of all heads (skd.compensation).
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -45,11 +46,12 @@ from skd_kernels import CovState
 from . import compensation
 from ._checks import check_int
 from .models import BlockSpec, ModelAdapter, adapter_for
-from .stats import CONTEXT, CalibrationStats, FeatureStats, LossFn, calibrate
+from .stats import CONTEXT, CONTEXT_FULL, CalibrationStats, FeatureStats, LossFn, calibrate
 from .transforms import output_preserving
 
 CRITERIA = ("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian")
 COMPENSATE = (False, True, "attn", "mlp")  # skd.wpac(compensate=): none, both, attention only, MLP only
+CROSS_HEAD = "cross_head"  # in the set of compensated parts: skd.wpac(cross_head=True)
 ROTATIONS = ("wpac", "pca")  # criteria that rotate V/O and Q/K; the others permute
 RELATIVE_DAMPING = 1e-10  # δ = RELATIVE_DAMPING * tr(C)/r added to C before eigh
 RANDOM_SEED = 0
@@ -94,6 +96,7 @@ def wpac(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     compensate: bool | str = False,
+    cross_head: bool = False,
 ) -> nn.Module:
     """Stratify `model` in place so the leading dims of every head and MLP hold the most knowledge.
 
@@ -112,7 +115,11 @@ def wpac(
     use; "mlp" does so for fc2 and orders the MLP units by centred output variance whatever the criterion;
     True is both (for encoders read from all tokens, e.g. mean pooling); False stores none and removes
     stale means a previous call stored. The calibration pass then also collects the context's covariance
-    and the MLP activation's moments ("magnitude"/"random" read data too). Returns the same model, computing
+    and the MLP activation's moments ("magnitude"/"random" read data too). cross_head: with the attention
+    part compensated (True or "attn"; ValueError otherwise), also store the context's full covariance in the
+    transformed basis as buffer `skd_input_cov` of every output projection (skd.compensation): truncated
+    widths then predict the dropped context dims from the kept dims of all heads (one more (C, C)
+    covariance in the calibration pass). Returns the same model, computing
     the same function, with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
@@ -127,6 +134,13 @@ def wpac(
     if compensate not in COMPENSATE or not isinstance(compensate, bool | str):
         raise ValueError(f"compensate must be one of {COMPENSATE}, got {compensate!r}")
     parts = frozenset({True: ("attn", "mlp"), False: ()}.get(compensate, (compensate,)))
+    if not isinstance(cross_head, bool):
+        raise ValueError(f"cross_head must be True or False, got {cross_head!r}")
+    if cross_head:
+        if "attn" not in parts:
+            raise ValueError(f"cross_head=True needs the attention part compensated (compensate=True or 'attn'), "
+                             f"got compensate={compensate!r}")
+        parts |= {CROSS_HEAD}
     args = (data, num_samples, criterion, loss_fn, progress, parts)
     if isinstance(model, ElasticViT):
         with model.standard_layout() as inner:
@@ -147,7 +161,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
                           token_weights=adapter.token_weights,
                           covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion),
                           fisher=criterion == "hessian", context=criterion == "wpac+" or "attn" in compensate,
-                          moments="mlp" in compensate)
+                          moments="mlp" in compensate, context_full=CROSS_HEAD in compensate)
     normed = [s.name for s in blocks if s.has_qk_norm]
     if normed:
         warnings.warn(f"{', '.join(normed)}: qk_norm normalises over each head's dims, so Q/K cannot be rotated; "
@@ -281,10 +295,11 @@ def _centred_output_variance(spec: BlockSpec, hidden: FeatureStats) -> torch.Ten
 
 def _store_means(spec: BlockSpec, feats: dict[str, FeatureStats] | None, parts: frozenset[str], v_t: torch.Tensor,
                  moved: torch.Tensor | None, mlp_order: torch.Tensor) -> None:
-    """Bias compensation's means in the transformed basis (skd.compensation) for `parts` ("attn", "mlp"):
-    the context c_h becomes v_t[h] (c_h - moved[h]) (moved: the b_v folded out, (H, hd), or None), hidden
-    unit mlp_order[n] becomes unit n. Blocks without an output bias get none (nothing to fold into); every
-    other stored mean is removed."""
+    """Bias compensation's means in the transformed basis (skd.compensation) for `parts` ("attn", "mlp",
+    CROSS_HEAD): the context c_h becomes v_t[h] (c_h - moved[h]) (moved: the b_v folded out, (H, hd), or
+    None), so its covariance becomes T C T^T (T = blockdiag(v_t[h]), the shift cancels); hidden unit
+    mlp_order[n] becomes unit n. Blocks without an output bias get none (nothing to fold into); every other
+    stored mean and covariance is removed."""
     compensation.set_input_mean(spec.proj, None)
     compensation.set_input_mean(spec.fc2, None)
     if "attn" in parts and spec.proj.bias is not None and float(feats[CONTEXT].cov.weight_sum) > 0:
@@ -292,6 +307,11 @@ def _store_means(spec: BlockSpec, feats: dict[str, FeatureStats] | None, parts: 
         if moved is not None:
             ctx = ctx - moved
         compensation.set_input_mean(spec.proj, torch.einsum("hij,hj->hi", v_t, ctx).reshape(-1))
+        if CROSS_HEAD in parts:
+            h, hd = ctx.shape
+            cov = _covariance(spec, CONTEXT_FULL, feats[CONTEXT_FULL].cov)[0].view(h, hd, h, hd)
+            cov = torch.einsum("hij,hjgk,glk->higl", v_t.double(), cov, v_t.double()).reshape(h * hd, h * hd)
+            compensation.set_input_cov(spec.proj, cov)
     if "mlp" in parts and spec.fc2.bias is not None and float(feats["hidden"].moments.weight_sum) > 0:
         compensation.set_input_mean(spec.fc2, feats["hidden"].moments.mean().cpu()[mlp_order.cpu()])
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..compensation import BUFFER as INPUT_MEAN
+from ..compensation import COV_BUFFER as INPUT_COV
 from ..models import BlockSpec
 
 LAYOUT_VERSION = 1
@@ -68,3 +69,6 @@ class RankMajorLayout:
                     _permute_(lin.bias, perm, 0)
                 _permute_(spec.proj.weight, single, 1)
                 _permute_(getattr(spec.proj, INPUT_MEAN, None), single, 0)  # bias compensation's context mean
+                cov = getattr(spec.proj, INPUT_COV, None)  # cross-head compensation's: both axes
+                _permute_(cov, single, 0)
+                _permute_(cov, single, 1)

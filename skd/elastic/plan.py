@@ -22,7 +22,7 @@ from skd_kernels.ops import prefix_attention as prefix_attention_op
 from skd_kernels.ops import prefix_attention_separate as separate_op
 from skd_kernels.ops import prefix_linear as prefix_linear_op
 
-from ..compensation import compensated_bias, input_mean
+from ..compensation import compensated_bias, compensated_linear, cross_head_map, input_cov, input_mean
 from ..models import BlockSpec
 from ..subnet import Subnet
 
@@ -64,16 +64,25 @@ class Plan:
         # What the plan's ops read: the Parameters (held by both kinds) and their storage (the views) (`current`)
         self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(),
                           None if lin.bias is None else lin.bias.data_ptr()) for lin in linears]
-        self._means = [(lin, input_mean(lin)) for lin in linears]  # bias compensation's, stored or removed
+        # bias compensation's means and covariances, stored or removed
+        self._means = [(lin, input_mean(lin), input_cov(lin)) for lin in linears]
         gemm = _bind if bound else _partial
         self.blocks = tuple(_block(spec, r, m, gemm, bound) for spec, r, m in zip(blocks, subnet.attn, subnet.mlp,
                                                                                   strict=True))
+        # Cross-head compensation's bound GEMMs hold a corrected copy of the kept weight columns: an in-place
+        # update of the weight, bias or statistics (an optimizer step) must rebuild them.
+        self._copied = [(t, t._version) for b in self.blocks for g in (b.proj, b.fc2) if isinstance(g, _CrossHead)
+                        and g.fast is not None for t in g.sources()]
 
     def current(self) -> bool:
         """False once a weight or bias the plan was built from was replaced or moved to new storage
-        (`module.to(...)`, a new Parameter), or an input mean was stored or removed (skd.wpac): the plan must
-        be rebuilt. In-place updates keep it current."""
-        if any(input_mean(lin) is not mean for lin, mean in self._means):
+        (`module.to(...)`, a new Parameter), or an input mean or covariance was stored or removed (skd.wpac):
+        the plan must be rebuilt. In-place updates keep it current, except under cross-head compensation,
+        whose corrected weight copies are rebuilt after any in-place update of what they were computed from
+        (seen through the tensors' version counters: writes through `.data` are not seen)."""
+        if any(input_mean(lin) is not mean or input_cov(lin) is not cov for lin, mean, cov in self._means):
+            return False
+        if any(t._version != version for t, version in self._copied):
             return False
         for lin, w, b, w_ptr, b_ptr in self._sources:
             if lin.weight is not w or lin.bias is not b or w.data_ptr() != w_ptr or (b is not None
@@ -126,9 +135,46 @@ class _Weights(NamedTuple):
     bias: torch.Tensor
 
 
+class _CrossHead:
+    """prefix_linear of `lin`'s cross-head compensated weight and bias (skd.compensation.compensated_linear)
+    through its first k_in inputs, 0 < k_in < in_features.
+
+    Bound (no grad): the corrected (D_out, k_in) weight and bias are computed once, when the plan is built,
+    and bound (the one plan feature that holds an O(D_out * k_in) copy; `Plan.current` rebuilds it after an
+    in-place update). When autograd must record: computed per call from W and b with the plan's B (a
+    constant), through the public op, so the gradient reaches W and b. Unbound (autocast, torch.compile):
+    everything per call, B included, so nothing computed outside the graph is baked into it.
+    """
+
+    def __init__(self, lin: nn.Linear, k_in: int, bound: bool) -> None:
+        self.lin, self.k_in = lin, k_in
+        self.b_map = self.fast = None
+        if bound:
+            with torch.no_grad():
+                self.b_map = cross_head_map(lin, k_in)
+                weight, bias = compensated_linear(lin, k_in, self.b_map)
+            self.fast = _bind(_Weights(weight.contiguous(), bias.contiguous()))
+
+    def sources(self) -> tuple[torch.Tensor, ...]:
+        """What the bound copy was computed from."""
+        lin = self.lin
+        return lin.weight, lin.bias, input_mean(lin), input_cov(lin)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.lin
+        if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
+            return skd_kernels.prefix_linear(x, *compensated_linear(lin, self.k_in, self.b_map))
+        return self.fast(x)
+
+
 def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bool) -> Gemm:
-    """The GEMM of an output projection or fc2: `gemm`'s, or the compensated one when `lin` stores a mean."""
-    return gemm(lin, k_in=k_in) if input_mean(lin) is None else _Compensated(lin, k_in, bound)
+    """The GEMM of an output projection or fc2: `gemm`'s, or the compensated one when `lin` stores a mean
+    (cross-head when it also stores a covariance and inputs are dropped)."""
+    if input_mean(lin) is None:
+        return gemm(lin, k_in=k_in)
+    if input_cov(lin) is not None and k_in < lin.in_features:
+        return _CrossHead(lin, k_in, bound)
+    return _Compensated(lin, k_in, bound)
 
 
 def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool) -> BlockPlan:
