@@ -11,11 +11,13 @@ qk, vo and mlp cannot be expressed as an skd Subnet (q, k and v share one width)
 dropped rows/columns of a copy of the transformed model, which is exact for "keep the first r dims".
 "none" is the untransformed model truncated. A criterion suffixed "/comp", "/attn" or "/mlp" runs
 skd.wpac(..., compensate=True, "attn" or "mlp"): truncation adds the dropped dims' mean contribution to the
-output bias (skd.compensation; in the zeroing modes too). Prints Markdown tables (accuracy %, mean [min, max] over the
-draws) and writes a PNG plot of the attn mode.
+output bias (skd.compensation; in the zeroing modes too); "/cross" and "/attn-cross" are "/comp" and
+"/attn" with cross_head=True (the output projection also predicts its dropped dims from the kept ones).
+Prints Markdown tables (accuracy %, mean [min, max] over the draws) and writes a PNG plot of the attn mode.
 
     python -m benchmarks.wpac_quality [--samples 512] [--draws 3] [--modes attn qk vo mlp all]
-        [--fractions 0.0625 0.125 0.25 0.5 0.75 1] [--criteria none wpac wpac+ wpac+/comp ...] [--plot PATH]
+        [--fractions 0.0625 0.125 0.25 0.5 0.75 1] [--criteria none wpac wpac+ wpac+/comp wpac+/attn-cross ...]
+        [--plot PATH]
 """
 
 from __future__ import annotations
@@ -36,17 +38,19 @@ from skd.digits import accuracy, load_digits_split, pretrained_digits_vit
 from skd.models import adapter_for
 from skd.wpac import CRITERIA
 
-# criterion label suffix -> skd.wpac(..., compensate=...)
-COMPENSATE_SUFFIXES: dict[str, bool | str] = {"/comp": True, "/attn": "attn", "/mlp": "mlp"}
+# criterion label suffix -> skd.wpac's compensation arguments
+COMPENSATE_SUFFIXES: dict[str, dict[str, bool | str]] = {
+    "/comp": {"compensate": True}, "/attn": {"compensate": "attn"}, "/mlp": {"compensate": "mlp"},
+    "/cross": {"compensate": True, "cross_head": True}, "/attn-cross": {"compensate": "attn", "cross_head": True}}
 LABELS = ("none", *CRITERIA, *(c + suffix for c in CRITERIA for suffix in COMPENSATE_SUFFIXES))
 
 
-def parse_label(label: str) -> tuple[str, bool | str]:
-    """"wpac+/attn" -> ("wpac+", "attn"); "wpac" -> ("wpac", False)."""
-    for suffix, compensate in COMPENSATE_SUFFIXES.items():
+def parse_label(label: str) -> tuple[str, dict[str, bool | str]]:
+    """"wpac+/attn" -> ("wpac+", {"compensate": "attn"}); "wpac" -> ("wpac", {})."""
+    for suffix, kwargs in COMPENSATE_SUFFIXES.items():
         if label.endswith(suffix):
-            return label.removesuffix(suffix), compensate
-    return label, False
+            return label.removesuffix(suffix), kwargs
+    return label, {}
 
 DEFAULT_PLOT = Path(__file__).with_name("wpac_quality.png")
 MODES = ("attn", "qk", "vo", "mlp", "all")
@@ -56,7 +60,7 @@ def truncated(bare: nn.Module, qk: float, vo: float, mlp: float) -> nn.Module:
     """A copy of the head-major timm model keeping the leading fraction qk of every head's q and k dims,
     vo of its v and proj dims, and mlp of the MLP units (at least one of each); the rest zeroed. Where the
     model stores bias compensation's input means, the dropped proj/fc2 columns' mean contribution is added
-    to their bias."""
+    to their bias (cross-head compensation's correction of the kept proj columns too, where stored)."""
     m = copy.deepcopy(bare)
     with torch.no_grad():
         for spec in adapter_for(m).blocks:
@@ -65,9 +69,11 @@ def truncated(bare: nn.Module, qk: float, vo: float, mlp: float) -> nn.Module:
             dropped = ((spec.proj, (torch.arange(h * hd) % hd >= r_vo)), (spec.fc2, torch.arange(spec.hidden) >= r_mlp))
             for lin, mask in dropped:
                 mean = compensation.input_mean(lin)
-                if mean is not None:
+                if compensation.input_cov(lin) is not None and bool(mask.any()):
+                    _cross_head_(lin, ~mask)
+                elif mean is not None:
                     lin.bias += lin.weight @ (mean * mask.to(mean))
-                    compensation.set_input_mean(lin, None)
+                compensation.set_input_mean(lin, None)
             w = spec.qkv.weight.view(3, h, hd, -1)
             w[:2, :, r_qk:] = 0
             w[2, :, r_vo:] = 0
@@ -81,6 +87,21 @@ def truncated(bare: nn.Module, qk: float, vo: float, mlp: float) -> nn.Module:
                 spec.fc1.bias[r_mlp:] = 0
             spec.fc2.weight[:, r_mlp:] = 0
     return m
+
+
+def _cross_head_(lin: nn.Linear, kept: torch.Tensor) -> None:
+    """Fold cross-head compensation into `lin` for the kept input set (in_features,) bool, through the
+    product's own formula on a copy whose inputs are ordered kept first (there the kept set is a prefix)."""
+    order = torch.cat([kept.nonzero().squeeze(1), (~kept).nonzero().squeeze(1)])
+    k = int(kept.sum())
+    tmp = nn.Linear(lin.in_features, lin.out_features).to(lin.weight)
+    tmp.weight.copy_(lin.weight[:, order])
+    tmp.bias.copy_(lin.bias)
+    compensation.set_input_mean(tmp, compensation.input_mean(lin)[order])
+    compensation.set_input_cov(tmp, compensation.input_cov(lin)[order][:, order])
+    weight, bias = compensation.compensated_linear(tmp, k)
+    lin.weight[:, order[:k]] = weight
+    lin.bias.copy_(bias)
 
 
 def _mode_accuracy(elastic: skd.ElasticViT, mode: str, f: float, test: torch.utils.data.TensorDataset) -> float:
@@ -107,8 +128,8 @@ def quality_table(samples: int, draws: int, modes: list[str], fractions: list[fl
             elastic = skd.ElasticViT(copy.deepcopy(base)).eval()
             t0 = time.perf_counter()
             if criterion != "none":
-                name, compensate = parse_label(criterion)
-                skd.wpac(elastic, calib, num_samples=samples, criterion=name, progress=False, compensate=compensate)
+                name, kwargs = parse_label(criterion)
+                skd.wpac(elastic, calib, num_samples=samples, criterion=name, progress=False, **kwargs)
             seconds = time.perf_counter() - t0
             for mode in modes:
                 row = table.setdefault((criterion, mode), [[] for _ in fractions])

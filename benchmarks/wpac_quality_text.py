@@ -3,7 +3,7 @@ package's weights, BertModel, 6 layers, 12 heads x 32 dims, MLP 1536), no fine-t
 
 Each criterion (wpac, wpac+, pca, taylor, magnitude, hessian, random; "none" = the model as it is; a
 "/comp", "/attn" or "/mlp" suffix adds skd.wpac(..., compensate=True, "attn" or "mlp"), bias compensation of
-the dropped dims) transforms a
+the dropped dims; "/cross" is "/comp" with cross-head compensation, cross_head=True) transforms a
 copy of MiniLM, calibrated on English sentences from scikit-learn's documentation (skd.text's CALIBRATION
 set) with the bare encoder's default loss (in-batch contrastive, skd.losses); `--draws` disjoint
 calibration sets (every k-th sentence of the pool, at offsets 0, 1, ...) give the spread. It is then run
@@ -15,7 +15,7 @@ of pairwise similarities, top-1 nearest-neighbour agreement (skd.embeddings); ea
 mean cosine with [min, max].
 
     python -m benchmarks.wpac_quality_text [--calibration 512] [--eval N] [--max-length 128] [--draws 1]
-        [--fractions 0.125 0.25 0.5 0.75] [--axes attn mlp all] [--criteria none wpac wpac+ wpac+/comp ...]
+        [--fractions 0.125 0.25 0.5 0.75] [--axes attn mlp all] [--criteria none wpac wpac+ wpac+/comp wpac+/cross ...]
         [--quick]
 """
 
@@ -73,15 +73,14 @@ def quality_table(calibration: int, evaluation: int | None, max_length: int, fra
     reference = E.embed(model, eval_batches)
     table: dict[tuple[str, str, float], list[dict[str, float]]] = {}
     for criterion in criteria:
-        name, compensate = parse_label(criterion)
-        for d in range(1 if name in ("none", "magnitude", "random") and not compensate else draws):
+        name, kwargs = parse_label(criterion)
+        for d in range(1 if name in ("none", "magnitude", "random") and not kwargs else draws):
             cal = pool[d::step][:calibration]  # spread over all of the documentation; draws disjoint
             cal_loader = torch.utils.data.DataLoader(text.TextDataset(cal, tokenizer, max_length), batch_size=32)
             t0 = time.perf_counter()
             copy_ = copy.deepcopy(model)
             if criterion != "none":
-                skd.wpac(copy_, cal_loader, num_samples=len(cal), criterion=name, progress=False,
-                         compensate=compensate)
+                skd.wpac(copy_, cal_loader, num_samples=len(cal), criterion=name, progress=False, **kwargs)
             seconds = time.perf_counter() - t0
             elastic = skd.ElasticViT(copy_).eval()
             for axis in axes:
