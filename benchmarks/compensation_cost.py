@@ -1,10 +1,12 @@
-"""What bias compensation costs: wall time of `skd.wpac(..., compensate=True)` vs the same criterion without
-it (target <= 1.2x), on the trained digits ViT (512 training images) and the real all-MiniLM-L6-v2 (256
-scikit-learn documentation sentences, max 64 tokens); and ElasticViT's inference forward with stored means
-vs without (its compensated proj/fc2 GEMMs compute their bias per call) at half of every width.
+"""What bias compensation costs: wall time of `skd.wpac(..., compensate=True)`, and with cross_head=True, vs
+the same criterion without (target <= 1.2x), on the trained digits ViT (512 training images) and the real
+all-MiniLM-L6-v2 (256 scikit-learn documentation sentences, max 64 tokens); and ElasticViT's inference
+forward with stored means (its compensated proj/fc2 GEMMs compute their bias per call), and with the
+proj's covariances too (cross-head: a corrected weight block bound once per plan), vs without, at half of
+every width.
 
-Runs alternate (plain, compensated, plain, compensated, ...) on fresh copies of the model, so load from
-other processes hits both alike; prints each run's seconds and the median ratio per model and criterion.
+Runs alternate (plain, compensated, cross-head, plain, ...) on fresh copies of the model, so load from
+other processes hits all alike; prints each run's seconds and the median ratios per model and criterion.
 
     python -m benchmarks.compensation_cost [--repeats 4] [--criteria wpac wpac+] [--threads 1]
         [--models "digits ViT" MiniLM]
@@ -48,17 +50,22 @@ def _minilm() -> tuple[torch.nn.Module, Iterable, int]:
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, Iterable, int]]] = {"digits ViT": _digits, "MiniLM": _minilm}
 
 
-def seconds(model: torch.nn.Module, data: Iterable, n: int, criterion: str, compensate: bool) -> float:
+# skd.wpac's compensation arguments per variant, in the order runs alternate
+VARIANTS = {"plain": {}, "compensated": {"compensate": True}, "cross-head": {"compensate": True, "cross_head": True}}
+
+
+def seconds(model: torch.nn.Module, data: Iterable, n: int, criterion: str, **compensation: bool) -> float:
     """Wall time of skd.wpac (calibration + transform) on a fresh copy of `model`."""
     fresh = copy.deepcopy(model)
     t0 = time.perf_counter()
-    skd.wpac(fresh, data, num_samples=n, criterion=criterion, compensate=compensate, progress=False)
+    skd.wpac(fresh, data, num_samples=n, criterion=criterion, progress=False, **compensation)
     return time.perf_counter() - t0
 
 
 def forward_ratio(repeats: int) -> list[str]:
-    """Table rows: median forward ms of ElasticViT at keep=0.5 without and with input means (random values:
-    the cost does not depend on them), interleaved, for the digits ViT (batch 1) and ViT-S (batch 8, 224 px)."""
+    """Table rows: median forward ms of ElasticViT at keep=0.5 without and with input means, and with the
+    proj's covariances too (random values: the cost does not depend on them), interleaved, for the digits
+    ViT (batch 1) and ViT-S (batch 8, 224 px)."""
     import timm
 
     from skd import compensation
@@ -74,14 +81,19 @@ def forward_ratio(repeats: int) -> list[str]:
         for spec in compensated.adapter.blocks:
             for lin in (spec.proj, spec.fc2):
                 compensation.set_input_mean(lin, torch.randn(lin.in_features))
+        cross = copy.deepcopy(compensated)
+        for spec in cross.adapter.blocks:
+            a = torch.randn(spec.proj.in_features, spec.proj.in_features)
+            compensation.set_input_cov(spec.proj, a @ a.T / a.shape[0])
         x = torch.randn(shape)
-        times: dict[str, list[float]] = {"plain": [], "compensated": []}
+        models = {"plain": plain, "compensated": compensated, "cross-head": cross}
+        times: dict[str, list[float]] = {label: [] for label in models}
         with torch.no_grad():
             for _ in range(repeats):
-                for label, elastic in (("plain", plain), ("compensated", compensated)):
+                for label, elastic in models.items():
                     times[label].append(time_ms(lambda e=elastic, x=x: e(x, subnet=e.uniform(0.5)), 5))
-        p, c = statistics.median(times["plain"]), statistics.median(times["compensated"])
-        rows.append(f"| {name} | {p:.2f} ms | {c:.2f} ms | {c / p:.2f} |")
+        p, c, h = (statistics.median(times[label]) for label in models)
+        rows.append(f"| {name} | {p:.2f} ms | {c:.2f} ms | {h:.2f} ms | {c / p:.2f} | {h / p:.2f} |")
     return rows
 
 
@@ -98,22 +110,25 @@ def main() -> None:
     for name in args.models:
         model, data, n = MODELS[name]()
         for criterion in args.criteria:
-            seconds(model, data, n, criterion, False)  # warm-up (first-call allocations, lazy imports)
-            plain, comp = [], []
+            seconds(model, data, n, criterion)  # warm-up (first-call allocations, lazy imports)
+            runs: dict[str, list[float]] = {label: [] for label in VARIANTS}
             for _ in range(args.repeats):
-                plain.append(seconds(model, data, n, criterion, False))
-                comp.append(seconds(model, data, n, criterion, True))
-            ratio = statistics.median(c / p for c, p in zip(comp, plain, strict=True))
-            print(f"{name} {criterion}: plain {[round(s, 2) for s in plain]} s, compensated "
-                  f"{[round(s, 2) for s in comp]} s", flush=True)
-            rows.append(f"| {name} | {criterion} | {statistics.median(plain):.2f} s | {statistics.median(comp):.2f} s "
-                        f"| {ratio:.2f} |")
+                for label, kwargs in VARIANTS.items():
+                    runs[label].append(seconds(model, data, n, criterion, **kwargs))
+            ratios = [statistics.median(c / p for c, p in zip(runs[label], runs["plain"], strict=True))
+                      for label in ("compensated", "cross-head")]
+            print(f"{name} {criterion}: " + ", ".join(f"{label} {[round(s, 2) for s in r]} s"
+                                                      for label, r in runs.items()), flush=True)
+            medians = " | ".join(f"{statistics.median(r):.2f} s" for r in runs.values())
+            rows.append(f"| {name} | {criterion} | {medians} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     print(f"\n{args.threads} thread(s), {args.repeats} alternating repeats\n")
-    print("| model | criterion | plain | compensate=True | ratio (median, target <= 1.2) |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | criterion | plain | compensate=True | + cross_head | ratio compensated | ratio cross-head "
+          "(median, target <= 1.2) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
-    print("\n| ElasticViT forward at keep=0.5 | plain | with means | ratio (median) |")
-    print("|---|---:|---:|---:|")
+    print("\n| ElasticViT forward at keep=0.5 | plain | with means | with means and covariances | ratio means | "
+          "ratio cross-head (median) |")
+    print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(forward_ratio(args.repeats)))
 
 

@@ -12,8 +12,8 @@ and the key "skd_sha256" with a JSON document {"metadata": hex, "tensors": {name
 without its tensors, is refused on load. Files written before the digests existed have no "skd_sha256"
 and load unchecked (only the non-finite check applies).
 The tensors are the model's state_dict plus bias compensation's input means (skd.compensation: buffers
-outside the state_dict), named "skd_input_mean:<module name>", in the file's layout; files without them
-load as before.
+outside the state_dict), named "skd_input_mean:<module name>", and cross-head compensation's input
+covariances, "skd_input_cov:<module name>", in the file's layout; files without them load as before.
 """
 
 from __future__ import annotations
