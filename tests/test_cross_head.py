@@ -142,6 +142,15 @@ def test_compensated_linear_is_the_least_squares_prediction_and_bad_statistics_a
     assert compensation.input_cov(lin) is None
 
 
+def test_calibrate_refuses_the_full_context_covariance_without_the_context() -> None:
+    from skd.stats import calibrate
+
+    model = _model()
+    with pytest.raises(ValueError, match="context_full=True needs context=True"):
+        calibrate(model, adapter_for(model).blocks, _batches(), num_samples=8, covariance=None, context_full=True,
+                  progress=False)
+
+
 def test_wpac_refuses_cross_head_without_attention_compensation() -> None:
     model = _model()
     for compensate in (False, "mlp"):
@@ -172,11 +181,12 @@ def test_stored_covariance_is_the_measured_one_and_the_function_is_kept(criterio
 
 
 @pytest.mark.parametrize(("arch", "compensate"), [("vit_tiny_patch16_224", "attn"),
-                                                  ("deit_tiny_distilled_patch16_224", True)])
+                                                  ("deit_tiny_distilled_patch16_224", True), ("swin", "attn")])
 def test_elastic_equals_the_oracle_extract_and_full_width(arch: str, compensate: bool | str) -> None:
     from tests.elastic_oracle import masked_copy, random_subnets
+    from tests.test_compensation import _swin
 
-    model = _model(arch, seed=2)
+    model = _swin() if arch == "swin" else _model(arch, seed=2)
     x = torch.randn(2, 3, 32, 32) + 0.5
     with torch.no_grad():
         uncompensated = model(x)
