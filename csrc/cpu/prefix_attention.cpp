@@ -107,10 +107,9 @@ struct Operands {
 };
 
 #ifdef __AVX2__
-// out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8), transposed in registers.
-inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
-  __m256 r[8], t[8], u[8];
-  for (int a = 0; a < 8; ++a) r[a] = _mm256_loadu_ps(in + a * w);
+// An 8x8 block of 32-bit elements transposed in registers: r[c][a] <- r[a][c].
+inline void transpose8x8_regs(__m256 r[8]) {
+  __m256 t[8], u[8];
   for (int a = 0; a < 8; a += 2) {
     t[a] = _mm256_unpacklo_ps(r[a], r[a + 1]);
     t[a + 1] = _mm256_unpackhi_ps(r[a], r[a + 1]);
@@ -122,16 +121,22 @@ inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
     u[a + 3] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int a = 0; a < 4; ++a) {
-    _mm256_storeu_ps(out + a * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x20));
-    _mm256_storeu_ps(out + (a + 4) * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x31));
+    r[a] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x20);
+    r[a + 4] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x31);
   }
 }
 
-// The same for 2-byte elements (bf16, fp16): only their bits move.
-template <typename T, std::enable_if_t<sizeof(T) == 2, int> = 0>
-inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
-  __m128i a[8], b[8], c[8];
-  for (int k = 0; k < 8; ++k) a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k * w));
+// out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8).
+inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
+  __m256 r[8];
+  for (int a = 0; a < 8; ++a) r[a] = _mm256_loadu_ps(in + a * w);
+  transpose8x8_regs(r);
+  for (int a = 0; a < 8; ++a) _mm256_storeu_ps(out + a * ld, r[a]);
+}
+
+// An 8x8 block of 16-bit elements (bf16, fp16: only their bits move) transposed in registers.
+inline void transpose8x8_regs(__m128i a[8]) {
+  __m128i b[8], c[8];
   for (int k = 0; k < 8; k += 2) {
     b[k] = _mm_unpacklo_epi16(a[k], a[k + 1]);
     b[k + 1] = _mm_unpackhi_epi16(a[k], a[k + 1]);
@@ -143,39 +148,79 @@ inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
     c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
   }
   for (int k = 0; k < 4; ++k) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * k * ld), _mm_unpacklo_epi64(c[k], c[k + 4]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * k + 1) * ld), _mm_unpackhi_epi64(c[k], c[k + 4]));
+    a[2 * k] = _mm_unpacklo_epi64(c[k], c[k + 4]);
+    a[2 * k + 1] = _mm_unpackhi_epi64(c[k], c[k + 4]);
+  }
+}
+
+template <typename T, std::enable_if_t<sizeof(T) == 2, int> = 0>
+inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
+  __m128i a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k * w));
+  transpose8x8_regs(a);
+  for (int k = 0; k < 8; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k * ld), a[k]);
+}
+
+// transpose8x8 of a partial block, bj rows of bc columns (both <= 8), through masked loads and stores.
+template <typename T>
+SKD_AVX512 void transpose_edge_avx512(const T* in, int64_t ld_in, int64_t bj, int64_t bc, T* out, int64_t ld_out) {
+  const auto cols = static_cast<__mmask8>((1u << bc) - 1), rows = static_cast<__mmask8>((1u << bj) - 1);
+  if constexpr (sizeof(T) == 4) {
+    __m256 r[8];
+    for (int64_t u = 0; u < 8; ++u) r[u] = u < bj ? _mm256_maskz_loadu_ps(cols, in + u * ld_in) : _mm256_setzero_ps();
+    transpose8x8_regs(r);
+    for (int64_t u = 0; u < bc; ++u) _mm256_mask_storeu_ps(out + u * ld_out, rows, r[u]);
+  } else {
+    static_assert(sizeof(T) == 2);
+    __m128i r[8];
+    for (int64_t u = 0; u < 8; ++u) r[u] = u < bj ? _mm_maskz_loadu_epi16(cols, in + u * ld_in) : _mm_setzero_si128();
+    transpose8x8_regs(r);
+    for (int64_t u = 0; u < bc; ++u) _mm_mask_storeu_epi16(out + u * ld_out, rows, r[u]);
   }
 }
 #endif
 
-// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * w + c] for the tokens i < n, ranks j < r and the nc
-// columns c (nc = H: one of q, k, v; 2H or 3H: neighbouring ones of a fused qkv, whose packed heads follow
-// each other); w is the rank stride.
-// A token's (r, 3H) block is transposed in 8x8 register blocks (a scalar loop with strided loads measured
-// 25 % of the kernel), element by element at the edges and for fp64.
-template <typename scalar_t>
-void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, int64_t w, const Shape& g,
-                scalar_t* dst, int64_t ld_h, int64_t ld_i) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* row = src + i * src_tok;
-    scalar_t* out = dst + i * ld_i;
-    int64_t j0 = 0;
+// out[c * ld_out + j] = in[j * ld_in + c] for j < nj, c < nc: in 8x8 register blocks (a scalar loop with
+// strided loads measured 25 % of the kernel), the partial blocks at the edges (e.g. ViT-S's 6 heads) through
+// AVX-512 masked loads and stores where the CPU has them (element by element: ~5 % of the op at H = 6); element
+// by element for fp64.
+template <typename T>
+void transpose(const T* in, int64_t ld_in, int64_t nj, int64_t nc, T* out, int64_t ld_out) {
 #ifdef __AVX2__
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (; j0 + 8 <= g.r; j0 += 8) {
-        int64_t c = 0;
-        for (; c + 8 <= nc; c += 8) transpose8x8(row + j0 * w + c, w, out + c * ld_h + j0, ld_h);
-        for (; c < nc; ++c) {
-          for (int64_t j = j0; j < j0 + 8; ++j) out[c * ld_h + j] = row[j * w + c];
+  if constexpr (!std::is_same_v<T, double>) {
+    const bool avx512 = has_avx512();
+    for (int64_t j = 0; j < nj; j += 8) {
+      const int64_t bj = std::min<int64_t>(8, nj - j);
+      for (int64_t c = 0; c < nc; c += 8) {
+        const int64_t bc = std::min<int64_t>(8, nc - c);
+        const T* a = in + j * ld_in + c;
+        T* b = out + c * ld_out + j;
+        if (bj == 8 && bc == 8) {
+          transpose8x8(a, ld_in, b, ld_out);
+        } else if (avx512) {
+          transpose_edge_avx512(a, ld_in, bj, bc, b, ld_out);
+        } else {
+          for (int64_t u = 0; u < bc; ++u) {
+            for (int64_t v = 0; v < bj; ++v) b[u * ld_out + v] = a[v * ld_in + u];
+          }
         }
       }
     }
-#endif
-    for (int64_t c = 0; c < nc; ++c) {
-      for (int64_t j = j0; j < g.r; ++j) out[c * ld_h + j] = row[j * w + c];
-    }
+    return;
   }
+#endif
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t j = 0; j < nj; ++j) out[c * ld_out + j] = in[j * ld_in + c];
+  }
+}
+
+// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * w + c] for the tokens i < n, ranks j < r and the nc
+// columns c (nc = H: one of q, k, v; 2H or 3H: neighbouring ones of a fused qkv, whose packed heads follow
+// each other); w is the rank stride. One (r, nc) -> (nc, r) transpose per token.
+template <typename scalar_t>
+void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, int64_t w, const Shape& g,
+                scalar_t* dst, int64_t ld_h, int64_t ld_i) {
+  for (int64_t i = 0; i < n; ++i) transpose(src + i * src_tok, w, g.r, nc, dst + i * ld_i, ld_h);
 }
 
 // Packs tokens t0 .. t0 + n of sequence s of the `count` operands from `first` (0 q, 1 k, 2 v) into dst,
@@ -196,26 +241,7 @@ void pack_operands(const Operands<scalar_t>& x, int first, int count, int64_t s,
 // for one (H, n, r) buffer, into the proj's rank-major columns.
 template <typename scalar_t>
 void unpack_heads(const scalar_t* src, int64_t n, const Shape& g, scalar_t* out) {
-  const int64_t H = g.H, r = g.r, ld_h = n * r;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* in = src + i * r;
-    scalar_t* row = out + i * H * r;
-    int64_t h0 = 0;
-#ifdef __AVX2__
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (; h0 + 8 <= H; h0 += 8) {
-        int64_t j = 0;
-        for (; j + 8 <= r; j += 8) transpose8x8(in + h0 * ld_h + j, ld_h, row + j * H + h0, H);
-        for (; j < r; ++j) {
-          for (int64_t h = h0; h < h0 + 8; ++h) row[j * H + h] = in[h * ld_h + j];
-        }
-      }
-    }
-#endif
-    for (int64_t j = 0; j < r; ++j) {
-      for (int64_t h = h0; h < H; ++h) row[j * H + h] = in[h * ld_h + j];
-    }
-  }
+  for (int64_t i = 0; i < n; ++i) transpose(src + i * g.r, n * g.r, g.H, g.r, out + i * g.H * g.r, g.H);
 }
 
 // Online-softmax update of one score row x (n values, already scaled), plus its bias row if any:
@@ -278,12 +304,22 @@ acc softmax_row(acc* x, acc scale, const scalar_t* bias, int64_t n, acc& m, acc&
   return alpha;
 }
 
+// The hn <= 8 heads h0 .. h0 + hn of two bf16 rows a and b (null: zeros) of a rank-major operand, interleaved
+// into one 32-bit pair (a[h], b[h]) per head: the VNNI pair of head h.
+SKD_AVX512 inline __m256 vnni_pairs(const at::BFloat16* a, const at::BFloat16* b, __mmask8 heads) {
+  const __m128i x = a != nullptr ? _mm_maskz_loadu_epi16(heads, a) : _mm_setzero_si128();
+  const __m128i y = b != nullptr ? _mm_maskz_loadu_epi16(heads, b) : _mm_setzero_si128();
+  return _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi16(x, y), _mm_unpacklo_epi16(x, y)));
+}
+
 // bf16 products through oneDNN's brgemm micro-kernel (AMX where the CPU has it), the kernel ATen's flash
-// attention runs for bf16. Its B operands are packed once per key tile, for every head, into the VNNI
-// layout cpublas::pack writes, in column blocks of 64 keys (k^T) and of nb <= 64 ranks (v), zero-padded;
-// r must be even (the VNNI pairs). Used for r <= kMaxRank only: on ViT shapes (197 tokens, Sapphire
-// Rapids-class CPU, 1 thread) it beat MKL's bf16 GEMM by 7-10 % at r = 16 but lost 5-20 % at r = 32 and 64,
-// where MKL's call overhead no longer dominates and packing k^T (a strided gather) costs ~10 %.
+// attention runs for bf16. Its B operands, k^T in column blocks of 64 keys and v in column blocks of nb <= 64
+// ranks, are packed once per key tile, for every head, straight from the rank-major operands into the VNNI
+// layout cpublas::pack writes (pairs of consecutive K-rows interleaved), zero-padded: a token's ranks of 8
+// heads are contiguous there, so 8 heads x 8 (tokens or ranks) of 32-bit VNNI pairs are one 8x8 register
+// transpose. r must be even (k^T's VNNI pairs are rank pairs). q is packed head-major (pack_heads) as A.
+// Before (packing head-major first, then gathering k^T and packing it again through cpublas::pack) this path
+// beat MKL's bf16 GEMM only at r <= 16: the double packing was ~10 % of the op at r = 32/64.
 struct BrgemmTiles {
   using bf16 = at::BFloat16;
   int64_t H = 0, r = 0, kn = 0;
@@ -291,52 +327,64 @@ struct BrgemmTiles {
   int64_t kn2 = 0;  // kn rounded up to even: the probabilities' leading dimension, the second product's K
   int64_t nb = 0;   // v's column block: r rounded up to 16 (r <= 64) or 64
   int64_t rn = 0;   // r rounded up to nb: the output accumulator's leading dimension
-  std::unique_ptr<bf16[]> kt, v, tmp;
+  std::unique_ptr<bf16[]> kt, v;
   static constexpr int64_t kRows = 64;  // rows per brgemm call
 
   BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max) : H(H_), r(r_), nb(block(r_)), rn(padded(r_)) {
-    const int64_t ke_max = (kt_max + 63) / 64 * 64;
-    kt = buffer<bf16>(H * ke_max * r);
+    kt = buffer<bf16>(H * ((kt_max + 63) / 64 * 64) * r);
     v = buffer<bf16>(H * (kt_max + 1) * rn);
-    tmp = buffer<bf16>(std::max(r * 64, (kt_max + 1) * nb));
   }
 
   static int64_t block(int64_t r) { return r <= 64 ? (r + 15) / 16 * 16 : 64; }
   static int64_t padded(int64_t r) { return (r + block(r) - 1) / block(r) * block(r); }
 
-  static constexpr int64_t kMaxRank = 16;
-
   static bool usable(int64_t r) {
-    return r % 2 == 0 && r <= kMaxRank && has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
+    return r % 2 == 0 && has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
   }
 
-  // kv: the key tile's k then v heads, (2H, n, r) with unit stride over ranks (pack_heads' layout).
-  void pack(const bf16* kvp, int64_t n) {
-    namespace blas = at::native::cpublas;
+  // Packs keys t0 .. t0 + n of sequence s: k^T of head h as (ke / 64) blocks (r / 2, 64, 2) at kt + h * ke * r,
+  // v of head h as (rn / nb) blocks (kn2 / 2, nb, 2) at v + h * kn2 * rn. Padding keys and ranks are 0.
+  SKD_AVX512 void pack(const Operands<bf16>& x, int64_t s, int64_t t0, int64_t n) {
     kn = n;
     ke = (n + 63) / 64 * 64;
     kn2 = (n + 1) / 2 * 2;
-    const bf16 zero(0.f);
-    for (int64_t h = 0; h < H; ++h) {
-      const bf16* k = kvp + h * n * r;
-      for (int64_t b = 0; b < ke; b += 64) {  // (r, 64) = k[b:b+64, :]^T
-        const int64_t w = std::min<int64_t>(64, n - b);
-        for (int64_t j = 0; j < r; ++j) {
-          bf16* row = tmp.get() + j * 64;
-          for (int64_t t = 0; t < w; ++t) row[t] = k[(b + t) * r + j];
-          std::fill(row + w, row + 64, zero);
+    const bf16* k = x.base[1] + s * x.st_s[1] + t0 * x.st_n[1];
+    const bf16* vs = x.base[2] + s * x.st_s[2] + t0 * x.st_n[2];
+    const int64_t tk = x.st_n[1], tv = x.st_n[2], w = x.w;
+    __m256 rows[8];
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+      const int64_t hn = std::min<int64_t>(8, H - h0);
+      const auto heads = static_cast<__mmask8>((1u << hn) - 1);
+      // k^T: rows u = 8 keys, each 8 heads' (rank 2p, rank 2p + 1) pairs -> per head 8 keys' pairs.
+      for (int64_t t = 0; t < ke; t += 8) {
+        for (int64_t p = 0; p < r / 2; ++p) {
+          for (int64_t u = 0; u < 8; ++u) {
+            const bf16* row = t + u < n ? k + (t + u) * tk + 2 * p * w + h0 : nullptr;
+            rows[u] = vnni_pairs(row, row != nullptr ? row + w : nullptr, heads);
+          }
+          transpose8x8_regs(rows);
+          for (int64_t c = 0; c < hn; ++c) {
+            _mm256_storeu_ps(reinterpret_cast<float*>(kt.get() + ((h0 + c) * ke + t / 64 * 64) * r) + p * 64 + t % 64,
+                             rows[c]);
+          }
         }
-        blas::pack(r, 64, 64, 64, at::kBFloat16, at::kBFloat16, tmp.get(), kt.get() + (h * ke + b) * r);
       }
-      const bf16* vh = kvp + (H + h) * n * r;
-      for (int64_t c = 0; c < rn; c += nb) {  // (kn2, nb) = v[:, c:c+nb]
-        const int64_t w = std::min(nb, r - c);
-        for (int64_t t = 0; t < kn2; ++t) {
-          bf16* row = tmp.get() + t * nb;
-          if (t < n) std::copy_n(vh + t * r + c, w, row);
-          std::fill(row + (t < n ? w : 0), row + nb, zero);
+      // v: rows u = 8 ranks, each 8 heads' (key 2p, key 2p + 1) pairs -> per head 8 ranks' pairs.
+      for (int64_t p = 0; p < kn2 / 2; ++p) {
+        const bf16* a = vs + 2 * p * tv + h0;
+        const bf16* b = 2 * p + 1 < n ? a + tv : nullptr;
+        for (int64_t j = 0; j < rn; j += 8) {
+          for (int64_t u = 0; u < 8; ++u) {
+            const bool in = j + u < r;
+            rows[u] = vnni_pairs(in ? a + (j + u) * w : nullptr, in && b != nullptr ? b + (j + u) * w : nullptr, heads);
+          }
+          transpose8x8_regs(rows);
+          const int64_t c0 = j / nb * nb;
+          for (int64_t c = 0; c < hn; ++c) {
+            _mm256_storeu_ps(reinterpret_cast<float*>(v.get() + (h0 + c) * kn2 * rn + c0 * kn2) + p * nb + j - c0,
+                             rows[c]);
+          }
         }
-        blas::pack(kn2, nb, nb, nb, at::kBFloat16, at::kBFloat16, tmp.get(), v.get() + h * kn2 * rn + c * kn2);
       }
     }
   }
@@ -407,7 +455,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
       scalar_t* q = qkv_p.get();
       scalar_t* kv = q + H * qn * r;
       const bool one_tile = qn == g.N && g.kt >= g.N;
-      if (one_tile) {
+      if (one_tile && !tiles) {
         pack_operands(x, 0, 3, s, 0, g.N, g, q);
       } else {
         kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
@@ -419,12 +467,12 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
         const int64_t kn = std::min(g.kt, g.N - k0);
         const bool fresh = one_tile || packed_s != s;
-        if (!one_tile && packed_s != s) {
-          pack_operands(x, 1, 2, s, k0, kn, g, kv);
-          packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
-        }
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (tiles && fresh) tiles->pack(kv, kn);
+          if (tiles && fresh) tiles->pack(x, s, k0, kn);  // k and v straight into brgemm's layout
+        }
+        if (!one_tile && packed_s != s) {
+          if (!tiles) pack_operands(x, 1, 2, s, k0, kn, g, kv);
+          packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
         }
         // Leading dimensions of the scores and of p.
         const int64_t ld_sc = tiles ? tiles->ke : kn, ld_p = tiles ? tiles->kn2 : kn;
