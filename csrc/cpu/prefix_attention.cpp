@@ -317,12 +317,14 @@ SKD_AVX512 inline __m256 vnni_pairs(const at::BFloat16* a, const at::BFloat16* b
 // ranks, are packed once per key tile, for every head, straight from the rank-major operands into the VNNI
 // layout cpublas::pack writes (pairs of consecutive K-rows interleaved), zero-padded: a token's ranks of 8
 // heads are contiguous there, so 8 heads x 8 (tokens or ranks) of 32-bit VNNI pairs are one 8x8 register
-// transpose. r must be even (k^T's VNNI pairs are rank pairs). q is packed head-major (pack_heads) as A.
+// transpose. The VNNI pairs of k^T are rank pairs: an odd r gets a zero rank r, in q too, which is packed
+// head-major (pack_q) as A.
 // Before (packing head-major first, then gathering k^T and packing it again through cpublas::pack) this path
 // beat MKL's bf16 GEMM only at r <= 16: the double packing was ~10 % of the op at r = 32/64.
 struct BrgemmTiles {
   using bf16 = at::BFloat16;
   int64_t H = 0, r = 0, kn = 0;
+  int64_t rk = 0;   // r rounded up to even: the scores' K, q's leading dimension
   int64_t ke = 0;   // kn rounded up to 64: the scores' leading dimension
   int64_t kn2 = 0;  // kn rounded up to even: the probabilities' leading dimension, the second product's K
   int64_t nb = 0;   // v's column block: r rounded up to 16 (r <= 64) or 64
@@ -330,19 +332,29 @@ struct BrgemmTiles {
   std::unique_ptr<bf16[]> kt, v;
   static constexpr int64_t kRows = 64;  // rows per brgemm call
 
-  BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max) : H(H_), r(r_), nb(block(r_)), rn(padded(r_)) {
-    kt = buffer<bf16>(H * ((kt_max + 63) / 64 * 64) * r);
+  BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max)
+      : H(H_), r(r_), rk(even(r_)), nb(block(r_)), rn(padded(r_)) {
+    kt = buffer<bf16>(H * ((kt_max + 63) / 64 * 64) * rk);
     v = buffer<bf16>(H * (kt_max + 1) * rn);
   }
 
+  static int64_t even(int64_t r) { return (r + 1) / 2 * 2; }
   static int64_t block(int64_t r) { return r <= 64 ? (r + 15) / 16 * 16 : 64; }
   static int64_t padded(int64_t r) { return (r + block(r) - 1) / block(r) * block(r); }
 
   static bool usable(int64_t r) {
-    return r % 2 == 0 && has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
+    return has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
   }
 
-  // Packs keys t0 .. t0 + n of sequence s: k^T of head h as (ke / 64) blocks (r / 2, 64, 2) at kt + h * ke * r,
+  // q of tokens t0 .. t0 + n of sequence s, head-major (H, n, rk), rank r (odd r) zero.
+  void pack_q(const Operands<bf16>& x, int64_t s, int64_t t0, int64_t n, const Shape& g, bf16* dst) const {
+    pack_heads(x.base[0] + s * x.st_s[0] + t0 * x.st_n[0], x.st_n[0], n, H, x.w, g, dst, n * rk, rk);
+    if (rk > r) {
+      for (int64_t hi = 0; hi < H * n; ++hi) dst[hi * rk + r] = bf16(0.f);
+    }
+  }
+
+  // Packs keys t0 .. t0 + n of sequence s: k^T of head h as (ke / 64) blocks (rk / 2, 64, 2) at kt + h * ke * rk,
   // v of head h as (rn / nb) blocks (kn2 / 2, nb, 2) at v + h * kn2 * rn. Padding keys and ranks are 0.
   SKD_AVX512 void pack(const Operands<bf16>& x, int64_t s, int64_t t0, int64_t n) {
     kn = n;
@@ -357,14 +369,14 @@ struct BrgemmTiles {
       const auto heads = static_cast<__mmask8>((1u << hn) - 1);
       // k^T: rows u = 8 keys, each 8 heads' (rank 2p, rank 2p + 1) pairs -> per head 8 keys' pairs.
       for (int64_t t = 0; t < ke; t += 8) {
-        for (int64_t p = 0; p < r / 2; ++p) {
+        for (int64_t p = 0; p < rk / 2; ++p) {
           for (int64_t u = 0; u < 8; ++u) {
             const bf16* row = t + u < n ? k + (t + u) * tk + 2 * p * w + h0 : nullptr;
-            rows[u] = vnni_pairs(row, row != nullptr ? row + w : nullptr, heads);
+            rows[u] = vnni_pairs(row, row != nullptr && 2 * p + 1 < r ? row + w : nullptr, heads);
           }
           transpose8x8_regs(rows);
           for (int64_t c = 0; c < hn; ++c) {
-            _mm256_storeu_ps(reinterpret_cast<float*>(kt.get() + ((h0 + c) * ke + t / 64 * 64) * r) + p * 64 + t % 64,
+            _mm256_storeu_ps(reinterpret_cast<float*>(kt.get() + ((h0 + c) * ke + t / 64 * 64) * rk) + p * 64 + t % 64,
                              rows[c]);
           }
         }
@@ -389,12 +401,12 @@ struct BrgemmTiles {
     }
   }
 
-  // sc (qn, ke) = q_h (qn, r) k_h^T, unscaled.
+  // sc (qn, ke) = q_h (qn, rk) k_h^T, unscaled.
   void scores(int64_t h, const bf16* q, int64_t qn, float* sc) const {
     for (int64_t i = 0; i < qn; i += kRows) {
       const int64_t mi = std::min(kRows, qn - i);
       for (int64_t b = 0; b < ke; b += 64) {
-        at::native::cpublas::brgemm(mi, 64, r, r, 64, ke, false, q + i * r, kt.get() + (h * ke + b) * r,
+        at::native::cpublas::brgemm(mi, 64, rk, rk, 64, ke, false, q + i * rk, kt.get() + (h * ke + b) * rk,
                                     sc + i * ke + b);
       }
     }
@@ -432,6 +444,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
   const bool use_brgemm = std::is_same_v<scalar_t, at::BFloat16> && BrgemmTiles::usable(r);
   // The output accumulator's and the probabilities' leading dimensions (brgemm pads them).
   const int64_t ldo = use_brgemm ? BrgemmTiles::padded(r) : r;
+  const int64_t ldq = use_brgemm ? BrgemmTiles::even(r) : r;  // packed q's leading dimension
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
     // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
@@ -440,7 +453,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
     // ob the output before its transpose (fp32/fp64: o itself).
     // (Uninitialised: every value is written before it is read; zero-filling them measured 3 % of the op.)
     // With brgemm the scores are (qt, kt rounded up to 64) and p (qt, kt rounded up to even).
-    const auto qkv_p = buffer<scalar_t>(H * g.qt * r + 2 * H * g.kt * r);
+    const auto qkv_p = buffer<scalar_t>(H * g.qt * ldq + 2 * H * g.kt * r);
     const int64_t kt_pad = use_brgemm ? (g.kt + 63) / 64 * 64 : g.kt;
     const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0), ob = buffer<scalar_t>(kNarrow ? H * g.qt * r : 0);
     const auto sc = buffer<acc>(g.qt * kt_pad), o = buffer<acc>(H * g.qt * ldo), m = buffer<acc>(H * g.qt),
@@ -455,13 +468,15 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
       scalar_t* q = qkv_p.get();
       scalar_t* kv = q + H * qn * r;
       const bool one_tile = qn == g.N && g.kt >= g.N;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (tiles) tiles->pack_q(x, s, q0, qn, g, q);
+      }
       if (one_tile && !tiles) {
         pack_operands(x, 0, 3, s, 0, g.N, g, q);
-      } else {
+      } else if (!tiles) {
         kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
         pack_operands(x, 0, 1, s, q0, qn, g, q);
       }
-      std::fill_n(o.get(), H * qn * ldo, acc(0));
       std::fill_n(m.get(), H * qn, -std::numeric_limits<acc>::infinity());
       std::fill_n(l.get(), H * qn, acc(0));
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
@@ -483,7 +498,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
           // scores (qn, kn) = q_h k_h^T (* scale: MKL's alpha, or in the softmax after brgemm)
           acc score_scale = scale;
           if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-            if (tiles) tiles->scores(h, q + h * qn * r, qn, sc.get());
+            if (tiles) tiles->scores(h, q + h * qn * ldq, qn, sc.get());
           }
           if (!tiles) {
             gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.get(), kn);
@@ -495,7 +510,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
             scalar_t* prow = p.get() + i * ld_p;
             const acc alpha = softmax_row(x, score_scale, brow, kn, m[h * qn + i], l[h * qn + i], prow, avx512);
             if (ld_p > kn) prow[kn] = scalar_t(0);  // brgemm's even K: a zero probability
-            // (the first key tile finds o = 0: nothing to rescale)
+            // (the first key tile writes o: nothing to rescale)
             if (k0 > 0 && alpha != acc(1)) {
               at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * ldo, oh + i * ldo, r);
             }
@@ -511,7 +526,8 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
             } else {
               probs = sc.get();
             }
-            gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
+            // (the first key tile writes o: beta 0, nothing to zero-fill)
+            gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(k0 > 0), oh, r);
           }
         }
       }
