@@ -32,9 +32,10 @@ inline bool has_avx512() {
 }
 
 // AVX512_BF16 too (vcvtneps2bf16: fp32 -> bf16 rounded to nearest even in one instruction), unless
-// SKD_CPU_AVX2_ONLY is set.
+// SKD_CPU_AVX2_ONLY or SKD_CPU_NO_AVX512_BF16 is set (the tests' way to run the integer rounding).
 inline bool has_avx512_bf16() {
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  static const bool yes = has_avx512() && std::getenv("SKD_CPU_NO_AVX512_BF16") == nullptr &&
+                          __builtin_cpu_supports("avx512bf16");
   return yes;
 }
 
