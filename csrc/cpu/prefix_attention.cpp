@@ -313,8 +313,8 @@ SKD_AVX512 inline __m256 vnni_pairs(const at::BFloat16* a, const at::BFloat16* b
 }
 
 // bf16 products through oneDNN's brgemm micro-kernel (AMX where the CPU has it), the kernel ATen's flash
-// attention runs for bf16. Its B operands, k^T in column blocks of 64 keys and v in column blocks of nb <= 64
-// ranks, are packed once per key tile, for every head, straight from the rank-major operands into the VNNI
+// attention runs for bf16. Its B operands, k^T (all keys of the tile: one call per 64 query rows; blocks of 64
+// keys measured ~3 % slower, per-call overhead) and v in column blocks of nb <= 64 ranks, are packed once per key tile, for every head, straight from the rank-major operands into the VNNI
 // layout cpublas::pack writes (pairs of consecutive K-rows interleaved), zero-padded: a token's ranks of 8
 // heads are contiguous there, so 8 heads x 8 (tokens or ranks) of 32-bit VNNI pairs are one 8x8 register
 // transpose. The VNNI pairs of k^T are rank pairs: an odd r gets a zero rank r, in q too, which is packed
@@ -325,7 +325,7 @@ struct BrgemmTiles {
   using bf16 = at::BFloat16;
   int64_t H = 0, r = 0, kn = 0;
   int64_t rk = 0;   // r rounded up to even: the scores' K, q's leading dimension
-  int64_t ke = 0;   // kn rounded up to 64: the scores' leading dimension
+  int64_t ke = 0;   // kn rounded up to 16: the scores' leading dimension, the first product's N
   int64_t kn2 = 0;  // kn rounded up to even: the probabilities' leading dimension, the second product's K
   int64_t nb = 0;   // v's column block: r rounded up to 16 (r <= 64) or 64
   int64_t rn = 0;   // r rounded up to nb: the output accumulator's leading dimension
@@ -334,7 +334,7 @@ struct BrgemmTiles {
 
   BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max)
       : H(H_), r(r_), rk(even(r_)), nb(block(r_)), rn(padded(r_)) {
-    kt = buffer<bf16>(H * ((kt_max + 63) / 64 * 64) * rk);
+    kt = buffer<bf16>(H * ((kt_max + 15) / 16 * 16) * rk);
     v = buffer<bf16>(H * (kt_max + 1) * rn);
   }
 
@@ -354,11 +354,11 @@ struct BrgemmTiles {
     }
   }
 
-  // Packs keys t0 .. t0 + n of sequence s: k^T of head h as (ke / 64) blocks (rk / 2, 64, 2) at kt + h * ke * rk,
+  // Packs keys t0 .. t0 + n of sequence s: k^T of head h as (rk / 2, ke, 2) at kt + h * ke * rk,
   // v of head h as (rn / nb) blocks (kn2 / 2, nb, 2) at v + h * kn2 * rn. Padding keys and ranks are 0.
   SKD_AVX512 void pack(const Operands<bf16>& x, int64_t s, int64_t t0, int64_t n) {
     kn = n;
-    ke = (n + 63) / 64 * 64;
+    ke = (n + 15) / 16 * 16;
     kn2 = (n + 1) / 2 * 2;
     const bf16* k = x.base[1] + s * x.st_s[1] + t0 * x.st_n[1];
     const bf16* vs = x.base[2] + s * x.st_s[2] + t0 * x.st_n[2];
@@ -376,8 +376,7 @@ struct BrgemmTiles {
           }
           transpose8x8_regs(rows);
           for (int64_t c = 0; c < hn; ++c) {
-            _mm256_storeu_ps(reinterpret_cast<float*>(kt.get() + ((h0 + c) * ke + t / 64 * 64) * rk) + p * 64 + t % 64,
-                             rows[c]);
+            _mm256_storeu_ps(reinterpret_cast<float*>(kt.get() + (h0 + c) * ke * rk) + p * ke + t, rows[c]);
           }
         }
       }
@@ -405,10 +404,7 @@ struct BrgemmTiles {
   void scores(int64_t h, const bf16* q, int64_t qn, float* sc) const {
     for (int64_t i = 0; i < qn; i += kRows) {
       const int64_t mi = std::min(kRows, qn - i);
-      for (int64_t b = 0; b < ke; b += 64) {
-        at::native::cpublas::brgemm(mi, 64, rk, rk, 64, ke, false, q + i * rk, kt.get() + (h * ke + b) * rk,
-                                    sc + i * ke + b);
-      }
+      at::native::cpublas::brgemm(mi, ke, rk, rk, ke, ke, false, q + i * rk, kt.get() + h * ke * rk, sc + i * ke);
     }
   }
 
@@ -452,9 +448,9 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
     // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
     // ob the output before its transpose (fp32/fp64: o itself).
     // (Uninitialised: every value is written before it is read; zero-filling them measured 3 % of the op.)
-    // With brgemm the scores are (qt, kt rounded up to 64) and p (qt, kt rounded up to even).
+    // With brgemm the scores are (qt, kt rounded up to 16) and p (qt, kt rounded up to even).
     const auto qkv_p = buffer<scalar_t>(H * g.qt * ldq + 2 * H * g.kt * r);
-    const int64_t kt_pad = use_brgemm ? (g.kt + 63) / 64 * 64 : g.kt;
+    const int64_t kt_pad = use_brgemm ? (g.kt + 15) / 16 * 16 : g.kt;
     const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0), ob = buffer<scalar_t>(kNarrow ? H * g.qt * r : 0);
     const auto sc = buffer<acc>(g.qt * kt_pad), o = buffer<acc>(H * g.qt * ldo), m = buffer<acc>(H * g.qt),
                l = buffer<acc>(H * g.qt);
