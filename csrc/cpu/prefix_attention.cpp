@@ -244,6 +244,35 @@ void unpack_heads(const scalar_t* src, int64_t n, const Shape& g, scalar_t* out)
   for (int64_t i = 0; i < n; ++i) transpose(src + i * g.r, n * g.r, g.H, g.r, out + i * g.H * g.r, g.H);
 }
 
+// out[i * H * r + j * H + h] = o[(h * n + i) * ldo + j] * inv_l[h * n + i] rounded to T, for the tokens i < n:
+// the normalised output rounded and transposed into the proj's rank-major columns in one pass over o, 8 heads x 8
+// ranks per register block (normalising and rounding o first, then unpack_heads, read and wrote it twice more).
+template <typename T, bool kNativeBF16>
+SKD_AVX512_BF16 void finish_avx512(const float* o, const float* inv_l, int64_t n, int64_t ldo, const Shape& g, T* out) {
+  const int64_t H = g.H, r = g.r;
+  for (int64_t i = 0; i < n; ++i) {
+    T* row = out + i * H * r;
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+      const int64_t hn = std::min<int64_t>(8, H - h0);
+      const auto heads = static_cast<__mmask16>((1u << hn) - 1);
+      for (int64_t j0 = 0; j0 < r; j0 += 8) {
+        const int64_t jn = std::min<int64_t>(8, r - j0);
+        const auto ranks = static_cast<__mmask8>((1u << jn) - 1);
+        __m256 x[8];
+        for (int64_t u = 0; u < 8; ++u) {
+          const int64_t hi = (h0 + u) * n + i;
+          x[u] = u < hn ? _mm256_mul_ps(_mm256_maskz_loadu_ps(ranks, o + hi * ldo + j0), _mm256_set1_ps(inv_l[hi]))
+                        : _mm256_setzero_ps();
+        }
+        transpose8x8_regs(x);
+        for (int64_t c = 0; c < jn; ++c) {
+          store16<T, kNativeBF16>(row + (j0 + c) * H + h0, _mm512_castps256_ps512(x[c]), heads);
+        }
+      }
+    }
+  }
+}
+
 // Online-softmax update of one score row x (n values, already scaled), plus its bias row if any:
 // p = exp(x + bias - m_new) overwrites x (two passes: bias and max, then exp and sum); returns the factor
 // exp(m_old - m_new) that rescales the row's running sum and output.
@@ -529,6 +558,18 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
       }
       // o[h, i, :] /= l[h, i], rounded to scalar_t, then out[s, q0 + i, j*H + h] = o[h, i, j]: the proj's
       // rank-major columns, one (H, r) -> (r, H) transpose per token.
+      scalar_t* dst = out_ptr + (s * g.N + q0) * Hr;
+      if constexpr (std::is_same_v<acc, float>) {
+        if (avx512) {
+          for (int64_t hi = 0; hi < H * qn; ++hi) l[hi] = 1.f / l[hi];
+          if (std::is_same_v<scalar_t, at::BFloat16> && has_avx512_bf16()) {
+            finish_avx512<scalar_t, true>(o.get(), l.get(), qn, ldo, g, dst);
+          } else {
+            finish_avx512<scalar_t, false>(o.get(), l.get(), qn, ldo, g, dst);
+          }
+          continue;
+        }
+      }
       scalar_t* o_out;
       if constexpr (kNarrow) {
         o_out = ob.get();
@@ -541,7 +582,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
         at::vec::map([inv](Vec a) { return a * Vec(inv); }, row, row, r);
         if constexpr (kNarrow) at::vec::convert(row, o_out + hi * r, r);
       }
-      unpack_heads(o_out, qn, g, out_ptr + (s * g.N + q0) * Hr);
+      unpack_heads(o_out, qn, g, dst);
     }
     if (tiles) at::native::cpublas::brgemm_release();  // the AMX tile state this thread configured
   });
