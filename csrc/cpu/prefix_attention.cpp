@@ -4,16 +4,25 @@
 // qkv (S, N, r*3*H): column j*3H + w*H + h is rank j of head h of w in {q, k, v}; or (prefix_attention_separate)
 // q, k, v each (S, N, r*H), column j*H + h (HF models' separate q/k/v Linears). out (S, N, r*H): column j*H + h.
 // Both forms run one kernel on three base pointers and a rank stride (3H fused, H separate). A head's r dims
-// sit 3H (or H) apart, which no BLAS reads, so each work item (sequence s, query tile)
-// packs what it needs into thread-local buffers of its dtype, head-major with unit stride over j: a
-// per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
-// products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
-// at::parallel_for): sgemm/dgemm for fp32/fp64; for bf16/fp16 the tiles stay in their dtype and MKL's
-// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32 — or, for bf16
-// at small r, oneDNN's brgemm (BrgemmTiles below) — with the softmax probabilities rounded to the input
-// dtype for the second product as in ATen's flash attention. The online softmax runs in AVX-512 where the
-// CPU has it (softmax_avx512.h), else in AVX2. The output is written straight into the proj's rank-major
-// columns.
+// sit 3H (or H) apart, which no BLAS reads, so each work item (sequence s, query tile) packs what it needs into
+// per-thread buffers of its dtype: a per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing
+// every GEMM does. The two products per (head, key tile), single-threaded inside at::parallel_for:
+// * bf16 on AVX-512 CPUs: oneDNN's brgemm (AMX where the CPU has it), the micro-kernel ATen's flash attention
+//   runs, with k^T and v packed once per key tile straight from the rank-major operands into its VNNI layout
+//   and q head-major (BrgemmTiles below);
+// * otherwise MKL on head-major tiles: sgemm/dgemm for fp32/fp64, gemm_bf16bf16f32/gemm_f16f16f32 for bf16/fp16
+//   (tiles in their dtype, fp32 accumulation).
+// The softmax probabilities are rounded to the input dtype for the second product, as in ATen's flash
+// attention. The online softmax runs in AVX-512 where the CPU has it (softmax_avx512.h), else in AVX2. The
+// output is normalised, rounded and written straight into the proj's rank-major columns (one AVX-512 pass).
+//
+// Measured against ATen's SDPA on the extracted dense model's head-major qkv (benchmarks/prefix_attention.py,
+// 1 thread, process CPU time, 2-core machine shared with other sessions): see benchmarks/RESULTS.md,
+// "prefix_attention at batch 1 and in bf16". Of the changes there: brgemm at every r with k^T/v packed once
+// (packing head-major first, then gathering k^T and packing it again through cpublas::pack, was ~10 % of the op
+// and lost to MKL at r >= 32; so brgemm had been limited to r <= 16); k^T of a whole key tile in one VNNI block
+// (one brgemm call per 64 query rows instead of per 64 x 64 block: call overhead, and keys padded to 16 not 64);
+// the softmax with the scale folded into its exp pass, vcvtneps2bf16 and a degree-5 exp.
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -473,14 +482,16 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
     // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
-    // the three are packed in one pass as (3H, N, r). Scores (qt, kt); output (H, qt, r).
-    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
-    // ob the output before its transpose (fp32/fp64: o itself).
+    // the three are packed in one pass as (3H, N, r). With brgemm only q, (H, qt, r rounded up to even): k and v
+    // go to BrgemmTiles. Scores (qt, kt); output (H, qt, r).
+    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and,
+    // without AVX-512, ob the output before its transpose (fp32/fp64: o itself).
     // (Uninitialised: every value is written before it is read; zero-filling them measured 3 % of the op.)
     // With brgemm the scores are (qt, kt rounded up to 16) and p (qt, kt rounded up to even).
-    const auto qkv_p = buffer<scalar_t>(H * g.qt * ldq + 2 * H * g.kt * r);
+    const auto qkv_p = buffer<scalar_t>(H * g.qt * ldq + (use_brgemm ? 0 : 2 * H * g.kt * r));
     const int64_t kt_pad = use_brgemm ? (g.kt + 15) / 16 * 16 : g.kt;
-    const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0), ob = buffer<scalar_t>(kNarrow ? H * g.qt * r : 0);
+    const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0);
+    const auto ob = buffer<scalar_t>(kNarrow && !avx512 ? H * g.qt * r : 0);
     const auto sc = buffer<acc>(g.qt * kt_pad), o = buffer<acc>(H * g.qt * ldo), m = buffer<acc>(H * g.qt),
                l = buffer<acc>(H * g.qt);
     std::optional<BrgemmTiles> tiles;
