@@ -214,8 +214,8 @@ def _masked_bias(s: int, n: int, h: int, dtype: torch.dtype) -> torch.Tensor:
                          ids=["tail-lanes", "two-key-tiles", "two-key-tiles-small-r"])
 def test_cpu_masked_keys_and_large_scores(dtype: torch.dtype, s: int, n: int, h: int, r: int) -> None:
     """The CPU kernel's own exp and online softmax: 37 keys leave a partial vector; 700 keys at H*r = 384 and
-    300 keys at H*r = 1024 split into two key tiles (the running max and sum rescaled between them; bf16 at
-    r <= 16 through brgemm, accumulating into its output)."""
+    300 keys at H*r = 1024 split into two key tiles (the running max and sum rescaled between them; bf16
+    through brgemm on AVX-512 CPUs, accumulating into its output)."""
     qkv = (_qkv(s, n, h, r, torch.float32) * 3).to(dtype)
     for bias in (None, _masked_bias(s, n, h, dtype)):
         out = _run("cpu", qkv, h, bias)
