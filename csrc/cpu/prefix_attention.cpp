@@ -352,11 +352,11 @@ SKD_AVX512 inline __m256 vnni_pairs(const at::BFloat16* a, const at::BFloat16* b
 
 // bf16 products through oneDNN's brgemm micro-kernel (AMX where the CPU has it), the kernel ATen's flash
 // attention runs for bf16. Its B operands, k^T (all keys of the tile: one call per 64 query rows; blocks of 64
-// keys measured ~3 % slower, per-call overhead) and v in column blocks of nb <= 64 ranks, are packed once per key tile, for every head, straight from the rank-major operands into the VNNI
-// layout cpublas::pack writes (pairs of consecutive K-rows interleaved), zero-padded: a token's ranks of 8
-// heads are contiguous there, so 8 heads x 8 (tokens or ranks) of 32-bit VNNI pairs are one 8x8 register
-// transpose. The VNNI pairs of k^T are rank pairs: an odd r gets a zero rank r, in q too, which is packed
-// head-major (pack_q) as A.
+// keys measured ~3 % slower, per-call overhead) and v in column blocks of nb <= 64 ranks, are packed once per
+// key tile, for every head, straight from the rank-major operands into the VNNI layout cpublas::pack writes
+// (pairs of consecutive K-rows interleaved), zero-padded: a token's ranks of 8 heads are contiguous there, so
+// 8 heads x 8 (tokens or ranks) of 32-bit VNNI pairs are one 8x8 register transpose. The VNNI pairs of k^T are
+// rank pairs: an odd r gets a zero rank r, in q too, which is packed head-major (pack_q) as A.
 // Before (packing head-major first, then gathering k^T and packing it again through cpublas::pack) this path
 // beat MKL's bf16 GEMM only at r <= 16: the double packing was ~10 % of the op at r = 32/64.
 struct BrgemmTiles {
