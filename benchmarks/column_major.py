@@ -4,10 +4,11 @@ ElasticViT stores every weight whose elastic prefix is a block of columns (atten
 fc2) column-major, so W[:, :k] is one contiguous block. Three tables, each pair timed interleaved (A, B, A,
 B, ...) in one run, medians of per-repeat ratios (< 1: the first is faster):
 
-  gemm     F.linear on W[:, :k] of a row-major and of a column-major weight, each / F.linear on a contiguous
-           copy of the block (what an extracted model runs), ViT-S/B proj and fc2 shapes, M = 197 and 1576
-           rows (batch 1 and 8), fp32 and bf16, no grad. Extra bf16 routes on the column-major block:
-           torch.addmm on the 2-D transposed block and torch.matmul (the ATen routes an op could take).
+  gemm     routes on W[:, :k], each / F.linear on a contiguous copy of the block (what an extracted model
+           runs), ViT-S/B proj and fc2 shapes, M = 197 and 1576 rows (batch 1 and 8), fp32 and bf16, no grad:
+           F.linear on the block of a row-major and of a column-major weight, oneDNN's linear
+           (mkldnn::_linear_pointwise) and torch.matmul on the column-major block, and the bound
+           prefix_linear ElasticViT's plans run (oneDNN for bf16, F.linear for fp32).
   elastic  ElasticViT forward, column-major (as wrapped) / the same model with those weights re-strided
            row-major (the layout before this change), no grad, MACs fractions 1/4 ... 1.
   piad     one PIAD training step (forward, backward, fused AdamW step), column-major / row-major, at the
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 import skd
 from skd.elastic.layout import store_columns_
 from skd.piad.recipe import build_optimizer
+from skd_kernels.ops.prefix_linear import bind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (d, hidden) of ViT-S and ViT-B
@@ -77,18 +79,20 @@ def _routes(x: torch.Tensor, w: torch.Tensor, w_col: torch.Tensor, b: torch.Tens
             k: int) -> dict[str, Callable[[], object]]:
     """x (M, k) through the first k columns of w (row-major (out, in)) and of w_col (the same, column-major)."""
     blk, blk_col, contiguous = w[:, :k], w_col[:, :k], w[:, :k].contiguous()
+    bound = bind(w_col, b, k_in=k)
     return {"contiguous": lambda: F.linear(x, contiguous, b),
             "row": lambda: F.linear(x, blk, b),
             "col": lambda: F.linear(x, blk_col, b),
-            "addmm": lambda: torch.addmm(b, x, blk_col.t()),
-            "matmul": lambda: torch.matmul(x, blk_col.t()).add_(b)}
+            "onednn": lambda: torch.ops.mkldnn._linear_pointwise.default(x, blk_col, b, "none", [], ""),
+            "matmul": lambda: torch.matmul(x, blk_col.t()).add_(b),
+            "bound": bound}
 
 
 def gemm_table(repeats: int) -> None:
     print("\n## gemm: time / F.linear on the contiguous block (no grad; <= 1.02 is the issue-14 target)\n")
-    print("| shape | dtype | M | k/in | row-major W[:, :k] | col-major W[:, :k] | addmm col | matmul col | "
-          "contiguous ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | dtype | M | k/in | F.linear row-major W[:, :k] | F.linear col-major | oneDNN linear col-major | "
+          "matmul col-major | bound prefix_linear col-major (ElasticViT's) | contiguous ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, (d, m) in SHAPES.items():
         for layer, (out_f, in_f) in (("proj", (d, d)), ("fc2", (d, m))):
             for dtype_name, dtype in DTYPES.items():
@@ -103,8 +107,8 @@ def gemm_table(repeats: int) -> None:
                             t = side_by_side(fns, repeats)
                         r = {k2: _ratio(t, k2, "contiguous") for k2 in fns}
                         print(f"| {model}.{layer} ({out_f}, {in_f}) | {dtype_name} | {rows} | {frac:.2f} | "
-                              f"{r['row']:.3f} | {r['col']:.3f} | {r['addmm']:.3f} | {r['matmul']:.3f} | "
-                              f"{statistics.median(t['contiguous']):.3f} |", flush=True)
+                              f"{r['row']:.3f} | {r['col']:.3f} | {r['onednn']:.3f} | {r['matmul']:.3f} | "
+                              f"{r['bound']:.3f} | {statistics.median(t['contiguous']):.3f} |", flush=True)
 
 
 def _pair(name: str, dtype: torch.dtype, train: bool) -> tuple[skd.ElasticViT, skd.ElasticViT]:
