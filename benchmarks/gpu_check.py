@@ -10,8 +10,10 @@ it fails, so one failure does not hide the rest:
   3. tests: tests/test_gpu.py and tests/test_triton_kernels.py on the GPU;
   4. compute-sanitizer memcheck and racecheck over benchmarks/sanitizer_driver.py (tail shapes);
   5. torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and host
-     overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear);
-  6. the benchmark table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS).
+     overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear, the attention
+     ops: prefix_attention on the fused qkv and prefix_attention_separate, both Triton's one kernel);
+  6. the benchmark table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS, and the attention ops'
+     to the copy + SDPA path).
 The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section. On a lent device:
     python3 -m benchmarks.gpu_check --out $OUT/gpu-check-report.md
 """
@@ -182,6 +184,9 @@ def _profile_cases(device: str, dry: bool) -> list[tuple[str, Callable[[], objec
     r = d // heads
     k_out = 2 * d
     elt = act.element_size()
+    qkv = torch.randn(b, t, 3 * d, device=device, dtype=dtype)  # rank-major: every head's full width r
+    q, k, v = (torch.randn(b, t, d, device=device, dtype=dtype) for _ in range(3))
+    attention_flops = 4 * b * heads * t * t * r  # q kᵀ and p v
     return [
         ("taylor_scores bf16", lambda: skd_kernels.taylor_scores(act, grad), 2 * act.numel() * elt, "GB/s"),
         (f"weighted_covariance bf16 G={heads}", lambda: skd_kernels.weighted_covariance(x, w, heads),
@@ -189,6 +194,10 @@ def _profile_cases(device: str, dry: bool) -> list[tuple[str, Callable[[], objec
         ("weighted_covariance bf16 G=1", lambda: skd_kernels.weighted_covariance(x, w, 1), 2 * n * d * d, "TFLOP/s"),
         ("prefix_linear bf16 gelu", lambda: skd_kernels.prefix_linear(x, weight, bias, d, k_out, "gelu"),
          2 * n * d * k_out, "TFLOP/s"),
+        (f"prefix_attention bf16 H={heads}", lambda: skd_kernels.prefix_attention(qkv, heads, r**-0.5),
+         attention_flops, "TFLOP/s"),
+        (f"prefix_attention_separate bf16 H={heads}",
+         lambda: skd_kernels.prefix_attention_separate(q, k, v, heads, r**-0.5), attention_flops, "TFLOP/s"),
     ]
 
 
@@ -247,7 +256,8 @@ def benchmarks(cuda: bool) -> Step:
         model, batch, dtypes, fractions, prefix_dtypes = "vit_s", 1, [f32], (1.0,), [f32]
     cases = (kernels.taylor_cases(device, backends, [model], dtypes, batch)
              + kernels.covariance_cases(device, backends, [model], dtypes, [batch])
-             + kernels.prefix_cases(device, backends, [model], fractions, prefix_dtypes, batch))
+             + kernels.prefix_cases(device, backends, [model], fractions, prefix_dtypes, batch)
+             + kernels.attention_cases(device, backends, [model], fractions, prefix_dtypes, batch))
     targets = kernels.GPU_TARGETS if cuda else kernels.CPU_TARGETS
     note = "" if cuda else " Dry run: tiny sizes on a shared CPU, a check that the step runs, not a measurement."
     rows = [f"Device: {kernels.device_name(device)}. Ratio = baseline time / op time at p50 (higher is better).{note}",

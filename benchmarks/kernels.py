@@ -11,8 +11,10 @@ percentile with its target. Baselines: on CPU the plain-PyTorch reference backen
 public op, so input validation costs both sides alike (taylor_scores, weighted_covariance), and F.linear on
 the weight block already extracted as a contiguous tensor (prefix_linear); on CUDA cuBLAS's F.linear on the
 extracted block, cuBLAS's X^T X of the same x (the covariance's GEMM throughput), and a copy moving the
-bytes taylor_scores reads (copy bandwidth). Each timing is appended to benchmarks/results.csv as (op,
-backend, shape, dtype, p20, p50, p80 in ms, device, commit).
+bytes taylor_scores reads (copy bandwidth). The attention ops (prefix_attention on the fused qkv,
+prefix_attention_separate on q, k, v; on CUDA both Triton's one kernel) are timed against the path the
+elastic forward takes without them: a copy to head-major order, SDPA, and the permute back. Each timing is
+appended to benchmarks/results.csv as (op, backend, shape, dtype, p20, p50, p80 in ms, device, commit).
 
 A second table, "wrapper overhead per op", times each public op against the raw `torch.ops.skd_kernels.*`
 call it dispatches to, on tiny inputs (the wrapper's cost is per call: dispatch, argument checks, the
@@ -37,6 +39,10 @@ import torch.nn.functional as F
 
 import skd_kernels
 from skd.elastic.layout import store_order_
+from skd.elastic.module import ElasticViT
+from skd_kernels import _dispatch
+
+from .prefix_attention import todays_path
 
 RESULTS_CSV = Path(__file__).with_name("results.csv")
 CSV_FIELDS = ("op", "backend", "shape", "dtype", "p20", "p50", "p80", "device", "commit")
@@ -45,8 +51,11 @@ TOKENS = 197
 MODELS = {"vit_s": (384, 6, 1536), "vit_b": (768, 12, 3072)}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # Lower bounds on baseline_time / backend_time (docs/design.md's targets).
-CPU_TARGETS = {"taylor_scores": 2.0, "weighted_covariance": 1.3, "prefix_linear": 0.98}
-GPU_TARGETS = {"taylor_scores": 0.8, "weighted_covariance": 0.7, "prefix_linear": 0.9}
+# The attention ops must beat the copy + SDPA path, or the elastic forward should keep it.
+CPU_TARGETS = {"taylor_scores": 2.0, "weighted_covariance": 1.3, "prefix_linear": 0.98, "prefix_attention": 1.0,
+               "prefix_attention_separate": 1.0}
+GPU_TARGETS = {"taylor_scores": 0.8, "weighted_covariance": 0.7, "prefix_linear": 0.9, "prefix_attention": 1.0,
+               "prefix_attention_separate": 1.0}
 # Per-call cost of the public op over the raw compiled op, in µs (issue 13).
 OVERHEAD_TARGET_US = 10.0
 # Each timing sample runs the op repeatedly for at least this long, so µs-scale GPU ops are measurable.
@@ -242,6 +251,42 @@ def taylor_cases(device: torch.device, backends: list[str], models: list[str], d
     return cases
 
 
+def _separate_copy_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                        scale: float) -> torch.Tensor:
+    """q, k, v (S, N, r*H) rank-major -> each copied to head-major -> SDPA -> (S, N, r*H) rank-major (the
+    elastic forward's separate-q/k/v path without prefix_attention_separate)."""
+    s, n, c = q.shape
+    r = c // num_heads
+    heads = [ElasticViT._head_major(t, num_heads, r, None) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*heads, scale=scale).permute(0, 2, 3, 1).reshape(s, n, c)
+
+
+def attention_cases(device: torch.device, backends: list[str], models: list[str], fractions: tuple[float, ...],
+                    dtypes: list[torch.dtype], batch: int) -> list[Case]:
+    """Both attention ops on (batch, 197 tokens) at head widths r = f·64, against the copy + SDPA path on the
+    same rank-major activations (the backends that have the op: not the CUDA C++ one)."""
+    cases = []
+    for model in models:
+        d, heads, _ = MODELS[model]
+        scale = (d // heads) ** -0.5
+        for frac in fractions:
+            r = max(1, round(frac * d / heads))
+            for dtype in dtypes:
+                qkv = torch.randn(batch, TOKENS, 3 * heads * r, device=device, dtype=dtype)
+                q, k, v = (torch.randn(batch, TOKENS, heads * r, device=device, dtype=dtype) for _ in range(3))
+                shape = f"{model} f={frac:g} ({batch},{TOKENS}) H={heads} r={r}"
+                for op, inputs, base in (("prefix_attention", (qkv,), todays_path),
+                                         ("prefix_attention_separate", (q, k, v), _separate_copy_path)):
+                    for name in backends:
+                        if _dispatch._REGISTRY[name].usable(device, dtype, op):
+                            cases.append(Case(
+                                op, shape, dtype, name,
+                                _with_backend(name, getattr(skd_kernels, op), *inputs, heads, scale),
+                                "copy + SDPA", functools.partial(base, *inputs, heads, scale),
+                            ))
+    return cases
+
+
 def build_cases(device: torch.device, quick: bool) -> list[Case]:
     backends = _timed_backends(device)
     if quick:
@@ -253,7 +298,8 @@ def build_cases(device: torch.device, quick: bool) -> list[Case]:
     batch = 8 if device.type == "cpu" else 64
     return (taylor_cases(device, backends, models, low, batch)
             + covariance_cases(device, backends, models, low, [batch, 4 * batch])
-            + prefix_cases(device, backends, models, FRACTIONS, low, batch))
+            + prefix_cases(device, backends, models, FRACTIONS, low, batch)
+            + attention_cases(device, backends, models, (0.25, 1.0), low, batch))
 
 
 def overhead_cases(device: torch.device) -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:

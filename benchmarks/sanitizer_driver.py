@@ -4,7 +4,9 @@
 
 Tail shapes: T = 197 tokens (not a multiple of any tile), C in {3, 129} channels (narrower than a vector
 load, and one past a multiple of it), a vector-loadable C = 264 whose last token tile is partial, groups of
-r = 48 (a partial 64-wide covariance tile) with N = 1 and N = 197 rows, prefix widths k = 0 and k = 1.
+r = 48 (a partial 64-wide covariance tile) with N = 1 and N = 197 rows, prefix widths k = 0 and k = 1; the
+attention ops (on the backends that have them: not the CUDA C++ one) at N = 1 and 197 tokens, head widths
+r = 0, 1, 5 and 48, with a broadcast bias.
 Each result is compared with skd_kernels.reference, so a kernel that reads or writes the wrong memory
 fails here even where the sanitizer has nothing to say. Prints one line per call and "driver ok" last.
 """
@@ -16,12 +18,13 @@ import argparse
 import torch
 
 import skd_kernels
-from skd_kernels import reference
+from skd_kernels import _dispatch, reference
 
 TOKENS = 197
 CHANNELS = (3, 129, 264)
 COV_SHAPES = ((1, 48, 1), (197, 48, 1), (197, 3 * 48, 3), (1, 3 * 48, 3))  # (N, width, groups)
 PREFIX_KS = ((0, 1), (1, 0), (1, 1), (0, 0), (129, 48))  # (k_in, k_out) of a (257, 129) weight
+ATTENTION_SHAPES = ((1, 3, 1), (TOKENS, 3, 48), (TOKENS, 12, 5), (TOKENS, 3, 0))  # (N, H, r)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -81,8 +84,23 @@ def _run_ops(device: torch.device) -> None:
                                                    act_name)
                     _check(f"prefix_linear {tag} M={rows} k_in={k_in} k_out={k_out} {act_name}", got, want,
                            out_tol)
+        _run_attention(device, dtype, out_tol)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _run_attention(device: torch.device, dtype: torch.dtype, tol: float) -> None:
+    """prefix_attention (fused qkv) and prefix_attention_separate on the tail shapes, if the backend in force
+    has them."""
+    tag = str(dtype).removeprefix("torch.")
+    for n, h, r in ATTENTION_SHAPES:
+        bias = torch.randn(1, h, n, n, device=device, dtype=dtype)
+        qkv = torch.randn(2, n, 3 * h * r, device=device, dtype=dtype)
+        separate = tuple(qkv[..., i * h * r : (i + 1) * h * r] for i in range(3))  # views with qkv's strides
+        for op, inputs in (("prefix_attention", (qkv,)), ("prefix_attention_separate", separate)):
+            if _dispatch.has_kernel(op, device, dtype):  # the backend in force has the op
+                got = getattr(skd_kernels, op)(*inputs, h, 0.125, bias)
+                _check(f"{op} {tag} N={n} H={h} r={r}", got, getattr(reference, op)(*inputs, h, 0.125, bias), tol)
 
 
 def main(argv: list[str] | None = None) -> None:

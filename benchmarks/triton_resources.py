@@ -4,14 +4,15 @@ every kernel is compiled for an sm_XX target (Triton's bundled ptxas), specialis
 registers, spill bytes and software pipelining (async copies) are printed.
 
     python -m benchmarks.triton_resources              # sm_90, fp16 / bf16 / fp32
-    python -m benchmarks.triton_resources --arch 80 --kernels prefix_linear
+    python -m benchmarks.triton_resources --arch 80 --kernels prefix_linear prefix_attention
     python -m benchmarks.triton_resources --largest --json  # per kernel and dtype, the largest config kept
 
 Run it without TRITON_INTERPRET=1: under the interpreter Triton's own jit helpers (tl.cdiv, ...) cannot be
 compiled.
 
 The autotune pruning in skd_kernels/triton/*.py drops, per compute capability, the configs this shows spilling
-(their _SPILLS) or exceeding shared memory.
+(their _SPILLS) or exceeding shared memory. prefix_attention's kernel (serving prefix_attention_separate too)
+is compiled at its widest head tile, BLOCK_D = 128, with a bias.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Spec:
     ints: tuple[str, ...]
     unit_strides: tuple[str, ...]
     divisible: tuple[str, ...]
+    floats: tuple[str, ...] = ()  # fp32 scalar arguments
 
     def constexprs(self, dtype: torch.dtype) -> dict[str, object]:
         import triton.language as tl
@@ -59,6 +61,10 @@ class Spec:
             return {"DOT_DTYPE": dot, "SPLIT_PRODUCT": dtype != torch.float32, "PRECISION": "tf32x3"}
         if self.kernel == "_prefix_linear_kernel":
             return {"HAS_BIAS": True, "ACTIVATION": "gelu", "DOT_DTYPE": dot, "PRECISION": "tf32x3"}
+        if self.kernel == "_prefix_attention_kernel":
+            from skd_kernels.triton.prefix_attention import MAX_BLOCK_D
+
+            return {"HAS_BIAS": True, "DOT_DTYPE": dot, "PRECISION": "tf32x3", "BLOCK_D": MAX_BLOCK_D}
         return {}
 
 
@@ -80,6 +86,14 @@ SPECS = {
         {"a_ptr": None, "g_ptr": None, "tok_ptr": "fp32", "chan_ptr": "fp32"},
         ("T", "C", "stride_ab", "stride_at", "stride_ac", "stride_gb", "stride_gt", "stride_gc"),
         ("stride_ac", "stride_gc"), ("C", "stride_ab", "stride_at", "stride_gb", "stride_gt")),
+    "prefix_attention": Spec(
+        "skd_kernels.triton.prefix_attention", "_prefix_attention_kernel",
+        {"q_ptr": None, "k_ptr": None, "v_ptr": None, "bias_ptr": None, "out_ptr": None},
+        ("N", "H", "R", "RANK_STRIDE", "N_BUCKET", "stride_qs", "stride_qn", "stride_ks", "stride_kn", "stride_vs",
+         "stride_vn", "stride_bs", "stride_bh", "stride_bi", "stride_bj"),
+        ("stride_bj",), ("N_BUCKET", "stride_qs", "stride_qn", "stride_ks", "stride_kn", "stride_vs", "stride_vn",
+                         "stride_bs", "stride_bh", "stride_bi"),
+        ("scale",)),
 }
 
 
@@ -133,6 +147,8 @@ def compile_config(name: str, dtype: torch.dtype, config: object, arch: int = 90
             signature[arg] = "constexpr"
         elif arg in spec.pointers:
             signature[arg] = "*" + (spec.pointers[arg] or DTYPE_NAMES[dtype])
+        elif arg in spec.floats:
+            signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
     attrs = {(jit.arg_names.index(a),): [["tt.divisibility", 16]] for a in (*spec.pointers, *spec.divisible)}

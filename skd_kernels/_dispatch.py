@@ -214,6 +214,17 @@ def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> B
     return _REGISTRY["reference"]
 
 
+def has_kernel(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `op` on tensors of this device and dtype runs a kernel, not only its reference: the forced
+    backend's if one is forced (False, without raising, when it cannot run them), else the automatic choice's.
+
+    For callers that have another path where there is no kernel (the elastic forward's copies + SDPA)."""
+    name = forced_backend()
+    if name is not None:
+        return name != "reference" and _REGISTRY[name].usable(device, dtype, op)
+    return select(device, dtype, op).name != "reference"
+
+
 def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable[..., object]:
     """The function that runs `op` on tensors of this device and dtype (see `select`)."""
     if not (_forced.get() or _env_backend()):

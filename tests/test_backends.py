@@ -74,6 +74,21 @@ def test_forced_backend_without_the_dtype_raises() -> None:
     assert unsupported or "triton" not in BACKENDS
 
 
+def test_has_kernel_says_whether_more_than_the_reference_runs() -> None:
+    """has_kernel (the elastic plan's choice between prefix_attention_separate and copies + SDPA) follows the
+    forced backend, and is False instead of raising where the forced backend cannot run the tensors."""
+    op, fp32, fp64 = "prefix_attention_separate", torch.float32, torch.float64
+    assert _dispatch.has_kernel(op, CPU, fp32) == ("cpu" in BACKENDS)
+    with skd_kernels.use_backend("reference"):
+        assert not _dispatch.has_kernel(op, CPU, fp32)
+    if "triton" in BACKENDS:
+        with skd_kernels.use_backend("triton"):
+            assert _dispatch.has_kernel(op, CPU, fp32)
+            assert not _dispatch.has_kernel(op, CPU, fp64)  # Triton takes no fp64: no kernel, no error
+            with pytest.raises(RuntimeError, match="float64"):
+                _dispatch.select(CPU, fp64, op)
+
+
 def test_unknown_backend_raises() -> None:
     with pytest.raises(ValueError, match="unknown backend"), skd_kernels.use_backend("mkl"):
         pass

@@ -346,3 +346,23 @@ def test_cached_plans_follow_means_and_in_place_weight_updates() -> None:
         assert _rel(elastic(x, subnet=subnet), oracle(True)) <= 1e-5
         skd.wpac(elastic, _batches(), num_samples=24, criterion="wpac", progress=False)
         assert _rel(elastic(x, subnet=subnet), oracle(False)) <= 1e-5
+
+
+def test_threads_sharing_a_compensated_plan_get_the_single_thread_output() -> None:
+    """Serving from threads: every no-grad call of a compensated GEMM refreshes the plan's bias buffer while
+    other threads' GEMMs may be reading it; each thread must still get exactly the single-thread result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    elastic = skd.ElasticViT(_model(seed=6)).eval()
+    skd.wpac(elastic, _batches(), num_samples=24, criterion="wpac+", progress=False, compensate=True)
+    subnet = Subnet(attn=[4, 9, 2], mlp=[50, 120, 7])
+    xs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) + 0.5 for i in range(4)]
+    with torch.no_grad():
+        alone = [elastic(x, subnet=subnet) for x in xs]
+
+    def serve(i: int) -> float:
+        with torch.no_grad():
+            return max(float((elastic(xs[i], subnet=subnet) - alone[i]).abs().max()) for _ in range(30))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(serve, range(4))) == 0.0

@@ -151,6 +151,29 @@ def test_separate_qkv_inference_runs_prefix_attention_separate() -> None:
     assert rel_err(_call(elastic, inputs).detach(), y) <= 1e-5
 
 
+@pytest.mark.skipif("triton" not in skd_kernels.available_backends("cpu"),
+                    reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_separate_qkv_runs_the_triton_kernel_and_sdpa_where_no_kernel() -> None:
+    """What CUDA tensors get (Triton is their prefix_attention_separate backend), here through Triton's CPU
+    interpreter: no-grad inference of separate q, k, v (HF BERT, with its padding mask) runs the Triton op
+    instead of the head-major copies + SDPA, with the automatic backend's values; where the op has only its
+    reference (forced here; on CUDA: no Triton, or fp64), the plan keeps copies + SDPA."""
+    elastic, inputs = _family("BertModel")
+    elastic.set_subnet(keep=0.5)
+    sdpa = "aten::scaled_dot_product_attention"
+    ops = {"skd_kernels::triton_prefix_attention_separate", "skd_kernels::prefix_attention_separate"}
+    with torch.no_grad():
+        y = _call(elastic, inputs)
+        with skd_kernels.use_backend("triton"):
+            called = _ops_called(lambda: _call(elastic, inputs))
+            assert "skd_kernels::triton_prefix_attention_separate" in called and sdpa not in called
+            assert rel_err(_call(elastic, inputs), y) <= 1e-5
+        with skd_kernels.use_backend("reference"):
+            called = _ops_called(lambda: _call(elastic, inputs))
+            assert sdpa in called and not ops & called
+            assert rel_err(_call(elastic, inputs), y) <= 1e-5
+
+
 def test_autocast_forward_runs_in_the_autocast_dtype() -> None:
     elastic, inputs = _family("vit")
     x = inputs["x"]

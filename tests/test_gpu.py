@@ -2,7 +2,9 @@
 
 On a CUDA device (marked gpu): every public op, on the cuda and triton backends, against the reference —
 fp32/fp16/bf16, ViT-B sizes (197 tokens, width 768, 12 heads of 64, MLP 3072) and odd ones, strided and
-misaligned layouts, extreme covariance weights; no host syncs; the device guard (2 devices).
+misaligned layouts, extreme covariance weights; no host syncs; the device guard (2 devices). The attention
+ops (prefix_attention, prefix_attention_separate) have no CUDA C++ kernel: their CUDA backend is Triton's
+one kernel, tested here through both ops and through an elastic HF BERT on CUDA.
 On any machine: the CUDA build's arch list (and, with a CUDA build and cuobjdump, what the built library
 holds: PTX, 16-byte loads in taylor_scores, tensor-core MMAs in weighted_covariance), and the bf16/fp16
 covariance kernel's split-product arithmetic, emulated on CPU.
@@ -341,6 +343,117 @@ def test_prefix_linear_grads_vit_b(backend: str) -> None:
     want = torch.autograd.grad(reference.prefix_linear(x, weight, bias, 384, 1536, "gelu"), (x, weight, bias), g)
     for a, b in zip(got, want, strict=True):
         _close(a, b, torch.float32, relative_to_max=True)
+
+
+# (S, N, H, r): ViT-B at full head width, Swin windows (49 tokens) at 1/2, odd N and r, one token. Two head
+# tiles (BLOCK_D 64 and 16) only: every (dtype, BLOCK_D, bias) compiles each autotune config, and
+# `make gpu-check` gives these tests three minutes on a fresh machine.
+ATTENTION_SHAPES = [(64, 197, 12, 64), (16, 49, 3, 16), (4, 65, 12, 5), (2, 1, 1, 1)]
+ATTENTION_OPS = ("prefix_attention", "prefix_attention_separate")
+
+
+def _attention_inputs(op: str, s: int, n: int, h: int, r: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The op's activations, non-contiguous: fused qkv with a padded token stride; separate q (padded token
+    stride), k (sequence-minor storage) and v (column stride 2)."""
+    c = h * r
+    if op == "prefix_attention":
+        return [torch.randn(s, n, 3 * c + 5, device="cuda", dtype=dtype)[..., : 3 * c]]
+    return [torch.randn(s, n, c + 3, device="cuda", dtype=dtype)[..., :c],
+            torch.randn(n, s, c, device="cuda", dtype=dtype).transpose(0, 1),
+            torch.randn(s, n, 2 * c, device="cuda", dtype=dtype)[..., ::2]]
+
+
+def _attention_biases(s: int, n: int, h: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """None; one bias for every sequence (Swin's relative position bias); a padding mask per sequence
+    broadcast over heads and queries (stride 0), its last keys at -inf."""
+    padding = torch.zeros(s, 1, 1, n, device="cuda")
+    padding[..., n - n // 3 :] = float("-inf")
+    return [None, torch.randn(1, h, n, n, device="cuda", dtype=dtype),
+            padding.to(dtype).expand(s, 1, n, n)]
+
+
+@on_cuda
+@pytest.mark.parametrize("op", ATTENTION_OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_prefix_attention_ops(op: str, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
+    """Both attention ops on the Triton kernel (forced and automatic: the same kernel) against the reference."""
+    _require("triton")
+    s, n, h, r = shape
+    fn, ref = getattr(skd_kernels, op), getattr(reference, op)
+    inputs = _attention_inputs(op, s, n, h, r, dtype)
+    for bias in _attention_biases(s, n, h, dtype):
+        with skd_kernels.use_backend("triton"):
+            got = fn(*inputs, h, 0.125, bias)
+        assert got.shape == (s, n, r * h) and got.dtype == dtype and torch.isfinite(got).all()
+        assert torch.equal(fn(*inputs, h, 0.125, bias), got)  # CUDA's automatic backend is Triton
+        _close(got, ref(*inputs, h, 0.125, bias), dtype, relative_to_max=True)
+
+
+@on_cuda
+@pytest.mark.parametrize("op", ATTENTION_OPS)
+def test_prefix_attention_ops_zero_width_and_grads(op: str) -> None:
+    """r = 0 gives an empty output; fp32 gradients in the inputs and a broadcast bias through the Triton op
+    (its plain-PyTorch backward) equal autograd through the reference."""
+    _require("triton")
+    fn, ref = getattr(skd_kernels, op), getattr(reference, op)
+    empty = _attention_inputs(op, 2, 7, 3, 0, torch.float32)
+    assert fn(*empty, 3, 0.125, None).shape == (2, 7, 0)
+    s, n, h, r = 3, 37, 4, 8
+    inputs = [*_attention_inputs(op, s, n, h, r, torch.float32), torch.randn(1, h, n, n, device="cuda")]
+    grad_out = torch.randn(s, n, r * h, device="cuda")
+    grads = []
+    for f in (fn, ref):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with skd_kernels.use_backend("triton"):
+            f(*leaves[:-1], h, 0.125, leaves[-1]).backward(grad_out)
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads, strict=True):
+        _close(got, want, torch.float32, relative_to_max=True)
+
+
+@on_cuda
+@pytest.mark.parametrize("op", ATTENTION_OPS)
+def test_prefix_attention_ops_never_sync(op: str) -> None:
+    _require("triton")
+    fn = getattr(skd_kernels, op)
+    inputs = _attention_inputs(op, 8, 197, 12, 16, torch.bfloat16)
+    bias = _attention_biases(8, 197, 12, torch.bfloat16)[2]
+    fn(*inputs, 12, 0.125, bias)  # warm-up: autotuning may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(*inputs, 12, 0.125, bias)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@on_cuda
+def test_elastic_hf_bert_runs_the_triton_attention() -> None:
+    """Separate q, k, v on CUDA (an elastic HF BERT with a padding mask, no grad) run the Triton
+    prefix_attention_separate instead of copies + SDPA, with the CPU model's values."""
+    pytest.importorskip("transformers", reason="needs transformers (the HF BERT model)")
+    import hf_helpers
+    from torch.profiler import ProfilerActivity, profile
+
+    from skd import ElasticViT
+
+    _require("triton")
+    torch.manual_seed(0)
+    elastic = ElasticViT(hf_helpers.tiny("BertModel")).eval()
+    inputs = hf_helpers.inputs("BertModel")
+    elastic.set_subnet(keep=0.5)
+    with torch.no_grad():
+        want = hf_helpers.main_output(elastic(**inputs))
+        elastic.cuda()
+        cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = hf_helpers.main_output(elastic(**cuda_inputs))
+    called = {e.key for e in prof.events()}
+    assert "skd_kernels::triton_prefix_attention_separate" in called
+    assert "aten::scaled_dot_product_attention" not in called
+    _close(got.cpu(), want, torch.float32, relative_to_max=True)
 
 
 def _needs_memory(gib: int) -> None:

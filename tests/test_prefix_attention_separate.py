@@ -1,8 +1,9 @@
-"""prefix_attention_separate (separate rank-major q, k, v) on every backend that implements it, against
-skd_kernels.reference: forward over dtypes, odd N, r = 1..64, with and without bias, per-tensor strides, r = 0,
-gradients, opcheck, one compiled graph for every width, no activation copy, bad input and the backend table
-(CUDA falls back to the reference). The reference is checked against today's head-major copy + SDPA path and
-against the fused op on the same values."""
+"""prefix_attention_separate (separate rank-major q, k, v) on every backend that implements it (Triton too,
+under TRITON_INTERPRET=1 on CPU), against skd_kernels.reference: forward over dtypes, odd N, r = 1..64, with
+and without bias, per-tensor strides, r = 0, gradients, opcheck (compiled and Triton ops), one compiled graph
+for every width, no activation copy, bad input and the backend table (CUDA runs the Triton kernel). The
+reference is checked against today's head-major copy + SDPA path and against the fused op on the same
+values."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SHAPES = [(2, 5, 3, 1), (1, 1, 1, 2), (2, 7, 12, 3), (3, 63, 1, 5), (2, 65, 3, 8), (1, 197, 12, 13),
           (2, 31, 6, 16), (1, 129, 3, 31), (2, 64, 12, 32), (1, 300, 12, 64), (2, 17, 1, 64)]
 SCALE = 0.37  # not 1/sqrt(r): the op takes the full head's scale
+
+
+def _runs(backend: str, dtype: torch.dtype, shape: tuple[int, int, int, int] | None = None) -> bool:
+    """Whether `backend` takes `dtype` for this op; and the shape, unless it is too big for Triton's CPU
+    interpreter (its time grows with N²·H: seconds per call from N = 64 at H = 3; the smaller shapes take
+    the same code paths: partial and several key tiles, r up to 64)."""
+    return (_dispatch._REGISTRY[backend].usable(CPU, dtype, OP)
+            and not (backend == "triton" and shape is not None and shape[1] ** 2 * shape[2] > 6_000))
 
 
 def _qkv(s: int, n: int, h: int, r: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -60,7 +69,7 @@ def test_reference_is_todays_sdpa_path() -> None:
 
 
 @pytest.mark.parametrize(("backend", "dtype", "shape"),
-                         list(itertools.product(BACKENDS, DTYPES, SHAPES)), ids=str)
+                         [p for p in itertools.product(BACKENDS, DTYPES, SHAPES) if _runs(*p)], ids=str)
 def test_matches_reference(backend: str, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
     s, n, h, r = shape
     qkv = _qkv(s, n, h, r, dtype)
@@ -95,7 +104,7 @@ def test_strided_inputs_and_broadcast_bias(backend: str) -> None:
         _check(_run(backend, qkv, h, bias), qkv, h, bias, label)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if _runs(b, torch.float64)])
 def test_gradcheck_float64(backend: str) -> None:
     s, n, h, r = 2, 4, 2, 3
     qkv = [t.requires_grad_() for t in _qkv(s, n, h, r, torch.float64)]
@@ -196,13 +205,63 @@ def test_one_compiled_graph_serves_every_width() -> None:
     assert counter.frame_count == 1
 
 
-def test_backend_table_says_why_and_cuda_runs_the_reference() -> None:
-    """Triton and CUDA C++ have no kernel for this op: the table says why, CUDA tensors get the reference,
-    and forcing Triton names the reason instead of falling back silently."""
-    for name in ("cuda", "triton"):
-        assert "separate" in _dispatch._REGISTRY[name].missing[OP]
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_opcheck_triton_op() -> None:
+    from skd_kernels.triton import prefix_attention_separate as _registers_the_op  # noqa: F401
+
+    qkv, bias = _qkv(2, 5, 3, 2, torch.float32), _bias(2, 5, 3, torch.float32)
+    for args in [
+        (*qkv, 3, SCALE, None),
+        (*[t.clone().requires_grad_() for t in qkv], 3, SCALE, bias.clone().requires_grad_()),
+        (*[t.bfloat16() for t in qkv], 3, SCALE, bias[:1].bfloat16()),
+        (*[torch.randn(2, 5, 0) for _ in range(3)], 3, SCALE, None),
+    ]:
+        torch.library.opcheck(torch.ops.skd_kernels.triton_prefix_attention_separate.default, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_triton_op_one_compiled_graph_serves_every_width() -> None:
+    """The Triton op's fake kernel takes the width from q's symbolic shape too: one graph for four widths."""
+    import torch._dynamo.testing
+
+    from skd_kernels.triton import prefix_attention_separate as triton_op
+
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda q, k, v, bias: triton_op(q, k, v, 3, SCALE, bias), backend=counter, dynamic=True,
+                       fullgraph=True)
+    bias = _bias(1, 5, 3, torch.float32)
+    for r in (2, 4, 6, 8):  # widths 6 ... 24, none equal to another size (dynamo would share their symbol)
+        qkv = _qkv(2, 5, 3, r, torch.float32)
+        _check(fn(*qkv, bias), qkv, 3, bias, f"compiled triton r={r}")
+    assert counter.frame_count == 1
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernel_is_the_fused_ops_on_rank_stride_h(dtype: torch.dtype) -> None:
+    """One kernel for both ops: separate q, k, v (masked keys and scores shifted by tens through the bias)
+    give what the fused Triton op gives on the same values interleaved into one qkv, to the last bit."""
+    s, n, h, r = 2, 19, 3, 5
+    qkv = [(t * 3).to(dtype) for t in _qkv(s, n, h, r, torch.float32)]
+    bias = torch.randn(s, h, n, n) * 30
+    bias.masked_fill_(torch.rand(s, h, n, n) < 0.5, float("-inf"))
+    bias[..., 0] = 0  # every query keeps a key
+    bias = bias.to(dtype)
+    fused = torch.stack([t.view(s, n, r, h) for t in qkv], dim=3).reshape(s, n, 3 * h * r)
+    with skd_kernels.use_backend("triton"):
+        got = skd_kernels.prefix_attention_separate(*qkv, h, SCALE, bias)
+        want = skd_kernels.prefix_attention(fused, h, SCALE, bias)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+    _check(got, qkv, h, bias, f"triton {dtype} masked")
+
+
+def test_backend_table_cuda_runs_the_triton_kernel() -> None:
+    """No CUDA C++ kernel: the table says Triton serves CUDA, and CUDA tensors get the Triton kernel where
+    it takes the dtype (fp32/fp16/bf16) and the reference otherwise (fp64)."""
+    assert "Triton" in _dispatch._REGISTRY["cuda"].missing[OP]
+    triton_fn = _dispatch._REGISTRY["triton"].kernels[OP]
     for dtype in DTYPES:
-        assert _dispatch._AUTO[OP, "cuda", dtype] is reference.prefix_attention_separate
-    if "triton" in skd_kernels.available_backends(CPU):
-        with pytest.raises(RuntimeError, match="separate"):
-            _run("triton", _qkv(1, 3, 2, 2, torch.float32), 2, None)
+        want = triton_fn.fn if dtype in triton_fn.dtypes else reference.prefix_attention_separate
+        assert _dispatch._AUTO[OP, "cuda", dtype] is want, dtype
+    assert set(triton_fn.dtypes) == {torch.float32, torch.float16, torch.bfloat16}

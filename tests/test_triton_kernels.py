@@ -3,7 +3,7 @@ the reference, k = 0, tile tails and multi-tile paths (mirrored covariance tiles
 
 Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (set by conftest.py before the kernels are imported).
 The general per-backend correctness sweep lives in tests/test_{weighted_covariance,taylor_scores,
-prefix_linear}.py.
+prefix_linear,prefix_attention,prefix_attention_separate}.py.
 """
 
 import importlib
@@ -320,7 +320,9 @@ def test_largest_kept_configs_compile_without_spills(arch: int) -> None:
     """What the interpreter cannot show: each kernel's largest config that survives pruning, compiled for
     sm_90 / sm_80 by Triton's bundled ptxas (no GPU needed) in fp16 and fp32, fits in shared memory, spills
     no registers and (the GEMMs) pipelines its loads with async copies. Runs in a child process without
-    TRITON_INTERPRET=1 (under it Triton's own jit helpers cannot be compiled)."""
+    TRITON_INTERPRET=1 (under it Triton's own jit helpers cannot be compiled). The tool lists prefix_attention
+    too, whose configs are not pruned for spills yet (skd_kernels/triton/prefix_attention.py says which
+    spill): not asserted here."""
     import json
     import subprocess
     import sys
@@ -328,15 +330,58 @@ def test_largest_kept_configs_compile_without_spills(arch: int) -> None:
     from skd_kernels.triton import _utils
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = ["weighted_covariance", "prefix_linear", "taylor_scores"]
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_resources", "--largest", "--json", "--arch",
-                          str(arch), "--dtypes", "fp16", "fp32"], capture_output=True, text=True, env=env,
+                          str(arch), "--dtypes", "fp16", "fp32", "--kernels", *kernels], capture_output=True,
+                         text=True, env=env,
                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert {(r["kernel"], r["dtype"]) for r in rows} == {
-        (k, d) for k in ("weighted_covariance", "prefix_linear", "taylor_scores") for d in ("fp16", "fp32")}
+        (k, d) for k in kernels for d in ("fp16", "fp32")}
     for r in rows:
         print(r)
         assert "error" not in r, r
         assert r["spill_bytes"] == 0 and r["shared"] <= _utils.TARGETS[arch].shared_bytes, r
         assert r["async_copies"] > 0 or r["kernel"] == "taylor_scores", r
+
+
+def test_attention_pruning_follows_the_launch_head_width() -> None:
+    """prefix_attention's tiles are BLOCK_D (the launch's head width) wide: the pruner sizes them with the
+    launch's BLOCK_D, so narrow heads keep every config while r = 128 in fp32 drops the tiles over the
+    target's shared memory; without a launch (the tools) it assumes the widest, MAX_BLOCK_D."""
+    import triton.language as tl
+
+    from skd_kernels.triton import _utils
+
+    module = importlib.import_module("skd_kernels.triton.prefix_attention")
+    pruner = module._prefix_attention_kernel.early_config_prune
+    configs = module._GPU_CONFIGS
+    assert pruner(configs, {}, DOT_DTYPE=tl.float16, BLOCK_D=16) == configs
+    for target in _utils.TARGETS.values():
+        wide = pruner.keep(configs, 4, target, BLOCK_D=128)
+        assert wide and len(wide) < len(configs)
+        assert all(module._shared_bytes(c, 4, BLOCK_D=128) <= target.shared_bytes for c in wide)
+        assert pruner.keep(configs, 4, target) == wide  # no launch: MAX_BLOCK_D = 128
+    assert module.MAX_BLOCK_D == 128
+
+
+def test_attention_kernel_compiles_for_sm90() -> None:
+    """benchmarks/triton_resources.py's launch spec of the attention kernel (shared by prefix_attention and
+    prefix_attention_separate) matches its signature: the largest kept fp16 config compiles for sm_90 at
+    BLOCK_D = 128 within its shared memory. (Its spills are not asserted: see the kernel's config notes.)"""
+    import json
+    import subprocess
+    import sys
+
+    from skd_kernels.triton import _utils
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_resources", "--largest", "--json", "--arch", "90",
+                          "--dtypes", "fp16", "--kernels", "prefix_attention"], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    print(rows)
+    assert [(r["kernel"], r["dtype"]) for r in rows] == [("prefix_attention", "fp16")]
+    assert "error" not in rows[0] and 0 < rows[0]["shared"] <= _utils.TARGETS[90].shared_bytes, rows[0]

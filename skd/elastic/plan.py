@@ -37,7 +37,8 @@ class BlockPlan(NamedTuple):
     and its fields are None). qkv: (fused qkv GEMM,) x (S, N, D) -> (S, N, r*3*H), or (q, k, v) GEMMs each
     -> (S, N, r*H); proj: (S, N, r*H) -> (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused
     activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention (fused qkv) or
-    prefix_attention_separate (q, k, v, CPU only; else None), used at inference."""
+    prefix_attention_separate (q, k, v; None where that op has no kernel, only its reference), used at
+    inference."""
 
     r: int
     hidden: int
@@ -113,7 +114,9 @@ class _Compensated:
         lin, k = self.lin, self.k_in
         if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
             return skd_kernels.prefix_linear(x, lin.weight, compensated_bias(lin, k), k_in=k)
-        torch.addmv(lin.bias, lin.weight[:, k:], input_mean(lin)[k:], out=self.bias)
+        # computed aside, then copied: threads sharing this plan (serving) write identical values, and
+        # addmv(out=) would expose a half-accumulated bias to a concurrent reader
+        self.bias.copy_(torch.addmv(lin.bias, lin.weight[:, k:], input_mean(lin)[k:]))
         return self.fast(x)
 
 
@@ -137,9 +140,10 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
                                                                            for lin in (spec.q, spec.k, spec.v))
         proj = _output_gemm(gemm, spec.proj, h * r, bound)
         weight = spec.qkv.weight if spec.fused else spec.q.weight
-        # prefix_attention_separate has a CPU kernel only: elsewhere its reference would materialise the
-        # (S, H, N, N) scores, so separate q, k, v keep the copies + SDPA there (attention None).
-        if spec.fused or weight.device.type == "cpu":
+        # Where prefix_attention_separate has no kernel (CUDA without Triton, fp64 on CUDA, a forced backend
+        # without one) its reference would materialise the (S, H, N, N) scores, so separate q, k, v keep the
+        # copies + SDPA there (attention None).
+        if spec.fused or _dispatch.has_kernel(separate_op.OP, weight.device, weight.dtype):
             attention = _bound_attention(spec, weight) if bound else functools.partial(
                 _public_attention if spec.fused else _public_separate, num_heads=h, scale=spec.scale)
     if m:

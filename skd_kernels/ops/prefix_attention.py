@@ -9,8 +9,8 @@ Layouts (H heads, width r per head):
 Kernels: csrc/cpu/prefix_attention.cpp (flash-style, packed tiles through MKL or oneDNN's brgemm, AVX-512
 softmax where the CPU has it), skd_kernels/triton/prefix_attention.py (CUDA, or CPU under
 TRITON_INTERPRET=1); no CUDA C++ kernel (Triton serves CUDA).
-skd_kernels/ops/prefix_attention_separate.py is the same op on separate q, k, v tensors (the same CPU kernel;
-it shares the checks, probabilities and backward below).
+skd_kernels/ops/prefix_attention_separate.py is the same op on separate q, k, v tensors (the same CPU and
+Triton kernels; it shares the checks, probabilities and backward below).
 `reference` below is the oracle and last fallback; the backward (plain PyTorch, recomputing the
 probabilities) is shared by the compiled and Triton ops.
 """

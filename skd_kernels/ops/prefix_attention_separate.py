@@ -4,9 +4,11 @@ separate q, k and v projections (HuggingFace BERT/ViT families), read from three
 Layout (H heads, width r per head): q, k, v and out each (S, N, r·H), column j·H + h = rank j of head h —
 the outputs of the q, k, v prefix GEMMs on rank-major rows, and the proj's rank-major input.
 
-Kernels: csrc/cpu/prefix_attention.cpp, the fused op's kernel run on three base pointers with rank stride H
-instead of 3H. No Triton or CUDA kernel yet (CUDA tensors run the reference). `reference` is the oracle and
-last fallback; the backward is the fused op's plain-PyTorch one (`head_grads`).
+Kernels: the fused op's, run on three base pointers with rank stride H instead of 3H —
+csrc/cpu/prefix_attention.cpp (CPU) and skd_kernels/triton/prefix_attention.py (through
+skd_kernels/triton/prefix_attention_separate.py: CUDA, or CPU under TRITON_INTERPRET=1); no CUDA C++ kernel
+(Triton serves CUDA). `reference` is the oracle and last fallback; the backward is the fused op's
+plain-PyTorch one (`head_grads`), shared by the compiled and Triton ops.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def reference(
 
 def fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float,
          attn_bias: torch.Tensor | None) -> torch.Tensor:
-    """Output metadata of the compiled op (torch.compile, FakeTensorMode)."""
+    """Output metadata of the compiled and Triton ops (torch.compile, FakeTensorMode)."""
     torch._check(q.dim() == 3, lambda: "q must be (S, N, r*H)")
     torch._check(q.shape[-1] % num_heads == 0, lambda: "q's width must be a multiple of num_heads")
     return q.new_empty(q.shape)
@@ -107,14 +109,18 @@ def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
     ctx.num_heads, ctx.scale = num_heads, scale
 
 
+def register_autograd(qualname: str) -> None:
+    """Attach prefix_attention_separate's backward to a registered operator (compiled or Triton)."""
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
 if _ops.has_schema(OP):
     torch.library.register_fake(f"skd_kernels::{OP}")(fake)
-    torch.library.register_autograd(f"skd_kernels::{OP}", backward, setup_context=setup_context)
+    register_autograd(f"skd_kernels::{OP}")
 
 _dispatch.register_op(OP, {
-    "cuda": "no CUDA C++ kernel (the fused op's Triton kernel has no separate-q/k/v form yet); CUDA runs the "
-            "reference",
-    "triton": "not implemented (the fused op's Triton kernel has no separate-q/k/v form yet)",
+    "cuda": "no CUDA C++ kernel; the Triton kernel runs on CUDA",
+    "triton": _dispatch.triton(OP),
     "cpu": _dispatch.compiled(OP, "CPU"),
     "reference": _dispatch.Kernel(reference, FLOAT_DTYPES),
 })

@@ -13,8 +13,9 @@ except ImportError:  # no Triton: the dispatcher skips this backend
 
 if AVAILABLE:
     from .prefix_attention import prefix_attention
+    from .prefix_attention_separate import prefix_attention_separate
     from .prefix_linear import prefix_linear
     from .taylor_scores import taylor_scores
     from .weighted_covariance import weighted_covariance
 
-    __all__ = ["prefix_attention", "prefix_linear", "taylor_scores", "weighted_covariance"]
+    __all__ = ["prefix_attention", "prefix_attention_separate", "prefix_linear", "taylor_scores", "weighted_covariance"]

@@ -73,27 +73,32 @@ class ConfigPruner:
     """An autotune `early_config_prune`: drops the configs that would not fit the launch device's shared
     memory or that spill registers there.
 
-    shared_bytes(config, operand_bytes) estimates a config's shared memory (within ~15 % of what Triton 3.8
-    allocates, see benchmarks/triton_resources.py) for dot operands of operand_bytes (the kernel's DOT_DTYPE).
-    Spills cannot be estimated as simply, so they are measured: spills[(major, operand_bytes)] holds the
-    configs that spilled when compiled for that compute capability (benchmarks/triton_resources.py).
-    Keeps the smallest config if none survives.
+    shared_bytes(config, operand_bytes, **launch) estimates a config's shared memory (within ~15 % of what
+    Triton 3.8 allocates, see benchmarks/triton_resources.py) for dot operands of operand_bytes (the kernel's
+    DOT_DTYPE); `launch` holds the launch's constexprs named in launch_keys (tile sizes the caller fixes,
+    such as the attention's head width BLOCK_D), which `keep` omits when there is no launch (the estimate's
+    defaults: the largest). Spills cannot be estimated as simply, so they are measured:
+    spills[(major, operand_bytes)] holds the configs that spilled when compiled for that compute capability
+    (benchmarks/triton_resources.py). Keeps the smallest config if none survives.
     """
 
-    def __init__(self, shared_bytes: Callable[[triton.Config, int], int],
-                 spills: dict[tuple[int, int], list[triton.Config]]) -> None:
+    def __init__(self, shared_bytes: Callable[..., int], spills: dict[tuple[int, int], list[triton.Config]],
+                 launch_keys: tuple[str, ...] = ()) -> None:
         self.shared_bytes = shared_bytes
         self.spills = spills
+        self.launch_keys = launch_keys
 
-    def keep(self, configs: list[triton.Config], operand_bytes: int, target: Target) -> list[triton.Config]:
+    def keep(self, configs: list[triton.Config], operand_bytes: int, target: Target,
+             **launch: object) -> list[triton.Config]:
         spilling = self.spills.get((target.major, operand_bytes), [])
         kept = [c for c in configs
-                if self.shared_bytes(c, operand_bytes) <= target.shared_bytes and c not in spilling]
-        return kept or [min(configs, key=lambda c: self.shared_bytes(c, operand_bytes))]
+                if self.shared_bytes(c, operand_bytes, **launch) <= target.shared_bytes and c not in spilling]
+        return kept or [min(configs, key=lambda c: self.shared_bytes(c, operand_bytes, **launch))]
 
     def __call__(self, configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
         device = next((a.device for a in named_args.values() if isinstance(a, torch.Tensor)), None)
-        return self.keep(configs, kwargs["DOT_DTYPE"].primitive_bitwidth // 8, launch_target(device))
+        return self.keep(configs, kwargs["DOT_DTYPE"].primitive_bitwidth // 8, launch_target(device),
+                         **{k: kwargs[k] for k in self.launch_keys})
 
 
 def bucket(n: int, cap: int) -> int:
