@@ -10,7 +10,9 @@ the head computes: an invertible, not only orthogonal, per-head T whose leading 
 head's output W_o·context (skd.transforms.output_preserving, from the context's uniform second moment).
 Before that it moves b_v exactly into the output bias (W_o b_v: the attention weights sum to 1), so
 truncated subnetworks keep it in full. (A score-preserving Q/K transform, q <- A q, k <- A^-T k from the SVD
-of C_q^{1/2} C_k^{1/2}, measured no better than the rotation on MiniLM and worse on the digits ViT.)
+of C_q^{1/2} C_k^{1/2}, measured no better than the rotation on MiniLM and worse on the digits ViT; so were
+layer-by-layer error-aware statistics, worse, and unweighted Q/K, worse on the digits ViT: benchmarks/RESULTS.md,
+"issue 12, session 3".)
 Bias compensation (any criterion; skd.compensation): compensate="attn" stores each block's mean context in the new
 basis, so a subnetwork's truncated heads add their dropped dims' mean contribution back through the
 output bias; compensate="mlp" does the same for the MLP's mean activation and orders the units by what
