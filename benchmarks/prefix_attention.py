@@ -5,6 +5,8 @@
     python -m benchmarks.prefix_attention --quick         # ViT-S only, threads 1
     python -m benchmarks.prefix_attention --threads 1 --cpu-time   # process CPU time instead of wall time:
                                                           # stable on a shared (oversubscribed) machine
+    python -m benchmarks.prefix_attention --threads 1 --widths 15 21 31 42 64   # the widths ElasticViT's
+                                                          # MACs fractions 1/4 ... 1 give ViT-S/B (odd ones too)
 
 Dense: what the extract()ed model of the same width runs per block (timm's Attention): its qkv Linear's
 head-major (S, N, 3*H*r) output reshaped and permuted to per-head views, SDPA(scale=), transposed back to
@@ -76,6 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ViT-S only, one thread")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="per-head widths r (default hd/4, hd/2, hd = 16 32 64)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with the process CPU clock (only meaningful with --threads 1)")
     args = parser.parse_args()
@@ -93,14 +97,14 @@ def main() -> None:
         torch.set_num_threads(n_threads)
         for model, heads in models.items():
             for batch in (1, 8):
-                for r in (HEAD_DIM // 4, HEAD_DIM // 2, HEAD_DIM):
+                for r in args.widths or (HEAD_DIM // 4, HEAD_DIM // 2, HEAD_DIM):
                     for dtype in (torch.float32, torch.bfloat16):
                         qkv = torch.randn(batch, TOKENS, r * 3 * heads).to(dtype)
                         torch.testing.assert_close(skd_kernels.prefix_attention(qkv, heads, scale),
                                                    todays_path(qkv, heads, scale), rtol=2e-2, atol=2e-2)
-                        args = (qkv, heads, scale)
+                        call = (qkv, heads, scale)
                         paths = (dense_path, todays_path, skd_kernels.prefix_attention)
-                        t_dense, t_today, t_op = side_by_side([functools.partial(f, *args) for f in paths], clock)
+                        t_dense, t_today, t_op = side_by_side([functools.partial(f, *call) for f in paths], clock)
                         vs_dense.append(t_op / t_dense)
                         vs_today.append(t_today / t_op)
                         print(f"{model:7} {n_threads:3d} {batch:5d} {r:3d} {str(dtype)[6:]:9} {t_dense * 1e3:9.3f} "

@@ -214,8 +214,8 @@ def _masked_bias(s: int, n: int, h: int, dtype: torch.dtype) -> torch.Tensor:
                          ids=["tail-lanes", "two-key-tiles", "two-key-tiles-small-r"])
 def test_cpu_masked_keys_and_large_scores(dtype: torch.dtype, s: int, n: int, h: int, r: int) -> None:
     """The CPU kernel's own exp and online softmax: 37 keys leave a partial vector; 700 keys at H*r = 384 and
-    300 keys at H*r = 1024 split into two key tiles (the running max and sum rescaled between them; bf16 at
-    r <= 16 through brgemm, accumulating into its output)."""
+    300 keys at H*r = 1024 split into two key tiles (the running max and sum rescaled between them; bf16
+    through brgemm on AVX-512 CPUs, accumulating into its output)."""
     qkv = (_qkv(s, n, h, r, torch.float32) * 3).to(dtype)
     for bias in (None, _masked_bias(s, n, h, dtype)):
         out = _run("cpu", qkv, h, bias)
@@ -232,6 +232,48 @@ def test_cpu_avx2_path_matches_reference() -> None:
 
     tests = "cpu and (matches_reference or masked_keys or non_contiguous) and not avx2"
     env = {**os.environ, "SKD_CPU_AVX2_ONLY": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+# (S, N, H, r): bf16 through brgemm with k^T and v packed straight from the rank-major operands: odd r (a zero
+# rank pads K), N not a multiple of 64 or of 2 (padded key blocks, an odd second-product K), H not a multiple
+# of 8 (masked head groups), r above 64 (two v column blocks), and N = 300 at H*r = 2080 (three key tiles).
+BRGEMM_SHAPES = [(2, 67, 5, 21), (1, 130, 12, 42), (1, 197, 9, 64), (2, 50, 3, 80), (1, 300, 16, 130)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize(("s", "n", "h", "r"), BRGEMM_SHAPES, ids=[f"{s}x{n}x{h}x{r}" for s, n, h, r in BRGEMM_SHAPES])
+def test_cpu_bf16_brgemm_tails(fused: bool, s: int, n: int, h: int, r: int) -> None:
+    """The bf16 brgemm path's packing edges against the reference, on token-strided inputs (rows padded by 5
+    columns), with no bias, a random bias and the masked large-score bias."""
+    dtype = torch.bfloat16
+    wide = (torch.randn(3, s, n, r * h + 5) * 3).to(dtype)
+    q, k, v = wide[..., : r * h]
+    qkv = torch.randn(s, n, r * 3 * h + 5).mul(3).to(dtype)[..., : r * 3 * h]
+    for bias in (None, _bias(s, n, h, dtype), _masked_bias(s, n, h, dtype)):
+        if fused:
+            out, want = _run("cpu", qkv, h, bias), reference.prefix_attention(qkv, h, SCALE, bias)
+        else:
+            with skd_kernels.use_backend("cpu"):
+                out = skd_kernels.prefix_attention_separate(q, k, v, h, SCALE, bias)
+            want = reference.prefix_attention_separate(q, k, v, h, SCALE, bias)
+        assert torch.isfinite(out).all()
+        rtol, atol = OUTPUT_TOL[dtype]
+        assert_close(f"fused={fused} bias={bias is not None}", out, want, rtol=rtol, atol=atol * scale(want))
+
+
+def test_cpu_bf16_without_native_conversion_matches_reference() -> None:
+    """On a CPU with AVX512_BF16 the softmax rounds probabilities with vcvtneps2bf16; SKD_CPU_NO_AVX512_BF16=1
+    forces its integer rounding, which the bf16 CPU tests above then check in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    tests = "cpu and (bfloat16 and (matches_reference or masked_keys) or brgemm) and not native"
+    env = {**os.environ, "SKD_CPU_NO_AVX512_BF16": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

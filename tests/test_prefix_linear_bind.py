@@ -8,10 +8,11 @@ import contextlib
 
 import pytest
 import torch
-from kernel_helpers import BACKENDS, OUTPUT_TOL, assert_close, scale, supports
+from kernel_helpers import BACKENDS, OUTPUT_TOL, assert_close, largest_cpu_allocation, scale, supports
 
 import skd_kernels
 from skd_kernels import reference
+from skd_kernels.ops import prefix_linear as prefix_linear_op
 from skd_kernels.ops.prefix_linear import bind
 
 # (leading dims of x, x's width, weight (out, in), k_in, k_out): odd sizes, k = 0 and full, x wider than k_in
@@ -153,3 +154,37 @@ def test_triton_bound_equals_public_op(dtype) -> None:
     assert lean.grad_fn is None
     rtol, atol = OUTPUT_TOL[dtype]
     assert_close("triton bound", lean, recorded.detach(), rtol=rtol, atol=atol * scale(recorded.detach()))
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("column_major", [True, False], ids=["column-major", "row-major"])
+def test_bound_bf16_on_dense_blocks_equals_reference(column_major: bool, activation: str | None) -> None:
+    """bf16 blocks that are dense in one order (a column-major weight's column prefix, a row-major weight's
+    row prefix; ElasticViT's GEMMs) run through oneDNN's linear when bound; a strided panel does not.
+    Values equal the reference either way."""
+    torch.manual_seed(0)
+    out_f, in_f = 48, 40
+    weight = (torch.randn(out_f, in_f) * in_f**-0.5).to(torch.bfloat16)
+    if column_major:
+        weight = weight.t().contiguous().t()
+    bias = torch.randn(out_f).to(torch.bfloat16)
+    x = torch.randn(3, 7, in_f).to(torch.bfloat16)
+    k_in, k_out = (23, out_f) if column_major else (in_f, 29)
+    assert prefix_linear_op._onednn_runs(weight[:k_out, :k_in], k_in, k_out) == (
+        prefix_linear_op._ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available())
+    assert not prefix_linear_op._onednn_runs(weight.contiguous()[:, :in_f - 1], in_f - 1, out_f)  # strided panel
+    with torch.no_grad():
+        y = bind(weight, bias, k_in, k_out, activation)(x)  # x wider than k_in for the column prefix
+    want = reference.prefix_linear(x, weight, bias, k_in, k_out, activation or "none")
+    rtol, atol = OUTPUT_TOL[torch.bfloat16]
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 7, k_out)
+    assert_close("bound bf16 vs reference", y, want, rtol=rtol, atol=atol * scale(want))
+
+
+def test_bound_bf16_column_prefix_never_copies_the_weight() -> None:
+    weight = torch.randn(1024, 1024).to(torch.bfloat16).t().contiguous().t()  # column-major, as ElasticViT's
+    x = torch.randn(2, 640).to(torch.bfloat16)  # a tiny output: a block-sized allocation would be a weight copy
+    bound = bind(weight, None, 640, None)
+    with torch.no_grad():
+        largest = largest_cpu_allocation(lambda: bound(x))
+    assert largest < 1024 * 640 * weight.element_size() // 8

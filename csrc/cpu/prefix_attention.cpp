@@ -4,16 +4,25 @@
 // qkv (S, N, r*3*H): column j*3H + w*H + h is rank j of head h of w in {q, k, v}; or (prefix_attention_separate)
 // q, k, v each (S, N, r*H), column j*H + h (HF models' separate q/k/v Linears). out (S, N, r*H): column j*H + h.
 // Both forms run one kernel on three base pointers and a rank stride (3H fused, H separate). A head's r dims
-// sit 3H (or H) apart, which no BLAS reads, so each work item (sequence s, query tile)
-// packs what it needs into thread-local buffers of its dtype, head-major with unit stride over j: a
-// per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing every GEMM does. The two
-// products per (head, key tile) then run through MKL on the packed tiles (single-threaded inside
-// at::parallel_for): sgemm/dgemm for fp32/fp64; for bf16/fp16 the tiles stay in their dtype and MKL's
-// gemm_bf16bf16f32/gemm_f16f16f32 (AMX or AVX-512 where the CPU has them) accumulate in fp32 — or, for bf16
-// at small r, oneDNN's brgemm (BrgemmTiles below) — with the softmax probabilities rounded to the input
-// dtype for the second product as in ATen's flash attention. The online softmax runs in AVX-512 where the
-// CPU has it (softmax_avx512.h), else in AVX2. The output is written straight into the proj's rank-major
-// columns.
+// sit 3H (or H) apart, which no BLAS reads, so each work item (sequence s, query tile) packs what it needs into
+// per-thread buffers of its dtype: a per-token (r, H) -> (H, r) transpose of a few cache lines, the same packing
+// every GEMM does. The two products per (head, key tile), single-threaded inside at::parallel_for:
+// * bf16 on AVX-512 CPUs: oneDNN's brgemm (AMX where the CPU has it), the micro-kernel ATen's flash attention
+//   runs, with k^T and v packed once per key tile straight from the rank-major operands into its VNNI layout
+//   and q head-major (BrgemmTiles below);
+// * otherwise MKL on head-major tiles: sgemm/dgemm for fp32/fp64, gemm_bf16bf16f32/gemm_f16f16f32 for bf16/fp16
+//   (tiles in their dtype, fp32 accumulation).
+// The softmax probabilities are rounded to the input dtype for the second product, as in ATen's flash
+// attention. The online softmax runs in AVX-512 where the CPU has it (softmax_avx512.h), else in AVX2. The
+// output is normalised, rounded and written straight into the proj's rank-major columns (one AVX-512 pass).
+//
+// Measured against ATen's SDPA on the extracted dense model's head-major qkv (benchmarks/prefix_attention.py,
+// 1 thread, process CPU time, 2-core machine shared with other sessions): see benchmarks/RESULTS.md,
+// "prefix_attention at batch 1 and in bf16". Of the changes there: brgemm at every r with k^T/v packed once
+// (packing head-major first, then gathering k^T and packing it again through cpublas::pack, was ~10 % of the op
+// and lost to MKL at r >= 32; so brgemm had been limited to r <= 16); k^T of a whole key tile in one VNNI block
+// (one brgemm call per 64 query rows instead of per 64 x 64 block: call overhead, and keys padded to 16 not 64);
+// the softmax with the scale folded into its exp pass, vcvtneps2bf16 and a degree-5 exp.
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -107,10 +116,9 @@ struct Operands {
 };
 
 #ifdef __AVX2__
-// out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8), transposed in registers.
-inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
-  __m256 r[8], t[8], u[8];
-  for (int a = 0; a < 8; ++a) r[a] = _mm256_loadu_ps(in + a * w);
+// An 8x8 block of 32-bit elements transposed in registers: r[c][a] <- r[a][c].
+inline void transpose8x8_regs(__m256 r[8]) {
+  __m256 t[8], u[8];
   for (int a = 0; a < 8; a += 2) {
     t[a] = _mm256_unpacklo_ps(r[a], r[a + 1]);
     t[a + 1] = _mm256_unpackhi_ps(r[a], r[a + 1]);
@@ -122,16 +130,22 @@ inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
     u[a + 3] = _mm256_shuffle_ps(t[a + 1], t[a + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int a = 0; a < 4; ++a) {
-    _mm256_storeu_ps(out + a * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x20));
-    _mm256_storeu_ps(out + (a + 4) * ld, _mm256_permute2f128_ps(u[a], u[a + 4], 0x31));
+    r[a] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x20);
+    r[a + 4] = _mm256_permute2f128_ps(u[a], u[a + 4], 0x31);
   }
 }
 
-// The same for 2-byte elements (bf16, fp16): only their bits move.
-template <typename T, std::enable_if_t<sizeof(T) == 2, int> = 0>
-inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
-  __m128i a[8], b[8], c[8];
-  for (int k = 0; k < 8; ++k) a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k * w));
+// out[c * ld + j] = in[j * w + c] for an 8x8 block (j, c < 8).
+inline void transpose8x8(const float* in, int64_t w, float* out, int64_t ld) {
+  __m256 r[8];
+  for (int a = 0; a < 8; ++a) r[a] = _mm256_loadu_ps(in + a * w);
+  transpose8x8_regs(r);
+  for (int a = 0; a < 8; ++a) _mm256_storeu_ps(out + a * ld, r[a]);
+}
+
+// An 8x8 block of 16-bit elements (bf16, fp16: only their bits move) transposed in registers.
+inline void transpose8x8_regs(__m128i a[8]) {
+  __m128i b[8], c[8];
   for (int k = 0; k < 8; k += 2) {
     b[k] = _mm_unpacklo_epi16(a[k], a[k + 1]);
     b[k + 1] = _mm_unpackhi_epi16(a[k], a[k + 1]);
@@ -143,39 +157,79 @@ inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
     c[k + 3] = _mm_unpackhi_epi32(b[k + 1], b[k + 3]);
   }
   for (int k = 0; k < 4; ++k) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * k * ld), _mm_unpacklo_epi64(c[k], c[k + 4]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (2 * k + 1) * ld), _mm_unpackhi_epi64(c[k], c[k + 4]));
+    a[2 * k] = _mm_unpacklo_epi64(c[k], c[k + 4]);
+    a[2 * k + 1] = _mm_unpackhi_epi64(c[k], c[k + 4]);
+  }
+}
+
+template <typename T, std::enable_if_t<sizeof(T) == 2, int> = 0>
+inline void transpose8x8(const T* in, int64_t w, T* out, int64_t ld) {
+  __m128i a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k * w));
+  transpose8x8_regs(a);
+  for (int k = 0; k < 8; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k * ld), a[k]);
+}
+
+// transpose8x8 of a partial block, bj rows of bc columns (both <= 8), through masked loads and stores.
+template <typename T>
+SKD_AVX512 void transpose_edge_avx512(const T* in, int64_t ld_in, int64_t bj, int64_t bc, T* out, int64_t ld_out) {
+  const auto cols = static_cast<__mmask8>((1u << bc) - 1), rows = static_cast<__mmask8>((1u << bj) - 1);
+  if constexpr (sizeof(T) == 4) {
+    __m256 r[8];
+    for (int64_t u = 0; u < 8; ++u) r[u] = u < bj ? _mm256_maskz_loadu_ps(cols, in + u * ld_in) : _mm256_setzero_ps();
+    transpose8x8_regs(r);
+    for (int64_t u = 0; u < bc; ++u) _mm256_mask_storeu_ps(out + u * ld_out, rows, r[u]);
+  } else {
+    static_assert(sizeof(T) == 2);
+    __m128i r[8];
+    for (int64_t u = 0; u < 8; ++u) r[u] = u < bj ? _mm_maskz_loadu_epi16(cols, in + u * ld_in) : _mm_setzero_si128();
+    transpose8x8_regs(r);
+    for (int64_t u = 0; u < bc; ++u) _mm_mask_storeu_epi16(out + u * ld_out, rows, r[u]);
   }
 }
 #endif
 
-// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * w + c] for the tokens i < n, ranks j < r and the nc
-// columns c (nc = H: one of q, k, v; 2H or 3H: neighbouring ones of a fused qkv, whose packed heads follow
-// each other); w is the rank stride.
-// A token's (r, 3H) block is transposed in 8x8 register blocks (a scalar loop with strided loads measured
-// 25 % of the kernel), element by element at the edges and for fp64.
-template <typename scalar_t>
-void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, int64_t w, const Shape& g,
-                scalar_t* dst, int64_t ld_h, int64_t ld_i) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* row = src + i * src_tok;
-    scalar_t* out = dst + i * ld_i;
-    int64_t j0 = 0;
+// out[c * ld_out + j] = in[j * ld_in + c] for j < nj, c < nc: in 8x8 register blocks (a scalar loop with
+// strided loads measured 25 % of the kernel), the partial blocks at the edges (e.g. ViT-S's 6 heads) through
+// AVX-512 masked loads and stores where the CPU has them (element by element: ~5 % of the op at H = 6); element
+// by element for fp64.
+template <typename T>
+void transpose(const T* in, int64_t ld_in, int64_t nj, int64_t nc, T* out, int64_t ld_out) {
 #ifdef __AVX2__
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (; j0 + 8 <= g.r; j0 += 8) {
-        int64_t c = 0;
-        for (; c + 8 <= nc; c += 8) transpose8x8(row + j0 * w + c, w, out + c * ld_h + j0, ld_h);
-        for (; c < nc; ++c) {
-          for (int64_t j = j0; j < j0 + 8; ++j) out[c * ld_h + j] = row[j * w + c];
+  if constexpr (!std::is_same_v<T, double>) {
+    const bool avx512 = has_avx512();
+    for (int64_t j = 0; j < nj; j += 8) {
+      const int64_t bj = std::min<int64_t>(8, nj - j);
+      for (int64_t c = 0; c < nc; c += 8) {
+        const int64_t bc = std::min<int64_t>(8, nc - c);
+        const T* a = in + j * ld_in + c;
+        T* b = out + c * ld_out + j;
+        if (bj == 8 && bc == 8) {
+          transpose8x8(a, ld_in, b, ld_out);
+        } else if (avx512) {
+          transpose_edge_avx512(a, ld_in, bj, bc, b, ld_out);
+        } else {
+          for (int64_t u = 0; u < bc; ++u) {
+            for (int64_t v = 0; v < bj; ++v) b[u * ld_out + v] = a[v * ld_in + u];
+          }
         }
       }
     }
-#endif
-    for (int64_t c = 0; c < nc; ++c) {
-      for (int64_t j = j0; j < g.r; ++j) out[c * ld_h + j] = row[j * w + c];
-    }
+    return;
   }
+#endif
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t j = 0; j < nj; ++j) out[c * ld_out + j] = in[j * ld_in + c];
+  }
+}
+
+// dst[c * ld_h + i * ld_i + j] = src[i * src_tok + j * w + c] for the tokens i < n, ranks j < r and the nc
+// columns c (nc = H: one of q, k, v; 2H or 3H: neighbouring ones of a fused qkv, whose packed heads follow
+// each other); w is the rank stride. One (r, nc) -> (nc, r) transpose per token.
+template <typename scalar_t>
+void pack_heads(const scalar_t* src, int64_t src_tok, int64_t n, int64_t nc, int64_t w, const Shape& g,
+                scalar_t* dst, int64_t ld_h, int64_t ld_i) {
+  for (int64_t i = 0; i < n; ++i) transpose(src + i * src_tok, w, g.r, nc, dst + i * ld_i, ld_h);
 }
 
 // Packs tokens t0 .. t0 + n of sequence s of the `count` operands from `first` (0 q, 1 k, 2 v) into dst,
@@ -196,24 +250,34 @@ void pack_operands(const Operands<scalar_t>& x, int first, int count, int64_t s,
 // for one (H, n, r) buffer, into the proj's rank-major columns.
 template <typename scalar_t>
 void unpack_heads(const scalar_t* src, int64_t n, const Shape& g, scalar_t* out) {
-  const int64_t H = g.H, r = g.r, ld_h = n * r;
+  for (int64_t i = 0; i < n; ++i) transpose(src + i * g.r, n * g.r, g.H, g.r, out + i * g.H * g.r, g.H);
+}
+
+// out[i * H * r + j * H + h] = o[(h * n + i) * ldo + j] * inv_l[h * n + i] rounded to T, for the tokens i < n:
+// the normalised output rounded and transposed into the proj's rank-major columns in one pass over o, 8 heads x 8
+// ranks per register block (normalising and rounding o first, then unpack_heads, read and wrote it twice more).
+template <typename T, bool kNativeBF16>
+SKD_AVX512_BF16 void finish_avx512(const float* o, const float* inv_l, int64_t n, int64_t ldo, const Shape& g, T* out) {
+  const int64_t H = g.H, r = g.r;
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* in = src + i * r;
-    scalar_t* row = out + i * H * r;
-    int64_t h0 = 0;
-#ifdef __AVX2__
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (; h0 + 8 <= H; h0 += 8) {
-        int64_t j = 0;
-        for (; j + 8 <= r; j += 8) transpose8x8(in + h0 * ld_h + j, ld_h, row + j * H + h0, H);
-        for (; j < r; ++j) {
-          for (int64_t h = h0; h < h0 + 8; ++h) row[j * H + h] = in[h * ld_h + j];
+    T* row = out + i * H * r;
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+      const int64_t hn = std::min<int64_t>(8, H - h0);
+      const auto heads = static_cast<__mmask16>((1u << hn) - 1);
+      for (int64_t j0 = 0; j0 < r; j0 += 8) {
+        const int64_t jn = std::min<int64_t>(8, r - j0);
+        const auto ranks = static_cast<__mmask8>((1u << jn) - 1);
+        __m256 x[8];
+        for (int64_t u = 0; u < 8; ++u) {
+          const int64_t hi = (h0 + u) * n + i;
+          x[u] = u < hn ? _mm256_mul_ps(_mm256_maskz_loadu_ps(ranks, o + hi * ldo + j0), _mm256_set1_ps(inv_l[hi]))
+                        : _mm256_setzero_ps();
+        }
+        transpose8x8_regs(x);
+        for (int64_t c = 0; c < jn; ++c) {
+          store16<T, kNativeBF16>(row + (j0 + c) * H + h0, _mm512_castps256_ps512(x[c]), heads);
         }
       }
-    }
-#endif
-    for (int64_t j = 0; j < r; ++j) {
-      for (int64_t h = h0; h < H; ++h) row[j * H + h] = in[h * ld_h + j];
     }
   }
 }
@@ -278,77 +342,107 @@ acc softmax_row(acc* x, acc scale, const scalar_t* bias, int64_t n, acc& m, acc&
   return alpha;
 }
 
+// The hn <= 8 heads h0 .. h0 + hn of two bf16 rows a and b (null: zeros) of a rank-major operand, interleaved
+// into one 32-bit pair (a[h], b[h]) per head: the VNNI pair of head h.
+SKD_AVX512 inline __m256 vnni_pairs(const at::BFloat16* a, const at::BFloat16* b, __mmask8 heads) {
+  const __m128i x = a != nullptr ? _mm_maskz_loadu_epi16(heads, a) : _mm_setzero_si128();
+  const __m128i y = b != nullptr ? _mm_maskz_loadu_epi16(heads, b) : _mm_setzero_si128();
+  return _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi16(x, y), _mm_unpacklo_epi16(x, y)));
+}
+
 // bf16 products through oneDNN's brgemm micro-kernel (AMX where the CPU has it), the kernel ATen's flash
-// attention runs for bf16. Its B operands are packed once per key tile, for every head, into the VNNI
-// layout cpublas::pack writes, in column blocks of 64 keys (k^T) and of nb <= 64 ranks (v), zero-padded;
-// r must be even (the VNNI pairs). Used for r <= kMaxRank only: on ViT shapes (197 tokens, Sapphire
-// Rapids-class CPU, 1 thread) it beat MKL's bf16 GEMM by 7-10 % at r = 16 but lost 5-20 % at r = 32 and 64,
-// where MKL's call overhead no longer dominates and packing k^T (a strided gather) costs ~10 %.
+// attention runs for bf16. Its B operands, k^T (all keys of the tile: one call per 64 query rows; blocks of 64
+// keys measured ~3 % slower, per-call overhead) and v in column blocks of nb <= 64 ranks, are packed once per
+// key tile, for every head, straight from the rank-major operands into the VNNI layout cpublas::pack writes
+// (pairs of consecutive K-rows interleaved), zero-padded: a token's ranks of 8 heads are contiguous there, so
+// 8 heads x 8 (tokens or ranks) of 32-bit VNNI pairs are one 8x8 register transpose. The VNNI pairs of k^T are
+// rank pairs: an odd r gets a zero rank r, in q too, which is packed head-major (pack_q) as A.
+// Before (packing head-major first, then gathering k^T and packing it again through cpublas::pack) this path
+// beat MKL's bf16 GEMM only at r <= 16: the double packing was ~10 % of the op at r = 32/64.
 struct BrgemmTiles {
   using bf16 = at::BFloat16;
   int64_t H = 0, r = 0, kn = 0;
-  int64_t ke = 0;   // kn rounded up to 64: the scores' leading dimension
+  int64_t rk = 0;   // r rounded up to even: the scores' K, q's leading dimension
+  int64_t ke = 0;   // kn rounded up to 16: the scores' leading dimension, the first product's N
   int64_t kn2 = 0;  // kn rounded up to even: the probabilities' leading dimension, the second product's K
   int64_t nb = 0;   // v's column block: r rounded up to 16 (r <= 64) or 64
   int64_t rn = 0;   // r rounded up to nb: the output accumulator's leading dimension
-  std::unique_ptr<bf16[]> kt, v, tmp;
+  std::unique_ptr<bf16[]> kt, v;
   static constexpr int64_t kRows = 64;  // rows per brgemm call
 
-  BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max) : H(H_), r(r_), nb(block(r_)), rn(padded(r_)) {
-    const int64_t ke_max = (kt_max + 63) / 64 * 64;
-    kt = buffer<bf16>(H * ke_max * r);
+  BrgemmTiles(int64_t H_, int64_t r_, int64_t kt_max)
+      : H(H_), r(r_), rk(even(r_)), nb(block(r_)), rn(padded(r_)) {
+    kt = buffer<bf16>(H * ((kt_max + 15) / 16 * 16) * rk);
     v = buffer<bf16>(H * (kt_max + 1) * rn);
-    tmp = buffer<bf16>(std::max(r * 64, (kt_max + 1) * nb));
   }
 
+  static int64_t even(int64_t r) { return (r + 1) / 2 * 2; }
   static int64_t block(int64_t r) { return r <= 64 ? (r + 15) / 16 * 16 : 64; }
   static int64_t padded(int64_t r) { return (r + block(r) - 1) / block(r) * block(r); }
 
-  static constexpr int64_t kMaxRank = 16;
-
   static bool usable(int64_t r) {
-    return r % 2 == 0 && r <= kMaxRank && has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
+    return has_avx512() && at::native::cpublas::could_pack(at::kBFloat16);
   }
 
-  // kv: the key tile's k then v heads, (2H, n, r) with unit stride over ranks (pack_heads' layout).
-  void pack(const bf16* kvp, int64_t n) {
-    namespace blas = at::native::cpublas;
+  // q of tokens t0 .. t0 + n of sequence s, head-major (H, n, rk), rank r (odd r) zero.
+  void pack_q(const Operands<bf16>& x, int64_t s, int64_t t0, int64_t n, const Shape& g, bf16* dst) const {
+    pack_heads(x.base[0] + s * x.st_s[0] + t0 * x.st_n[0], x.st_n[0], n, H, x.w, g, dst, n * rk, rk);
+    if (rk > r) {
+      for (int64_t hi = 0; hi < H * n; ++hi) dst[hi * rk + r] = bf16(0.f);
+    }
+  }
+
+  // Packs keys t0 .. t0 + n of sequence s: k^T of head h as (rk / 2, ke, 2) at kt + h * ke * rk,
+  // v of head h as (rn / nb) blocks (kn2 / 2, nb, 2) at v + h * kn2 * rn. Padding keys and ranks are 0.
+  SKD_AVX512 void pack(const Operands<bf16>& x, int64_t s, int64_t t0, int64_t n) {
     kn = n;
-    ke = (n + 63) / 64 * 64;
+    ke = (n + 15) / 16 * 16;
     kn2 = (n + 1) / 2 * 2;
-    const bf16 zero(0.f);
-    for (int64_t h = 0; h < H; ++h) {
-      const bf16* k = kvp + h * n * r;
-      for (int64_t b = 0; b < ke; b += 64) {  // (r, 64) = k[b:b+64, :]^T
-        const int64_t w = std::min<int64_t>(64, n - b);
-        for (int64_t j = 0; j < r; ++j) {
-          bf16* row = tmp.get() + j * 64;
-          for (int64_t t = 0; t < w; ++t) row[t] = k[(b + t) * r + j];
-          std::fill(row + w, row + 64, zero);
+    const bf16* k = x.base[1] + s * x.st_s[1] + t0 * x.st_n[1];
+    const bf16* vs = x.base[2] + s * x.st_s[2] + t0 * x.st_n[2];
+    const int64_t tk = x.st_n[1], tv = x.st_n[2], w = x.w;
+    __m256 rows[8];
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+      const int64_t hn = std::min<int64_t>(8, H - h0);
+      const auto heads = static_cast<__mmask8>((1u << hn) - 1);
+      // k^T: rows u = 8 keys, each 8 heads' (rank 2p, rank 2p + 1) pairs -> per head 8 keys' pairs.
+      for (int64_t t = 0; t < ke; t += 8) {
+        for (int64_t p = 0; p < rk / 2; ++p) {
+          for (int64_t u = 0; u < 8; ++u) {
+            const bf16* row = t + u < n ? k + (t + u) * tk + 2 * p * w + h0 : nullptr;
+            rows[u] = vnni_pairs(row, row != nullptr && 2 * p + 1 < r ? row + w : nullptr, heads);
+          }
+          transpose8x8_regs(rows);
+          for (int64_t c = 0; c < hn; ++c) {
+            _mm256_storeu_ps(reinterpret_cast<float*>(kt.get() + (h0 + c) * ke * rk) + p * ke + t, rows[c]);
+          }
         }
-        blas::pack(r, 64, 64, 64, at::kBFloat16, at::kBFloat16, tmp.get(), kt.get() + (h * ke + b) * r);
       }
-      const bf16* vh = kvp + (H + h) * n * r;
-      for (int64_t c = 0; c < rn; c += nb) {  // (kn2, nb) = v[:, c:c+nb]
-        const int64_t w = std::min(nb, r - c);
-        for (int64_t t = 0; t < kn2; ++t) {
-          bf16* row = tmp.get() + t * nb;
-          if (t < n) std::copy_n(vh + t * r + c, w, row);
-          std::fill(row + (t < n ? w : 0), row + nb, zero);
+      // v: rows u = 8 ranks, each 8 heads' (key 2p, key 2p + 1) pairs -> per head 8 ranks' pairs.
+      for (int64_t p = 0; p < kn2 / 2; ++p) {
+        const bf16* a = vs + 2 * p * tv + h0;
+        const bf16* b = 2 * p + 1 < n ? a + tv : nullptr;
+        for (int64_t j = 0; j < rn; j += 8) {
+          for (int64_t u = 0; u < 8; ++u) {
+            const bool in = j + u < r;
+            rows[u] = vnni_pairs(in ? a + (j + u) * w : nullptr, in && b != nullptr ? b + (j + u) * w : nullptr, heads);
+          }
+          transpose8x8_regs(rows);
+          const int64_t c0 = j / nb * nb;
+          for (int64_t c = 0; c < hn; ++c) {
+            _mm256_storeu_ps(reinterpret_cast<float*>(v.get() + (h0 + c) * kn2 * rn + c0 * kn2) + p * nb + j - c0,
+                             rows[c]);
+          }
         }
-        blas::pack(kn2, nb, nb, nb, at::kBFloat16, at::kBFloat16, tmp.get(), v.get() + h * kn2 * rn + c * kn2);
       }
     }
   }
 
-  // sc (qn, ke) = q_h (qn, r) k_h^T, unscaled.
+  // sc (qn, ke) = q_h (qn, rk) k_h^T, unscaled.
   void scores(int64_t h, const bf16* q, int64_t qn, float* sc) const {
     for (int64_t i = 0; i < qn; i += kRows) {
       const int64_t mi = std::min(kRows, qn - i);
-      for (int64_t b = 0; b < ke; b += 64) {
-        at::native::cpublas::brgemm(mi, 64, r, r, 64, ke, false, q + i * r, kt.get() + (h * ke + b) * r,
-                                    sc + i * ke + b);
-      }
+      at::native::cpublas::brgemm(mi, ke, rk, rk, ke, ke, false, q + i * rk, kt.get() + h * ke * rk, sc + i * ke);
     }
   }
 
@@ -384,17 +478,20 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
   const bool use_brgemm = std::is_same_v<scalar_t, at::BFloat16> && BrgemmTiles::usable(r);
   // The output accumulator's and the probabilities' leading dimensions (brgemm pads them).
   const int64_t ldo = use_brgemm ? BrgemmTiles::padded(r) : r;
+  const int64_t ldq = use_brgemm ? BrgemmTiles::even(r) : r;  // packed q's leading dimension
 
   at::parallel_for(0, g.S * n_qt, 1, [&](int64_t begin, int64_t end) {
     // Packed tiles, head-major: q (H, qt, r) followed by k then v (2H, kt, r); with one query and one key tile
-    // the three are packed in one pass as (3H, N, r). Scores (qt, kt); output (H, qt, r).
-    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and
-    // ob the output before its transpose (fp32/fp64: o itself).
+    // the three are packed in one pass as (3H, N, r). With brgemm only q, (H, qt, r rounded up to even): k and v
+    // go to BrgemmTiles. Scores (qt, kt); output (H, qt, r).
+    // For bf16/fp16, p holds the probabilities rounded to scalar_t (fp32/fp64: unused, p is sc itself) and,
+    // without AVX-512, ob the output before its transpose (fp32/fp64: o itself).
     // (Uninitialised: every value is written before it is read; zero-filling them measured 3 % of the op.)
-    // With brgemm the scores are (qt, kt rounded up to 64) and p (qt, kt rounded up to even).
-    const auto qkv_p = buffer<scalar_t>(H * g.qt * r + 2 * H * g.kt * r);
-    const int64_t kt_pad = use_brgemm ? (g.kt + 63) / 64 * 64 : g.kt;
-    const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0), ob = buffer<scalar_t>(kNarrow ? H * g.qt * r : 0);
+    // With brgemm the scores are (qt, kt rounded up to 16) and p (qt, kt rounded up to even).
+    const auto qkv_p = buffer<scalar_t>(H * g.qt * ldq + (use_brgemm ? 0 : 2 * H * g.kt * r));
+    const int64_t kt_pad = use_brgemm ? (g.kt + 15) / 16 * 16 : g.kt;
+    const auto p = buffer<scalar_t>(kNarrow ? g.qt * kt_pad : 0);
+    const auto ob = buffer<scalar_t>(kNarrow && !avx512 ? H * g.qt * r : 0);
     const auto sc = buffer<acc>(g.qt * kt_pad), o = buffer<acc>(H * g.qt * ldo), m = buffer<acc>(H * g.qt),
                l = buffer<acc>(H * g.qt);
     std::optional<BrgemmTiles> tiles;
@@ -407,24 +504,26 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
       scalar_t* q = qkv_p.get();
       scalar_t* kv = q + H * qn * r;
       const bool one_tile = qn == g.N && g.kt >= g.N;
-      if (one_tile) {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (tiles) tiles->pack_q(x, s, q0, qn, g, q);
+      }
+      if (one_tile && !tiles) {
         pack_operands(x, 0, 3, s, 0, g.N, g, q);
-      } else {
+      } else if (!tiles) {
         kv = q + H * g.qt * r;  // fixed place, so that it can be reused by the next query tile
         pack_operands(x, 0, 1, s, q0, qn, g, q);
       }
-      std::fill_n(o.get(), H * qn * ldo, acc(0));
       std::fill_n(m.get(), H * qn, -std::numeric_limits<acc>::infinity());
       std::fill_n(l.get(), H * qn, acc(0));
       for (int64_t k0 = 0; k0 < g.N; k0 += g.kt) {
         const int64_t kn = std::min(g.kt, g.N - k0);
         const bool fresh = one_tile || packed_s != s;
-        if (!one_tile && packed_s != s) {
-          pack_operands(x, 1, 2, s, k0, kn, g, kv);
-          packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
-        }
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (tiles && fresh) tiles->pack(kv, kn);
+          if (tiles && fresh) tiles->pack(x, s, k0, kn);  // k and v straight into brgemm's layout
+        }
+        if (!one_tile && packed_s != s) {
+          if (!tiles) pack_operands(x, 1, 2, s, k0, kn, g, kv);
+          packed_s = kn == g.N ? s : -1;  // one key tile: the next query tile of s reuses it
         }
         // Leading dimensions of the scores and of p.
         const int64_t ld_sc = tiles ? tiles->ke : kn, ld_p = tiles ? tiles->kn2 : kn;
@@ -435,7 +534,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
           // scores (qn, kn) = q_h k_h^T (* scale: MKL's alpha, or in the softmax after brgemm)
           acc score_scale = scale;
           if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-            if (tiles) tiles->scores(h, q + h * qn * r, qn, sc.get());
+            if (tiles) tiles->scores(h, q + h * qn * ldq, qn, sc.get());
           }
           if (!tiles) {
             gemm_rm<scalar_t, acc>(true, qn, kn, r, scale, q + h * qn * r, r, kv + h * kn * r, r, acc(0), sc.get(), kn);
@@ -447,7 +546,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
             scalar_t* prow = p.get() + i * ld_p;
             const acc alpha = softmax_row(x, score_scale, brow, kn, m[h * qn + i], l[h * qn + i], prow, avx512);
             if (ld_p > kn) prow[kn] = scalar_t(0);  // brgemm's even K: a zero probability
-            // (the first key tile finds o = 0: nothing to rescale)
+            // (the first key tile writes o: nothing to rescale)
             if (k0 > 0 && alpha != acc(1)) {
               at::vec::map([alpha](Vec a) { return a * Vec(alpha); }, oh + i * ldo, oh + i * ldo, r);
             }
@@ -463,12 +562,25 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
             } else {
               probs = sc.get();
             }
-            gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(1), oh, r);
+            // (the first key tile writes o: beta 0, nothing to zero-fill)
+            gemm_rm<scalar_t, acc>(false, qn, r, kn, acc(1), probs, kn, kv + (H + h) * kn * r, r, acc(k0 > 0), oh, r);
           }
         }
       }
       // o[h, i, :] /= l[h, i], rounded to scalar_t, then out[s, q0 + i, j*H + h] = o[h, i, j]: the proj's
       // rank-major columns, one (H, r) -> (r, H) transpose per token.
+      scalar_t* dst = out_ptr + (s * g.N + q0) * Hr;
+      if constexpr (std::is_same_v<acc, float>) {
+        if (avx512) {
+          for (int64_t hi = 0; hi < H * qn; ++hi) l[hi] = 1.f / l[hi];
+          if (std::is_same_v<scalar_t, at::BFloat16> && has_avx512_bf16()) {
+            finish_avx512<scalar_t, true>(o.get(), l.get(), qn, ldo, g, dst);
+          } else {
+            finish_avx512<scalar_t, false>(o.get(), l.get(), qn, ldo, g, dst);
+          }
+          continue;
+        }
+      }
       scalar_t* o_out;
       if constexpr (kNarrow) {
         o_out = ob.get();
@@ -481,7 +593,7 @@ void attention_kernel(const Operands<scalar_t>& x, const at::Tensor& bias, doubl
         at::vec::map([inv](Vec a) { return a * Vec(inv); }, row, row, r);
         if constexpr (kNarrow) at::vec::convert(row, o_out + hi * r, r);
       }
-      unpack_heads(o_out, qn, g, out_ptr + (s * g.N + q0) * Hr);
+      unpack_heads(o_out, qn, g, dst);
     }
     if (tiles) at::native::cpublas::brgemm_release();  // the AMX tile state this thread configured
   });

@@ -11,6 +11,14 @@ The subnetwork's fused qkv is then `prefix_linear(x, Wqkv, k_out=3*H*r)`, separa
 `prefix_linear(x, Wq, k_out=H*r)`, and o is `prefix_linear(ctx, Wo, k_in=H*r)`. MLP hidden units are
 already a prefix of fc1 rows / fc2 columns. The model's own layout is head-major (`head*hd + rank`).
 Files saved with the fused layout keep loading: it is unchanged since version 1.
+
+Storage order: while rank-major, the weights whose prefix is a block of COLUMNS (proj/o and fc2, read with
+k_in) are stored column-major within their own storage (shape (out, in), strides (1, out)), so W[:, :k] is
+one contiguous block that the GEMM reads as a dense (k, out) matrix: on a row-major weight it is a strided
+panel (leading dimension in > k), which MKL/oneDNN packs 1-7 % slower than a contiguous one (benchmarks/
+RESULTS.md, "Column-major input-truncated weights"). Row prefixes (qkv, q/k/v, fc1) are contiguous
+row-major already. The standard layout is row-major again; the values (state_dict, files) are the same
+either way, only the strides differ.
 """
 
 from __future__ import annotations
@@ -48,6 +56,44 @@ def _permute_(p: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
             t.copy_(t.index_select(dim, perm.to(t.device)))
 
 
+def _in_order(t: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """A (out, in) view of t's own storage region in the asked element order (values not kept), or t itself
+    when it has that order already or is not dense in either order (it then keeps its strides: correct,
+    only the GEMM is slower)."""
+    row_major, col_major = t.is_contiguous(), t.t().is_contiguous()
+    if (col_major if column_major else row_major) or not (row_major or col_major):
+        return t
+    out_f, in_f = t.shape
+    return t.as_strided((out_f, in_f), (1, out_f) if column_major else (in_f, 1), t.storage_offset())
+
+
+def store_order_(p: torch.Tensor, column_major: bool) -> None:
+    """Re-stride the 2-D Parameter p (and its .grad) in place to column-major (strides (1, out)) or row-major
+    (strides (in, 1)), values unchanged: same storage and data_ptr (one temporary copy of the values), same
+    Parameter object (its `.data` is replaced by the re-strided view)."""
+    for t in (p, p.grad):
+        if t is None:
+            continue
+        target = _in_order(t.data, column_major)
+        if target is not t.data:
+            values = t.data.clone()
+            t.data = target
+            t.data.copy_(values)
+
+
+def column_truncated(blocks: Sequence[BlockSpec]) -> list[nn.Linear]:
+    """The Linears whose elastic prefix is a block of columns (k_in): every block's proj (o) and fc2."""
+    return [lin for spec in blocks for lin in (spec.proj, spec.fc2)]
+
+
+def store_columns_(blocks: Sequence[BlockSpec], column_major: bool) -> None:
+    """Store the `column_truncated` weights of `blocks` column-major (True: the rank-major layout's order)
+    or row-major (False: the standard one), in place (`store_order_`)."""
+    with torch.no_grad():
+        for lin in column_truncated(blocks):
+            store_order_(lin.weight, column_major)
+
+
 class RankMajorLayout:
     """The permutations of a model's blocks; `apply` re-lays any blocks of the same shapes (the wrapped
     model's, or a deep copy's)."""
@@ -57,7 +103,10 @@ class RankMajorLayout:
                         rank_major_permutation(s.num_heads, s.head_dim)) for s in blocks]
 
     def apply(self, blocks: Sequence[BlockSpec], to_standard: bool) -> None:
-        """Re-lay `blocks` in place: rank-major -> head-major when to_standard, else head-major -> rank-major."""
+        """Re-lay `blocks` in place: rank-major -> head-major and row-major proj/fc2 weights when to_standard,
+        else head-major -> rank-major with column-major proj/fc2 weights (module docstring)."""
+        if to_standard:
+            store_columns_(blocks, column_major=False)
         with torch.no_grad():
             for spec, (fused, single) in zip(blocks, self._perms, strict=True):
                 if to_standard:
@@ -72,3 +121,5 @@ class RankMajorLayout:
                 cov = getattr(spec.proj, INPUT_COV, None)  # cross-head compensation's: both axes
                 _permute_(cov, single, 0)
                 _permute_(cov, single, 1)
+        if not to_standard:
+            store_columns_(blocks, column_major=True)

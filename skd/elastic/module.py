@@ -22,7 +22,7 @@ from ..models import ModelAdapter, adapter_for
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
 from .budget import Budgets, LatencyTable
-from .layout import RankMajorLayout
+from .layout import RankMajorLayout, store_columns_
 from .plan import Plan
 from .symbolic import symbolic_widths
 
@@ -67,7 +67,7 @@ class ElasticViT(nn.Module):
         self._standard = False
         self._layout.apply(adapter.blocks, to_standard=False)
         model._skd_wrapped = True
-        self._guard = model.register_forward_pre_hook(self._refuse_bare_forward)
+        self._hooks = self._register_hooks()
 
     def __getstate__(self) -> dict[str, Any]:
         # Plans hold closures over this instance's weights: a copy or an unpickled module builds its own.
@@ -78,6 +78,15 @@ class ElasticViT(nn.Module):
     def in_standard_layout(self) -> bool:
         """True inside `standard_layout()`: the weights are the model's own head-major layout right now."""
         return self._standard
+
+    def _register_hooks(self) -> tuple[Any, ...]:
+        """The wrapped model's hooks (removed while `extract` copies the model): the bare-forward guard, and
+        the storage order restored after `load_state_dict(..., assign=True)` put new (row-major) tensors in."""
+        return (self.model.register_forward_pre_hook(self._refuse_bare_forward),
+                self.model.register_load_state_dict_post_hook(self._after_load))
+
+    def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        store_columns_(self.adapter.blocks, column_major=not self._standard)
 
     def _refuse_bare_forward(self, module: nn.Module, args: tuple) -> None:
         if not self._standard:
@@ -338,11 +347,12 @@ class ElasticViT(nn.Module):
         record how to rebuild this shape.
         """
         subnet = self._checked(subnet)
-        self._guard.remove()  # the copy must not carry the wrapped-model guard
+        for hook in self._hooks:  # the copy must not carry the wrapped model's hooks
+            hook.remove()
         try:
             out = copy.deepcopy(self.model)
         finally:
-            self._guard = self.model.register_forward_pre_hook(self._refuse_bare_forward)
+            self._hooks = self._register_hooks()
         del out._skd_wrapped
         shrinker = adapter_for(out)
         if self._standard:  # bias compensation folds where every width is a prefix

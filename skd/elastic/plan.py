@@ -61,8 +61,9 @@ class Plan:
         self.subnet = subnet
         linears = [lin for spec in blocks for lin in
                    ((spec.qkv,) if spec.fused else (spec.q, spec.k, spec.v)) + (spec.proj, spec.fc1, spec.fc2)]
-        # What the plan's ops read: the Parameters (held by both kinds) and their storage (the views) (`current`)
-        self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(),
+        # What the plan's ops read: the Parameters (held by both kinds), their storage and the weights' strides
+        # (the views; skd/elastic/layout.py re-strides weights within their storage) (`current`)
+        self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(), lin.weight.stride(),
                           None if lin.bias is None else lin.bias.data_ptr()) for lin in linears]
         # bias compensation's means and covariances, stored or removed
         self._means = [(lin, input_mean(lin), input_cov(lin)) for lin in linears]
@@ -75,18 +76,19 @@ class Plan:
                         and g.fast is not None for t in g.sources()]
 
     def current(self) -> bool:
-        """False once a weight or bias the plan was built from was replaced or moved to new storage
-        (`module.to(...)`, a new Parameter), or an input mean or covariance was stored or removed (skd.wpac):
-        the plan must be rebuilt. In-place updates keep it current, except under cross-head compensation,
-        whose corrected weight copies are rebuilt after any in-place update of what they were computed from
-        (seen through the tensors' version counters: writes through `.data` are not seen)."""
+        """False once a weight or bias the plan was built from was replaced, moved to new storage
+        (`module.to(...)`, a new Parameter) or re-strided (skd/elastic/layout.py), or an input mean or
+        covariance was stored or removed (skd.wpac): the plan must be rebuilt. In-place updates keep it
+        current, except under cross-head compensation, whose corrected weight copies are rebuilt after any
+        in-place update of what they were computed from (seen through the tensors' version counters: writes
+        through `.data` are not seen)."""
         if any(input_mean(lin) is not mean or input_cov(lin) is not cov for lin, mean, cov in self._means):
             return False
         if any(t._version != version for t, version in self._copied):
             return False
-        for lin, w, b, w_ptr, b_ptr in self._sources:
-            if lin.weight is not w or lin.bias is not b or w.data_ptr() != w_ptr or (b is not None
-                                                                                      and b.data_ptr() != b_ptr):
+        for lin, w, b, w_ptr, w_strides, b_ptr in self._sources:
+            if lin.weight is not w or lin.bias is not b or w.data_ptr() != w_ptr or w.stride() != w_strides or (
+                    b is not None and b.data_ptr() != b_ptr):
                 return False
         return True
 

@@ -74,4 +74,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     for idx, st in meta["optimizer"]["state"].items():
         state.setdefault(int(idx), {}).update(st)
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    _state_follows_strides(optimizer)
     return meta
+
+
+def _state_follows_strides(optimizer: torch.optim.Optimizer) -> None:
+    """Give per-element state (exp_avg, ...) its parameter's strides, as the optimizer creates it
+    (zeros_like): the file holds it contiguous, and ElasticViT stores proj/fc2 weights column-major
+    (skd/elastic/layout.py). Fused AdamW on mismatched strides computes (slightly) differently, so a resumed
+    run would no longer be bit-identical to a straight one."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)

@@ -85,6 +85,8 @@ def bind(
         w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
     approximate = {"none": None, "gelu": "none", "gelu_tanh": "tanh"}[activation]
     on_cpu_kernel = fn is _ops.compiled_kernel(OP, "CPU")
+    onednn = on_cpu_kernel and _onednn_runs(w_blk, k_in, k_out)
+    attr, algorithm = ONEDNN_ACTIVATIONS[activation]
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.device != device or not x.dim() \
@@ -94,12 +96,32 @@ def bind(
             return fn(x, weight, bias, k_in, k_out, activation)
         if not on_cpu_kernel:
             return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
-        # The CPU kernel's own computation (a BLAS GEMM on the strided block, bias in beta, GELU in place) on
-        # views sliced once: the op call and its slicing cost ~7 µs, a third of a small GEMM.
-        y = F.linear(x if x.shape[-1] == k_in else x[..., :k_in], w_blk, b_blk)
+        # On views sliced once (the op call and its slicing cost ~7 µs, a third of a small GEMM): bf16
+        # through oneDNN's linear, bias and GELU fused; else the CPU kernel's own computation (a BLAS GEMM on
+        # the block, bias in beta, GELU in place).
+        x = x if x.shape[-1] == k_in else x[..., :k_in]
+        if onednn:
+            return _ONEDNN_LINEAR(x, w_blk, b_blk, attr, [], algorithm)
+        y = F.linear(x, w_blk, b_blk)
         return y if approximate is None else torch._C._nn.gelu_(y, approximate=approximate)
 
     return call
+
+
+# oneDNN's linear (mkldnn::_linear_pointwise: bias and GELU fused, reads a dense weight block in place, no
+# weight copy) runs bf16 prefix GEMMs on CPU 0-25 % faster than F.linear's route, ViT-S and ViT-B shapes,
+# 197 and 1576 rows (benchmarks/RESULTS.md, "Column-major input-truncated weights"); in fp32 it is slower
+# than MKL's sgemm (up to 1.25x), so fp32/fp16/fp64 keep F.linear. Its (attr, algorithm) per activation:
+ONEDNN_ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+_ONEDNN_LINEAR = getattr(getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None), "default", None)
+
+
+def _onednn_runs(w_blk: torch.Tensor, k_in: int, k_out: int) -> bool:
+    """Whether a bound no-grad bf16 CPU GEMM goes through oneDNN's linear: the block is dense in one order
+    (ElasticViT's always are: skd/elastic/layout.py; a strided panel could be copied) and not empty."""
+    return (w_blk.dtype == torch.bfloat16 and _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+            and isinstance(k_in, int) and isinstance(k_out, int) and k_in > 0 and k_out > 0
+            and (w_blk.is_contiguous() or w_blk.t().is_contiguous()))
 
 
 def _autocast(
