@@ -38,25 +38,12 @@ def _batches(n: int = 24, batch: int = 8, seed: int = 0) -> list[tuple[torch.Ten
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
-def _input_moments(model: nn.Module, batches: list, weights=None) -> list[dict[str, torch.Tensor]]:
-    """Per block, measured by forward hooks on the (standard-layout) model: mean of the output projection's
-    input, mean and variance of fc2's input, float64 (tokens weighted by weights(batch) (B, T) or 1)."""
-    blocks = adapter_for(model).blocks
-    sums: dict[tuple[int, str], list] = {}
+def _feed(model: nn.Module, batches: list, weights, hooks: list) -> None:
+    """Run `batches` through `model` without grad, with a forward pre-hook per (module, fn) in `hooks`:
+    fn(x, w) gets the module's input x and the batch's token weights w = weights(batch) (B, T), or None."""
     current: dict[str, torch.Tensor | None] = {}
-
-    def hook(i: int, name: str, module: nn.Module, inputs: tuple) -> None:
-        x = inputs[0].double()
-        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
-        w = current["w"]
-        w = torch.ones(x.shape[:2], dtype=torch.float64) if w is None else w.double().reshape(x.shape[:2])
-        s = sums.setdefault((i, name), [0.0, 0.0, 0.0])
-        s[0] += w.sum()
-        s[1] += (w[..., None] * x).sum((0, 1))
-        s[2] += (w[..., None] * x * x).sum((0, 1))
-
-    handles = [lin.register_forward_pre_hook(functools.partial(hook, i, name))
-               for i, spec in enumerate(blocks) for lin, name in ((spec.proj, "proj"), (spec.fc2, "fc2"))]
+    handles = [module.register_forward_pre_hook(lambda _, inputs, fn=fn: fn(inputs[0], current["w"]))
+               for module, fn in hooks]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -65,6 +52,25 @@ def _input_moments(model: nn.Module, batches: list, weights=None) -> list[dict[s
     finally:
         for h in handles:
             h.remove()
+
+
+def _input_moments(model: nn.Module, batches: list, weights=None) -> list[dict[str, torch.Tensor]]:
+    """Per block, measured by forward hooks on the (standard-layout) model: mean of the output projection's
+    input, mean and variance of fc2's input, float64 (tokens weighted by weights(batch) (B, T) or 1)."""
+    blocks = adapter_for(model).blocks
+    sums: dict[tuple[int, str], list] = {}
+
+    def hook(i: int, name: str, x: torch.Tensor, w: torch.Tensor | None) -> None:
+        x = x.double()
+        x = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
+        w = torch.ones(x.shape[:2], dtype=torch.float64) if w is None else w.double().reshape(x.shape[:2])
+        s = sums.setdefault((i, name), [0.0, 0.0, 0.0])
+        s[0] += w.sum()
+        s[1] += (w[..., None] * x).sum((0, 1))
+        s[2] += (w[..., None] * x * x).sum((0, 1))
+
+    _feed(model, batches, weights, [(lin, functools.partial(hook, i, name)) for i, spec in enumerate(blocks)
+                                    for lin, name in ((spec.proj, "proj"), (spec.fc2, "fc2"))])
     out = []
     for i in range(len(blocks)):
         (np_, sp, _), (nf, sf, qf) = sums[i, "proj"], sums[i, "fc2"]

@@ -20,7 +20,7 @@ from skd import Subnet, compensation
 from skd.elastic.layout import rank_major_permutation
 from skd.io import load_tensors
 from skd.models import adapter_for
-from tests.test_compensation import _batches, _model, _rel
+from tests.test_compensation import _batches, _feed, _model, _rel
 
 
 def _measured_covariances(model: nn.Module, batches: list, weights=None) -> list[torch.Tensor]:
@@ -28,26 +28,16 @@ def _measured_covariances(model: nn.Module, batches: list, weights=None) -> list
     on the (standard-layout) model over `batches` (tokens weighted by weights(batch) (B, T), or 1)."""
     blocks = adapter_for(model).blocks
     acc: dict[int, list] = {}
-    current: dict[str, torch.Tensor | None] = {}
 
-    def hook(i: int, module: nn.Module, inputs: tuple) -> None:
-        x = inputs[0].double().reshape(-1, inputs[0].shape[-1])
-        w = current["w"]
+    def hook(i: int, x: torch.Tensor, w: torch.Tensor | None) -> None:
+        x = x.double().reshape(-1, x.shape[-1])
         w = torch.ones(x.shape[0], dtype=torch.float64) if w is None else w.double().reshape(-1)
         s = acc.setdefault(i, [0.0, 0.0, 0.0])
         s[0] += w.sum()
         s[1] += w @ x
         s[2] += (w[:, None] * x).T @ x
 
-    handles = [spec.proj.register_forward_pre_hook(functools.partial(hook, i)) for i, spec in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current["w"] = None if weights is None else weights(batch)
-                model(**batch) if isinstance(batch, dict) else model(batch[0])
-    finally:
-        for h in handles:
-            h.remove()
+    _feed(model, batches, weights, [(spec.proj, functools.partial(hook, i)) for i, spec in enumerate(blocks)])
     out = []
     for i in range(len(blocks)):
         n, s, ss = acc[i]
