@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import skd
 from skd.elastic.layout import store_columns_
 from skd.piad.recipe import build_optimizer
+from skd.timing import add_cpu_time_option
+from skd.timing import clock as timing_clock
 from skd_kernels.ops.prefix_linear import bind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -173,15 +175,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--piad-batch", type=int, default=16)
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="process CPU time instead of wall time (needs --threads 1): stable on a shared machine")
+    add_cpu_time_option(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_time and torch.get_num_threads() != 1:
-        ap.error("--cpu-time needs --threads 1 (other threads' spin-waits count as CPU time)")
-    if args.cpu_time:
-        CLOCK[0] = time.process_time
+    CLOCK[0] = timing_clock(ap, args, torch.get_num_threads() == 1)
     print(f"{torch.get_num_threads()} threads, {'process CPU' if args.cpu_time else 'wall'} time, medians of "
           f"{args.repeats} interleaved repeats")
     if "gemm" in args.tables:

@@ -27,6 +27,8 @@ import torch
 import skd.digits  # noqa: F401  registers vit_digits with timm
 import skd_kernels
 from skd import ElasticViT
+from skd.timing import add_cpu_time_option
+from skd.timing import clock as timing_clock
 
 FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
 # default batches per model: the digits ViT at serving (1) and training (64) size; the ViTs at a full
@@ -111,13 +113,9 @@ def main(stack: contextlib.ExitStack) -> None:
                    help="CPU threads; 1 avoids OpenMP spin-wait stalls when other processes load the cores")
     p.add_argument("--backend", default=None, choices=skd_kernels.BACKENDS,
                    help="force skd_kernels' prefix_linear backend (default: automatic choice)")
-    p.add_argument("--cpu-time", action="store_true",
-                   help="process CPU time instead of wall time (needs --threads 1): stable on a shared machine")
+    add_cpu_time_option(p)
     args = p.parse_args()
-    if args.cpu_time:
-        if args.threads != 1 or args.device != "cpu":
-            p.error("--cpu-time needs --device cpu --threads 1 (other threads' spin-waits count as CPU time)")
-        CLOCK[0] = time.process_time
+    CLOCK[0] = timing_clock(p, args, args.threads == 1 and args.device == "cpu", needs="--device cpu --threads 1")
     if args.backend:
         stack.enter_context(skd_kernels.use_backend(args.backend))
     if args.threads:

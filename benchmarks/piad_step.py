@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import timm
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 import skd
 import skd.digits  # registers vit_digits with timm
 from skd.piad.recipe import build_optimizer
+from skd.timing import add_cpu_time_option
+from skd.timing import clock as timing_clock
 
 FRACTIONS = (1.0, 1 / 3)
 
@@ -38,14 +39,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="process CPU time instead of wall time (needs --threads 1): stable on a shared machine")
+    add_cpu_time_option(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu_time and torch.get_num_threads() != 1:
-        ap.error("--cpu-time needs --threads 1 (other threads' spin-waits count as CPU time)")
-    clock = time.process_time if args.cpu_time else time.perf_counter
+    clock = timing_clock(ap, args, torch.get_num_threads() == 1)
     torch.manual_seed(0)
     model = timm.create_model(args.model)
     elastic = skd.ElasticViT(model).train()

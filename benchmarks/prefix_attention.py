@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import skd_kernels
+from skd.timing import add_cpu_time_option
+from skd.timing import clock as timing_clock
 
 TOKENS = 197
 HEAD_DIM = 64
@@ -80,14 +82,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="CPU thread counts (default 1 2)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
                         help="per-head widths r (default hd/4, hd/2, hd = 16 32 64)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time with the process CPU clock (only meaningful with --threads 1)")
+    add_cpu_time_option(parser)
     args = parser.parse_args()
     models = {"vit_s": MODELS["vit_s"]} if args.quick else MODELS
     threads = args.threads or ([1] if args.quick else [1, 2])
-    if args.cpu_time and threads != [1]:
-        parser.error("--cpu-time needs --threads 1 (a second thread's spin-waits count as CPU time)")
-    clock = time.process_time if args.cpu_time else time.perf_counter
+    clock = timing_clock(parser, args, threads == [1])
     print(f"clock: {'process CPU time' if args.cpu_time else 'wall'}")
     scale = HEAD_DIM**-0.5
     print(f"{'model':7} {'thr':>3} {'batch':>5} {'r':>3} {'dtype':9} {'dense ms':>9} {'today ms':>9} {'op ms':>8} "

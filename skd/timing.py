@@ -1,7 +1,9 @@
-"""Wall-clock timing of a callable, synchronising CUDA so GPU work is counted."""
+"""Wall-clock timing of a callable, synchronising CUDA so GPU work is counted; and the benchmark scripts'
+`--cpu-time` option (process CPU time, stable on a shared machine)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -21,3 +23,20 @@ def time_ms(fn: Callable[[], object], repeats: int = 5, device: torch.device | N
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def add_cpu_time_option(parser: argparse.ArgumentParser) -> None:
+    """`--cpu-time` for a benchmark script: process CPU time instead of wall time (`clock`)."""
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="process CPU time instead of wall time (needs one CPU thread): stable on a shared machine")
+
+
+def clock(parser: argparse.ArgumentParser, args: argparse.Namespace, single_thread: bool,
+          needs: str = "--threads 1") -> Callable[[], float]:
+    """time.process_time under --cpu-time, else time.perf_counter. --cpu-time on a run that is not
+    `single_thread` is a parser error naming `needs`: other threads' spin-waits would count as CPU time."""
+    if not args.cpu_time:
+        return time.perf_counter
+    if not single_thread:
+        parser.error(f"--cpu-time needs {needs} (other threads' spin-waits count as CPU time)")
+    return time.process_time
