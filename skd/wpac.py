@@ -24,6 +24,12 @@ all tokens: right where the output is read from all of them (mean-pooled encoder
 the MLP where a classifier reads one token (the digits ViT loses up to 30 points of accuracy with "mlp";
 "attn" helps it). cross_head=True (with "attn") also stores the context's full covariance, so a truncated
 output projection predicts its dropped dims linearly from the kept dims of all heads (skd.compensation).
+joint_qk=True (wpac+ only) replaces the Q/K rotation's statistic: the eigenvectors of C_q + C_k, the queries'
+and keys' covariances weighted by how much the head's output moves with their scores
+(skd.attention_stats.JointQK, one explicit-attention pass over the data on the original model).
+score_fit=True (any criterion) stores, after the transform, every narrow width's least-squares prediction of
+its dropped score part from its kept q/k dims (skd.score_fit; skd.attention_stats.ScoreFit, one more pass on
+the transformed model). Both read `data` again, so it must be re-iterable.
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -34,7 +40,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +50,9 @@ from torch.utils.data import Dataset
 from skd_kernels import CovState
 
 from . import compensation
+from . import score_fit as fits
 from ._checks import check_int
+from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported, q_linear
 from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CONTEXT, CONTEXT_FULL, CalibrationStats, FeatureStats, LossFn, calibrate
 from .transforms import output_preserving
@@ -61,10 +69,12 @@ RANDOM_SEED = 0
 class BlockReport:
     """What WPAC did to one block. H heads of hd dims, m MLP hidden units; all float64 on CPU.
 
-    qk / vo: "rotation", "transform" (wpac+: invertible) or "permutation". qk_spectrum, vo_spectrum:
+    qk / vo: "rotation", "rotation (joint)" (qk under joint_qk), "transform" (wpac+: invertible) or
+    "permutation". qk_spectrum, vo_spectrum:
     (H, hd) eigenvalues of the per-head covariance, descending, or for "transform" the singular values of
     the per-head problem (skd.transforms); None for permutation criteria. qk_importance, vo_importance: (H, hd) scores
     of the dims in their new order (None for rotations). mlp_importance: (m,) scores in the new order.
+    score_fit: whether the block's q Linear holds a score fit (skd.score_fit) after the call.
     """
 
     name: str
@@ -75,6 +85,7 @@ class BlockReport:
     qk_importance: torch.Tensor | None
     vo_importance: torch.Tensor | None
     mlp_importance: torch.Tensor
+    score_fit: bool = False
 
 
 @dataclass
@@ -97,6 +108,8 @@ def wpac(
     progress: bool = True,
     compensate: bool | str = False,
     cross_head: bool = False,
+    joint_qk: bool = False,
+    score_fit: bool = False,
 ) -> nn.Module:
     """Stratify `model` in place so the leading dims of every head and MLP hold the most knowledge.
 
@@ -119,7 +132,13 @@ def wpac(
     part compensated (True or "attn"; ValueError otherwise), also store the context's full covariance in the
     transformed basis as buffer `skd_input_cov` of every output projection (skd.compensation): truncated
     widths then predict the dropped context dims from the kept dims of all heads (one more (C, C)
-    covariance in the calibration pass). Returns the same model, computing
+    covariance in the calibration pass). joint_qk (criterion "wpac+" only; ValueError otherwise): the Q/K
+    rotation from the output-sensitivity-weighted query and key covariances (module docstring; one more
+    pass over the data, no gradients). score_fit: after the transform, store each block's per-width score
+    fit on the Linear producing q (skd.score_fit: buffer `skd_score_fit`; blocks with qk_norm get none);
+    False removes fits a previous call stored. joint_qk and score_fit read `data` once more each, so it
+    must be re-iterable (a DataLoader, list or Dataset; a one-shot iterator is a ValueError, raised before
+    the model is touched). Returns the same model, computing
     the same function, with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
@@ -141,7 +160,15 @@ def wpac(
             raise ValueError(f"cross_head=True needs the attention part compensated (compensate=True or 'attn'), "
                              f"got compensate={compensate!r}")
         parts |= {CROSS_HEAD}
-    args = (data, num_samples, criterion, loss_fn, progress, parts)
+    for name, value in (("joint_qk", joint_qk), ("score_fit", score_fit)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if joint_qk and criterion != "wpac+":
+        raise ValueError(f"joint_qk=True chooses wpac+'s Q/K rotation: it needs criterion='wpac+', got {criterion!r}")
+    if (joint_qk or score_fit) and isinstance(data, Iterator):
+        raise ValueError("joint_qk/score_fit read the data again: pass a re-iterable, e.g. a DataLoader or list "
+                         f"(got a one-shot iterator, {type(data).__name__})")
+    args = (data, num_samples, criterion, loss_fn, progress, parts, joint_qk, score_fit)
     if isinstance(model, ElasticViT):
         with model.standard_layout() as inner:
             model.skd_report = _stratify(inner, model.adapter, *args)
@@ -151,9 +178,17 @@ def wpac(
 
 
 def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset, num_samples: int,
-              criterion: str, loss_fn: LossFn | None, progress: bool, compensate: frozenset[str]) -> WPACReport:
+              criterion: str, loss_fn: LossFn | None, progress: bool, compensate: frozenset[str], joint_qk: bool,
+              score_fit: bool) -> WPACReport:
     start = time.perf_counter()
     blocks = adapter.blocks
+    pass_args = dict(num_samples=num_samples, progress=progress)
+    if joint_qk or score_fit:
+        check_supported(blocks)  # before anything changes
+    joint = None
+    if joint_qk:  # on the original model: the statistics describe the function being preserved
+        joint = JointQK(blocks, next(model.parameters()).device)
+        attention_pass(model, adapter, data, [joint], **pass_args)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
@@ -171,11 +206,12 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     rotations = _rotations(blocks, stats) if criterion in ROTATIONS else [None] * len(blocks)
     with torch.no_grad():
         if criterion == "wpac+":
-            reports = [_transform_block_plus(spec, feats, compensate)
-                       for spec, feats in zip(blocks, stats.blocks, strict=True)]
+            reports = [_transform_block_plus(spec, feats, compensate, None if joint is None else joint.covariance(i))
+                       for i, (spec, feats) in enumerate(zip(blocks, stats.blocks, strict=True))]
         else:
             reports = [_transform_block(spec, i, stats, criterion, generator, rot, compensate)
                        for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
+    _store_score_fits(model, adapter, data, reports, score_fit, pass_args)
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
@@ -258,10 +294,27 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
     return torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd), qk_imp[:, shared]
 
 
-def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats], compensate: frozenset[str]
-                          ) -> BlockReport:
+def _store_score_fits(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport],
+                      score_fit: bool, pass_args: dict) -> None:
+    """With score_fit, one attention pass over the transformed model and every block's fit stored
+    (skd.score_fit; qk_norm blocks get none); every other stored fit is removed."""
+    blocks = adapter.blocks
+    solved = [None] * len(blocks)
+    if score_fit:
+        acc = ScoreFit(blocks, next(model.parameters()).device)
+        attention_pass(model, adapter, data, [acc], **pass_args)
+        solved = [acc.solve(i, q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
+    with torch.no_grad():
+        for spec, fit, report in zip(blocks, solved, reports, strict=True):
+            fits.set_score_fit(q_linear(spec), fit, spec.num_heads, spec.head_dim)
+            report.score_fit = fit is not None
+
+
+def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats], compensate: frozenset[str],
+                          joint_qk: torch.Tensor | None) -> BlockReport:
     """Criterion "wpac+" on one block: fold b_v, output-preserving V/O, WPAC's Q/K rotation, and the MLP in
-    Taylor order (with MLP compensation: centred output-variance order, as every criterion)."""
+    Taylor order (with MLP compensation: centred output-variance order, as every criterion). joint_qk: (H, hd, hd)
+    float64 C_q + C_k of skd.attention_stats.JointQK to rotate Q/K by instead of the Θ-weighted one, or None."""
     h, hd = spec.num_heads, spec.head_dim
     moved = _fold_value_bias(spec)
     cc = _second_moment(spec, CONTEXT, feats[CONTEXT].cov, shift=moved)
@@ -275,9 +328,12 @@ def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats], compe
         a = b = qk
         report.update(qk="permutation", qk_spectrum=None, qk_importance=qk_imp)
     else:
-        a, qk_spectrum = principal_axes(_covariance(spec, "q", feats["q"].cov) + _covariance(spec, "k", feats["k"].cov))
+        qk_cov = (_covariance(spec, "q", feats["q"].cov) + _covariance(spec, "k", feats["k"].cov)
+                  if joint_qk is None else joint_qk)
+        a, qk_spectrum = principal_axes(qk_cov)
         b = a  # orthogonal: a^-T = a
-        report.update(qk="rotation", qk_spectrum=qk_spectrum, qk_importance=None)
+        report.update(qk="rotation" if joint_qk is None else "rotation (joint)", qk_spectrum=qk_spectrum,
+                      qk_importance=None)
     mlp_imp = (_centred_output_variance(spec, feats["hidden"]) if "mlp" in compensate
                else feats["hidden"].taylor.cpu())
     mlp_order = torch.sort(mlp_imp, descending=True, stable=True).indices

@@ -1,0 +1,273 @@
+"""The explicit-attention calibration pass and its two accumulators (skd.wpac(joint_qk=, score_fit=)).
+
+`attention_pass` runs the model's own forward (`ModelAdapter.run`) over calibration batches, without
+gradients, with every block's attention computed explicitly from its modules in the standard layout:
+per head q, k, v (S, H, N, hd), A = softmax(q kᵀ·scale + bias) (S, H, N, N) (the model's own mask and
+position bias included), ctx = A v, output proj(ctx). So the pass computes the model's own output, and the
+accumulators see each block's q, k, v and attention weights A together, which hooks cannot give.
+
+Accumulators (per block, per head; padding queries and keys weigh 0; one batch in fp32 GEMMs, the totals
+in float64, like skd.stats):
+  JointQK: the centred covariances C_q, C_k of the queries and keys, query i weighted by a_i = Σ_j w_ij and
+    key j by b_j = Σ_i w_ij, w_ij = A_ij² ‖W_o,h (v_j − ctx_i)‖² (how much the head's output moves when
+    score ij does: the softmax's sensitivity). Their sum's eigenvectors are wpac+'s joint Q/K rotation.
+  ScoreFit: for skd.score_fit, the moments of the weighted least-squares fit of each width's dropped score
+    part (q̃ = [1; q], k̃ = keys centred per sequence over its real tokens, w_ij = A_ij, R = fit_ranks(hd)):
+    M[a, c, b, d] = Σ_i q̃_ia q̃_ic Σ_j w_ij k̃_jb k̃_jd   (a, c <= R; b, d < R)   and
+    P[a, b, m]    = Σ_i q̃_ia q_im Σ_j w_ij k̃_jb k̃_jm    (a <= R; b < R; m < hd),
+    from which `ScoreFit.solve` gives every width r <= R its fit (normal equations M[:r+1, :r+1, :r, :r],
+    right side Σ_{m >= r} P[:r+1, :r, m]).
+Blocks with qk_norm get neither (their Q/K is permuted, not rotated, and a norm over each head's dims
+changes when dims are dropped); the pass still computes their attention, norms included.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from . import batches
+from ._dist import all_reduce_flat, rank_share
+from .models import BlockSpec, ModelAdapter
+from .score_fit import fit_ranks
+from .stats import _batches
+from .subnet import Subnet
+
+RIDGE = 1e-3  # score fit: δ = RIDGE · tr(G)/n added to the normal equations G (n unknowns)
+
+
+class Accumulator(Protocol):
+    """What `attention_pass` feeds: `update` once per block and batch, `tensors` for the all-reduce."""
+
+    def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+               w: torch.Tensor | None) -> None:
+        """Block i: q, k, v (S, H, N, hd) and attention A (S, H, N, N), fp32 at least; w (S, N) token
+        weights (padding 0) or None (all 1)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every accumulated float64 tensor, in a fixed order."""
+
+
+def q_linear(spec: BlockSpec) -> nn.Linear:
+    """The Linear that produces the block's q (the fused qkv, or q): where skd.score_fit stores the fit."""
+    return spec.qkv if spec.fused else spec.q
+
+
+def _masked(a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """A (S, H, N, N) with padding queries' rows and padding keys' columns zeroed (w (S, N) or None)."""
+    return a if w is None else a * w[:, None, :, None] * w[:, None, None, :]
+
+
+class JointQK:
+    """Per block, per head: Σa (H,), Σ a q (H, hd), Σ a q qᵀ (H, hd, hd) of the queries and the same of
+    the keys (weights in the module docstring), float64; None for qk_norm blocks."""
+
+    def __init__(self, blocks: list[BlockSpec], device: torch.device) -> None:
+        self.blocks = blocks
+        f64 = dict(dtype=torch.float64, device=device)
+        self.moments = [None if s.has_qk_norm else
+                        {n: [torch.zeros(s.num_heads, **f64), torch.zeros(s.num_heads, s.head_dim, **f64),
+                             torch.zeros(s.num_heads, s.head_dim, s.head_dim, **f64)] for n in "qk"}
+                        for s in blocks]
+
+    def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+               w: torch.Tensor | None) -> None:
+        spec, acc = self.blocks[i], self.moments[i]
+        if acc is None:
+            return
+        h, hd = spec.num_heads, spec.head_dim
+        w_o = spec.proj.weight.view(-1, h, hd).transpose(0, 1).to(v.dtype)  # (H, D_out, hd)
+        metric = w_o.mT @ w_o  # (H, hd, hd): ‖W_o,h x‖² = xᵀ metric x, cheaper than forming W_o,h x
+        ctx = a @ v
+        vm, cm = v @ metric[None], ctx @ metric[None]
+        # ‖W_o (v_j - ctx_i)‖² = v_jᵀ G v_j - 2 ctx_iᵀ G v_j + ctx_iᵀ G ctx_i  (S, H, N, N)
+        dist = (vm * v).sum(-1)[:, :, None, :] - 2 * cm @ v.mT + (cm * ctx).sum(-1)[..., None]
+        pair = _masked(a.square() * dist.clamp_min(0), w)
+        for name, x, weight in (("q", q, pair.sum(-1)), ("k", k, pair.sum(-2))):  # weight (S, H, N)
+            x = x.transpose(0, 1).reshape(h, -1, hd)  # (H, S*N, hd)
+            weight = weight.transpose(0, 1).reshape(h, -1)
+            total, first, second = acc[name]
+            total += weight.sum(-1).double()
+            first += torch.einsum("ht,htd->hd", weight, x).double()
+            second += ((x * weight[..., None]).mT @ x).double()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for acc in self.moments if acc is not None for n in "qk" for t in acc[n]]
+
+    def covariance(self, i: int) -> torch.Tensor | None:
+        """(H, hd, hd) float64 CPU C_q + C_k of block i (centred, each normalised by its own weight sum; a
+        head whose weights sum to 0 gives zeros), or None for a qk_norm block. ValueError for NaN/Inf."""
+        acc = self.moments[i]
+        if acc is None:
+            return None
+        out = 0
+        for n in "qk":
+            total, first, second = (t.cpu() for t in acc[n])
+            denom = total.clamp_min(torch.finfo(torch.float64).tiny)
+            mean = first / denom[:, None]
+            cov = second / denom[:, None, None] - mean[:, :, None] * mean[:, None, :]
+            out = out + torch.where((total > 0)[:, None, None], cov, 0.0)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{self.blocks[i].name}: the joint Q/K covariance contains NaN or Inf")
+        return 0.5 * (out + out.mT)
+
+
+class ScoreFit:
+    """Per block: M (H, R+1, R+1, R, R) and P (H, R+1, R, hd) float64 (module docstring), R = fit_ranks(hd);
+    None for qk_norm blocks and heads too small to fit (R = 0)."""
+
+    def __init__(self, blocks: list[BlockSpec], device: torch.device) -> None:
+        self.blocks = blocks
+        f64 = dict(dtype=torch.float64, device=device)
+        self.moments = []
+        for s in blocks:
+            big_r, hd, h = fit_ranks(s.head_dim), s.head_dim, s.num_heads
+            self.moments.append(None if s.has_qk_norm or big_r == 0 else
+                                (torch.zeros(h, big_r + 1, big_r + 1, big_r, big_r, **f64),
+                                 torch.zeros(h, big_r + 1, big_r, hd, **f64)))
+
+    def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+               w: torch.Tensor | None) -> None:
+        if self.moments[i] is None:
+            return
+        m_acc, p_acc = self.moments[i]
+        s, h, n, hd = q.shape
+        big_r = m_acc.shape[-1]
+        if w is None:
+            k_mean = k.mean(2, keepdim=True)
+        else:  # over each sequence's real tokens (an all-padding sequence has no weight anyway)
+            k_mean = (k * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None]
+        kc = k - k_mean  # a per-query constant does not change the softmax: fit what does
+        weights = _masked(a, w)
+        q_tilde = torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1)  # (S, H, N, R+1)
+        for head in range(h):  # one head at a time bounds the (S, N, R·hd) temporaries
+            kh, qh, qt = kc[:, head], q[:, head], q_tilde[:, head]
+            pairs = (kh[..., :big_r, None] * kh[..., None, :]).reshape(s, n, big_r * hd)  # k̃_b k̃_m
+            mixed = (weights[:, head] @ pairs).view(s, n, big_r, hd)  # Σ_j w_ij k̃_jb k̃_jm
+            qq = (qt[..., :, None] * qt[..., None, :]).reshape(s * n, -1)  # (S·N, (R+1)²)
+            m_acc[head] += (qq.mT @ mixed[..., :big_r].reshape(s * n, -1)).double().view(m_acc.shape[1:])
+            rhs = (mixed * qh[:, :, None, :]).reshape(s * n, -1)  # q_im Σ_j w_ij k̃_jb k̃_jm
+            p_acc[head] += (qt.reshape(s * n, -1).mT @ rhs).double().view(p_acc.shape[1:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for acc in self.moments if acc is not None for t in acc]
+
+    def solve(self, i: int, has_bias: bool) -> torch.Tensor | None:
+        """Block i's fit (H, R, R+1, R) float64 CPU in skd.score_fit's format, or None (qk_norm, R = 0).
+
+        Width r: the normal equations G (n = (r+1)·r unknowns X[a, b], G[(a, b), (c, d)] = M[a, c, b, d])
+        plus δ = RIDGE·tr(G)/n on the diagonal, solved in float64; without a bias (has_bias False) the
+        constant row is fixed at 0 (the reduced system, n = r·r). A head whose weights were all 0 gets 0.
+        ValueError for NaN/Inf statistics."""
+        if self.moments[i] is None:
+            return None
+        m_all, p_all = (t.cpu() for t in self.moments[i])
+        if not (bool(torch.isfinite(m_all).all()) and bool(torch.isfinite(p_all).all())):
+            raise ValueError(f"{self.blocks[i].name}: the score-fit statistics contain NaN or Inf")
+        h, big_r = m_all.shape[0], m_all.shape[-1]
+        fit = torch.zeros(h, big_r, big_r + 1, big_r, dtype=torch.float64)
+        first = 0 if has_bias else 1  # row 0 is the constant
+        for r in range(1, big_r + 1):
+            rows = r + 1 - first
+            g = m_all[:, first:r + 1, first:r + 1, :r, :r].permute(0, 1, 3, 2, 4).reshape(h, rows * r, rows * r)
+            rhs = p_all[:, first:r + 1, :r, r:].sum(-1).reshape(h, rows * r, 1)
+            g = 0.5 * (g + g.mT)
+            delta = RIDGE * g.diagonal(dim1=1, dim2=2).sum(-1) / (rows * r)  # (H,)
+            live = delta > 0
+            eye = torch.eye(rows * r, dtype=torch.float64)
+            g = torch.where(live[:, None, None], g + delta[:, None, None] * eye, eye)
+            x = torch.linalg.solve(g, torch.where(live[:, None, None], rhs, 0.0))
+            fit[:, r - 1, first:r + 1, :r] = x.view(h, rows, r)
+        return fit
+
+
+def check_supported(blocks: list[BlockSpec]) -> None:
+    """ValueError naming the blocks whose attention `attention_pass` cannot compute: ElasticViT's reasons
+    (scale_norm, gated attention, an MLP norm), except qk_norm, whose norms the pass applies."""
+    unsupported = [r for s in blocks for r in s.blocking if not (s.has_qk_norm and "qk_norm" in r)]
+    if unsupported:
+        raise ValueError("the explicit attention pass (joint_qk/score_fit) cannot compute these blocks: "
+                         + "; ".join(unsupported))
+
+
+def attention_pass(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
+                   accumulators: list[Accumulator], *, num_samples: int, progress: bool = True,
+                   group: object = None) -> int:
+    """One no-grad pass over at most `num_samples` samples of `data` (as skd.stats.calibrate: batches or a
+    map-style Dataset, this process's `rank_share` under torch.distributed, the accumulators all-reduced
+    over `group` afterwards), every block's attention computed explicitly and fed to each accumulator.
+
+    model: the bare model in the standard layout, `adapter` its adapter; run in eval mode (its training
+    flag is restored). Returns the number of samples used (all processes). ValueError for blocks whose
+    attention the pass cannot compute (scale_norm, gated attention, an MLP norm: the reasons ElasticViT
+    refuses them, except qk_norm), an empty loader or NaN/Inf inputs; warns when fewer than num_samples
+    samples were available.
+    """
+    blocks = adapter.blocks
+    check_supported(blocks)
+    param = next(model.parameters())
+    budget, rank, world = rank_share(num_samples)
+    full = Subnet(attn=[s.head_dim for s in blocks], mlp=[s.hidden for s in blocks])
+    state: dict[str, Any] = {}
+
+    def attn_fn(i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        spec = blocks[i]
+        s, n, _ = x.shape
+        h, hd = spec.num_heads, spec.head_dim
+        q, k, v = (nn.functional.linear(x, wt, b).view(s, n, h, hd).transpose(1, 2) for wt, b in spec.qkv_weights())
+        if spec.has_qk_norm:
+            q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
+        q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
+        scores = q @ k.mT * spec.scale
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        a = scores.softmax(-1)
+        w = state["weights"]
+        if w is not None:
+            if w.numel() != s * n:
+                raise ValueError(f"{spec.name}: token weights have {tuple(w.shape)} entries but the attention has "
+                                 f"{s} sequences of {n} tokens")
+            w = w.reshape(s, n).to(a.dtype)
+        for acc in accumulators:
+            acc.update(i, q, k, v, a, w)
+        ctx = (a @ v).to(x.dtype).transpose(1, 2).reshape(s, n, h * hd)
+        return spec.proj(ctx)
+
+    def mlp_fn(i: int, x: torch.Tensor) -> torch.Tensor:
+        spec = blocks[i]
+        y = spec.act(spec.fc1(x))
+        return spec.fc2(spec.hidden_dropout(y))
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=budget, desc="skd attention statistics", unit="sample", disable=not progress or rank != 0)
+    seen = torch.zeros((), dtype=torch.float64, device=param.device)
+    try:
+        with torch.no_grad():
+            for n, batch in enumerate(batches.take(_batches(data), budget)):
+                batches.check_finite(batch, f"calibration batch {n}")
+                batch = batches.to_device(batch, param.device, param.dtype)
+                state["weights"] = adapter.token_weights(batch)
+                args, kwargs = batches.model_inputs(batch)
+                adapter.run(args, kwargs, full, attn_fn, mlp_fn)
+                size = batches.batch_size(batch)
+                seen += size
+                bar.update(size)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if world > 1:
+        all_reduce_flat([seen, *(t for acc in accumulators for t in acc.tensors())], group=group)
+    total = int(seen)
+    if total == 0:
+        raise ValueError("the calibration data yielded no samples")
+    if total < num_samples:
+        warnings.warn(f"calibration data had only {total} samples of the {num_samples} asked for; using those",
+                      stacklevel=3)
+    return total
