@@ -196,25 +196,14 @@ def check_supported(blocks: list[BlockSpec]) -> None:
                          + "; ".join(unsupported))
 
 
-def attention_pass(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
-                   accumulators: list[Accumulator], *, num_samples: int, progress: bool = True,
-                   group: object = None) -> int:
-    """One no-grad pass over at most `num_samples` samples of `data` (as skd.stats.calibrate: batches or a
-    map-style Dataset, this process's `rank_share` under torch.distributed, the accumulators all-reduced
-    over `group` afterwards), every block's attention computed explicitly and fed to each accumulator.
-
-    model: the bare model in the standard layout, `adapter` its adapter; run in eval mode (its training
-    flag is restored). Returns the number of samples used (all processes). ValueError for blocks whose
-    attention the pass cannot compute (scale_norm, gated attention, an MLP norm: the reasons ElasticViT
-    refuses them, except qk_norm), an empty loader or NaN/Inf inputs; warns when fewer than num_samples
-    samples were available.
-    """
+def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: list[Accumulator]) -> Any:
+    """The model's own output on `batch` (skd.batches, on the model's device), every block's attention
+    computed explicitly (module docstring) and fed to the accumulators with the batch's token weights
+    (`adapter.token_weights`, (B, T) mapped to the attention's (S, N): sequences are contiguous per sample).
+    Run it under torch.no_grad() with the model in eval mode and the standard layout."""
     blocks = adapter.blocks
-    check_supported(blocks)
-    param = next(model.parameters())
-    budget, rank, world = rank_share(num_samples)
     full = Subnet(attn=[s.head_dim for s in blocks], mlp=[s.hidden for s in blocks])
-    state: dict[str, Any] = {}
+    weights = adapter.token_weights(batch)
 
     def attn_fn(i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         spec = blocks[i]
@@ -228,7 +217,7 @@ def attention_pass(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dat
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
         a = scores.softmax(-1)
-        w = state["weights"]
+        w = weights
         if w is not None:
             if w.numel() != s * n:
                 raise ValueError(f"{spec.name}: token weights have {tuple(w.shape)} entries but the attention has "
@@ -241,9 +230,30 @@ def attention_pass(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dat
 
     def mlp_fn(i: int, x: torch.Tensor) -> torch.Tensor:
         spec = blocks[i]
-        y = spec.act(spec.fc1(x))
-        return spec.fc2(spec.hidden_dropout(y))
+        return spec.fc2(spec.hidden_dropout(spec.act(spec.fc1(x))))
 
+    args, kwargs = batches.model_inputs(batch)
+    return adapter.run(args, kwargs, full, attn_fn, mlp_fn)
+
+
+def attention_pass(adapter: ModelAdapter, data: Iterable | Dataset,
+                   accumulators: list[Accumulator], *, num_samples: int, progress: bool = True,
+                   group: object = None) -> int:
+    """One no-grad pass over at most `num_samples` samples of `data` (as skd.stats.calibrate: batches or a
+    map-style Dataset, this process's `rank_share` under torch.distributed, the accumulators all-reduced
+    over `group` afterwards), every block's attention computed explicitly and fed to each accumulator.
+
+    adapter: the adapter of the bare model (standard layout), which runs in eval mode (its training flag is
+    restored). Returns the number of samples used (all processes). ValueError for blocks whose
+    attention the pass cannot compute (scale_norm, gated attention, an MLP norm: the reasons ElasticViT
+    refuses them, except qk_norm), an empty loader or NaN/Inf inputs; warns when fewer than num_samples
+    samples were available.
+    """
+    blocks = adapter.blocks
+    check_supported(blocks)
+    model = adapter.model
+    param = next(model.parameters())
+    budget, rank, world = rank_share(num_samples)
     was_training = model.training
     model.eval()
     bar = tqdm(total=budget, desc="skd attention statistics", unit="sample", disable=not progress or rank != 0)
@@ -253,9 +263,7 @@ def attention_pass(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dat
             for n, batch in enumerate(batches.take(_batches(data), budget)):
                 batches.check_finite(batch, f"calibration batch {n}")
                 batch = batches.to_device(batch, param.device, param.dtype)
-                state["weights"] = adapter.token_weights(batch)
-                args, kwargs = batches.model_inputs(batch)
-                adapter.run(args, kwargs, full, attn_fn, mlp_fn)
+                explicit_forward(adapter, batch, accumulators)
                 size = batches.batch_size(batch)
                 seen += size
                 bar.update(size)

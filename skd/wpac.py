@@ -188,7 +188,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     joint = None
     if joint_qk:  # on the original model: the statistics describe the function being preserved
         joint = JointQK(blocks, next(model.parameters()).device)
-        attention_pass(model, adapter, data, [joint], **pass_args)
+        attention_pass(adapter, data, [joint], **pass_args)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
@@ -302,7 +302,7 @@ def _store_score_fits(model: nn.Module, adapter: ModelAdapter, data: Iterable | 
     solved = [None] * len(blocks)
     if score_fit:
         acc = ScoreFit(blocks, next(model.parameters()).device)
-        attention_pass(model, adapter, data, [acc], **pass_args)
+        attention_pass(adapter, data, [acc], **pass_args)
         solved = [acc.solve(i, q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
     with torch.no_grad():
         for spec, fit, report in zip(blocks, solved, reports, strict=True):

@@ -1,0 +1,248 @@
+"""skd.attention_stats: the explicit-attention pass computes the model's own output (timm ViT, Swin with
+window bias and shift mask, HF BERT with padding, HF ViT), and its two accumulators equal brute-force
+float64 references (explicit loops over heads and token pairs; the score fit as a weighted least squares over
+explicit pair features) on tiny random models; the stored fit never predicts the calibration scores worse
+than no fit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import skd
+from skd import score_fit as fits
+from skd.attention_stats import RIDGE, JointQK, ScoreFit, attention_pass, explicit_forward, q_linear
+from skd.models import adapter_for
+from tests import hf_helpers
+from tests.test_wpac_plus import MODELS, _randomised
+
+TIMM = ("vit_cls", "vit_reg_nobias", "vit_qk_norm", "swin")
+HF = ("BertModel", "ViTForImageClassification")
+
+
+def text_batches(n: int = 3, size: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Right-padded token batches (lengths 3..9 of 9) for the tiny HF text models."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(3, 10, (size,), generator=g)
+        mask = (torch.arange(9)[None] < lengths[:, None]).long()
+        ids = torch.randint(3, 50, (size, 9), generator=g) * mask
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def image_batches(shape: tuple[int, ...], n: int = 3, size: int = 4, seed: int = 0) -> list:
+    """(images, labels) batches of images of `shape` (C, H, W), labels in 0..4."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *shape, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]
+
+
+def model_and_data(name: str, seed: int = 0) -> tuple[nn.Module, list]:
+    """A tiny randomised model of `name` (TIMM or HF) and calibration batches for it."""
+    if name in HF:
+        model = hf_helpers.tiny(name)
+        data = text_batches(seed=seed) if name == "BertModel" else \
+            [{"pixel_values": x, "labels": y} for x, y in image_batches((3, 16, 16), seed=seed)]
+        return model, data
+    return _randomised(MODELS[name]), image_batches((3, 32, 32), seed=seed)
+
+
+def output(model: nn.Module, batch) -> torch.Tensor:
+    return hf_helpers.main_output(skd.batches.call(model, batch)) if isinstance(batch, dict) else \
+        skd.batches.call(model, batch)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", [*TIMM, *HF, "BertModel/eager"])
+def test_explicit_forward_is_the_models_forward(name: str) -> None:
+    model, data = model_and_data(name.split("/")[0], seed=5)  # fresh inputs: another seed than calibration
+    if name.endswith("/eager"):  # transformers' eager path: a float additive mask instead of a bool one
+        model = hf_helpers.tiny("BertModel", impl="eager")
+    adapter = adapter_for(model)
+    seen = []
+
+    class Count:
+        def update(self, i, q, k, v, a, w):
+            seen.append(i)
+            assert torch.allclose(a.sum(-1), torch.ones_like(a[..., 0]), atol=1e-5)
+
+        def tensors(self):
+            return []
+
+    for batch in data[:2]:
+        with torch.no_grad():
+            ref = output(model, batch)
+            got = explicit_forward(adapter, batch, [Count()])
+        got = hf_helpers.main_output(got) if isinstance(batch, dict) else got
+        assert rel(got, ref) <= 1e-5
+    assert seen == list(range(len(adapter.blocks))) * 2
+
+
+# ------------------------------------------------------------------------------ brute-force references
+def _per_head(model: nn.Module, batch) -> list[dict[str, torch.Tensor]]:
+    """Per block, from the model's own forward (hooks on the q/k/v Linears): q, k, v (B, H, T, hd) and the
+    attention A (B, H, T, T) float64 with padding keys masked, the token mask (B, T) and W_o (H, D, hd)."""
+    blocks = adapter_for(model).blocks
+    outs = {}
+    hooks = []
+    for i, spec in enumerate(blocks):
+        for name, lin in ([("qkv", spec.qkv)] if spec.fused else [("q", spec.q), ("k", spec.k), ("v", spec.v)]):
+            hooks.append(lin.register_forward_hook(lambda m, a, o, key=(i, name): outs.__setitem__(key, o.detach())))
+    with torch.no_grad():
+        skd.batches.call(model, batch)
+    for h in hooks:
+        h.remove()
+    res = []
+    for i, spec in enumerate(blocks):
+        h, hd = spec.num_heads, spec.head_dim
+        if spec.fused:
+            q, k, v = outs[i, "qkv"].double().chunk(3, -1)
+        else:
+            q, k, v = (outs[i, n].double() for n in "qkv")
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], h, hd).transpose(1, 2) for t in (q, k, v))
+        mask = batch["attention_mask"].double() if isinstance(batch, dict) and "attention_mask" in batch \
+            else torch.ones(q.shape[0], q.shape[2], dtype=torch.float64)
+        logits = q @ k.mT * spec.scale
+        logits = logits.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        w_o = spec.proj.weight.detach().double().view(-1, h, hd).transpose(0, 1)
+        res.append(dict(q=q, k=k, v=v, a=logits.softmax(-1), mask=mask, w_o=w_o))
+    return res
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "BertModel"])
+def test_joint_qk_covariances_equal_a_brute_force_reference(name: str) -> None:
+    model, data = model_and_data(name)
+    adapter = adapter_for(model)
+    acc = JointQK(adapter.blocks, torch.device("cpu"))
+    assert attention_pass(adapter, data, [acc], num_samples=12, progress=False) == 12
+    for i, spec in enumerate(adapter.blocks):
+        h = spec.num_heads
+        sums = {n: [torch.zeros(h, dtype=torch.float64), torch.zeros(h, spec.head_dim, dtype=torch.float64),
+                    torch.zeros(h, spec.head_dim, spec.head_dim, dtype=torch.float64)] for n in "qk"}
+        for batch in data:
+            t = _per_head(model, batch)[i]
+            for b in range(t["q"].shape[0]):
+                real = [j for j in range(t["q"].shape[2]) if t["mask"][b, j] > 0]
+                for hh in range(h):
+                    a = t["a"][b, hh]
+                    v = t["v"][b, hh]
+                    ctx = {i_: sum(a[i_, j] * v[j] for j in real) for i_ in real}
+                    w = {(i_, j): a[i_, j] ** 2 * (t["w_o"][hh] @ (v[j] - ctx[i_])).square().sum()
+                         for i_ in real for j in real}
+                    query_w = {p: sum(w[p, j] for j in real) for p in real}  # a_i = Σ_j w_ij
+                    key_w = {p: sum(w[i_, p] for i_ in real) for p in real}  # b_j = Σ_i w_ij
+                    for n, x, weight in (("q", t["q"][b, hh], query_w), ("k", t["k"][b, hh], key_w)):
+                        for p in real:
+                            wp = weight[p]
+                            sums[n][0][hh] += wp
+                            sums[n][1][hh] += wp * x[p]
+                            sums[n][2][hh] += wp * torch.outer(x[p], x[p])
+        ref = 0
+        for n in "qk":
+            total, first, second = sums[n]
+            mean = first / total[:, None]
+            ref = ref + second / total[:, None, None] - mean[:, :, None] * mean[:, None, :]
+        got = acc.covariance(i)
+        assert got.dtype == torch.float64 and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def _pair_system(model: nn.Module, data: list, i: int, hh: int, r: int, constant: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head hh of block i at width r, every real (query, key) pair of every sequence as one row: features
+    [1; q_k,i] ⊗ k~_k,j ((r+1)·r, or r·r without the constant), target q_d,i · k~_d,j, weight A_ij."""
+    rows, targets, weights = [], [], []
+    for batch in data:
+        t = _per_head(model, batch)[i]
+        for b in range(t["q"].shape[0]):
+            real = t["mask"][b] > 0
+            q, k, a = t["q"][b, hh][real], t["k"][b, hh][real], t["a"][b, hh][real][:, real]
+            kc = k - k.mean(0)
+            qa = torch.cat([torch.ones(len(q), 1, dtype=torch.float64), q[:, :r]], 1) if constant else q[:, :r]
+            for p in range(len(q)):
+                for j in range(len(q)):
+                    rows.append(torch.outer(qa[p], kc[j, :r]).reshape(-1))
+                    targets.append(q[p, r:] @ kc[j, r:])
+                    weights.append(a[p, j])
+    return torch.stack(rows), torch.stack(targets), torch.stack(weights)
+
+
+def _ridge_lstsq(f: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """argmin Σ w (f x - y)² + δ‖x‖², δ = RIDGE · tr(fᵀ W f)/n, as an augmented least-squares problem."""
+    n = f.shape[1]
+    sw = w.sqrt()[:, None]
+    delta = RIDGE * float((f * f * w[:, None]).sum()) / n
+    lhs = torch.cat([sw * f, delta ** 0.5 * torch.eye(n, dtype=torch.float64)])
+    rhs = torch.cat([sw[:, 0] * y, torch.zeros(n, dtype=torch.float64)])
+    return torch.linalg.lstsq(lhs, rhs[:, None]).solution[:, 0]
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "vit_reg_nobias", "BertModel"])
+def test_score_fit_solution_equals_brute_force_least_squares(name: str) -> None:
+    model, data = model_and_data(name)
+    data = data[:2]
+    adapter = adapter_for(model)
+    acc = ScoreFit(adapter.blocks, torch.device("cpu"))
+    attention_pass(adapter, data, [acc], num_samples=8, progress=False)
+    i = len(adapter.blocks) - 1
+    spec = adapter.blocks[i]
+    constant = q_linear(spec).bias is not None
+    assert constant == (name != "vit_reg_nobias")
+    fit = acc.solve(i, constant)
+    big_r = fits.fit_ranks(spec.head_dim)
+    assert fit.shape == (spec.num_heads, big_r, big_r + 1, big_r) and fit.dtype == torch.float64
+    assert not bool((fit * ~fits.block_mask(big_r)).any())
+    for hh in (0, spec.num_heads - 1):
+        for r in range(1, big_r + 1):
+            f, y, w = _pair_system(model, data, i, hh, r, constant)
+            ref = _ridge_lstsq(f, y, w).view(-1, r)
+            got = fit[hh, r - 1, 1 - constant:r + 1, :r]
+            torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-4 * float(ref.abs().max()))
+            if not constant:
+                assert bool((fit[hh, r - 1, 0] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "BertModel"])
+def test_stored_fit_never_predicts_the_calibration_scores_worse(name: str) -> None:
+    """After skd.wpac(score_fit=True), the q rows corrected by the stored fit (skd.score_fit.corrected_q) give
+    scores whose A-weighted error against the full scores (keys centred per sequence) is at most that of
+    plain truncation, at every fitted width, on the calibration tokens; and strictly smaller somewhere."""
+    model, data = model_and_data(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skd.wpac(model, data, num_samples=12, criterion="wpac+", progress=False, score_fit=True)
+    spec = adapter_for(model).blocks[0]
+    h, hd = spec.num_heads, spec.head_dim
+    fit = fits.score_fit(q_linear(spec))
+    wq, bq = spec.qkv_weights()[0]
+    per_head = [_per_head(model, b)[0] for b in data]
+    x_in = []  # the block's input, to recompute q with corrected rows
+    hook = (spec.qkv if spec.fused else spec.q).register_forward_hook(lambda m, a, o: x_in.append(a[0].detach()))
+    with torch.no_grad():
+        for b in data:
+            skd.batches.call(model, b)
+    hook.remove()
+    better = False
+    for r in range(1, fit.shape[1] + 1):
+        b_kept = None if bq is None else bq.double().view(h, hd)[:, :r]
+        w_r, b_r = fits.corrected_q(wq.double().view(h, hd, -1)[:, :r], b_kept, fit.double(), r)
+        err_fit = err_plain = 0.0
+        for t, x in zip(per_head, x_in, strict=True):
+            q_new = torch.einsum("hrd,btd->bhtr", w_r, x.double()) + (0 if b_r is None else b_r[None, :, None])
+            mask = t["mask"]
+            k_mean = (t["k"] * mask[:, None, :, None]).sum(2, keepdim=True) / mask.sum(1)[:, None, None, None]
+            kc = t["k"] - k_mean
+            full = t["q"] @ kc.mT
+            weight = t["a"] * mask[:, None, :, None] * mask[:, None, None, :]
+            err_fit += float((weight * (q_new @ kc[..., :r].mT - full).square()).sum())
+            err_plain += float((weight * (t["q"][..., :r] @ kc[..., :r].mT - full).square()).sum())
+        assert err_fit <= err_plain * (1 + 1e-6)
+        better |= err_fit < 0.99 * err_plain
+    assert better
