@@ -252,13 +252,15 @@ def cmd_wpac(args: argparse.Namespace) -> None:
     if args.cross_head and args.compensate not in ("all", "attn"):
         raise UsageError("--cross-head needs --compensate (or --compensate attn): it extends the attention part's "
                          "compensation")
+    if args.joint_qk and args.criterion != "wpac+":
+        raise UsageError("--joint-qk needs --criterion wpac+: it chooses wpac+'s Q/K rotation")
     create = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
     elastic, extra = load_model(args.model, args.pretrained, not args.no_progress, **create)
     dataset = _data(args, args.data, elastic, "train", extra)
     elastic.to(args.device)
     wpac(elastic, _loader(args, dataset), num_samples=args.samples, criterion=args.criterion,
          compensate={None: False, "all": True}.get(args.compensate, args.compensate), cross_head=args.cross_head,
-         progress=not args.no_progress)
+         joint_qk=args.joint_qk, score_fit=args.score_fit, progress=not args.no_progress)
     save(elastic, args.out, extra=_extra(dataset, extra))
     print(f"wrote {args.out}")
 
@@ -480,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compensate [attn]: truncated attention widths also predict the dropped dims "
                         "linearly from the kept dims of all heads (stores each output projection's input "
                         "covariance in the file)")
+    w.add_argument("--joint-qk", action="store_true",
+                   help="with --criterion wpac+: rotate Q/K by the query and key covariances weighted by how much "
+                        "each head's output moves with their scores (one more pass over the data)")
+    w.add_argument("--score-fit", action="store_true",
+                   help="store, per block and narrow width, a fit of the dropped q/k dims' score part from the "
+                        "kept ones, absorbed by the kept q rows (one more pass over the data)")
     w.add_argument("--out", type=Path, required=True, help="the skd file to write")
 
     t = command("train", cmd_train, "PIAD training of a stratified model (works under torchrun)")
