@@ -1,6 +1,6 @@
 """Distributed calibration: 2 gloo processes on CPU, each reading its own shard, give the same
 statistics and the same transformed weights (and bias compensation's means) as one process on all the
-samples."""
+samples; so do the explicit-attention pass's statistics (joint Q/K rotation, stored score fits)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ from timm.models.vision_transformer import VisionTransformer
 
 import skd
 from skd import compensation
+from skd import score_fit as fits
+from skd.attention_stats import q_linear
+from skd.models import adapter_for
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
-RUNS = (("wpac", False), ("hessian", False), ("wpac+", True))  # (criterion, compensate)
+# label -> skd.wpac arguments
+RUNS = {"wpac": dict(criterion="wpac"), "hessian": dict(criterion="hessian"),
+        "wpac+": dict(criterion="wpac+", compensate=True),
+        "wpac+joint": dict(criterion="wpac+", compensate=True, joint_qk=True, score_fit=True)}
 WORLD = 2
 
 
@@ -31,11 +37,12 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 10) -> list[tuple[tor
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
-def _stratified(model: VisionTransformer, data: list, criterion: str, compensate: bool) -> tuple[dict, int]:
-    """(state_dict and compensation means, samples used) of skd.wpac on a copy of model."""
-    m = skd.wpac(copy.deepcopy(model), data, num_samples=40, criterion=criterion, compensate=compensate,
-                 progress=False)
-    return {**m.state_dict(), **compensation.means(m)}, m.skd_report.samples
+def _stratified(model: VisionTransformer, data: list, kwargs: dict) -> tuple[dict, int]:
+    """(state_dict, compensation means and score fits, samples used) of skd.wpac on a copy of model."""
+    m = skd.wpac(copy.deepcopy(model), data, num_samples=40, progress=False, **kwargs)
+    stored = {f"fit:{s.name}": fits.score_fit(q_linear(s)) for s in adapter_for(m).blocks}
+    return {**m.state_dict(), **compensation.means(m), **{k: v for k, v in stored.items() if v is not None}}, \
+        m.skd_report.samples
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -44,9 +51,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.set_num_threads(1)
         model, x, y = _setup()
         shard = slice(rank * 20, (rank + 1) * 20)  # rank r's shard, as a DistributedSampler would give
-        for criterion, compensate in RUNS:
-            state, samples = _stratified(model, _batches(x[shard], y[shard]), criterion, compensate)
-            torch.save({"state": state, "samples": samples}, Path(out_dir) / f"{criterion}-{rank}.pt")
+        for label, kwargs in RUNS.items():
+            state, samples = _stratified(model, _batches(x[shard], y[shard]), kwargs)
+            torch.save({"state": state, "samples": samples}, Path(out_dir) / f"{label}-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -59,9 +66,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        singles = {c: _stratified(model, _batches(x, y), c, comp)[0] for c, comp in RUNS}
+        singles = {label: _stratified(model, _batches(x, y), kwargs)[0] for label, kwargs in RUNS.items()}
     finally:
         torch.set_num_threads(threads)
+    assert any(k.startswith("fit:") for k in singles["wpac+joint"])
     for criterion, single in singles.items():
         for rank in range(WORLD):
             got = torch.load(tmp_path / f"{criterion}-{rank}.pt", weights_only=True)
