@@ -12,7 +12,10 @@ dropped rows/columns of a copy of the transformed model, which is exact for "kee
 "none" is the untransformed model truncated. A criterion suffixed "/comp", "/attn" or "/mlp" runs
 skd.wpac(..., compensate=True, "attn" or "mlp"): truncation adds the dropped dims' mean contribution to the
 output bias (skd.compensation; in the zeroing modes too); "/cross" and "/attn-cross" are "/comp" and
-"/attn" with cross_head=True (the output projection also predicts its dropped dims from the kept ones).
+"/attn" with cross_head=True (the output projection also predicts its dropped dims from the kept ones);
+"wpac+/cross-joint" adds joint_qk=True (Q/K rotated by the output-sensitivity-weighted statistic) and
+"wpac+/cross-joint-fit" also score_fit=True (the kept q rows predict the dropped score part; applied to the
+kept q rows in the zeroing modes here, and in "attn" once ElasticViT reads the stored fits).
 Prints Markdown tables (accuracy %, mean [min, max] over the draws) and writes a PNG plot of the attn mode.
 
     python -m benchmarks.wpac_quality [--samples 512] [--draws 3] [--modes attn qk vo mlp all]
@@ -33,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import skd
-from skd import compensation
+from skd import compensation, score_fit
 from skd.digits import accuracy, load_digits_split, pretrained_digits_vit
 from skd.models import adapter_for
 from skd.wpac import CRITERIA
@@ -41,8 +44,11 @@ from skd.wpac import CRITERIA
 # criterion label suffix -> skd.wpac's compensation arguments
 COMPENSATE_SUFFIXES: dict[str, dict[str, bool | str]] = {
     "/comp": {"compensate": True}, "/attn": {"compensate": "attn"}, "/mlp": {"compensate": "mlp"},
-    "/cross": {"compensate": True, "cross_head": True}, "/attn-cross": {"compensate": "attn", "cross_head": True}}
-LABELS = ("none", *CRITERIA, *(c + suffix for c in CRITERIA for suffix in COMPENSATE_SUFFIXES))
+    "/cross": {"compensate": True, "cross_head": True}, "/attn-cross": {"compensate": "attn", "cross_head": True},
+    "/cross-joint": {"compensate": True, "cross_head": True, "joint_qk": True},
+    "/cross-joint-fit": {"compensate": True, "cross_head": True, "joint_qk": True, "score_fit": True}}
+LABELS = ("none", *CRITERIA, *(c + suffix for c in CRITERIA for suffix, kwargs in COMPENSATE_SUFFIXES.items()
+                               if c == "wpac+" or not kwargs.get("joint_qk")))  # joint_qk: wpac+ only
 
 
 def parse_label(label: str) -> tuple[str, dict[str, bool | str]]:
@@ -60,7 +66,8 @@ def truncated(bare: nn.Module, qk: float, vo: float, mlp: float) -> nn.Module:
     """A copy of the head-major timm model keeping the leading fraction qk of every head's q and k dims,
     vo of its v and proj dims, and mlp of the MLP units (at least one of each); the rest zeroed. Where the
     model stores bias compensation's input means, the dropped proj/fc2 columns' mean contribution is added
-    to their bias (cross-head compensation's correction of the kept proj columns too, where stored)."""
+    to their bias (cross-head compensation's correction of the kept proj columns too, where stored); where it
+    stores a score fit (skd.score_fit), the kept q rows absorb the fit of their width."""
     m = copy.deepcopy(bare)
     with torch.no_grad():
         for spec in adapter_for(m).blocks:
@@ -75,6 +82,13 @@ def truncated(bare: nn.Module, qk: float, vo: float, mlp: float) -> nn.Module:
                     lin.bias += lin.weight @ (mean * mask.to(mean))
                 compensation.set_input_mean(lin, None)
             w = spec.qkv.weight.view(3, h, hd, -1)
+            fit = score_fit.score_fit(spec.qkv)
+            if fit is not None and r_qk < hd:
+                b = None if spec.qkv.bias is None else spec.qkv.bias.view(3, h, hd)[0, :, :r_qk]
+                w_q, b_q = score_fit.corrected_q(w[0, :, :r_qk], b, fit, r_qk)
+                w[0, :, :r_qk] = w_q
+                if b is not None:
+                    b.copy_(b_q)
             w[:2, :, r_qk:] = 0
             w[2, :, r_vo:] = 0
             if spec.qkv.bias is not None:

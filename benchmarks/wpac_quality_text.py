@@ -3,7 +3,8 @@ package's weights, BertModel, 6 layers, 12 heads x 32 dims, MLP 1536), no fine-t
 
 Each criterion (wpac, wpac+, pca, taylor, magnitude, hessian, random; "none" = the model as it is; a
 "/comp", "/attn" or "/mlp" suffix adds skd.wpac(..., compensate=True, "attn" or "mlp"), bias compensation of
-the dropped dims; "/cross" is "/comp" with cross-head compensation, cross_head=True) transforms a
+the dropped dims; "/cross" is "/comp" with cross-head compensation, cross_head=True; "/cross-joint" adds
+joint_qk=True and "/cross-joint-fit" also score_fit=True, wpac+ only: benchmarks/wpac_quality.py) transforms a
 copy of MiniLM, calibrated on English sentences from scikit-learn's documentation (skd.text's CALIBRATION
 set) with the bare encoder's default loss (in-batch contrastive, skd.losses); `--draws` disjoint
 calibration sets (every k-th sentence of the pool, at offsets 0, 1, ...) give the spread. It is then run
