@@ -187,7 +187,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         check_supported(blocks)  # before anything changes
     joint = None
     if joint_qk:  # on the original model: the statistics describe the function being preserved
-        joint = JointQK(blocks, next(model.parameters()).device)
+        joint = JointQK(blocks, adapter.device)
         attention_pass(adapter, data, [joint], **pass_args)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
@@ -211,7 +211,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         else:
             reports = [_transform_block(spec, i, stats, criterion, generator, rot, compensate)
                        for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
-    _store_score_fits(model, adapter, data, reports, score_fit, pass_args)
+    _store_score_fits(adapter, data, reports, score_fit, pass_args)
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
@@ -294,14 +294,14 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
     return torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd), qk_imp[:, shared]
 
 
-def _store_score_fits(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport],
-                      score_fit: bool, pass_args: dict) -> None:
+def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport], score_fit: bool,
+                      pass_args: dict) -> None:
     """With score_fit, one attention pass over the transformed model and every block's fit stored
     (skd.score_fit; qk_norm blocks get none); every other stored fit is removed."""
     blocks = adapter.blocks
     solved = [None] * len(blocks)
     if score_fit:
-        acc = ScoreFit(blocks, next(model.parameters()).device)
+        acc = ScoreFit(blocks, adapter.device)
         attention_pass(adapter, data, [acc], **pass_args)
         solved = [acc.solve(i, q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
     with torch.no_grad():
