@@ -221,7 +221,7 @@ def test_stored_fit_never_predicts_the_calibration_scores_worse(name: str) -> No
     spec = adapter_for(model).blocks[0]
     h, hd = spec.num_heads, spec.head_dim
     fit = fits.score_fit(q_linear(spec))
-    wq, bq = spec.qkv_weights()[0]
+    wq, bq = (None if t is None else t.detach() for t in spec.qkv_weights()[0])
     per_head = [_per_head(model, b)[0] for b in data]
     x_in = []  # the block's input, to recompute q with corrected rows
     hook = (spec.qkv if spec.fused else spec.q).register_forward_hook(lambda m, a, o: x_in.append(a[0].detach()))
