@@ -146,14 +146,19 @@ class ScoreFit:
         kc = k - k_mean  # a per-query constant does not change the softmax: fit what does
         weights = _masked(a, w)
         q_tilde = torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1)  # (S, H, N, R+1)
+        # Padding queries weigh 0: the per-query GEMMs below skip them (text batches are mostly padding).
+        real = None if w is None else (w.reshape(-1) > 0).nonzero().squeeze(1)
         for head in range(h):  # one head at a time bounds the (S, N, R·hd) temporaries
-            kh, qh, qt = kc[:, head], q[:, head], q_tilde[:, head]
+            kh = kc[:, head]
             pairs = (kh[..., :big_r, None] * kh[..., None, :]).reshape(s, n, big_r * hd)  # k̃_b k̃_m
-            mixed = (weights[:, head] @ pairs).view(s, n, big_r, hd)  # Σ_j w_ij k̃_jb k̃_jm
-            qq = (qt[..., :, None] * qt[..., None, :]).reshape(s * n, -1)  # (S·N, (R+1)²)
-            m_acc[head] += (qq.mT @ mixed[..., :big_r].reshape(s * n, -1)).double().view(m_acc.shape[1:])
-            rhs = (mixed * qh[:, :, None, :]).reshape(s * n, -1)  # q_im Σ_j w_ij k̃_jb k̃_jm
-            p_acc[head] += (qt.reshape(s * n, -1).mT @ rhs).double().view(p_acc.shape[1:])
+            mixed = (weights[:, head] @ pairs).view(s * n, big_r, hd)  # Σ_j w_ij k̃_jb k̃_jm
+            qh, qt = q[:, head].reshape(s * n, hd), q_tilde[:, head].reshape(s * n, big_r + 1)
+            if real is not None:
+                mixed, qh, qt = mixed[real], qh[real], qt[real]
+            qq = (qt[:, :, None] * qt[:, None, :]).reshape(len(qt), -1)  # (tokens, (R+1)²)
+            m_acc[head] += (qq.mT @ mixed[..., :big_r].reshape(len(qt), -1)).double().view(m_acc.shape[1:])
+            rhs = (mixed * qh[:, None, :]).reshape(len(qt), -1)  # q_im Σ_j w_ij k̃_jb k̃_jm
+            p_acc[head] += (qt.mT @ rhs).double().view(p_acc.shape[1:])
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for acc in self.moments if acc is not None for t in acc]
