@@ -47,6 +47,25 @@ def rank_major_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
     return torch.arange(num_heads * head_dim).view(num_heads, head_dim).t().reshape(-1)
 
 
+def q_rows(spec: BlockSpec, t: torch.Tensor, r: int) -> torch.Tensor:
+    """(H, r, *rest) view of the q rows of width r in `t`: the rank-major fused qkv (rows rank*3H + head) or
+    separate q (rows rank*H + head) weight (rows, D) or bias (rows,) of `spec`. Head h, rank j is [h, j]."""
+    h = spec.num_heads
+    if spec.fused:
+        return t[:3 * h * r].unflatten(0, (r, 3, h))[:, 0].transpose(0, 1)
+    return t[:h * r].unflatten(0, (r, h)).transpose(0, 1)
+
+
+def with_q_rows(spec: BlockSpec, t: torch.Tensor, r: int, q: torch.Tensor) -> torch.Tensor:
+    """The rows of width r of the rank-major `t` (as `q_rows` reads it: the qkv's 3*H*r-row prefix, or q's
+    H*r), a new contiguous tensor (differentiable in t and q) whose q rows are q (H, r, *rest)."""
+    q = q.transpose(0, 1)  # (r, H, *rest): rank-major
+    if not spec.fused:
+        return q.flatten(0, 1)
+    k_v = t[:3 * spec.num_heads * r].unflatten(0, (r, 3, spec.num_heads))[:, 1:]
+    return torch.cat((q[:, None], k_v), 1).flatten(0, 2)
+
+
 def _permute_(p: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
     """p <- p.index_select(dim, perm) in place (storage and data_ptr kept), its .grad likewise."""
     if p is None:
