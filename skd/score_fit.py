@@ -97,7 +97,8 @@ def q_map(fit: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None
     None when width r has no fit (r = 0 or r > R)."""
     if not fitted(fit, r):
         return None
-    x = fit[:, r - 1, :r + 1, :r]  # (H, r + 1, r)
+    x = fit.select(1, r - 1)[:, :r + 1, :r]  # (H, r + 1, r); select, not [:, r - 1]: under torch.compile
+    # indexing with a symbolic width would specialise it (one graph per width), select keeps it symbolic
     eye = torch.eye(r, dtype=fit.dtype, device=fit.device)
     return eye + x[:, 1:].mT, x[:, 0]
 
