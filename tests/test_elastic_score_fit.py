@@ -15,6 +15,7 @@ import hf_helpers
 import pytest
 import timm
 import torch
+import torch._dynamo.testing
 from elastic_oracle import masked_copy, random_subnets, rel_err
 from torch import nn
 
@@ -341,8 +342,6 @@ def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
     """Under torch.compile the plan is unbound: the corrected q rows are computed in the graph with symbolic
     widths. ViT-Ti's head dim 64 has fits for r <= 16: keep 0.25 (r = 16) is fitted, 0.5, 0.75 and full are
     not; the guard r <= R splits them into two graphs."""
-    import torch._dynamo.testing
-
     torch.manual_seed(0)
     model = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
                                          num_classes=10), 0.05)
@@ -358,6 +357,30 @@ def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
             assert rel_err(compiled(x), elastic(x)) <= 1e-5
         elastic.set_subnet(keep=0.125)  # r = 8: another fitted width, the fitted graph serves it
         assert rel_err(compiled(x), elastic(x)) <= 1e-5
+    assert counter.frame_count <= 2
+
+
+def test_compiled_training_gives_the_eager_gradients_in_at_most_two_graphs() -> None:
+    """Forward and backward under torch.compile (AOTAutograd) with a fit stored: gradients equal eager's."""
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                         num_classes=10), 0.05)
+    _set_fits(model)
+    elastic = skd.ElasticViT(model).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    for keep in (0.25, 0.5, 0.75, 1.0):
+        elastic.set_subnet(keep=keep)
+        grads = []
+        for m in (compiled, elastic):
+            elastic.zero_grad()
+            m(x).square().sum().backward()
+            grads.append({n: p.grad.clone() for n, p in elastic.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and "model.blocks.0.attn.qkv.weight" in grads[1]
+        for n, want in grads[1].items():
+            assert rel_err(grads[0][n], want) <= 1e-6 if want.any() else not grads[0][n].any(), n
     assert counter.frame_count <= 2
 
 
