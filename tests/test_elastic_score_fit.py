@@ -400,3 +400,31 @@ def test_autocast_runs_the_fit_per_call(name: str) -> None:
         got, want, without = (family.out(m, subnet=subnet).float() for m in (elastic, oracle, plain))
     assert rel_err(got, want) <= 3e-2
     assert (got - without).abs().max() > 4 * (got - want).abs().max()
+
+
+def test_bfloat16_model_casts_its_fits_and_round_trips(tmp_path: Path) -> None:
+    """`.to(bfloat16)` casts the fit buffers (the cached fp32 plan is rebuilt); the bf16 ElasticViT is near the
+    fp32 one, its extract() equals it, and a file keeps the fits in bf16."""
+    family = FAMILIES["vit"]
+    model = family.make()
+    _set_fits(model, scale=1.0)
+    elastic = skd.ElasticViT(model).eval()
+    subnet = _subnets(elastic)[1]  # width R: fitted
+    plain = skd.ElasticViT(_timm()).eval()
+    with torch.no_grad():
+        full_precision = family.out(elastic, subnet=subnet)
+        without = family.out(plain, subnet=subnet)
+        elastic.to(torch.bfloat16)
+        assert all(score_fit.score_fit(s.qkv).dtype == torch.bfloat16 for s in elastic.adapter.blocks)
+        x = family.inputs["x"].bfloat16()
+        got = elastic(x, subnet=subnet).float()
+        assert rel_err(got, full_precision) <= 3e-2
+        assert (got - without).abs().max() > 4 * (got - full_precision).abs().max()  # the fit is there
+        # bf16 rounding differs between the two forwards (timm's own, q scaled by sqrt(r/hd)): ~1e-2 without a
+        # fit as well
+        assert rel_err(elastic.extract(subnet).eval()(x).float(), got) <= 3e-2
+        path = tmp_path / "bf16.safetensors"
+        skd.save(elastic, path)
+        loaded = skd.load(path).eval()
+        assert all(score_fit.score_fit(s.qkv).dtype == torch.bfloat16 for s in loaded.adapter.blocks)
+        assert torch.equal(loaded(x, subnet=subnet).float(), got)
