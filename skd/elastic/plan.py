@@ -37,10 +37,10 @@ Attention = Callable[..., torch.Tensor]
 class BlockPlan(NamedTuple):
     """One block at one subnet. r: dims kept per head; hidden: MLP units kept (0: that branch is skipped
     and its fields are None). qkv: (fused qkv GEMM,) x (S, N, D) -> (S, N, r*3*H), or (q, k, v) GEMMs each
-    -> (S, N, r*H), q's rows corrected where width r has a score fit (`_ScoreFit`); proj: (S, N, r*H) -> (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused
-    activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention (fused qkv) or
-    prefix_attention_separate (q, k, v; None where that op has no kernel, only its reference), used at
-    inference."""
+    -> (S, N, r*H), q's rows corrected where width r has a score fit (`_ScoreFit`); proj: (S, N, r*H) ->
+    (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused activation, if any; fc2: (..., hidden) ->
+    (..., D); attention: prefix_attention (fused qkv) or prefix_attention_separate (q, k, v; None where that
+    op has no kernel, only its reference), used at inference."""
 
     r: int
     hidden: int
