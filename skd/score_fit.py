@@ -43,7 +43,9 @@ def fit_ranks(head_dim: int) -> int:
 
 def score_fit(linear: nn.Module) -> torch.Tensor | None:
     """The Linear's stored fit (H, R, R + 1, R), or None when it has none."""
-    return getattr(linear, BUFFER, None)
+    # not getattr: a miss raises and catches inside Module.__getattr__ (~1 us; Plan.current asks every block
+    # on every forward)
+    return linear._buffers.get(BUFFER)
 
 
 def q_linear(spec: BlockSpec) -> nn.Linear:
