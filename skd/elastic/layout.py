@@ -28,8 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..compensation import BUFFER as INPUT_MEAN
-from ..compensation import COV_BUFFER as INPUT_COV
+from ..compensation import input_cov, input_mean
 from ..models import BlockSpec
 
 LAYOUT_VERSION = 1
@@ -136,8 +135,8 @@ class RankMajorLayout:
                     _permute_(lin.weight, perm, 0)
                     _permute_(lin.bias, perm, 0)
                 _permute_(spec.proj.weight, single, 1)
-                _permute_(getattr(spec.proj, INPUT_MEAN, None), single, 0)  # bias compensation's context mean
-                cov = getattr(spec.proj, INPUT_COV, None)  # cross-head compensation's: both axes
+                _permute_(input_mean(spec.proj), single, 0)  # bias compensation's context mean
+                cov = input_cov(spec.proj)  # cross-head compensation's: both axes
                 _permute_(cov, single, 0)
                 _permute_(cov, single, 1)
         if not to_standard:
