@@ -13,7 +13,9 @@ without its tensors, is refused on load. Files written before the digests existe
 and load unchecked (only the non-finite check applies).
 The tensors are the model's state_dict plus bias compensation's input means (skd.compensation: buffers
 outside the state_dict), named "skd_input_mean:<module name>", and cross-head compensation's input
-covariances, "skd_input_cov:<module name>", in the file's layout; files without them load as before.
+covariances, "skd_input_cov:<module name>", in the file's layout, and the score fits (skd.score_fit:
+buffers of the q-producing Linears, in head/rank terms whatever the layout), "skd_score_fit:<module name>";
+files without them load as before.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__, compensation
+from . import __version__, compensation, score_fit
 from ._atomic import atomic_path
 from .elastic import LAYOUT_VERSION, ElasticViT
 from .models import adapter_for, rebuild
@@ -146,12 +148,17 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[st
     clash = sorted(record.keys() & metadata.keys())
     if clash:
         raise ValueError(f"{type(adapter).__name__}.record() uses reserved keys {clash}")
-    save_tensors(path, {**model.state_dict(), **compensation.means(model)}, {**metadata, **record})
+    save_tensors(path, {**model.state_dict(), **compensation.means(model), **score_fit.fits(model)},
+                 {**metadata, **record})
 
 
-def _restore_means(path: str | os.PathLike, model: nn.Module, means: dict[str, torch.Tensor]) -> None:
+def _restore_buffers(path: str | os.PathLike, model: nn.Module, means: dict[str, torch.Tensor],
+                     fits: dict[str, torch.Tensor]) -> None:
+    """Set the file's input means and covariances, then its score fits, on `model` (ValueError naming path)."""
     try:
         compensation.restore_means(model, means)
+        if fits:
+            score_fit.restore_fits(model, adapter_for(model).blocks, fits)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -165,7 +172,7 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     unknown layout, or when its tensors do not match the architecture its metadata names.
     """
     tensors, meta = load_tensors(path)
-    means = compensation.pop_means(tensors)
+    means, fits = compensation.pop_means(tensors), score_fit.pop_fits(tensors)
     if meta.get("format") != "skd" or meta.get("kind") not in ("elastic", "model", "extracted"):
         raise ValueError(f"{path} is not an skd model file (metadata kind={meta.get('kind')!r})")
     if meta.get("layout") not in (LAYOUT_VERSION, STANDARD_LAYOUT):
@@ -187,19 +194,20 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     # assign=True everywhere: the model takes the file's tensors themselves, so their dtypes (a bf16 model
     # stays bf16) come back as saved instead of being copied into the freshly built fp32 parameters.
     if meta["kind"] == "extracted":
-        if means:
-            raise ValueError(f"{path}: an extracted model's file holds input means (extract() folds them)")
+        if means or fits:
+            raise ValueError(f"{path}: an extracted model's file holds input means or score fits (extract() "
+                             "folds them)")
         model.load_state_dict(tensors, assign=True)
         _unsaved_buffers_follow(model, tensors)
         return model
     rank_major = meta["layout"] == LAYOUT_VERSION
     if not rank_major:
         model.load_state_dict(tensors, assign=True)
-        _restore_means(path, model, means)
+        _restore_buffers(path, model, means, fits)
     elastic = ElasticViT(model)
     if rank_major:  # the file holds the re-laid weights (and means): load them after wrapping
         model.load_state_dict(tensors, assign=True)
-        _restore_means(path, model, means)
+        _restore_buffers(path, model, means, fits)
     _unsaved_buffers_follow(model, tensors)
     if meta.get("dropout_list") is not None:
         elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])

@@ -28,8 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..compensation import BUFFER as INPUT_MEAN
-from ..compensation import COV_BUFFER as INPUT_COV
+from ..compensation import input_cov, input_mean
 from ..models import BlockSpec
 
 LAYOUT_VERSION = 1
@@ -45,6 +44,25 @@ def rank_major_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
     """(H*hd,) int64: rank-major index n (= rank*H + head) holds head-major index perm[n] (of q/k/v rows
     or o columns)."""
     return torch.arange(num_heads * head_dim).view(num_heads, head_dim).t().reshape(-1)
+
+
+def q_rows(spec: BlockSpec, t: torch.Tensor, r: int) -> torch.Tensor:
+    """(H, r, *rest) view of the q rows of width r in `t`: the rank-major fused qkv (rows rank*3H + head) or
+    separate q (rows rank*H + head) weight (rows, D) or bias (rows,) of `spec`. Head h, rank j is [h, j]."""
+    h = spec.num_heads
+    if spec.fused:
+        return t[:3 * h * r].unflatten(0, (r, 3, h))[:, 0].transpose(0, 1)
+    return t[:h * r].unflatten(0, (r, h)).transpose(0, 1)
+
+
+def with_q_rows(spec: BlockSpec, t: torch.Tensor, r: int, q: torch.Tensor) -> torch.Tensor:
+    """The rows of width r of the rank-major `t` (as `q_rows` reads it: the qkv's 3*H*r-row prefix, or q's
+    H*r), a new contiguous tensor (differentiable in t and q) whose q rows are q (H, r, *rest)."""
+    q = q.transpose(0, 1)  # (r, H, *rest): rank-major
+    if not spec.fused:
+        return q.flatten(0, 1)
+    k_v = t[:3 * spec.num_heads * r].unflatten(0, (r, 3, spec.num_heads))[:, 1:]
+    return torch.cat((q[:, None], k_v), 1).flatten(0, 2)
 
 
 def _permute_(p: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
@@ -117,8 +135,8 @@ class RankMajorLayout:
                     _permute_(lin.weight, perm, 0)
                     _permute_(lin.bias, perm, 0)
                 _permute_(spec.proj.weight, single, 1)
-                _permute_(getattr(spec.proj, INPUT_MEAN, None), single, 0)  # bias compensation's context mean
-                cov = getattr(spec.proj, INPUT_COV, None)  # cross-head compensation's: both axes
+                _permute_(input_mean(spec.proj), single, 0)  # bias compensation's context mean
+                cov = input_cov(spec.proj)  # cross-head compensation's: both axes
                 _permute_(cov, single, 0)
                 _permute_(cov, single, 1)
         if not to_standard:

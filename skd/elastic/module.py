@@ -14,7 +14,7 @@ from torch import nn
 
 import skd_kernels
 
-from .. import batches
+from .. import batches, score_fit
 from .._checks import check_fraction, check_int, check_positive
 from ..compensation import fold
 from ..errors import UnsupportedModelError
@@ -343,8 +343,9 @@ class ElasticViT(nn.Module):
 
         Built by the adapter from the model library's own modules (`ModelAdapter.shrink`), computing
         what this ElasticViT computes at `subnet`, bias compensation (skd.compensation) folded into its
-        biases; it runs without skd. `out.skd_subnet` records the widths (plain data) so `skd.save` can
-        record how to rebuild this shape.
+        biases (cross-head: and the kept output-projection columns) and the score fit (skd.score_fit) of
+        each block's width into its q rows and bias; it runs without skd. `out.skd_subnet` records the
+        widths (plain data) so `skd.save` can record how to rebuild this shape.
         """
         subnet = self._checked(subnet)
         for hook in self._hooks:  # the copy must not carry the wrapped model's hooks
@@ -359,6 +360,7 @@ class ElasticViT(nn.Module):
             self._layout.apply(shrinker.blocks, to_standard=False)
         fold(shrinker.blocks, subnet)
         self._layout.apply(shrinker.blocks, to_standard=True)
+        score_fit.fold(shrinker.blocks, subnet)  # in the model's own layout: the fit is in head/rank terms
         shrinker.shrink(subnet)
         out.skd_subnet = subnet.to_dict()
         return out

@@ -24,7 +24,9 @@ from skd_kernels.ops import prefix_linear as prefix_linear_op
 
 from ..compensation import compensated_bias, compensated_linear, cross_head_map, input_cov, input_mean
 from ..models import BlockSpec
+from ..score_fit import corrected_q, fitted, q_linear, score_fit
 from ..subnet import Subnet
+from .layout import q_rows, with_q_rows
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 # (qkv (S, N, r*3*H) rank-major, bias (S or 1, H or 1, N, N) | None) -> (S, N, r*H) rank-major; for separate
@@ -35,10 +37,10 @@ Attention = Callable[..., torch.Tensor]
 class BlockPlan(NamedTuple):
     """One block at one subnet. r: dims kept per head; hidden: MLP units kept (0: that branch is skipped
     and its fields are None). qkv: (fused qkv GEMM,) x (S, N, D) -> (S, N, r*3*H), or (q, k, v) GEMMs each
-    -> (S, N, r*H); proj: (S, N, r*H) -> (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused
-    activation, if any; fc2: (..., hidden) -> (..., D); attention: prefix_attention (fused qkv) or
-    prefix_attention_separate (q, k, v; None where that op has no kernel, only its reference), used at
-    inference."""
+    -> (S, N, r*H), q's rows corrected where width r has a score fit (`_ScoreFit`); proj: (S, N, r*H) ->
+    (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused activation, if any; fc2: (..., hidden) ->
+    (..., D); attention: prefix_attention (fused qkv) or prefix_attention_separate (q, k, v; None where that
+    op has no kernel, only its reference), used at inference."""
 
     r: int
     hidden: int
@@ -65,24 +67,29 @@ class Plan:
         # (the views; skd/elastic/layout.py re-strides weights within their storage) (`current`)
         self._sources = [(lin, lin.weight, lin.bias, lin.weight.data_ptr(), lin.weight.stride(),
                           None if lin.bias is None else lin.bias.data_ptr()) for lin in linears]
-        # bias compensation's means and covariances, stored or removed
+        # bias compensation's means and covariances, the score fits, stored or removed
         self._means = [(lin, input_mean(lin), input_cov(lin)) for lin in linears]
+        self._fits = [(lin, score_fit(lin)) for lin in map(q_linear, blocks)]
         gemm = _bind if bound else _partial
         self.blocks = tuple(_block(spec, r, m, gemm, bound) for spec, r, m in zip(blocks, subnet.attn, subnet.mlp,
                                                                                   strict=True))
-        # Cross-head compensation's bound GEMMs hold a corrected copy of the kept weight columns: an in-place
-        # update of the weight, bias or statistics (an optimizer step) must rebuild them.
-        self._copied = [(t, t._version) for b in self.blocks for g in (b.proj, b.fc2) if isinstance(g, _CrossHead)
-                        and g.fast is not None for t in g.sources()]
+        # Cross-head compensation's and the score fit's bound GEMMs hold a corrected copy of the kept weight
+        # columns or rows: an in-place update of the weight, bias, statistics or fit (an optimizer step) must
+        # rebuild them.
+        self._copied = [(t, t._version) for b in self.blocks for g in (b.proj, b.fc2, *(b.qkv or ()))
+                        if isinstance(g, (_CrossHead, _ScoreFit)) and g.fast is not None
+                        for t in g.sources() if t is not None]
 
     def current(self) -> bool:
         """False once a weight or bias the plan was built from was replaced, moved to new storage
-        (`module.to(...)`, a new Parameter) or re-strided (skd/elastic/layout.py), or an input mean or
-        covariance was stored or removed (skd.wpac): the plan must be rebuilt. In-place updates keep it
-        current, except under cross-head compensation, whose corrected weight copies are rebuilt after any
-        in-place update of what they were computed from (seen through the tensors' version counters: writes
-        through `.data` are not seen)."""
+        (`module.to(...)`, a new Parameter) or re-strided (skd/elastic/layout.py), or an input mean,
+        covariance or score fit was stored, replaced or removed (skd.wpac): the plan must be rebuilt. In-place
+        updates keep it current, except under cross-head compensation and the score fit, whose corrected
+        weight copies are rebuilt after any in-place update of what they were computed from (seen through the
+        tensors' version counters: writes through `.data` are not seen)."""
         if any(input_mean(lin) is not mean or input_cov(lin) is not cov for lin, mean, cov in self._means):
+            return False
+        if any(score_fit(lin) is not fit for lin, fit in self._fits):
             return False
         if any(t._version != version for t, version in self._copied):
             return False
@@ -131,10 +138,10 @@ class _Compensated:
 
 
 class _Weights(NamedTuple):
-    """What `_bind` reads of a Linear, with another bias."""
+    """What `_bind` reads of a Linear, with another bias (and weight)."""
 
     weight: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class _CrossHead:
@@ -169,6 +176,53 @@ class _CrossHead:
         return self.fast(x)
 
 
+class _ScoreFit:
+    """The q-producing GEMM of `spec` at width r (1 <= r <= R: a width with a score fit, skd.score_fit): its
+    kept rows (fused qkv: the 3*H*r-row prefix; separate q: H*r rows) with the q rows and bias replaced by
+    `corrected_q`'s. Mirrors `_CrossHead`: bound (no grad), the corrected (rows, D) block and bias are
+    computed once and bound (`Plan.current` rebuilds them after an in-place update of the weight, bias or
+    fit); when autograd must record, computed per call from W and b (the fit constant) through the public
+    op, so the gradient reaches W and b; unbound (autocast, torch.compile), everything per call.
+    """
+
+    def __init__(self, spec: BlockSpec, r: int, bound: bool) -> None:
+        self.spec, self.lin, self.r = spec, q_linear(spec), r
+        self.fast = None
+        if bound:
+            with torch.no_grad():
+                weight, bias = self._corrected()
+            self.fast = _bind(_Weights(weight, bias))
+
+    def sources(self) -> tuple[torch.Tensor | None, ...]:
+        """What the bound copy was computed from."""
+        lin = self.lin
+        return lin.weight, lin.bias, score_fit(lin)
+
+    def _corrected(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (rows, D), bias (rows,) | None): the kept rows, q rows corrected, new contiguous tensors."""
+        spec, lin, r = self.spec, self.lin, self.r
+        q_bias = None if lin.bias is None else q_rows(spec, lin.bias, r)
+        q_weight, q_bias = corrected_q(q_rows(spec, lin.weight, r), q_bias, score_fit(lin), r)
+        return (with_q_rows(spec, lin.weight, r, q_weight),
+                None if q_bias is None else with_q_rows(spec, lin.bias, r, q_bias))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.lin
+        if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
+            return skd_kernels.prefix_linear(x, *self._corrected())
+        return self.fast(x)
+
+
+def _q_gemms(spec: BlockSpec, r: int, gemm: Callable[..., Gemm], bound: bool) -> tuple[Gemm, ...]:
+    """The block's q/k/v GEMMs at width r > 0: (fused qkv,) or (q, k, v), the q-producing one under the
+    score fit when its Linear stores one with a fit for width r."""
+    h, corrected = spec.num_heads, fitted(score_fit(q_linear(spec)), r)
+    if spec.fused:
+        return (_ScoreFit(spec, r, bound) if corrected else gemm(spec.qkv, k_out=3 * h * r),)
+    return ((_ScoreFit(spec, r, bound) if corrected else gemm(spec.q, k_out=h * r)),
+            gemm(spec.k, k_out=h * r), gemm(spec.v, k_out=h * r))
+
+
 def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bool) -> Gemm:
     """The GEMM of an output projection or fc2: `gemm`'s, or the compensated one when `lin` stores a mean
     (cross-head when it also stores a covariance and inputs are dropped)."""
@@ -183,8 +237,7 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
     h = spec.num_heads
     qkv = proj = attention = fc1 = fc2 = None
     if r:
-        qkv = (gemm(spec.qkv, k_out=3 * h * r),) if spec.fused else tuple(gemm(lin, k_out=h * r)
-                                                                           for lin in (spec.q, spec.k, spec.v))
+        qkv = _q_gemms(spec, r, gemm, bound)
         proj = _output_gemm(gemm, spec.proj, h * r, bound)
         weight = spec.qkv.weight if spec.fused else spec.q.weight
         # Where prefix_attention_separate has no kernel (CUDA without Triton, fp64 on CUDA, a forced backend
