@@ -14,8 +14,8 @@ skd.wpac(..., compensate=True, "attn" or "mlp"): truncation adds the dropped dim
 output bias (skd.compensation; in the zeroing modes too); "/cross" and "/attn-cross" are "/comp" and
 "/attn" with cross_head=True (the output projection also predicts its dropped dims from the kept ones);
 "wpac+/cross-joint" adds joint_qk=True (Q/K rotated by the output-sensitivity-weighted statistic) and
-"wpac+/cross-joint-fit" also score_fit=True (the kept q rows predict the dropped score part; applied to the
-kept q rows in the zeroing modes here, and in "attn" once ElasticViT reads the stored fits).
+"wpac+/cross-joint-fit" also score_fit=True (the kept q rows predict the dropped score part: ElasticViT applies
+the stored fit in "attn", the zeroing modes apply it to the kept q rows here).
 Prints Markdown tables (accuracy %, mean [min, max] over the draws) and writes a PNG plot of the attn mode.
 
     python -m benchmarks.wpac_quality [--samples 512] [--draws 3] [--modes attn qk vo mlp all]

@@ -54,11 +54,6 @@ class Accumulator(Protocol):
         """Every accumulated float64 tensor, in a fixed order."""
 
 
-def q_linear(spec: BlockSpec) -> nn.Linear:
-    """The Linear that produces the block's q (the fused qkv, or q): where skd.score_fit stores the fit."""
-    return spec.qkv if spec.fused else spec.q
-
-
 def _masked(a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """A (S, H, N, N) with padding queries' rows and padding keys' columns zeroed (w (S, N) or None)."""
     return a if w is None else a * w[:, None, :, None] * w[:, None, None, :]

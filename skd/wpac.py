@@ -52,7 +52,7 @@ from skd_kernels import CovState
 from . import compensation
 from . import score_fit as fits
 from ._checks import check_int
-from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported, q_linear
+from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported
 from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CONTEXT, CONTEXT_FULL, CalibrationStats, FeatureStats, LossFn, calibrate
 from .transforms import output_preserving
@@ -303,10 +303,10 @@ def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: 
     if score_fit:
         acc = ScoreFit(blocks, adapter.device)
         attention_pass(adapter, data, [acc], **pass_args)
-        solved = [acc.solve(i, q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
+        solved = [acc.solve(i, fits.q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
     with torch.no_grad():
         for spec, fit, report in zip(blocks, solved, reports, strict=True):
-            fits.set_score_fit(q_linear(spec), fit, spec.num_heads, spec.head_dim)
+            fits.set_score_fit(fits.q_linear(spec), fit, spec.num_heads, spec.head_dim)
             report.score_fit = fit is not None
 
 

@@ -14,8 +14,9 @@ from torch import nn
 
 import skd
 from skd import score_fit as fits
-from skd.attention_stats import RIDGE, JointQK, ScoreFit, attention_pass, explicit_forward, q_linear
+from skd.attention_stats import RIDGE, JointQK, ScoreFit, attention_pass, explicit_forward
 from skd.models import adapter_for
+from skd.score_fit import q_linear
 from tests import hf_helpers
 from tests.test_wpac_plus import MODELS, _randomised
 

@@ -1,7 +1,8 @@
 """skd.wpac(..., joint_qk=True, score_fit=True) end to end: the full-width function is kept on timm ViT, Swin,
-HF BERT (padded) and HF ViT, plain and wrapped in ElasticViT; the joint rotation is the eigenbasis of the
-joint statistic; fits of the right shape are stored and a later call without score_fit removes them;
-bad arguments are refused before the model changes; the CLI flags reach skd.wpac."""
+HF BERT (padded) and HF ViT, plain and wrapped in ElasticViT (whose narrow widths then equal a masked copy
+with the stored fit absorbed by the kept q rows); the joint rotation is the eigenbasis of the joint
+statistic; fits of the right shape are stored and a later call without score_fit removes them; bad
+arguments are refused before the model changes; the CLI flags reach skd.wpac and the file keeps the fits."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from torch import nn
 
 import skd as skd_api
 from skd import score_fit as fits
-from skd.attention_stats import JointQK, attention_pass, q_linear
+from skd.attention_stats import JointQK, attention_pass
 from skd.models import adapter_for
+from skd.score_fit import q_linear
 from skd.wpac import principal_axes
 from tests.test_attention_stats import HF, TIMM, model_and_data, output, rel
 
@@ -82,18 +84,36 @@ def test_joint_rotation_is_the_eigenbasis_of_the_joint_statistic() -> None:
         torch.testing.assert_close(rep.qk_spectrum, spectrum)
 
 
-def test_elastic_wrapped_model_keeps_its_function() -> None:
+def test_elastic_wrapped_model_keeps_its_function_and_narrow_widths_use_the_fits() -> None:
     model, data = model_and_data("vit_cls")
     elastic = skd_api.ElasticViT(model).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = elastic(x)
-    _wpac(elastic, data)
+    _wpac(elastic, data, compensate=False, cross_head=False)  # the masking oracle below does not compensate
     with torch.no_grad():
         assert rel(elastic(x), ref) <= 1e-5
     assert all(rep.score_fit and rep.qk == "rotation (joint)" for rep in elastic.skd_report.blocks)
     with elastic.standard_layout() as inner:
-        assert all(fits.score_fit(q_linear(s)) is not None for s in adapter_for(inner).blocks)
+        bare = copy.deepcopy(inner)
+    # Narrow widths use the fits wpac stored: equal to a masked copy whose kept q rows absorb the fit.
+    from tests.elastic_oracle import masked_copy
+
+    big_r = fits.fit_ranks(elastic.head_dims[0])
+    for r in (1, big_r, big_r + 1):
+        subnet = skd_api.Subnet(attn=[r] * len(elastic.head_dims), mlp=list(elastic.hiddens))
+        fitted = copy.deepcopy(bare)
+        with torch.no_grad():
+            for spec in adapter_for(fitted).blocks:
+                h, hd = spec.num_heads, spec.head_dim
+                w, b = (t.view(h, hd, -1)[:, :r] if t.dim() == 2 else t.view(h, hd)[:, :r]
+                        for t in spec.qkv_weights()[0])
+                new_w, new_b = fits.corrected_q(w, b, fits.score_fit(q_linear(spec)), r)
+                w.copy_(new_w)
+                b.copy_(new_b)
+            y = elastic(x, subnet=subnet)
+            assert rel(y, masked_copy(fitted, subnet)(x)) <= 1e-5
+            assert (rel(y, masked_copy(bare, subnet)(x)) > 1e-4) == (r <= big_r)  # the fit changed something
 
 
 def test_bad_arguments_are_refused_before_the_model_changes() -> None:
@@ -144,6 +164,10 @@ def test_cli_flags_reach_wpac_and_joint_qk_needs_wpac_plus(tmp_path, monkeypatch
     assert r.returncode == 0, r.stderr
     (elastic,) = saved
     assert all(rep.qk == "rotation (joint)" and rep.score_fit for rep in elastic.skd_report.blocks)
+    loaded = skd_api.load(out)  # the file keeps the fits
+    with elastic.standard_layout() as inner, loaded.standard_layout() as inner_loaded:
+        for a, b in zip(adapter_for(inner).blocks, adapter_for(inner_loaded).blocks, strict=True):
+            torch.testing.assert_close(fits.score_fit(q_linear(b)), fits.score_fit(q_linear(a)))
     r = skd("wpac", "vit_digits", "--pretrained", "--samples", "32", "--joint-qk", "--out",
             str(tmp_path / "bad.safetensors"))
     fails(r, "--joint-qk needs --criterion wpac+")

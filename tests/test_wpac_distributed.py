@@ -15,7 +15,6 @@ from timm.models.vision_transformer import VisionTransformer
 import skd
 from skd import compensation
 from skd import score_fit as fits
-from skd.attention_stats import q_linear
 from skd.models import adapter_for
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
@@ -40,7 +39,7 @@ def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 10) -> list[tuple[tor
 def _stratified(model: VisionTransformer, data: list, kwargs: dict) -> tuple[dict, int]:
     """(state_dict, compensation means and score fits, samples used) of skd.wpac on a copy of model."""
     m = skd.wpac(copy.deepcopy(model), data, num_samples=40, progress=False, **kwargs)
-    stored = {f"fit:{s.name}": fits.score_fit(q_linear(s)) for s in adapter_for(m).blocks}
+    stored = {f"fit:{s.name}": fits.score_fit(fits.q_linear(s)) for s in adapter_for(m).blocks}
     return {**m.state_dict(), **compensation.means(m), **{k: v for k, v in stored.items() if v is not None}}, \
         m.skd_report.samples
 
