@@ -1,10 +1,14 @@
-"""The explicit-attention calibration pass and its two accumulators (skd.wpac(joint_qk=, score_fit=)).
+"""The explicit-attention forward, its no-grad calibration pass and two accumulators (skd.wpac(joint_qk=,
+score_fit=)).
 
-`attention_pass` runs the model's own forward (`ModelAdapter.run`) over calibration batches, without
-gradients, with every block's attention computed explicitly from its modules in the standard layout:
-per head q, k, v (S, H, N, hd), A = softmax(q kᵀ·scale + bias) (S, H, N, N) (the model's own mask and
-position bias included), ctx = A v, output proj(ctx). So the pass computes the model's own output, and the
+`explicit_forward` runs the model's own forward (`ModelAdapter.run`) on a calibration batch with every
+block's attention computed explicitly from its modules in the standard layout: per head q, k, v
+(S, H, N, hd), A = softmax(q kᵀ·scale + bias) (S, H, N, N) (the model's own mask and position bias
+included), ctx = A v, output proj(ctx). So it computes the model's own output, and the
 accumulators see each block's q, k, v and attention weights A together, which hooks cannot give.
+`attention_pass` streams data through it without gradients (the score fit, on the transformed model);
+skd.stats.calibrate(accumulators=) runs its gradient pass through it (the joint statistic, on the original
+model, in the same pass as the Taylor scores and covariances).
 
 Accumulators (per block, per head; padding queries and keys weigh 0; one batch in fp32 GEMMs, the totals
 in float64, like skd.stats):
@@ -23,27 +27,23 @@ changes when dims are dropped); the pass still computes their attention, norms i
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import batches
-from ._dist import all_reduce_flat, rank_share
 from .models import BlockSpec, ModelAdapter
+from .passes import stream_pass
 from .score_fit import fit_ranks
-from .stats import _batches
 from .subnet import Subnet
 
 RIDGE = 1e-3  # score fit: δ = RIDGE · tr(G)/n added to the normal equations G (n unknowns)
 
 
 class Accumulator(Protocol):
-    """What `attention_pass` feeds: `update` once per block and batch, `tensors` for the all-reduce."""
+    """What `explicit_forward` feeds: `update` once per block and batch, `tensors` for the all-reduce."""
 
     def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                w: torch.Tensor | None) -> None:
@@ -196,12 +196,17 @@ def check_supported(blocks: list[BlockSpec]) -> None:
                          + "; ".join(unsupported))
 
 
-def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: list[Accumulator]) -> Any:
+def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[Accumulator]) -> Any:
     """The model's own output on `batch` (skd.batches, on the model's device), every block's attention
     computed explicitly (module docstring) and fed to the accumulators with the batch's token weights
     (`adapter.token_weights`, (B, T) mapped to the attention's (S, N): sequences are contiguous per sample).
-    Run it under torch.no_grad() with the model in eval mode and the standard layout."""
+    The model runs in eval mode and the standard layout. q, k, v come from calling the block's own Linears
+    (the fused qkv once, then split), proj, fc1 and fc2 are called too, so module hooks on them fire as in
+    the model's own forward (skd.stats.calibrate's gradient pass runs through here with joint_qk).
+    Grad mode is the caller's; the accumulators are fed detached tensors under no_grad. ValueError for blocks whose
+    attention cannot be computed (`check_supported`)."""
     blocks = adapter.blocks
+    check_supported(blocks)
     full = Subnet(attn=[s.head_dim for s in blocks], mlp=[s.hidden for s in blocks])
     weights = adapter.token_weights(batch)
 
@@ -209,7 +214,10 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: list[Accum
         spec = blocks[i]
         s, n, _ = x.shape
         h, hd = spec.num_heads, spec.head_dim
-        q, k, v = (nn.functional.linear(x, wt, b).view(s, n, h, hd).transpose(1, 2) for wt, b in spec.qkv_weights())
+        if spec.fused:  # rows which*C + head*hd + rank (BlockSpec)
+            q, k, v = spec.qkv(x).view(s, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (lin(x).view(s, n, h, hd).transpose(1, 2) for lin in (spec.q, spec.k, spec.v))
         if spec.has_qk_norm:
             q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
         q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
@@ -223,8 +231,11 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: list[Accum
                 raise ValueError(f"{spec.name}: token weights have {tuple(w.shape)} entries but the attention has "
                                  f"{s} sequences of {n} tokens")
             w = w.reshape(s, n).to(a.dtype)
-        for acc in accumulators:
-            acc.update(i, q, k, v, a, w)
+        # Statistics of the forward, never differentiated (no_grad: they also read weights, which require
+        # grad in calibrate's pass)
+        with torch.no_grad():
+            for acc in accumulators:
+                acc.update(i, q.detach(), k.detach(), v.detach(), a.detach(), w)
         ctx = (a @ v).to(x.dtype).transpose(1, 2).reshape(s, n, h * hd)
         return spec.proj(ctx)
 
@@ -237,11 +248,13 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: list[Accum
 
 
 def attention_pass(adapter: ModelAdapter, data: Iterable | Dataset,
-                   accumulators: list[Accumulator], *, num_samples: int, progress: bool = True,
+                   accumulators: Sequence[Accumulator], *, num_samples: int, progress: bool = True,
                    group: object = None) -> int:
-    """One no-grad pass over at most `num_samples` samples of `data` (as skd.stats.calibrate: batches or a
-    map-style Dataset, this process's `rank_share` under torch.distributed, the accumulators all-reduced
-    over `group` afterwards), every block's attention computed explicitly and fed to each accumulator.
+    """One no-grad pass over at most `num_samples` samples of `data` (skd.passes.stream_pass, as
+    skd.stats.calibrate: batches or a map-style Dataset, this process's share under torch.distributed, the
+    accumulators all-reduced over `group` afterwards), every block's attention computed explicitly
+    (`explicit_forward`) and fed to each accumulator. (skd.stats.calibrate(accumulators=) feeds them in its
+    gradient pass instead.)
 
     adapter: the adapter of the bare model (standard layout), which runs in eval mode (its training flag is
     restored). Returns the number of samples used (all processes). ValueError for blocks whose
@@ -249,33 +262,7 @@ def attention_pass(adapter: ModelAdapter, data: Iterable | Dataset,
     refuses them, except qk_norm), an empty loader or NaN/Inf inputs; warns when fewer than num_samples
     samples were available.
     """
-    blocks = adapter.blocks
-    check_supported(blocks)
-    model = adapter.model
-    param = next(model.parameters())
-    budget, rank, world = rank_share(num_samples)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=budget, desc="skd attention statistics", unit="sample", disable=not progress or rank != 0)
-    seen = torch.zeros((), dtype=torch.float64, device=param.device)
-    try:
-        with torch.no_grad():
-            for n, batch in enumerate(batches.take(_batches(data), budget)):
-                batches.check_finite(batch, f"calibration batch {n}")
-                batch = batches.to_device(batch, param.device, param.dtype)
-                explicit_forward(adapter, batch, accumulators)
-                size = batches.batch_size(batch)
-                seen += size
-                bar.update(size)
-    finally:
-        bar.close()
-        model.train(was_training)
-    if world > 1:
-        all_reduce_flat([seen, *(t for acc in accumulators for t in acc.tensors())], group=group)
-    total = int(seen)
-    if total == 0:
-        raise ValueError("the calibration data yielded no samples")
-    if total < num_samples:
-        warnings.warn(f"calibration data had only {total} samples of the {num_samples} asked for; using those",
-                      stacklevel=3)
-    return total
+    with torch.no_grad():
+        return stream_pass(adapter.model, data, lambda batch: explicit_forward(adapter, batch, accumulators),
+                           lambda: [t for acc in accumulators for t in acc.tensors()], num_samples=num_samples,
+                           desc="skd attention statistics", progress=progress, group=group)

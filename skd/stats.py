@@ -1,12 +1,13 @@
 """Streaming calibration statistics for WPAC: Taylor sums and per-head weighted covariances.
 
 One calibration pass runs batches (skd.batches: (inputs, labels), dicts of tensors, ...) through the model
-in eval mode, takes the gradient of the loss w.r.t. each block's q, k, v (the fused qkv Linear's output,
-or the separate q/k/v Linears' outputs) and MLP hidden activation (the fc2 input), and folds each
-(activation, gradient) pair into sufficient statistics with `skd_kernels.taylor_scores` and
-`skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept beyond its batch, so peak memory
-does not depend on the number of samples, and the statistics of several processes simply add up
-(`CalibrationStats.all_reduce`).
+in eval mode (its own forward, or skd.attention_stats.explicit_forward when that pass also feeds
+attention accumulators: skd.wpac(joint_qk=True)), takes the gradient of the loss w.r.t. each block's q,
+k, v (the fused qkv Linear's output, or the separate q/k/v Linears' outputs) and MLP hidden activation
+(the fc2 input), and folds each (activation, gradient) pair into sufficient statistics with
+`skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept
+beyond its batch, so peak memory does not depend on the number of samples, and the statistics of several
+processes simply add up (`CalibrationStats.all_reduce`).
 
 Features, per block (C = H*hd channels, head-major like the model's own rows):
   q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; and, only when asked for (wpac+), context: (B, T, C)
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +28,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 import skd_kernels
 from skd_kernels import CovState
 
 from . import batches
-from ._dist import all_reduce_flat, rank_share
-from .models import BlockSpec
+from ._dist import all_reduce_flat
+from .attention_stats import Accumulator, explicit_forward
+from .models import BlockSpec, ModelAdapter
+from .passes import stream_pass
 
 QKV = ("q", "k", "v")
 FEATURES = (*QKV, "hidden")
@@ -45,7 +46,6 @@ CONTEXT = "context"  # the output projection's input; collected only when asked 
 # context_full=True))
 CONTEXT_FULL = "context_full"
 COVARIANCE_MODES = (None, "weighted", "uniform")
-DATASET_BATCH_SIZE = 64
 
 # loss_fn(output, batch) -> scalar: the model's own output and the batch it came from (skd.batches)
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -175,13 +175,6 @@ class CalibrationStats:
         """Sums every process's statistics in place with one all-reduce of a flat float64 buffer."""
         all_reduce_flat(self.tensors(), group=group)
         return self
-
-
-def _batches(data: Iterable | Dataset) -> Iterable:
-    """A map-style Dataset of single samples is batched; anything else must already yield batches."""
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
-        return DataLoader(data, batch_size=DATASET_BATCH_SIZE)
-    return data
 
 
 class _Collector:
@@ -328,6 +321,8 @@ def calibrate(
     context: bool = False,
     moments: bool = False,
     context_full: bool = False,
+    accumulators: Sequence[Accumulator] = (),
+    adapter: ModelAdapter | None = None,
     progress: bool = True,
     group: object = None,
 ) -> CalibrationStats:
@@ -344,6 +339,11 @@ def calibrate(
     context_full: with `context`, also CONTEXT_FULL, that input's full (C, C) covariance across heads (one
     group; cross-head compensation).
     moments: also the MLP hidden feature's per-unit first and second moments (`Moments`; off by default).
+    accumulators: skd.attention_stats accumulators (JointQK, ScoreFit) to feed in this same pass: the
+    forward then runs through `skd.attention_stats.explicit_forward(adapter, ...)` (the model's function,
+    every block's attention computed explicitly from the same modules, so the hooks see the same
+    activations and gradients up to rounding) and they are all-reduced with the statistics. adapter: the
+    model's ModelAdapter, needed with accumulators. Without accumulators the model's own forward runs.
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
@@ -352,40 +352,27 @@ def calibrate(
     """
     if covariance not in COVARIANCE_MODES:
         raise ValueError(f"covariance={covariance!r} must be one of {COVARIANCE_MODES}")
-    loss_fn = loss_fn or sum_cross_entropy
-    param = next(model.parameters())
-    budget, rank, world = rank_share(num_samples)
     if context_full and not context:
         raise ValueError("context_full=True needs context=True (it extends the context statistics)")
-    stats = CalibrationStats.zeros(blocks, covariance, fisher, param.device, context, moments, context_full)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=budget, desc="skd calibration", unit="sample", disable=not progress or rank != 0)
-    try:
-        with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad(), \
-                _graph_guaranteed(model):
-            seen = 0
-            for n, batch in enumerate(batches.take(_batches(data), budget)):
-                batches.check_finite(batch, f"calibration batch {n}")
-                batch = batches.to_device(batch, param.device, param.dtype)
-                size = batches.batch_size(batch)
-                collector.batch_size = size
-                collector.weights = None if token_weights is None else token_weights(batch)
-                loss = loss_fn(batches.call(model, batch), batch)
-                torch.autograd.grad(loss, collector.outputs, allow_unused=True)
-                collector.end_batch()
-                seen += size
-                bar.update(size)
-            stats.samples += seen
-    finally:
-        bar.close()
-        model.train(was_training)
-    if world > 1:
-        stats.all_reduce(group)
-    total = int(stats.samples)
-    if total == 0:
-        raise ValueError("the calibration data yielded no samples")
-    if total < num_samples:
-        warnings.warn(f"calibration data had only {total} samples of the {num_samples} asked for; using those",
-                      stacklevel=3)
+    if accumulators and (adapter is None or adapter.model is not model):
+        raise ValueError("accumulators= needs adapter=, the adapter of the calibrated model (its explicit-attention "
+                         "forward feeds them)")
+    loss_fn = loss_fn or sum_cross_entropy
+    stats = CalibrationStats.zeros(blocks, covariance, fisher, next(model.parameters()).device, context, moments,
+                                   context_full)
+    forward = (functools.partial(explicit_forward, adapter, accumulators=accumulators) if accumulators
+               else functools.partial(batches.call, model))
+
+    with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad(), _graph_guaranteed(model):
+        def step(batch: Any) -> None:
+            collector.batch_size = batches.batch_size(batch)
+            collector.weights = None if token_weights is None else token_weights(batch)
+            loss = loss_fn(forward(batch), batch)
+            torch.autograd.grad(loss, collector.outputs, allow_unused=True)
+            collector.end_batch()
+
+        # stats.tensors() starts with the sample count, which stream_pass counts and all-reduces itself
+        stats.samples += stream_pass(
+            model, data, step, lambda: [*stats.tensors()[1:], *(t for acc in accumulators for t in acc.tensors())],
+            num_samples=num_samples, desc="skd calibration", progress=progress, group=group)
     return stats

@@ -26,10 +26,11 @@ the MLP where a classifier reads one token (the digits ViT loses up to 30 points
 output projection predicts its dropped dims linearly from the kept dims of all heads (skd.compensation).
 joint_qk=True (wpac+ only) replaces the Q/K rotation's statistic: the eigenvectors of C_q + C_k, the queries'
 and keys' covariances weighted by how much the head's output moves with their scores
-(skd.attention_stats.JointQK, one explicit-attention pass over the data on the original model).
+(skd.attention_stats.JointQK, collected in the calibration pass, which then computes every attention
+explicitly: no extra pass).
 score_fit=True (any criterion) stores, after the transform, every narrow width's least-squares prediction of
 its dropped score part from its kept q/k dims (skd.score_fit; skd.attention_stats.ScoreFit, one more pass on
-the transformed model). Both read `data` again, so it must be re-iterable.
+the transformed model), which reads `data` again, so it must be re-iterable.
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -133,13 +134,13 @@ def wpac(
     transformed basis as buffer `skd_input_cov` of every output projection (skd.compensation): truncated
     widths then predict the dropped context dims from the kept dims of all heads (one more (C, C)
     covariance in the calibration pass). joint_qk (criterion "wpac+" only; ValueError otherwise): the Q/K
-    rotation from the output-sensitivity-weighted query and key covariances (module docstring; one more
-    pass over the data, no gradients). score_fit: after the transform, store each block's per-width score
-    fit on the Linear producing q (skd.score_fit: buffer `skd_score_fit`; blocks with qk_norm get none);
-    False removes fits a previous call stored. joint_qk and score_fit read `data` once more each, so it
-    must be re-iterable (a DataLoader, list or Dataset; a one-shot iterator is a ValueError, raised before
-    the model is touched). Returns the same model, computing
-    the same function, with `model.skd_report` (a WPACReport).
+    rotation from the output-sensitivity-weighted query and key covariances (module docstring; collected
+    in the calibration pass, whose attention is then computed explicitly). score_fit: after the
+    transform, store each block's per-width score fit on the Linear producing q (skd.score_fit: buffer
+    `skd_score_fit`; blocks with qk_norm get none); False removes fits a previous call stored. score_fit
+    reads `data` once more, so it must be re-iterable (a DataLoader, list or Dataset; a one-shot iterator
+    is a ValueError, raised before the model is touched). Returns the same model, computing the same
+    function, with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
     images, activations or gradients). Models with qk_norm keep their V/O rotation and MLP order, but Q/K
@@ -165,8 +166,8 @@ def wpac(
             raise ValueError(f"{name} must be True or False, got {value!r}")
     if joint_qk and criterion != "wpac+":
         raise ValueError(f"joint_qk=True chooses wpac+'s Q/K rotation: it needs criterion='wpac+', got {criterion!r}")
-    if (joint_qk or score_fit) and isinstance(data, Iterator):
-        raise ValueError("joint_qk/score_fit read the data again: pass a re-iterable, e.g. a DataLoader or list "
+    if score_fit and isinstance(data, Iterator):
+        raise ValueError("score_fit needs to read the data again: pass a re-iterable, e.g. a DataLoader or list "
                          f"(got a one-shot iterator, {type(data).__name__})")
     args = (data, num_samples, criterion, loss_fn, progress, parts, joint_qk, score_fit)
     if isinstance(model, ElasticViT):
@@ -182,16 +183,15 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
               score_fit: bool) -> WPACReport:
     start = time.perf_counter()
     blocks = adapter.blocks
-    pass_args = dict(num_samples=num_samples, progress=progress)
     if joint_qk or score_fit:
         check_supported(blocks)  # before anything changes
-    joint = None
-    if joint_qk:  # on the original model: the statistics describe the function being preserved
-        joint = JointQK(blocks, adapter.device)
-        attention_pass(adapter, data, [joint], **pass_args)
+    # joint_qk: fed by the calibration pass itself, on the original model (the statistics describe the
+    # function being preserved); joint_qk needs wpac+, so that pass runs
+    joint = JointQK(blocks, adapter.device) if joint_qk else None
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
+                          accumulators=[joint] if joint_qk else (), adapter=adapter,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
                           token_weights=adapter.token_weights,
                           covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion),
@@ -211,7 +211,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         else:
             reports = [_transform_block(spec, i, stats, criterion, generator, rot, compensate)
                        for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
-    _store_score_fits(adapter, data, reports, score_fit, pass_args)
+    _store_score_fits(adapter, data, reports, score_fit, dict(num_samples=num_samples, progress=progress))
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 

@@ -6,6 +6,7 @@ than no fit."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from skd import score_fit as fits
 from skd.attention_stats import RIDGE, JointQK, ScoreFit, attention_pass, explicit_forward
 from skd.models import adapter_for
 from skd.score_fit import q_linear
+from skd.stats import CalibrationStats, calibrate
 from tests import hf_helpers
 from tests.test_wpac_plus import MODELS, _randomised
 
@@ -117,12 +119,27 @@ def _per_head(model: nn.Module, batch) -> list[dict[str, torch.Tensor]]:
     return res
 
 
+def _calibrate(model: nn.Module, data: list, accumulators: list, **kwargs) -> CalibrationStats:
+    """skd.stats.calibrate as skd.wpac(criterion="wpac+", compensate=True, cross_head=True) runs it, feeding
+    `accumulators` in its gradient pass when given."""
+    adapter = adapter_for(model)
+    return calibrate(model, adapter.blocks, data, num_samples=12, covariance="weighted", progress=False,
+                     loss_fn=functools.partial(adapter.default_loss, reduction="sum"),
+                     token_weights=adapter.token_weights, context=True, moments=True, context_full=True,
+                     accumulators=accumulators, adapter=adapter if accumulators else None, **kwargs)
+
+
+@pytest.mark.parametrize("via", ["attention_pass", "calibrate"])
 @pytest.mark.parametrize("name", ["vit_cls", "BertModel"])
-def test_joint_qk_covariances_equal_a_brute_force_reference(name: str) -> None:
+def test_joint_qk_covariances_equal_a_brute_force_reference(name: str, via: str) -> None:
+    """Collected by the no-grad attention pass or by calibrate's gradient pass (skd.wpac's joint_qk)."""
     model, data = model_and_data(name)
     adapter = adapter_for(model)
     acc = JointQK(adapter.blocks, torch.device("cpu"))
-    assert attention_pass(adapter, data, [acc], num_samples=12, progress=False) == 12
+    if via == "attention_pass":
+        assert attention_pass(adapter, data, [acc], num_samples=12, progress=False) == 12
+    else:
+        assert int(_calibrate(model, data, [acc]).samples) == 12
     for i, spec in enumerate(adapter.blocks):
         h = spec.num_heads
         sums = {n: [torch.zeros(h, dtype=torch.float64), torch.zeros(h, spec.head_dim, dtype=torch.float64),
@@ -153,6 +170,46 @@ def test_joint_qk_covariances_equal_a_brute_force_reference(name: str) -> None:
         got = acc.covariance(i)
         assert got.dtype == torch.float64 and got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "swin", "vit_qk_norm", "BertModel", "ViTForImageClassification"])
+def test_calibrate_statistics_are_the_same_with_accumulators_fed(name: str) -> None:
+    """With accumulators, calibrate's pass runs through the explicit-attention forward (the same function,
+    the hooks on the same modules): every Taylor sum, covariance, context statistic and moment equals the
+    model's own forward's to float rounding, and the accumulators are fed once per block and batch."""
+    model, data = model_and_data(name)
+    plain = _calibrate(model, data, [])
+    calls = []
+
+    class Count:
+        def update(self, i, q, k, v, a, w):
+            assert not any(t.requires_grad for t in (q, k, v, a))  # fed under no_grad
+            calls.append(i)
+
+        def tensors(self):
+            return []
+
+    fed = _calibrate(model, data, [Count()])
+    blocks = adapter_for(model).blocks
+    assert calls == list(range(len(blocks))) * len(data)
+    assert fed.samples == plain.samples == 12
+    compared = 0
+    for spec, got, ref in zip(blocks, fed.blocks, plain.blocks, strict=True):
+        assert got.keys() == ref.keys()
+        for feat in ref:
+            for n, (g, r) in enumerate(zip(got[feat].tensors(), ref[feat].tensors(), strict=True)):
+                if spec.has_qk_norm and feat in "qk" and n > 0:
+                    # The Θ-weighted covariance: Θ_t = |Σ_c g·a| of a head's pre-norm q or k is 0 up to
+                    # rounding (the norm is scale-invariant), so these are rounding noise in either pass
+                    # (and unused: qk_norm blocks' Q/K follow their Taylor sums, compared).
+                    continue
+                assert bool(r.any())
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
+                compared += 1
+    assert compared >= 15 * len(blocks)
+    with pytest.raises(ValueError, match="accumulators= needs adapter="):
+        calibrate(model, adapter_for(model).blocks, data, num_samples=12, covariance=None, progress=False,
+                  accumulators=[Count()])
 
 
 def _pair_system(model: nn.Module, data: list, i: int, hh: int, r: int, constant: bool
