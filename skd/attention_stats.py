@@ -202,9 +202,9 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
     (`adapter.token_weights`, (B, T) mapped to the attention's (S, N): sequences are contiguous per sample).
     The model runs in eval mode and the standard layout. q, k, v come from calling the block's own Linears
     (the fused qkv once, then split), proj, fc1 and fc2 are called too, so module hooks on them fire as in
-    the model's own forward (skd.stats.calibrate's gradient pass runs through here with joint_qk).
-    Grad mode is the caller's; the accumulators are fed detached tensors under no_grad. ValueError for blocks whose
-    attention cannot be computed (`check_supported`)."""
+    the model's own forward (skd.stats.calibrate's gradient pass runs through here with joint_qk). Grad
+    mode is the caller's; the accumulators are fed detached tensors under no_grad. ValueError for blocks
+    whose attention cannot be computed (`check_supported`)."""
     blocks = adapter.blocks
     check_supported(blocks)
     full = Subnet(attn=[s.head_dim for s in blocks], mlp=[s.hidden for s in blocks])
