@@ -13,9 +13,10 @@ dropped rows/columns of a copy of the transformed model, which is exact for "kee
 skd.wpac(..., compensate=True, "attn" or "mlp"): truncation adds the dropped dims' mean contribution to the
 output bias (skd.compensation; in the zeroing modes too); "/cross" and "/attn-cross" are "/comp" and
 "/attn" with cross_head=True (the output projection also predicts its dropped dims from the kept ones);
-"wpac+/cross-joint" adds joint_qk=True (Q/K rotated by the output-sensitivity-weighted statistic) and
-"wpac+/cross-joint-fit" also score_fit=True (the kept q rows predict the dropped score part: ElasticViT applies
-the stored fit in "attn", the zeroing modes apply it to the kept q rows here).
+"wpac+/cross-joint" (and "/attn-cross-joint") adds joint_qk=True (Q/K rotated by the output-sensitivity-weighted
+statistic) and "wpac+/cross-joint-fit" (and "/attn-cross-joint-fit") also score_fit=True (the kept q rows
+predict the dropped score part: ElasticViT applies the stored fit in "attn", the zeroing modes apply it to the
+kept q rows here).
 Prints Markdown tables (accuracy %, mean [min, max] over the draws) and writes a PNG plot of the attn mode.
 
     python -m benchmarks.wpac_quality [--samples 512] [--draws 3] [--modes attn qk vo mlp all]
@@ -46,7 +47,9 @@ COMPENSATE_SUFFIXES: dict[str, dict[str, bool | str]] = {
     "/comp": {"compensate": True}, "/attn": {"compensate": "attn"}, "/mlp": {"compensate": "mlp"},
     "/cross": {"compensate": True, "cross_head": True}, "/attn-cross": {"compensate": "attn", "cross_head": True},
     "/cross-joint": {"compensate": True, "cross_head": True, "joint_qk": True},
-    "/cross-joint-fit": {"compensate": True, "cross_head": True, "joint_qk": True, "score_fit": True}}
+    "/cross-joint-fit": {"compensate": True, "cross_head": True, "joint_qk": True, "score_fit": True},
+    "/attn-cross-joint": {"compensate": "attn", "cross_head": True, "joint_qk": True},
+    "/attn-cross-joint-fit": {"compensate": "attn", "cross_head": True, "joint_qk": True, "score_fit": True}}
 LABELS = ("none", *CRITERIA, *(c + suffix for c in CRITERIA for suffix, kwargs in COMPENSATE_SUFFIXES.items()
                                if c == "wpac+" or not kwargs.get("joint_qk")))  # joint_qk: wpac+ only
 
