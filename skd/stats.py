@@ -7,7 +7,7 @@ k, v (the fused qkv Linear's output, or the separate q/k/v Linears' outputs) and
 (the fc2 input), and folds each (activation, gradient) pair into sufficient statistics with
 `skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept
 beyond its batch, so peak memory does not depend on the number of samples, and the statistics of several
-processes simply add up (`CalibrationStats.all_reduce`).
+processes simply add up (one flat all-reduce of `CalibrationStats.tensors()`, skd.passes.stream_pass).
 
 Features, per block (C = H*hd channels, head-major like the model's own rows):
   q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; and, only when asked for (wpac+), context: (B, T, C)
@@ -34,7 +34,6 @@ import skd_kernels
 from skd_kernels import CovState
 
 from . import batches
-from ._dist import all_reduce_flat
 from .attention_stats import Accumulator, explicit_forward
 from .models import BlockSpec, ModelAdapter
 from .passes import stream_pass
@@ -170,11 +169,6 @@ class CalibrationStats:
     def tensors(self) -> list[torch.Tensor]:
         """Every accumulated tensor, samples first, in a fixed order (for flat all-reduce)."""
         return [self.samples] + [t for feats in self.blocks for f in feats.values() for t in f.tensors()]
-
-    def all_reduce(self, group: object = None) -> CalibrationStats:
-        """Sums every process's statistics in place with one all-reduce of a flat float64 buffer."""
-        all_reduce_flat(self.tensors(), group=group)
-        return self
 
 
 class _Collector:
