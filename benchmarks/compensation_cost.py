@@ -1,6 +1,7 @@
-"""What bias compensation costs: wall time of `skd.wpac(..., compensate=True)`, and with cross_head=True, vs
-the same criterion without (target <= 1.2x), on the trained digits ViT (512 training images) and the real
-all-MiniLM-L6-v2 (256 scikit-learn documentation sentences, max 64 tokens); and ElasticViT's inference
+"""What bias compensation costs: wall time of `skd.wpac(..., compensate=True)`, with cross_head=True, and (wpac+)
+with joint_qk=True and score_fit=True on top, vs the same criterion without (target <= 1.2x), on the trained
+digits ViT (512 training images) and the real all-MiniLM-L6-v2 (256 scikit-learn documentation sentences, max
+64 tokens); and ElasticViT's inference
 forward with stored means (its compensated proj/fc2 GEMMs compute their bias per call), and with the
 proj's covariances too (cross-head: a corrected weight block bound once per plan), vs without, at half of
 every width.
@@ -50,8 +51,10 @@ def _minilm() -> tuple[torch.nn.Module, Iterable, int]:
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, Iterable, int]]] = {"digits ViT": _digits, "MiniLM": _minilm}
 
 
-# skd.wpac's compensation arguments per variant, in the order runs alternate
-VARIANTS = {"plain": {}, "compensated": {"compensate": True}, "cross-head": {"compensate": True, "cross_head": True}}
+# skd.wpac's compensation arguments per variant, in the order runs alternate (joint_qk: wpac+ only)
+VARIANTS = {"plain": {}, "compensated": {"compensate": True}, "cross-head": {"compensate": True, "cross_head": True},
+            "+ joint_qk": {"compensate": True, "cross_head": True, "joint_qk": True},
+            "+ score_fit": {"compensate": True, "cross_head": True, "joint_qk": True, "score_fit": True}}
 
 
 def seconds(model: torch.nn.Module, data: Iterable, n: int, criterion: str, **compensation: bool) -> float:
@@ -111,20 +114,22 @@ def main() -> None:
         model, data, n = MODELS[name]()
         for criterion in args.criteria:
             seconds(model, data, n, criterion)  # warm-up (first-call allocations, lazy imports)
-            runs: dict[str, list[float]] = {label: [] for label in VARIANTS}
+            variants = {label: kwargs for label, kwargs in VARIANTS.items()
+                        if criterion == "wpac+" or not kwargs.get("joint_qk")}
+            runs: dict[str, list[float]] = {label: [] for label in variants}
             for _ in range(args.repeats):
-                for label, kwargs in VARIANTS.items():
+                for label, kwargs in variants.items():
                     runs[label].append(seconds(model, data, n, criterion, **kwargs))
-            ratios = [statistics.median(c / p for c, p in zip(runs[label], runs["plain"], strict=True))
-                      for label in ("compensated", "cross-head")]
             print(f"{name} {criterion}: " + ", ".join(f"{label} {[round(s, 2) for s in r]} s"
                                                       for label, r in runs.items()), flush=True)
-            medians = " | ".join(f"{statistics.median(r):.2f} s" for r in runs.values())
-            rows.append(f"| {name} | {criterion} | {medians} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+            cells = [f"{statistics.median(runs[label]):.2f} s" if label in runs else "–" for label in VARIANTS]
+            cells += [f"{statistics.median(c / p for c, p in zip(runs[label], runs['plain'], strict=True)):.2f}"
+                      if label in runs else "–" for label in list(VARIANTS)[1:]]
+            rows.append(f"| {name} | {criterion} | " + " | ".join(cells) + " |")
     print(f"\n{args.threads} thread(s), {args.repeats} alternating repeats\n")
-    print("| model | criterion | plain | compensate=True | + cross_head | ratio compensated | ratio cross-head "
-          "(median, target <= 1.2) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | criterion | " + " | ".join(VARIANTS) + " | "
+          + " | ".join(f"ratio {label}" for label in list(VARIANTS)[1:]) + " (medians, target <= 1.2) |")
+    print("|---|---|" + "---:|" * (2 * len(VARIANTS) - 1))
     print("\n".join(rows))
     print("\n| ElasticViT forward at keep=0.5 | plain | with means | with means and covariances | ratio means | "
           "ratio cross-head (median) |")

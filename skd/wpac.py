@@ -30,7 +30,8 @@ and keys' covariances weighted by how much the head's output moves with their sc
 explicitly: no extra pass).
 score_fit=True (any criterion) stores, after the transform, every narrow width's least-squares prediction of
 its dropped score part from its kept q/k dims (skd.score_fit; skd.attention_stats.ScoreFit, one more pass on
-the transformed model), which reads `data` again, so it must be re-iterable.
+the transformed model over the first quarter of the samples), which reads `data` again, so it must be
+re-iterable.
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -64,6 +65,10 @@ CROSS_HEAD = "cross_head"  # in the set of compensated parts: skd.wpac(cross_hea
 ROTATIONS = ("wpac", "pca")  # criteria that rotate V/O and Q/K; the others permute
 RELATIVE_DAMPING = 1e-10  # δ = RELATIVE_DAMPING * tr(C)/r added to C before eigh
 RANDOM_SEED = 0
+# The score fit's pass reads the first 1/SCORE_FIT_SHARE of the calibration samples: its unknowns are few
+# ((r+1)·r per head and width) and its moments settle fast (MiniLM attn 1/4, 3 draws: 0.7852 from 64 of 256
+# sentences vs 0.7858 from all; benchmarks/RESULTS.md), while a pass costs ~0.7 of the calibration's per sample.
+SCORE_FIT_SHARE = 4
 
 
 @dataclass
@@ -138,9 +143,10 @@ def wpac(
     in the calibration pass, whose attention is then computed explicitly). score_fit: after the
     transform, store each block's per-width score fit on the Linear producing q (skd.score_fit: buffer
     `skd_score_fit`; blocks with qk_norm get none); False removes fits a previous call stored. score_fit
-    reads `data` once more, so it must be re-iterable (a DataLoader, list or Dataset; a one-shot iterator
-    is a ValueError, raised before the model is touched). Returns the same model, computing the same
-    function, with `model.skd_report` (a WPACReport).
+    reads the first num_samples // 4 samples of `data` once more (under torch.distributed: the first quarter
+    of each process's share), so it must be re-iterable (a DataLoader,
+    list or Dataset; a one-shot iterator is a ValueError, raised before the model is touched). Returns the
+    same model, computing the same function, with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
     images, activations or gradients). Models with qk_norm keep their V/O rotation and MLP order, but Q/K
@@ -211,7 +217,8 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         else:
             reports = [_transform_block(spec, i, stats, criterion, generator, rot, compensate)
                        for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
-    _store_score_fits(adapter, data, reports, score_fit, dict(num_samples=num_samples, progress=progress))
+    _store_score_fits(adapter, data, reports, score_fit,
+                      dict(num_samples=max(1, num_samples // SCORE_FIT_SHARE), progress=progress))
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
@@ -296,8 +303,9 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
 
 def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport], score_fit: bool,
                       pass_args: dict) -> None:
-    """With score_fit, one attention pass over the transformed model and every block's fit stored
-    (skd.score_fit; qk_norm blocks get none); every other stored fit is removed."""
+    """With score_fit, one attention pass over the transformed model (pass_args: its sample budget, a share
+    of the calibration's) and every block's fit stored (skd.score_fit; qk_norm blocks get none); every other
+    stored fit is removed."""
     blocks = adapter.blocks
     solved = [None] * len(blocks)
     if score_fit:

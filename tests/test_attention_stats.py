@@ -19,6 +19,7 @@ from skd.attention_stats import RIDGE, JointQK, ScoreFit, attention_pass, explic
 from skd.models import adapter_for
 from skd.score_fit import q_linear
 from skd.stats import CalibrationStats, calibrate
+from skd.wpac import SCORE_FIT_SHARE
 from tests import hf_helpers
 from tests.test_wpac_plus import MODELS, _randomised
 
@@ -275,7 +276,9 @@ def test_stored_fit_never_predicts_the_calibration_scores_worse(name: str) -> No
     model, data = model_and_data(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        skd.wpac(model, data, num_samples=12, criterion="wpac+", progress=False, score_fit=True)
+        # The fit reads num_samples // SCORE_FIT_SHARE samples: ask for that many times the 12 there are, so it
+        # reads all of them, the tokens checked below (calibration warns and uses the 12).
+        skd.wpac(model, data, num_samples=12 * SCORE_FIT_SHARE, criterion="wpac+", progress=False, score_fit=True)
     spec = adapter_for(model).blocks[0]
     h, hd = spec.num_heads, spec.head_dim
     fit = fits.score_fit(q_linear(spec))

@@ -32,8 +32,14 @@ def _setup() -> tuple[VisionTransformer, torch.Tensor, torch.Tensor]:
     return model, torch.randn(40, 3, 32, 32), torch.randint(0, 5, (40,))
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def _shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank r's batches of its shard, as a DistributedSampler would give."""
+    shard = slice(rank * 20, (rank + 1) * 20)
+    return _batches(x[shard], y[shard])
 
 
 def _stratified(model: VisionTransformer, data: list, kwargs: dict) -> tuple[dict, int]:
@@ -49,9 +55,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         model, x, y = _setup()
-        shard = slice(rank * 20, (rank + 1) * 20)  # rank r's shard, as a DistributedSampler would give
         for label, kwargs in RUNS.items():
-            state, samples = _stratified(model, _batches(x[shard], y[shard]), kwargs)
+            state, samples = _stratified(model, _shard(x, y, rank), kwargs)
             torch.save({"state": state, "samples": samples}, Path(out_dir) / f"{label}-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -65,7 +70,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        singles = {label: _stratified(model, _batches(x, y), kwargs)[0] for label, kwargs in RUNS.items()}
+        # The shards' batches interleaved: the same batches (so the same fp32 sums within each), and the score
+        # fit's first quarter of the samples is each shard's first quarter, as each process reads it.
+        interleaved = [b for pair in zip(*(_shard(x, y, r) for r in range(WORLD)), strict=True) for b in pair]
+        singles = {label: _stratified(model, interleaved, kwargs)[0] for label, kwargs in RUNS.items()}
     finally:
         torch.set_num_threads(threads)
     assert any(k.startswith("fit:") for k in singles["wpac+joint"])
