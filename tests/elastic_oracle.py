@@ -17,6 +17,17 @@ from skd import Subnet
 from skd.models import adapter_for
 
 
+def compiled_counting(module: nn.Module, backend: str = "eager", **kwargs: object) -> tuple[nn.Module, object]:
+    """(torch.compile(module, **kwargs), its counter): the backend ("eager", or "aot_eager" to trace the
+    backward too) behind a counter of the graphs it is given (`counter.frame_count`); earlier tests' graphs are
+    forgotten first, so they are neither reused nor counted."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    return torch.compile(module, backend=counter, **kwargs), counter
+
+
 def masked_copy(bare: nn.Module, subnet: Subnet) -> nn.Module:
     """A deep copy of the head-major timm model `bare` with everything outside `subnet` zeroed."""
     m = copy.deepcopy(bare)

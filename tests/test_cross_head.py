@@ -307,15 +307,13 @@ def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
     """Under torch.compile the plan is unbound: the correction (B's solve included) is computed in the graph
     with symbolic widths; outputs equal the eager model's, and four widths take at most two graphs (full
     width, where nothing is dropped, splits off as with mean compensation)."""
-    import torch._dynamo.testing
+    from tests.elastic_oracle import compiled_counting
 
     elastic = skd_api.ElasticViT(_model(seed=7)).eval()
     skd_api.wpac(elastic, _batches(), num_samples=24, criterion="wpac+", progress=False, compensate="attn",
                  cross_head=True)
     x = torch.randn(2, 3, 32, 32) + 0.5
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    compiled, counter = compiled_counting(elastic, fullgraph=True)
     with torch.no_grad():
         for keep in (0.25, 0.5, 0.75, 1.0):
             elastic.set_subnet(keep=keep)

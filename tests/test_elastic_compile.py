@@ -10,8 +10,7 @@ import hf_helpers
 import pytest
 import timm
 import torch
-import torch._dynamo.testing
-from elastic_oracle import rel_err
+from elastic_oracle import compiled_counting, rel_err
 from timm.models.swin_transformer import SwinTransformer
 
 from skd import ElasticViT, Subnet
@@ -30,17 +29,11 @@ def _elastic() -> ElasticViT:
     return ElasticViT(model).eval()
 
 
-def _compiled(elastic: ElasticViT, **kwargs: object) -> tuple[torch.nn.Module, torch._dynamo.testing.CompileCounter]:
-    torch._dynamo.reset()  # graphs of earlier tests must not be reused or counted
-    counter = torch._dynamo.testing.CompileCounter()  # the eager backend, counting the graphs it is given
-    return torch.compile(elastic, backend=counter, **kwargs), counter
-
-
 def test_one_graph_serves_four_widths_and_any_subnet() -> None:
     elastic = _elastic()
     x = torch.randn(2, 3, 32, 32)
     for dynamic in (True, None):  # dynamic=None: torch.compile's default
-        compiled, counter = _compiled(elastic, dynamic=dynamic, fullgraph=True)
+        compiled, counter = compiled_counting(elastic, dynamic=dynamic, fullgraph=True)
         with torch.no_grad():
             for keep in KEEPS:
                 elastic.set_subnet(keep=keep)
@@ -59,7 +52,7 @@ def test_skipped_branch_compiles_its_own_graph_and_matches() -> None:
     """Width 0 skips a branch (other control flow): a second graph, still equal to eager."""
     elastic = _elastic()
     x = torch.randn(2, 3, 32, 32)
-    compiled, counter = _compiled(elastic)
+    compiled, counter = compiled_counting(elastic)
     with torch.no_grad():
         for subnet in (Subnet(attn=[16, 16], mlp=[192, 192]), Subnet(attn=[0, 9], mlp=[100, 0]),
                        Subnet(attn=[0, 40], mlp=[7, 0])):
@@ -94,7 +87,7 @@ FAMILIES = {"timm_swin": _swin, "hf_bert": lambda: _hf("BertModel"),
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_compiles_once_for_four_widths(family: str) -> None:
     elastic, out = FAMILIES[family]()
-    compiled, counter = _compiled(elastic)
+    compiled, counter = compiled_counting(elastic)
     with torch.no_grad():
         for keep in KEEPS:
             elastic.set_subnet(keep=keep)
@@ -110,7 +103,7 @@ def test_bias_compensation_compiles_at_most_two_graphs() -> None:
         for lin in (spec.proj, spec.fc2):
             set_input_mean(lin, torch.randn(lin.in_features))
     x = torch.randn(2, 3, 32, 32)
-    compiled, counter = _compiled(elastic, fullgraph=True)
+    compiled, counter = compiled_counting(elastic, fullgraph=True)
     with torch.no_grad():
         for keep in KEEPS:
             elastic.set_subnet(keep=keep)
@@ -122,7 +115,7 @@ def test_subnet_per_call_compiles_at_most_two_graphs() -> None:
     first widths as constants and the next as symbols, so four subnets need two graphs."""
     elastic = _elastic()
     x = torch.randn(2, 3, 32, 32)
-    compiled, counter = _compiled(elastic)
+    compiled, counter = compiled_counting(elastic)
     with torch.no_grad():
         for keep in KEEPS:
             subnet = elastic.uniform(keep)
@@ -137,9 +130,7 @@ def test_training_compiles_at_most_two_graphs_with_eager_gradients() -> None:
     `width != full`), so four widths need two."""
     elastic = _elastic().train()
     x = torch.randn(2, 3, 32, 32)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    compiled, counter = compiled_counting(elastic, "aot_eager", fullgraph=True)
     for keep in KEEPS:
         elastic.set_subnet(keep=keep)
         grads = []

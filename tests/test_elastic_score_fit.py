@@ -15,8 +15,7 @@ import hf_helpers
 import pytest
 import timm
 import torch
-import torch._dynamo.testing
-from elastic_oracle import masked_copy, random_subnets, rel_err
+from elastic_oracle import compiled_counting, masked_copy, random_subnets, rel_err
 from torch import nn
 
 import skd
@@ -348,9 +347,7 @@ def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
     _set_fits(model)
     elastic = skd.ElasticViT(model).eval()
     x = torch.randn(2, 3, 32, 32)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    compiled, counter = compiled_counting(elastic, fullgraph=True)
     with torch.no_grad():
         for keep in (0.25, 0.5, 0.75, 1.0):
             elastic.set_subnet(keep=keep)
@@ -368,9 +365,7 @@ def test_compiled_training_gives_the_eager_gradients_in_at_most_two_graphs() -> 
     _set_fits(model)
     elastic = skd.ElasticViT(model).train()
     x = torch.randn(2, 3, 32, 32)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(elastic, backend=counter, fullgraph=True)
+    compiled, counter = compiled_counting(elastic, "aot_eager", fullgraph=True)
     for keep in (0.25, 0.5, 0.75, 1.0):
         elastic.set_subnet(keep=keep)
         grads = []
