@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import batches
+from ._threads import one_thread
 from .models import BlockSpec, ModelAdapter
 from .passes import stream_pass
 from .score_fit import fit_ranks
@@ -173,17 +174,18 @@ class ScoreFit:
         h, big_r = m_all.shape[0], m_all.shape[-1]
         fit = torch.zeros(h, big_r, big_r + 1, big_r, dtype=torch.float64)
         first = 0 if has_bias else 1  # row 0 is the constant
-        for r in range(1, big_r + 1):
-            rows = r + 1 - first
-            g = m_all[:, first:r + 1, first:r + 1, :r, :r].permute(0, 1, 3, 2, 4).reshape(h, rows * r, rows * r)
-            rhs = p_all[:, first:r + 1, :r, r:].sum(-1).reshape(h, rows * r, 1)
-            g = 0.5 * (g + g.mT)
-            delta = RIDGE * g.diagonal(dim1=1, dim2=2).sum(-1) / (rows * r)  # (H,)
-            live = delta > 0
-            eye = torch.eye(rows * r, dtype=torch.float64)
-            g = torch.where(live[:, None, None], g + delta[:, None, None] * eye, eye)
-            x = torch.linalg.solve(g, torch.where(live[:, None, None], rhs, 0.0))
-            fit[:, r - 1, first:r + 1, :r] = x.view(h, rows, r)
+        with one_thread():
+            for r in range(1, big_r + 1):
+                rows = r + 1 - first
+                g = m_all[:, first:r + 1, first:r + 1, :r, :r].permute(0, 1, 3, 2, 4).reshape(h, rows * r, rows * r)
+                rhs = p_all[:, first:r + 1, :r, r:].sum(-1).reshape(h, rows * r, 1)
+                g = 0.5 * (g + g.mT)
+                delta = RIDGE * g.diagonal(dim1=1, dim2=2).sum(-1) / (rows * r)  # (H,)
+                live = delta > 0
+                eye = torch.eye(rows * r, dtype=torch.float64)
+                g = torch.where(live[:, None, None], g + delta[:, None, None] * eye, eye)
+                x = torch.linalg.solve(g, torch.where(live[:, None, None], rhs, 0.0))
+                fit[:, r - 1, first:r + 1, :r] = x.view(h, rows, r)
         return fit
 
 

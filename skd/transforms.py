@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._threads import one_thread
+
 RELATIVE_DAMPING = 1e-6  # C + δI, δ = RELATIVE_DAMPING·tr(C)/r: C^{-1/2} exists and stays well conditioned
 
 
@@ -36,7 +38,8 @@ def _sqrt_and_inverse(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     delta = RELATIVE_DAMPING * c.diagonal(dim1=-2, dim2=-1).sum(-1) / r  # (G,)
     zero = delta <= 0
     damped = 0.5 * (c + c.mT) + torch.where(zero, 1.0, delta)[:, None, None] * eye
-    evals, evecs = torch.linalg.eigh(damped)
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(damped)
     evals = evals.clamp_min(torch.where(zero, 1.0, delta)[:, None])
     root = evecs @ torch.diag_embed(evals.sqrt()) @ evecs.mT
     inv_root = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.mT
@@ -74,7 +77,8 @@ def output_preserving(cc: torch.Tensor, w_out: torch.Tensor) -> tuple[torch.Tens
         raise ValueError("w_out contains NaN or Inf")
     cc, w_out = cc.double().cpu(), w_out.double().cpu()
     s, s_inv = _sqrt_and_inverse(cc)
-    _, sigma, vt = torch.linalg.svd(w_out @ s, full_matrices=False)
+    with one_thread():
+        _, sigma, vt = torch.linalg.svd(w_out @ s, full_matrices=False)
     vt = _sign_fix(vt)
     t, t_inv = vt @ s_inv, s @ vt.mT  # t_inv = t^-1: vt is orthogonal (square: r <= D)
     d = _balance(torch.einsum("gij,gjk,gik->gi", t, cc, t), (w_out @ t_inv).square().sum(1))

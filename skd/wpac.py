@@ -54,6 +54,7 @@ from skd_kernels import CovState
 from . import compensation
 from . import score_fit as fits
 from ._checks import check_int
+from ._threads import one_thread
 from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported
 from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CONTEXT, CONTEXT_FULL, CalibrationStats, FeatureStats, LossFn, calibrate
@@ -434,14 +435,8 @@ def principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     g, r, _ = cov.shape
     eye = torch.eye(r, dtype=torch.float64).expand(g, r, r)
     delta = RELATIVE_DAMPING * cov.diagonal(dim1=1, dim2=2).sum(-1) / r  # (G,)
-    # hd x hd eighs gain nothing from threads, but each LAPACK call pays thread barriers: with 2 threads
-    # on a busy CPU one batched call took 5 s (1 ms on one thread). The global setting is restored.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         evals, evecs = torch.linalg.eigh(cov + delta[:, None, None] * eye)
-    finally:
-        torch.set_num_threads(threads)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     idx = evecs.abs().argmax(dim=1, keepdim=True)  # (G, 1, r): row of each column's largest entry
     evecs = evecs * torch.gather(evecs, 1, idx).sign()
