@@ -218,8 +218,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         else:
             reports = [_transform_block(spec, i, stats, criterion, generator, rot, compensate)
                        for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
-    _store_score_fits(adapter, data, reports, score_fit,
-                      dict(num_samples=max(1, num_samples // SCORE_FIT_SHARE), progress=progress))
+    _store_score_fits(adapter, data, reports, score_fit, max(1, num_samples // SCORE_FIT_SHARE), progress)
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
@@ -303,15 +302,14 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
 
 
 def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport], score_fit: bool,
-                      pass_args: dict) -> None:
-    """With score_fit, one attention pass over the transformed model (pass_args: its sample budget, a share
-    of the calibration's) and every block's fit stored (skd.score_fit; qk_norm blocks get none); every other
-    stored fit is removed."""
+                      num_samples: int, progress: bool) -> None:
+    """With score_fit, one attention pass over at most num_samples samples of the transformed model and every
+    block's fit stored (skd.score_fit; qk_norm blocks get none); every other stored fit is removed."""
     blocks = adapter.blocks
     solved = [None] * len(blocks)
     if score_fit:
         acc = ScoreFit(blocks, adapter.device)
-        attention_pass(adapter, data, [acc], **pass_args)
+        attention_pass(adapter, data, [acc], num_samples=num_samples, progress=progress)
         solved = [acc.solve(i, fits.q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
     with torch.no_grad():
         for spec, fit, report in zip(blocks, solved, reports, strict=True):

@@ -45,6 +45,14 @@ def _set_fits(model: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
         score_fit.set_score_fit(lin, fit, spec.num_heads, spec.head_dim)
 
 
+def _plain_bare_fitted(model: nn.Module, scale: float) -> tuple[skd.ElasticViT, nn.Module, skd.ElasticViT]:
+    """Random fits (`_set_fits`) stored on `model`: (its ElasticViT without them, a head-major copy with them
+    for the oracle, its ElasticViT with them)."""
+    plain = skd.ElasticViT(copy.deepcopy(model)).eval()
+    _set_fits(model, scale=scale)
+    return plain, copy.deepcopy(model), skd.ElasticViT(model).eval()
+
+
 class Family:
     """A model builder, its input and its main output (HF: logits or last hidden state; padded text: the
     real tokens only)."""
@@ -126,10 +134,7 @@ def _subnets(elastic: skd.ElasticViT) -> list[Subnet]:
 def test_elastic_equals_the_hand_corrected_oracle_bound_and_recording(name: str) -> None:
     family = FAMILIES[name]
     model = family.make()
-    plain = skd.ElasticViT(copy.deepcopy(model)).eval()
-    _set_fits(model, scale=1.0)
-    bare = copy.deepcopy(model)
-    elastic = skd.ElasticViT(model).eval()
+    plain, bare, elastic = _plain_bare_fitted(model, scale=1.0)
     for subnet in _subnets(elastic):
         oracle = _oracle(bare, subnet)
         with torch.no_grad():
@@ -213,10 +218,8 @@ def test_gradients_reach_w_and_b_as_through_the_hand_corrected_copy(name: str) -
 def test_cached_plan_follows_in_place_updates_and_stored_replaced_removed_fits() -> None:
     family = FAMILIES["vit"]
     model = family.make()
-    plain = skd.ElasticViT(copy.deepcopy(model)).eval()
-    _set_fits(model)
-    bare = copy.deepcopy(model)  # the same updates are made to it (elementwise: the layout does not matter)
-    elastic = skd.ElasticViT(model).eval()
+    # the same updates are made to bare (elementwise: the layout does not matter)
+    plain, bare, elastic = _plain_bare_fitted(model, scale=0.3)
     subnet = Subnet(attn=[3, 8, 5], mlp=[100, 40, 192])
 
     def check() -> None:
@@ -385,10 +388,7 @@ def test_autocast_runs_the_fit_per_call(name: str) -> None:
     far from those without the fit."""
     family = FAMILIES[name]
     model = family.make()
-    plain = skd.ElasticViT(copy.deepcopy(model)).eval()
-    _set_fits(model, scale=0.5)
-    bare = copy.deepcopy(model)
-    elastic = skd.ElasticViT(model).eval()
+    plain, bare, elastic = _plain_bare_fitted(model, scale=0.5)
     subnet = _subnets(elastic)[1]
     oracle = _oracle(bare, subnet)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
