@@ -35,7 +35,7 @@ FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
 # forward of ~0.1-1 s on a 2-core CPU
 MODELS = {"vit_digits": ("vit_digits", (1, 64)), "vit_tiny": ("vit_tiny_patch16_224", (8,)),
           "vit_small": ("vit_small_patch16_224", (4,)), "vit_base": ("vit_base_patch16_224", (1,))}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # time.perf_counter, or time.process_time with --cpu-time (stable on an oversubscribed machine, 1 thread)

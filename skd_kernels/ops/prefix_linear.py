@@ -84,7 +84,8 @@ def bind(
     with torch.no_grad():  # views for the no-grad path only: they must not record autograd
         w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
     approximate = {"none": None, "gelu": "none", "gelu_tanh": "tanh"}[activation]
-    on_cpu_kernel = fn is _ops.compiled_kernel(OP, "CPU")
+    # one OpOverload serves the CPU and CUDA keys: the oneDNN/F.linear shortcuts are for CPU tensors only
+    on_cpu_kernel = device.type == "cpu" and fn is _ops.compiled_kernel(OP, "CPU")
     onednn = on_cpu_kernel and _onednn_runs(w_blk, k_in, k_out)
     attr, algorithm = ONEDNN_ACTIVATIONS[activation]
 
