@@ -81,11 +81,27 @@ class JointQK:
         w_o = spec.proj.weight.view(-1, h, hd).transpose(0, 1).to(v.dtype)  # (H, D_out, hd)
         metric = w_o.mT @ w_o  # (H, hd, hd): ‖W_o,h x‖² = xᵀ metric x, cheaper than forming W_o,h x
         ctx = a @ v
-        vm, cm = v @ metric[None], ctx @ metric[None]
-        # ‖W_o (v_j - ctx_i)‖² = v_jᵀ G v_j - 2 ctx_iᵀ G v_j + ctx_iᵀ G ctx_i  (S, H, N, N)
-        dist = (vm * v).sum(-1)[:, :, None, :] - 2 * cm @ v.mT + (cm * ctx).sum(-1)[..., None]
-        pair = _masked(a.square() * dist.clamp_min(0), w)
-        for name, x, weight in (("q", q, pair.sum(-1)), ("k", k, pair.sum(-2))):  # weight (S, H, N)
+        vm, cm = v @ metric[None], ctx @ metric[None]  # (S, H, N, hd)
+        vgv, cgc = (vm * v).sum(-1, keepdim=True), (cm * ctx).sum(-1, keepdim=True)  # (S, H, N, 1)
+        # a_i = Σ_j w_ij and b_j = Σ_i w_ij, w_ij = A_ij² (vGv_j − 2 ctx_iᵀ G v_j + cGc_i), as two GEMMs with
+        # hd + 2 columns, not by forming w (S, H, N, N) (~6 passes over it). `_masked`'s padding masks (query
+        # rows, key columns) go on the rows each GEMM sums over (keys for a, queries for b) and on the results.
+        a2 = a.square()
+        mask = None if w is None else w[:, None, :, None].to(a.dtype)  # (S, 1, N, 1)
+        ones = torch.ones_like(vgv)
+        by_key = torch.cat([v, vgv, ones], -1)
+        by_query = torch.cat([cm, cgc, ones], -1)
+        if mask is not None:
+            by_key, by_query = by_key * mask, by_query * mask
+        rows = a2 @ by_key  # Σ_j a²_ij [v_j, vGv_j, 1]  (S, H, N, hd + 2)
+        cols = a2.mT @ by_query  # Σ_i a²_ij [cm_i, cGc_i, 1]
+        q_weight = rows[..., hd] - 2 * (cm * rows[..., :hd]).sum(-1) + cgc[..., 0] * rows[..., hd + 1]
+        k_weight = vgv[..., 0] * cols[..., hd + 1] - 2 * (v * cols[..., :hd]).sum(-1) + cols[..., hd]
+        if mask is not None:
+            q_weight, k_weight = q_weight * mask[..., 0], k_weight * mask[..., 0]
+        # sums of non-negative terms: a negative total is rounding
+        q_weight, k_weight = q_weight.clamp_min(0), k_weight.clamp_min(0)
+        for name, x, weight in (("q", q, q_weight), ("k", k, k_weight)):  # weight (S, H, N)
             x = x.transpose(0, 1).reshape(h, -1, hd)  # (H, S*N, hd)
             weight = weight.transpose(0, 1).reshape(h, -1)
             total, first, second = acc[name]

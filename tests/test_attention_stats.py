@@ -173,6 +173,50 @@ def test_joint_qk_covariances_equal_a_brute_force_reference(name: str, via: str)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
 
 
+def _joint_weights_formed(spec, v: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """JointQK's query and key weights (S, H, N) the direct way (session 4's formula, the oracle): the pair
+    weights w_ij = A_ij² ‖W_o,h (v_j − ctx_i)‖² formed as (S, H, N, N), masked, summed over keys / queries."""
+    h, hd = spec.num_heads, spec.head_dim
+    w_o = spec.proj.weight.detach().view(-1, h, hd).transpose(0, 1).to(v.dtype)
+    metric = w_o.mT @ w_o
+    ctx = a @ v
+    vm, cm = v @ metric[None], ctx @ metric[None]
+    dist = (vm * v).sum(-1)[:, :, None, :] - 2 * cm @ v.mT + (cm * ctx).sum(-1)[..., None]
+    pair = a.square() * dist.clamp_min(0)
+    if w is not None:
+        pair = pair * w[:, None, :, None] * w[:, None, None, :]
+    return pair.sum(-1), pair.sum(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_joint_qk_update_equals_the_formed_pair_weights(dtype: torch.dtype, padded: bool) -> None:
+    """JointQK.update sums the pair weights by GEMMs without forming them: its moments equal those of the
+    formed (S, H, N, N) weights on random q, k, v and attention, with padding (queries and keys of each
+    sequence's tail weigh 0, and the padding keys still get attention, so the masks must do the zeroing)."""
+    model, _ = model_and_data("vit_cls")
+    spec = adapter_for(model).blocks[0]
+    h, hd = spec.num_heads, spec.head_dim
+    g = torch.Generator().manual_seed(11)
+    s, n = 5, 13
+    q, k, v = (torch.randn(s, h, n, hd, generator=g, dtype=torch.float64) for _ in range(3))
+    a = (3 * torch.randn(s, h, n, n, generator=g, dtype=torch.float64)).softmax(-1)
+    lengths = torch.tensor([13, 9, 4, 1, 7])
+    w = (torch.arange(n)[None] < lengths[:, None]).to(torch.float64) if padded else None
+    acc = JointQK([spec], torch.device("cpu"))
+    with torch.no_grad():
+        acc.update(0, *(t.to(dtype) for t in (q, k, v, a)), None if w is None else w.to(dtype))
+        q_weight, k_weight = _joint_weights_formed(spec, v, a, w)  # float64
+    for name, x, weight in (("q", q, q_weight), ("k", k, k_weight)):
+        x, weight = x.transpose(0, 1).reshape(h, -1, hd), weight.transpose(0, 1).reshape(h, -1)
+        ref = [weight.sum(-1), torch.einsum("ht,htd->hd", weight, x), (x * weight[..., None]).mT @ x]
+        for got, r in zip(acc.moments[0][name], ref, strict=True):
+            assert bool(r.abs().max() > 0)
+            tol = 1e-6 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(got, r, rtol=tol, atol=tol * float(r.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["vit_cls", "swin", "vit_qk_norm", "BertModel", "ViTForImageClassification"])
 def test_calibrate_statistics_are_the_same_with_accumulators_fed(name: str) -> None:
     """With accumulators, calibrate's pass runs through the explicit-attention forward (the same function,
