@@ -20,7 +20,10 @@ in float64, like skd.stats):
     M[a, c, b, d] = Σ_i q̃_ia q̃_ic Σ_j w_ij k̃_jb k̃_jd   (a, c <= R; b, d < R)   and
     P[a, b, m]    = Σ_i q̃_ia q_im Σ_j w_ij k̃_jb k̃_jm    (a <= R; b < R; m < hd),
     from which `ScoreFit.solve` gives every width r <= R its fit (normal equations M[:r+1, :r+1, :r, :r],
-    right side Σ_{m >= r} P[:r+1, :r, m]).
+    right side Σ_{m >= r} P[:r+1, :r, m]). Accumulated without redundancy: M only for a <= c and b <= d
+    (it is symmetric in both pairs; a quarter of the multiply-adds), and of P only the tail
+    P_tail[a, b] = Σ_{m >= R} P[a, b, m] (through the score part t_ij = Σ_{m >= R} q_im k̃_jm), because
+    P[a, b, m] = M[a, m + 1, b, m] for m < R.
 Blocks with qk_norm get neither (their Q/K is permuted, not rotated, and a norm over each head's dims
 changes when dims are dropped); the pass still computes their attention, norms included.
 """
@@ -131,76 +134,109 @@ class JointQK:
 
 
 class ScoreFit:
-    """Per block: M (H, R+1, R+1, R, R) and P (H, R+1, R, hd) float64 (module docstring), R = fit_ranks(hd);
-    None for qk_norm blocks and heads too small to fit (R = 0)."""
+    """Per block: the packed M (H, (R+1)(R+2)/2, R(R+1)/2) and P_tail (H, R+1, R) float64 (module docstring),
+    R = fit_ranks(hd); None for qk_norm blocks and heads too small to fit (R = 0)."""
 
     def __init__(self, blocks: list[BlockSpec], device: torch.device) -> None:
         self.blocks = blocks
         f64 = dict(dtype=torch.float64, device=device)
         self.moments = []
         for s in blocks:
-            big_r, hd, h = fit_ranks(s.head_dim), s.head_dim, s.num_heads
+            big_r, h = fit_ranks(s.head_dim), s.num_heads
             self.moments.append(None if s.has_qk_norm or big_r == 0 else
-                                (torch.zeros(h, big_r + 1, big_r + 1, big_r, big_r, **f64),
-                                 torch.zeros(h, big_r + 1, big_r, hd, **f64)))
+                                (torch.zeros(h, *(n * (n + 1) // 2 for n in (big_r + 1, big_r)), **f64),
+                                 torch.zeros(h, big_r + 1, big_r, **f64)))
 
     def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                w: torch.Tensor | None) -> None:
         if self.moments[i] is None:
             return
         m_acc, p_acc = self.moments[i]
-        s, h, n, hd = q.shape
-        big_r = m_acc.shape[-1]
+        s, h, n, _ = q.shape
+        big_r = p_acc.shape[-1]
         if w is None:
             k_mean = k.mean(2, keepdim=True)
         else:  # over each sequence's real tokens (an all-padding sequence has no weight anyway)
             k_mean = (k * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None]
         kc = k - k_mean  # a per-query constant does not change the softmax: fit what does
         weights = _masked(a, w)
-        q_tilde = torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1)  # (S, H, N, R+1)
-        # Padding queries weigh 0: the per-query GEMMs below skip them (text batches are mostly padding).
-        real = None if w is None else (w.reshape(-1) > 0).nonzero().squeeze(1)
-        for head in range(h):  # one head at a time bounds the (S, N, R·hd) temporaries
-            kh = kc[:, head]
-            pairs = (kh[..., :big_r, None] * kh[..., None, :]).reshape(s, n, big_r * hd)  # k̃_b k̃_m
-            mixed = (weights[:, head] @ pairs).view(s * n, big_r, hd)  # Σ_j w_ij k̃_jb k̃_jm
-            qh, qt = q[:, head].reshape(s * n, hd), q_tilde[:, head].reshape(s * n, big_r + 1)
-            if real is not None:
-                mixed, qh, qt = mixed[real], qh[real], qt[real]
-            qq = (qt[:, :, None] * qt[:, None, :]).reshape(len(qt), -1)  # (tokens, (R+1)²)
-            m_acc[head] += (qq.mT @ mixed[..., :big_r].reshape(len(qt), -1)).double().view(m_acc.shape[1:])
-            rhs = (mixed * qh[:, None, :]).reshape(len(qt), -1)  # q_im Σ_j w_ij k̃_jb k̃_jm
-            p_acc[head] += (qt.mT @ rhs).double().view(p_acc.shape[1:])
+        kept = kc[..., :big_r]
+        # Per query token (padding queries left out: their weights rows are 0, and text batches are mostly
+        # padding), (H, tokens, ·): Σ_j w_ij k̃_jb k̃_jd (b <= d < R); for the dropped dims >= R, which enter only
+        # through their score part t_ij = Σ_{m >= R} q_im k̃_jm, Σ_j w_ij t_ij k̃_jb; and q̃_a q̃_c (a <= c).
+        # The packed pairs are built from slices in triu_indices' order: index gathers cost more than the
+        # GEMM work they save.
+        real = None if w is None else (w > 0).nonzero().unbind(1)  # (sequence, token) of each real token
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:
+            """(S, H, N, C) -> (H, tokens, C), contiguous."""
+            x = x.transpose(0, 1)
+            return x.reshape(h, s * n, -1) if real is None else x[:, real[0], real[1]]
+
+        pairs = torch.cat([kept[..., b:b + 1] * kept[..., b:] for b in range(big_r)], -1)  # (S, H, N, R(R+1)/2)
+        mixed = tokens(weights @ pairs)  # (H, tokens, R(R+1)/2)
+        tail = tokens((weights * (q[..., big_r:] @ kc[..., big_r:].mT)) @ kept)  # (H, tokens, R)
+        qt = tokens(torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1))  # q̃ (H, tokens, R+1)
+        squares = torch.cat([qt[..., c:c + 1] * qt[..., c:] for c in range(big_r + 1)], -1)
+        m_acc += (squares.mT @ mixed).double()
+        p_acc += (qt.mT @ tail).double()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for acc in self.moments if acc is not None for t in acc]
+
+    def moment(self, i: int) -> torch.Tensor | None:
+        """Block i's full M (H, R+1, R+1, R, R) float64 on the accumulators' device, unpacked (symmetric in
+        (a, c) and in (b, d)), or None (qk_norm, R = 0)."""
+        if self.moments[i] is None:
+            return None
+        packed = self.moments[i][0]
+        h, big_r = packed.shape[0], self.moments[i][1].shape[-1]
+        ac, bd = (torch.triu_indices(m, m, device=packed.device) for m in (big_r + 1, big_r))
+        by_ac = packed.new_zeros(h, len(ac[0]), big_r, big_r)
+        by_ac[:, :, bd[0], bd[1]] = packed
+        by_ac[:, :, bd[1], bd[0]] = packed
+        full = packed.new_zeros(h, big_r + 1, big_r + 1, big_r, big_r)
+        full[:, ac[0], ac[1]] = by_ac
+        full[:, ac[1], ac[0]] = by_ac
+        return full
 
     def solve(self, i: int, has_bias: bool) -> torch.Tensor | None:
         """Block i's fit (H, R, R+1, R) float64 CPU in skd.score_fit's format, or None (qk_norm, R = 0).
 
         Width r: the normal equations G (n = (r+1)·r unknowns X[a, b], G[(a, b), (c, d)] = M[a, c, b, d])
-        plus δ = RIDGE·tr(G)/n on the diagonal, solved in float64; without a bias (has_bias False) the
-        constant row is fixed at 0 (the reduced system, n = r·r). A head whose weights were all 0 gets 0.
-        ValueError for NaN/Inf statistics."""
+        plus δ = RIDGE·tr(G)/n on the diagonal, solved in float64 by Cholesky (G is positive semi-definite,
+        so positive definite after the ridge; a head whose factorization fails anyway, statistics that are
+        not PSD, is solved by LU); without a bias (has_bias False) the constant row is fixed at 0 (the
+        reduced system, n = r·r). A head whose weights were all 0 gets 0. ValueError for NaN/Inf statistics."""
         if self.moments[i] is None:
             return None
-        m_all, p_all = (t.cpu() for t in self.moments[i])
-        if not (bool(torch.isfinite(m_all).all()) and bool(torch.isfinite(p_all).all())):
+        if not all(bool(torch.isfinite(t).all()) for t in self.moments[i]):
             raise ValueError(f"{self.blocks[i].name}: the score-fit statistics contain NaN or Inf")
+        m_all, p_tail = self.moment(i).cpu(), self.moments[i][1].cpu()
         h, big_r = m_all.shape[0], m_all.shape[-1]
         fit = torch.zeros(h, big_r, big_r + 1, big_r, dtype=torch.float64)
         first = 0 if has_bias else 1  # row 0 is the constant
+        g_all = m_all.permute(0, 1, 3, 2, 4)  # (H, a, b, c, d), symmetric: every width's G is a sub-block
+        # P[a, b, m] = M[a, m + 1, b, m] for m < R (q̃_{m+1} = q_m); dropped[..., r] = Σ_{m >= r} P[..., m]
+        below = torch.diagonal(m_all[:, :, 1:], dim1=2, dim2=4)  # (H, R+1, R, R): [a, b, m]
+        dropped = torch.cat([below, p_tail[..., None]], -1).flip(-1).cumsum(-1).flip(-1)
         with one_thread():
             for r in range(1, big_r + 1):
                 rows = r + 1 - first
-                g = m_all[:, first:r + 1, first:r + 1, :r, :r].permute(0, 1, 3, 2, 4).reshape(h, rows * r, rows * r)
-                rhs = p_all[:, first:r + 1, :r, r:].sum(-1).reshape(h, rows * r, 1)
-                g = 0.5 * (g + g.mT)
+                g = g_all[:, first:r + 1, :r, first:r + 1, :r].reshape(h, rows * r, rows * r)
+                rhs = dropped[:, first:r + 1, :r, r].reshape(h, rows * r, 1)
                 delta = RIDGE * g.diagonal(dim1=1, dim2=2).sum(-1) / (rows * r)  # (H,)
-                live = delta > 0
-                eye = torch.eye(rows * r, dtype=torch.float64)
-                g = torch.where(live[:, None, None], g + delta[:, None, None] * eye, eye)
-                x = torch.linalg.solve(g, torch.where(live[:, None, None], rhs, 0.0))
+                live = delta > 0  # tr(G) = 0: no weight; solve I x = 0
+                # out of place: g and rhs can be views of g_all and dropped, which the next widths read
+                g = g + torch.diag_embed(delta[:, None].expand(h, rows * r))
+                if not bool(live.all()):
+                    g[~live] = torch.eye(rows * r, dtype=torch.float64)
+                    rhs = torch.where(live[:, None, None], rhs, 0.0)
+                factor, info = torch.linalg.cholesky_ex(g)
+                x = torch.cholesky_solve(rhs, factor)
+                failed = info > 0
+                if bool(failed.any()):
+                    x[failed] = torch.linalg.solve(g[failed], rhs[failed])
                 fit[:, r - 1, first:r + 1, :r] = x.view(h, rows, r)
         return fit
 

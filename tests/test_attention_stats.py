@@ -312,6 +312,62 @@ def test_score_fit_solution_equals_brute_force_least_squares(name: str) -> None:
                 assert bool((fit[hh, r - 1, 0] == 0).all())
 
 
+def _lu_fit(m_full: torch.Tensor, p_tail: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """The oracle of ScoreFit.solve for one head: M (R+1, R+1, R, R), P_tail (R+1, R) float64 -> (R, R+1, R),
+    each width's ridge-regularised normal equations built entry by entry and solved by LU."""
+    big_r = m_full.shape[-1]
+    first = 0 if has_bias else 1
+    fit = torch.zeros(big_r, big_r + 1, big_r, dtype=torch.float64)
+    for r in range(1, big_r + 1):
+        unknowns = [(a, b) for a in range(first, r + 1) for b in range(r)]
+        g = torch.tensor([[float(m_full[a, c, b, d]) for c, d in unknowns] for a, b in unknowns],
+                         dtype=torch.float64)
+        # Σ_{m >= r} P[a, b, m], P[a, b, m] = M[a, m + 1, b, m] below R
+        rhs = torch.tensor([float(p_tail[a, b]) + sum(float(m_full[a, m + 1, b, m]) for m in range(r, big_r))
+                            for a, b in unknowns], dtype=torch.float64)
+        delta = RIDGE * float(g.trace()) / len(unknowns)
+        if delta > 0:
+            x = torch.linalg.solve(g + delta * torch.eye(len(unknowns), dtype=torch.float64), rhs)
+            fit[r - 1, first:r + 1, :r] = x.view(r + 1 - first, r)
+    return fit
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_score_fit_cholesky_solve_equals_lu_and_falls_back_to_it(has_bias: bool) -> None:
+    """ScoreFit.solve (Cholesky) equals an LU solve of the same systems built entry by entry, per head and
+    width: on real statistics (head 0), on statistics that are not positive semi-definite, where the
+    Cholesky factorization fails and the LU fallback must give the same answer (head 1), and on a head
+    without weight (head 2: fit 0)."""
+    model, data = model_and_data("vit_cls")
+    adapter = adapter_for(model)
+    acc = ScoreFit(adapter.blocks, torch.device("cpu"))
+    attention_pass(adapter, data, [acc], num_samples=12, progress=False)
+    i = 0
+    h, big_r = adapter.blocks[i].num_heads, fits.fit_ranks(adapter.blocks[i].head_dim)
+    assert h >= 3
+    packed, p_tail = acc.moments[i]
+    ac, bd = torch.triu_indices(big_r + 1, big_r + 1), torch.triu_indices(big_r, big_r)
+    with torch.no_grad():
+        # head 1: G = I plus a 10 coupling (a = 0 with a = 1, b = d = 0): indefinite at every width with a
+        # constant row (without one the coupling is not in the system, and G = I)
+        packed[1] = 0
+        packed[1, (ac[0] == ac[1]).nonzero()[:, None], (bd[0] == bd[1]).nonzero()[None, :, 0]] = 1.0
+        packed[1, int(((ac[0] == 0) & (ac[1] == 1)).nonzero()), int(((bd[0] == 0) & (bd[1] == 0)).nonzero())] = 10.0
+        p_tail[1] = torch.randn(big_r + 1, big_r, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        packed[2], p_tail[2] = 0, 0
+    m_full = acc.moment(i)
+    assert m_full.shape == (h, big_r + 1, big_r + 1, big_r, big_r)
+    if has_bias:
+        g = m_full[1, :2, :2, 0, 0]
+        assert float(torch.linalg.eigvalsh(g).min()) < -1  # the Cholesky path cannot take head 1
+    fit = acc.solve(i, has_bias)
+    for hh in range(3):
+        ref = _lu_fit(m_full[hh], p_tail[hh], has_bias)
+        if hh < 2:
+            assert float(ref.abs().max()) > 0
+        torch.testing.assert_close(fit[hh], ref, rtol=1e-9, atol=1e-9 * max(1.0, float(ref.abs().max())))
+
+
 @pytest.mark.parametrize("name", ["vit_cls", "BertModel"])
 def test_stored_fit_never_predicts_the_calibration_scores_worse(name: str) -> None:
     """After skd.wpac(score_fit=True), the q rows corrected by the stored fit (skd.score_fit.corrected_q) give
