@@ -184,6 +184,12 @@ class ScoreFit:
     def tensors(self) -> list[torch.Tensor]:
         return [t for acc in self.moments if acc is not None for t in acc]
 
+    @property
+    def last_block(self) -> int | None:
+        """The last block with statistics (the pass need not run past its attention), or None: no block has
+        any (all qk_norm, or heads too small)."""
+        return max((i for i, acc in enumerate(self.moments) if acc is not None), default=None)
+
     def moment(self, i: int) -> torch.Tensor | None:
         """Block i's full M (H, R+1, R+1, R, R) float64 on the accumulators' device, unpacked (symmetric in
         (a, c) and in (b, d)), or None (qk_norm, R = 0)."""
@@ -250,7 +256,8 @@ def check_supported(blocks: list[BlockSpec]) -> None:
                          + "; ".join(unsupported))
 
 
-def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[Accumulator]) -> Any:
+def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[Accumulator],
+                     through: int | None = None) -> Any:
     """The model's own output on `batch` (skd.batches, on the model's device), every block's attention
     computed explicitly (module docstring) and fed to the accumulators with the batch's token weights
     (`adapter.token_weights`, (B, T) mapped to the attention's (S, N): sequences are contiguous per sample).
@@ -258,10 +265,18 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
     (the fused qkv once, then split), proj, fc1 and fc2 are called too, so module hooks on them fire as in
     the model's own forward (skd.stats.calibrate's gradient pass runs through here with joint_qk). Grad
     mode is the caller's; the accumulators are fed detached tensors under no_grad. ValueError for blocks
-    whose attention cannot be computed (`check_supported`)."""
+    whose attention cannot be computed (`check_supported`).
+
+    through: when the accumulators read nothing after block `through`'s attention, every branch after it
+    (its MLP, the later blocks) is skipped, as a width-0 branch (`ModelAdapter.run`); the output is then
+    not the model's. None: everything runs."""
     blocks = adapter.blocks
     check_supported(blocks)
-    full = Subnet(attn=[s.head_dim for s in blocks], mlp=[s.hidden for s in blocks])
+    last = len(blocks) - 1 if through is None else through
+    if not 0 <= last < len(blocks):
+        raise ValueError(f"through={through}: the model has blocks 0 to {len(blocks) - 1}")
+    full = Subnet(attn=[s.head_dim if i <= last else 0 for i, s in enumerate(blocks)],
+                  mlp=[s.hidden if i < last or through is None else 0 for i, s in enumerate(blocks)])
     weights = adapter.token_weights(batch)
 
     def attn_fn(i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -303,12 +318,13 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
 
 def attention_pass(adapter: ModelAdapter, data: Iterable | Dataset,
                    accumulators: Sequence[Accumulator], *, num_samples: int, progress: bool = True,
-                   group: object = None) -> int:
+                   group: object = None, through: int | None = None) -> int:
     """One no-grad pass over at most `num_samples` samples of `data` (skd.passes.stream_pass, as
     skd.stats.calibrate: batches or a map-style Dataset, this process's share under torch.distributed, the
     accumulators all-reduced over `group` afterwards), every block's attention computed explicitly
-    (`explicit_forward`) and fed to each accumulator. (skd.stats.calibrate(accumulators=) feeds them in its
-    gradient pass instead.)
+    (`explicit_forward`) and fed to each accumulator; with `through`, nothing after block `through`'s
+    attention runs (what the accumulators read ends there). (skd.stats.calibrate(accumulators=) feeds them
+    in its gradient pass instead.)
 
     adapter: the adapter of the bare model (standard layout), which runs in eval mode (its training flag is
     restored). Returns the number of samples used (all processes). ValueError for blocks whose
@@ -317,6 +333,6 @@ def attention_pass(adapter: ModelAdapter, data: Iterable | Dataset,
     samples were available.
     """
     with torch.no_grad():
-        return stream_pass(adapter.model, data, lambda batch: explicit_forward(adapter, batch, accumulators),
+        return stream_pass(adapter.model, data, lambda batch: explicit_forward(adapter, batch, accumulators, through),
                            lambda: [t for acc in accumulators for t in acc.tensors()], num_samples=num_samples,
                            desc="skd attention statistics", progress=progress, group=group)

@@ -303,14 +303,17 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
 
 def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport], score_fit: bool,
                       num_samples: int, progress: bool) -> None:
-    """With score_fit, one attention pass over at most num_samples samples of the transformed model and every
-    block's fit stored (skd.score_fit; qk_norm blocks get none); every other stored fit is removed."""
+    """With score_fit, one attention pass over at most num_samples samples of the transformed model, through the
+    last fitted block's attention, and every block's fit stored (skd.score_fit; qk_norm blocks get none, and
+    without any block to fit there is no pass); every other stored fit is removed."""
     blocks = adapter.blocks
     solved = [None] * len(blocks)
     if score_fit:
         acc = ScoreFit(blocks, adapter.device)
-        attention_pass(adapter, data, [acc], num_samples=num_samples, progress=progress)
-        solved = [acc.solve(i, fits.q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
+        if acc.last_block is not None:
+            attention_pass(adapter, data, [acc], num_samples=num_samples, progress=progress,
+                           through=acc.last_block)
+            solved = [acc.solve(i, fits.q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
     with torch.no_grad():
         for spec, fit, report in zip(blocks, solved, reports, strict=True):
             fits.set_score_fit(fits.q_linear(spec), fit, spec.num_heads, spec.head_dim)

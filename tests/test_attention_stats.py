@@ -89,6 +89,45 @@ def test_explicit_forward_is_the_models_forward(name: str) -> None:
     assert seen == list(range(len(adapter.blocks))) * 2
 
 
+@pytest.mark.parametrize("name", ["vit_cls", "BertModel"])
+def test_pass_through_a_block_feeds_the_same_statistics_and_runs_nothing_after(name: str) -> None:
+    """attention_pass(through=i) (the score fit's pass ends at the last fitted block): the accumulators see
+    blocks 0..i only, with the statistics of the whole pass, and no MLP from block i on runs."""
+    model, data = model_and_data(name)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks
+    assert len(blocks) >= 2
+    through = len(blocks) - 2
+    full, part = (ScoreFit(blocks, torch.device("cpu")) for _ in range(2))
+    attention_pass(adapter, data, [full], num_samples=12, progress=False)
+    seen, mlps = [], []
+
+    class Count:
+        def update(self, i, q, k, v, a, w):
+            seen.append(i)
+
+        def tensors(self):
+            return []
+
+    hooks = [spec.fc1.register_forward_hook(lambda m, a, o, i=i: mlps.append(i)) for i, spec in enumerate(blocks)]
+    try:
+        attention_pass(adapter, data, [part, Count()], num_samples=12, progress=False, through=through)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == list(range(through + 1)) * len(data)
+    assert mlps == list(range(through)) * len(data)
+    for i in range(len(blocks)):
+        for got, ref in zip(part.moments[i], full.moments[i], strict=True):
+            assert bool(ref.any())
+            if i <= through:
+                torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+            else:
+                assert not bool(got.any())
+    with pytest.raises(ValueError, match=f"through={len(blocks)}: the model has blocks 0 to {len(blocks) - 1}"):
+        attention_pass(adapter, data, [part], num_samples=12, progress=False, through=len(blocks))
+
+
 # ------------------------------------------------------------------------------ brute-force references
 def _per_head(model: nn.Module, batch) -> list[dict[str, torch.Tensor]]:
     """Per block, from the model's own forward (hooks on the q/k/v Linears): q, k, v (B, H, T, hd) and the
