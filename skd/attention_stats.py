@@ -94,16 +94,19 @@ class JointQK:
         ones = torch.ones_like(vgv)
         by_key = torch.cat([v, vgv, ones], -1)
         by_query = torch.cat([cm, cgc, ones], -1)
-        if mask is not None:
-            by_key, by_query = by_key * mask, by_query * mask
+        if mask is not None:  # in place: both are fresh
+            by_key.mul_(mask)
+            by_query.mul_(mask)
         rows = a2 @ by_key  # Σ_j a²_ij [v_j, vGv_j, 1]  (S, H, N, hd + 2)
         cols = a2.mT @ by_query  # Σ_i a²_ij [cm_i, cGc_i, 1]
         q_weight = rows[..., hd] - 2 * (cm * rows[..., :hd]).sum(-1) + cgc[..., 0] * rows[..., hd + 1]
         k_weight = vgv[..., 0] * cols[..., hd + 1] - 2 * (v * cols[..., :hd]).sum(-1) + cols[..., hd]
         if mask is not None:
-            q_weight, k_weight = q_weight * mask[..., 0], k_weight * mask[..., 0]
+            q_weight.mul_(mask[..., 0])
+            k_weight.mul_(mask[..., 0])
         # sums of non-negative terms: a negative total is rounding
-        q_weight, k_weight = q_weight.clamp_min(0), k_weight.clamp_min(0)
+        q_weight.clamp_min_(0)
+        k_weight.clamp_min_(0)
         for name, x, weight in (("q", q, q_weight), ("k", k, k_weight)):  # weight (S, H, N)
             x = x.transpose(0, 1).reshape(h, -1, hd)  # (H, S*N, hd)
             weight = weight.transpose(0, 1).reshape(h, -1)
