@@ -232,12 +232,14 @@ class ScoreFit:
         with one_thread():
             for r in range(1, big_r + 1):
                 rows = r + 1 - first
-                g = g_all[:, first:r + 1, :r, first:r + 1, :r].reshape(h, rows * r, rows * r)
+                # a copy (a reshape can be a view of g_all, which the next widths read): the ridge goes in place
+                g = g_all[:, first:r + 1, :r, first:r + 1, :r].clone(memory_format=torch.contiguous_format)
+                g = g.view(h, rows * r, rows * r)
                 rhs = dropped[:, first:r + 1, :r, r].reshape(h, rows * r, 1)
-                delta = RIDGE * g.diagonal(dim1=1, dim2=2).sum(-1) / (rows * r)  # (H,)
+                diagonal = g.diagonal(dim1=1, dim2=2)
+                delta = RIDGE * diagonal.sum(-1) / (rows * r)  # (H,)
                 live = delta > 0  # tr(G) = 0: no weight; solve I x = 0
-                # out of place: g and rhs can be views of g_all and dropped, which the next widths read
-                g = g + torch.diag_embed(delta[:, None].expand(h, rows * r))
+                diagonal += delta[:, None]
                 if not bool(live.all()):
                     g[~live] = torch.eye(rows * r, dtype=torch.float64)
                     rhs = torch.where(live[:, None, None], rhs, 0.0)
