@@ -128,6 +128,28 @@ def test_pass_through_a_block_feeds_the_same_statistics_and_runs_nothing_after(n
         attention_pass(adapter, data, [part], num_samples=12, progress=False, through=len(blocks))
 
 
+@pytest.mark.parametrize("name", ["vit_cls", "vit_qk_norm"])
+def test_score_fit_pass_runs_only_when_a_block_can_be_fitted(name: str) -> None:
+    """skd.wpac(score_fit=True) reads the data a second time (the fit's pass) only when some block has a fit
+    to gather: every block of vit_qk_norm has qk_norm (no fit, ScoreFit.last_block None)."""
+    model, data = model_and_data(name)
+    blocks = adapter_for(model).blocks
+    last = ScoreFit(blocks, torch.device("cpu")).last_block
+    assert last == (None if name == "vit_qk_norm" else len(blocks) - 1)
+
+    class Counted:
+        iterations = 0
+
+        def __iter__(self):
+            Counted.iterations += 1
+            return iter(data)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # qk_norm's permutation warning
+        skd.wpac(model, Counted(), num_samples=12, criterion="wpac+", progress=False, score_fit=True)
+    assert Counted.iterations == (1 if last is None else 2)
+
+
 # ------------------------------------------------------------------------------ brute-force references
 def _per_head(model: nn.Module, batch) -> list[dict[str, torch.Tensor]]:
     """Per block, from the model's own forward (hooks on the q/k/v Linears): q, k, v (B, H, T, hd) and the
