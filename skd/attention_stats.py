@@ -21,7 +21,7 @@ in float64, like skd.stats):
     P[a, b, m]    = Σ_i q̃_ia q_im Σ_j w_ij k̃_jb k̃_jm    (a <= R; b < R; m < hd),
     from which `ScoreFit.solve` gives every width r <= R its fit (normal equations M[:r+1, :r+1, :r, :r],
     right side Σ_{m >= r} P[:r+1, :r, m]). Accumulated without redundancy: M only for a <= c and b <= d
-    (it is symmetric in both pairs; a quarter of the multiply-adds), and of P only the tail
+    (it is symmetric in both pairs: about a quarter of the multiply-adds), and of P only the tail
     P_tail[a, b] = Σ_{m >= R} P[a, b, m] (through the score part t_ij = Σ_{m >= R} q_im k̃_jm), because
     P[a, b, m] = M[a, m + 1, b, m] for m < R.
 Blocks with qk_norm get neither (their Q/K is permuted, not rotated, and a norm over each head's dims
@@ -280,8 +280,8 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
     last = len(blocks) - 1 if through is None else through
     if not 0 <= last < len(blocks):
         raise ValueError(f"through={through}: the model has blocks 0 to {len(blocks) - 1}")
-    full = Subnet(attn=[s.head_dim if i <= last else 0 for i, s in enumerate(blocks)],
-                  mlp=[s.hidden if i < last or through is None else 0 for i, s in enumerate(blocks)])
+    subnet = Subnet(attn=[s.head_dim if i <= last else 0 for i, s in enumerate(blocks)],
+                    mlp=[s.hidden if i < last or through is None else 0 for i, s in enumerate(blocks)])
     weights = adapter.token_weights(batch)
 
     def attn_fn(i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -318,7 +318,7 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
         return spec.fc2(spec.hidden_dropout(spec.act(spec.fc1(x))))
 
     args, kwargs = batches.model_inputs(batch)
-    return adapter.run(args, kwargs, full, attn_fn, mlp_fn)
+    return adapter.run(args, kwargs, subnet, attn_fn, mlp_fn)
 
 
 def attention_pass(adapter: ModelAdapter, data: Iterable | Dataset,
