@@ -443,7 +443,7 @@ def _multiple_of_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multiple-of", type=_positive_int,
                         help="widths chosen by a MACs budget are multiples of this (or a module's full width, or 0); "
                              "1: floor-uniform widths (default: the file's, else 8 where every head dim and "
-                             "hidden size is a multiple of 8 and head dims are >= 32, else 1)")
+                             "hidden size is a multiple of 8 and head dims are >= 64, else 1)")
 
 
 def _data_options(parser: argparse.ArgumentParser, batch_size: int) -> None:

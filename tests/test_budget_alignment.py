@@ -76,10 +76,10 @@ def _brute_force_floor_uniform(e: ElasticViT, limit: float) -> Subnet:
 
 
 def test_default_granularity() -> None:
-    assert _vit_small().multiple_of == 8 and _swin().multiple_of == 8
-    assert _tiny().multiple_of == 1  # head dim 16
+    assert _vit_small().multiple_of == 8
+    assert _swin().multiple_of == 1 and _tiny().multiple_of == 1  # head dims 32 and 16
     assert default_multiple_of([64, 64], [1536, 1540]) == 1  # a hidden size that is not a multiple of 8
-    assert default_multiple_of([32], [128]) == 8 and default_multiple_of([24], [96]) == 1
+    assert default_multiple_of([64], [256]) == 8 and default_multiple_of([64, 32], [256, 128]) == 1
     assert _vit_small(multiple_of=1).multiple_of == 1 and _tiny(multiple_of=4).multiple_of == 4
 
 

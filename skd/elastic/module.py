@@ -45,7 +45,7 @@ class ElasticViT(nn.Module):
     `set_subnet` that skips the same branches (width 0) (skd/elastic/symbolic.py).
     multiple_of: the granularity of the widths `set_subnet(keep=, macs=, latency_ms=)` choose (see the
     `multiple_of` property); None: 8 where every head dim and hidden size is a multiple of 8 and every
-    head dim is >= 32, else 1 (floor-uniform widths).
+    head dim is >= 64, else 1 (floor-uniform widths).
     """
 
     def __init__(self, model: nn.Module, dropout_list: DropoutList | None = None,
