@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,8 @@ LIMITS = {"build": 60, "tests": 160, "elastic": 90, "profile": 20, "bench": 40, 
 TOTAL_LIMIT = 480
 # A step with less time than this left is skipped.
 MIN_STEP = 10
+# A command past its time gets SIGINT this long before its limit, SIGKILL at it (run_process).
+STOP_GRACE = 5
 TAIL_CHARS = 3000
 TEST_FILES = ("tests/test_gpu.py", "tests/test_triton_kernels.py")
 # One test's limit (pytest-timeout, when installed): a hung kernel fails its test instead of eating the step.
@@ -116,18 +119,38 @@ class Ran:
 
 
 def run_process(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> Ran:
-    """Runs cmd in the repository root, output captured; never raises for a failing or hanging command."""
+    """Runs cmd in the repository root, output captured; never raises for a failing or hanging command.
+
+    cmd runs in its own process group. STOP_GRACE seconds before `limit` the group gets SIGINT (pytest then
+    prints its summary and writes its junit file; the sanitizer's target stops), and at `limit` SIGKILL: the
+    xdist workers and the sanitizer's target are children that would otherwise outlive it and hold its pipes.
+    """
     t0 = time.monotonic()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-    as_text = lambda t: t.decode(errors="replace") if isinstance(t, bytes) else (t or "")
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=limit)
-        status, out, err = ("ok" if p.returncode == 0 else f"FAIL (exit {p.returncode})"), p.stdout, p.stderr
-    except subprocess.TimeoutExpired as e:  # what the command printed before it was killed (bytes or str)
-        status, out, err = f"TIMEOUT ({limit:.0f} s)", as_text(e.stdout), as_text(e.stderr)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     except OSError as e:
-        status, out, err = "FAIL", "", str(e)
+        return Ran("FAIL", time.monotonic() - t0, "", str(e))
+    with p:
+        try:
+            out, err = p.communicate(timeout=max(limit - STOP_GRACE, 0.0))
+            status = "ok" if p.returncode == 0 else f"FAIL (exit {p.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"TIMEOUT ({limit:.0f} s)"
+            _signal_group(p.pid, signal.SIGINT)
+            try:
+                out, err = p.communicate(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                _signal_group(p.pid, signal.SIGKILL)
+                out, err = p.communicate()  # everything printed before the stop
+            _signal_group(p.pid, signal.SIGKILL)  # children the interrupt left running
     return Ran(status, time.monotonic() - t0, out, err)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
 
 
 def run_command(name: str, cmd: list[str], limit: float, env: dict[str, str] | None = None) -> Step:
@@ -234,9 +257,9 @@ def pytest_command(cuda: bool, junit: Path) -> list[str]:
     return cmd + list(TEST_FILES if cuda else TEST_FILES[:1])
 
 
-# A failed or erroring test in pytest -v output: "tests/x.py::t[p] FAILED", xdist's "FAILED tests/x.py::t[p]"
-# and the -rfE summary's "FAILED tests/x.py::t[p] - message".
-_FAILED = re.compile(r"(?:(?:FAILED|ERROR) (tests/\S+::\S+))|(?:(tests/\S+::\S+) (?:FAILED|ERROR))")
+# A failed or erroring test in pytest -v output: "tests/x.py::t[p] FAILED", xdist's "FAILED tests/x.py::t[p]",
+# the -rfE summary's "FAILED tests/x.py::t[p] - message", and a file that failed to collect ("ERROR tests/x.py").
+_FAILED = re.compile(r"(?:(?:FAILED|ERROR) (tests/\S+\.py(?:::\S+)?))|(?:(tests/\S+\.py(?:::\S+)?) (?:FAILED|ERROR))")
 
 
 def failing_tests(output: str) -> list[str]:
@@ -470,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --dry, or on the GPU machine")
     budget = Budget()
+    if cuda:
+        # Triton keeps autotuning results on disk (with the compiled kernels): a key tuned once, by one xdist
+        # worker or step, is not compiled and timed config by config again by the others.
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     junit = args.out.with_name(args.out.stem + "-junit.xml")
     steps: dict[str, Callable[[], list[Step]]] = {
         "Environment": lambda: [environment(cuda, budget)], "Build": lambda: [build(cuda, budget)],

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,12 @@ def test_failing_tests_are_named_from_verbose_output() -> None:
         "tests/test_triton_kernels.py::test_c[float16] FAILED                   [ 50%]",
         "tests/test_gpu.py::test_d ERROR",
         "tests/test_gpu.py::test_e SKIPPED (no CUDA device)",
+        "ERROR tests/test_broken.py",
         "FAILED tests/test_gpu.py::test_b[triton-bfloat16-1x0x1-none-False] - AssertionError: x",
     ])
     assert gpu_check.failing_tests(output) == ["tests/test_gpu.py::test_b[triton-bfloat16-1x0x1-none-False]",
                                                "tests/test_triton_kernels.py::test_c[float16]",
-                                               "tests/test_gpu.py::test_d"]
+                                               "tests/test_gpu.py::test_d", "tests/test_broken.py"]
 
 
 def test_tests_past_the_deadline_are_skipped_and_counted(tmp_path: Path) -> None:
@@ -108,3 +110,19 @@ def test_sanitizer_runs_triton_in_one_dtype(monkeypatch: pytest.MonkeyPatch) -> 
     assert parsed == {"cuda": sanitizer_driver.DTYPES, "triton": (torch.bfloat16,)}
     with pytest.raises(ValueError, match="unknown dtype"):
         sanitizer_driver.parse_backend("triton:bf16")
+
+
+def test_a_command_past_its_limit_is_stopped_with_its_children() -> None:
+    """run_process returns at the limit with what the command printed, even when a child of it (an xdist
+    worker, the sanitizer's target) would hold the output pipe open; an interrupted python prints its
+    KeyboardInterrupt (pytest: its summary) before the kill."""
+    child = "import time; time.sleep(60)"
+    script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print('started', flush=True); time.sleep(60)")
+    t0 = time.monotonic()
+    r = gpu_check.run_process([sys.executable, "-c", script], limit=gpu_check.STOP_GRACE + 2)
+    assert time.monotonic() - t0 < gpu_check.STOP_GRACE + 10
+    assert r.status.startswith("TIMEOUT") and "started" in r.stdout and "KeyboardInterrupt" in r.stderr
+    ok = gpu_check.run_process([sys.executable, "-c", "print('x')"], limit=60)
+    assert (ok.status, ok.stdout) == ("ok", "x\n")
+    assert gpu_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], limit=60).status == "FAIL (exit 3)"
