@@ -4,10 +4,15 @@ On a CUDA device (marked gpu): every public op, on the cuda and triton backends,
 fp32/fp16/bf16, ViT-B sizes (197 tokens, width 768, 12 heads of 64, MLP 3072) and odd ones, strided and
 misaligned layouts, extreme covariance weights; no host syncs; the device guard (2 devices). The attention
 ops (prefix_attention, prefix_attention_separate) have no CUDA C++ kernel: their CUDA backend is Triton's
-one kernel, tested here through both ops and through an elastic HF BERT on CUDA.
-On any machine: the CUDA build's arch list (and, with a CUDA build and cuobjdump, what the built library
-holds: PTX, 16-byte loads in taylor_scores, tensor-core MMAs in weighted_covariance), and the bf16/fp16
-covariance kernel's split-product arithmetic, emulated on CPU.
+one kernel, tested here through both ops and through an elastic HF BERT on CUDA. ElasticViT (a timm ViT, an
+HF BERT) without autograd (no_grad, inference_mode), fp32 and bf16, against extract() and the original model,
+on CUDA and (the same checks, in CI) on CPU.
+The sweeps' Triton combinations that autotuning makes costly and that others already cover are marked gpu_sweep
+(tests/kernel_helpers.py: sweep): `make gpu-check` leaves them out, a plain pytest runs them.
+On any machine: the default CUDA arch list (and, with a CUDA build and cuobjdump, what the built library
+holds: exactly the SASS and PTX of the arch list setup.py recorded for it, 16-byte loads in taylor_scores,
+tensor-core MMAs in weighted_covariance), and the bf16/fp16 covariance kernel's split-product arithmetic,
+emulated on CPU.
 """
 
 from __future__ import annotations
@@ -38,9 +43,15 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 5e-3), torch.bfloat16:
 STAT_TOL = 2e-5
 
 
+# A test (or parameter) that needs CUDA: marked gpu, skipped without a CUDA device.
+CUDA_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
 def on_cuda(test: object) -> object:
     """Marks a test gpu and skips it without a CUDA device."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 def _require(backend: str, device: str = "cuda") -> None:
@@ -526,9 +537,15 @@ ELASTIC_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
-def check_elastic_inference(family: str, dtype: torch.dtype, mode: str, device: str) -> None:
-    """ElasticViT on `device` in `dtype` under `mode`, the subnet set inside it: at full width equal to the
-    original model and to the extract()ed one, at a narrow subnet (odd widths) to the extract()ed one."""
+@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=CUDA_MARKS)))
+@pytest.mark.parametrize("family", ("timm_vit", "hf_bert"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, device: str) -> None:
+    """ElasticViT in `dtype` under `mode`, the subnet set inside it: at full width equal to the original model
+    and to the extract()ed one, at a narrow subnet (odd widths) to the extract()ed one. Without autograd the
+    bound prefix_linear skips the op's autograd wrapper: on CUDA it once took the CPU oneDNN shortcut for CUDA
+    weights and raised (found on an H200 by elastic_latency.py). The CPU cases run the same checks in CI."""
     import copy
 
     from elastic_oracle import rel_err
@@ -559,16 +576,6 @@ def check_elastic_inference(family: str, dtype: torch.dtype, mode: str, device: 
     err = rel_err(got["narrow"].float(), got["full"].float())
     print(f"narrow vs full width {err:.2e}")
     assert err > 2 * tol
-
-
-@on_cuda
-@pytest.mark.parametrize("family", ("timm_vit", "hf_bert"))
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
-@pytest.mark.parametrize("mode", GRAD_MODES)
-def test_elastic_inference_on_cuda(family: str, dtype: torch.dtype, mode: str) -> None:
-    """Without autograd, ElasticViT's bound prefix_linear skips the op's autograd wrapper: on CUDA it once
-    took the CPU oneDNN shortcut for CUDA weights and raised (found on an H200 by elastic_latency.py)."""
-    check_elastic_inference(family, dtype, mode, "cuda")
 
 
 def _needs_memory(gib: int) -> None:
