@@ -289,7 +289,8 @@ def tests(cuda: bool, budget: Budget, junit: Path) -> list[Step]:
     failed = failing_tests(output)
     lines = [f"$ {' '.join(cmd)}", f"failed: {', '.join(failed) if failed else 'none'}",
              f"junit ({junit.name}): " + (junit_summary(junit) if junit.exists() else "not written (killed)")]
-    steps = [Step(" ".join(TEST_FILES if cuda else TEST_FILES[:1]), r.status, r.seconds,
+    status = f"{r.status}; {len(failed)} tests failed" if failed else r.status
+    steps = [Step(" ".join(TEST_FILES if cuda else TEST_FILES[:1]), status, r.seconds,
                   "\n".join(lines) + "\n\n" + _tail(output))]
     if not cuda:
         steps.append(skipped(TEST_FILES[1], "dry run: the Triton tests need CUDA here (on CPU they are the "
@@ -497,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         # Triton keeps autotuning results on disk (with the compiled kernels): a key tuned once, by one xdist
         # worker or step, is not compiled and timed config by config again by the others.
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-    junit = args.out.with_name(args.out.stem + "-junit.xml")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    junit = args.out.resolve().with_name(args.out.stem + "-junit.xml")  # pytest runs in ROOT
     steps: dict[str, Callable[[], list[Step]]] = {
         "Environment": lambda: [environment(cuda, budget)], "Build": lambda: [build(cuda, budget)],
         "Tests": lambda: tests(cuda, budget, junit), "Elastic": lambda: [elastic(cuda, budget)],
@@ -510,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         # After every section: a check cut short (the lease's time limit) still leaves what it found.
         write_report(args.out, args.dry, sections, budget.elapsed())
     failed = [s.name for steps in sections.values() for s in steps if s.status not in ("ok", "skipped", "partial")]
+    print(args.out.read_text().split("\n## ", 1)[0])  # the summary table, for a caller that sees only stdout
     print(f"report: {args.out}; " + (f"failed: {', '.join(failed)}" if failed else "every step ok or skipped"))
     return 1 if failed else 0
 
