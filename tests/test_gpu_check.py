@@ -126,3 +126,38 @@ def test_a_command_past_its_limit_is_stopped_with_its_children() -> None:
     ok = gpu_check.run_process([sys.executable, "-c", "print('x')"], limit=60)
     assert (ok.status, ok.stdout) == ("ok", "x\n")
     assert gpu_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], limit=60).status == "FAIL (exit 3)"
+
+
+def test_build_targets_the_present_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device's own arch unless TORCH_CUDA_ARCH_LIST says otherwise (the command is captured, not run)."""
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_command", lambda name, cmd, limit, env: ran.append((cmd, env))
+                        or gpu_check.Step(name, "ok", 0.0, ""))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    step = gpu_check.build(True, gpu_check.Budget())
+    cmd, env = ran[-1]
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and step.text.startswith("TORCH_CUDA_ARCH_LIST=9.0")
+    assert cmd[-3:] == ["-q", "build_ext", "--inplace"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    gpu_check.build(True, gpu_check.Budget())
+    assert ran[-1][1]["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+
+
+def test_sanitizer_steps_run_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """memcheck and racecheck start together, each on the driver's reduced plan, without the caching allocator
+    (a stand-in compute-sanitizer prints its arguments and sleeps)."""
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text('#!/bin/sh\necho "$@" "caching=$PYTORCH_NO_CUDA_MEMORY_CACHING"\nsleep 2\n')
+    tool.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "find_tool", lambda name: str(tool))
+    monkeypatch.setattr(sanitizer_driver, "backends_for", lambda device: ["cuda", "triton"])
+    t0 = time.monotonic()
+    memcheck, racecheck = gpu_check.sanitizer(True, gpu_check.Budget())
+    assert time.monotonic() - t0 < 3.5  # side by side: not 2 + 2 s
+    for step, check in ((memcheck, "memcheck"), (racecheck, "racecheck")):
+        assert (step.name, step.status) == (check, "ok")
+        printed = step.text.splitlines()[-1]
+        assert f"--tool {check} --error-exitcode 3" in printed and printed.endswith("caching=1")
+        assert "-m benchmarks.sanitizer_driver --device cuda --backend cuda --backend triton:bfloat16" in printed
+    assert "--racecheck-report all" in racecheck.text and "--racecheck-report" not in memcheck.text
