@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -198,6 +199,14 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _version(distribution: str) -> tuple[int, ...]:
+    """An installed distribution's (major, minor), (0,) when unknown."""
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", importlib.metadata.version(distribution))[:2])
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+
+
 def cuda_arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST for the build: the environment's, else the present GPU's alone (one arch compiles
     in about a third of the default list's time; the default list is for wheels and `make`)."""
@@ -252,6 +261,8 @@ def pytest_command(cuda: bool, junit: Path) -> list[str]:
            f"--junitxml={junit}", "-m", "not gpu_sweep"]
     if importable("xdist"):
         cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+        if _version("pytest-xdist") >= (2, 5):  # xdist_group (the 40 GiB tests, one at a time) needs loadgroup
+            cmd += ["--dist", "loadgroup"]
     if importable("pytest_timeout"):
         cmd += [f"--timeout={TEST_TIMEOUT}"]
     return cmd + list(TEST_FILES if cuda else TEST_FILES[:1])

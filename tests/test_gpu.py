@@ -18,6 +18,7 @@ emulated on CPU.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -477,9 +478,10 @@ def test_prefix_attention_ops_never_sync(op: str) -> None:
 
 
 @on_cuda
-def test_elastic_hf_bert_runs_the_triton_attention() -> None:
-    """Separate q, k, v on CUDA (an elastic HF BERT with a padding mask, no grad) run the Triton
-    prefix_attention_separate instead of copies + SDPA, with the CPU model's values."""
+def test_elastic_hf_bert_runs_the_triton_attention_when_forced() -> None:
+    """Separate q, k, v on CUDA (an elastic HF BERT with a padding mask, no grad): copies + SDPA by default
+    (faster than the Triton kernel on an H200), the Triton prefix_attention_separate when the triton backend
+    is forced; both with the CPU model's values."""
     pytest.importorskip("transformers", reason="needs transformers (the HF BERT model)")
     import hf_helpers
     from torch.profiler import ProfilerActivity, profile
@@ -495,12 +497,14 @@ def test_elastic_hf_bert_runs_the_triton_attention() -> None:
         want = hf_helpers.main_output(elastic(**inputs))
         elastic.cuda()
         cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            got = hf_helpers.main_output(elastic(**cuda_inputs))
-    called = {e.key for e in prof.events()}
-    assert "skd_kernels::triton_prefix_attention_separate" in called
-    assert "aten::scaled_dot_product_attention" not in called
-    _close(got.cpu(), want, torch.float32, relative_to_max=True)
+        for forced in (False, True):
+            with skd_kernels.use_backend("triton") if forced else contextlib.nullcontext():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    got = hf_helpers.main_output(elastic(**cuda_inputs))
+            called = {e.key for e in prof.events()}
+            assert ("skd_kernels::triton_prefix_attention_separate" in called) == forced
+            assert ("aten::scaled_dot_product_attention" in called) == (not forced)
+            _close(got.cpu(), want, torch.float32, relative_to_max=True)
 
 
 def _elastic_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -585,9 +589,13 @@ def _needs_memory(gib: int) -> None:
 
 # Past 2^31 elements: offsets such as column * stride of a transposed view must be 64-bit.
 BIG = 2**31 + 2**20
+# Tests that need a 40 GiB device run one after another on one pytest-xdist worker (--dist loadgroup, as the
+# device check runs them): several at once could run the device out of memory.
+BIG_MEMORY = pytest.mark.xdist_group("big_memory")
 
 
 @on_cuda
+@BIG_MEMORY
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
     _require(backend)
@@ -608,6 +616,7 @@ def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
 
 
 @on_cuda
+@BIG_MEMORY
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_taylor_scores_offsets_past_2_31(backend: str) -> None:
     _require(backend)

@@ -60,14 +60,19 @@ def test_limits_fit_the_lease() -> None:
 
 def test_pytest_command_uses_the_plugins_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     junit = tmp_path / "j.xml"
+    assert gpu_check._version("pytest") >= (7,) and gpu_check._version("no-such-distribution") == (0,)
     monkeypatch.setattr(gpu_check, "importable", lambda module: True)
+    monkeypatch.setattr(gpu_check, "_version", lambda distribution: (3, 8))
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     cmd = gpu_check.pytest_command(True, junit)
     assert cmd[cmd.index("-n") + 1] == "8" and f"--timeout={gpu_check.TEST_TIMEOUT}" in cmd
+    assert "--dist loadgroup" in " ".join(cmd)
     assert {"-v", "-rfE", f"--junitxml={junit}"} <= set(cmd) and "-m not gpu_sweep" in " ".join(cmd)
     assert cmd[-2:] == list(gpu_check.TEST_FILES)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert gpu_check.pytest_command(True, junit)[cmd.index("-n") + 1] == "2"
+    monkeypatch.setattr(gpu_check, "_version", lambda distribution: (2, 4))  # before loadgroup
+    older = gpu_check.pytest_command(True, junit)
+    assert older[cmd.index("-n") + 1] == "2" and "--dist" not in older
     monkeypatch.setattr(gpu_check, "importable", lambda module: False)
     bare = gpu_check.pytest_command(False, junit)
     assert "-n" not in bare and not any(a.startswith("--timeout") for a in bare)
