@@ -23,7 +23,9 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      to the copy + SDPA path);
   7. Sanitizer: compute-sanitizer memcheck and racecheck side by side over benchmarks/sanitizer_driver.py (tail
      shapes): the CUDA C++ backend in every dtype, Triton in SANITIZER_TRITON_DTYPE only.
-The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section.
+The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section. The gpu_sweep cases
+left out of step 3, on a lease of their own: `python3 -m pytest -n 8 -m gpu_sweep tests/test_gpu.py
+tests/test_triton_kernels.py` after a build.
 """
 
 from __future__ import annotations
