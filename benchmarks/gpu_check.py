@@ -201,12 +201,18 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _version(distribution: str) -> tuple[int, ...]:
-    """An installed distribution's (major, minor), (0,) when unknown."""
+def _installed(distribution: str) -> str | None:
+    """An installed distribution's version, or None."""
     try:
-        return tuple(int(p) for p in re.findall(r"\d+", importlib.metadata.version(distribution))[:2])
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
-        return (0,)
+        return None
+
+
+def _version(distribution: str) -> tuple[int, ...]:
+    """An installed distribution's (major, minor), (0,) when it is not installed."""
+    installed = _installed(distribution)
+    return tuple(int(p) for p in re.findall(r"\d+", installed)[:2]) if installed else (0,)
 
 
 def cuda_arch_list() -> str:
@@ -218,7 +224,7 @@ def cuda_arch_list() -> str:
     return f"{major}.{minor}"
 
 
-def environment(cuda: bool, budget: Budget) -> Step:
+def environment(cuda: bool) -> Step:
     t0 = time.monotonic()
     lines = [f"python {platform.python_version()} ({sys.executable})", f"torch {torch.__version__}, "
              f"CUDA runtime {torch.version.cuda}, CUDA available: {torch.cuda.is_available()}"]
@@ -229,8 +235,9 @@ def environment(cuda: bool, budget: Budget) -> Step:
                      f"build arch list: {cuda_arch_list()}")
     else:
         lines.append("device: none (dry run on CPU)")
-    lines.append(f"CPUs: {os.cpu_count()}; pytest-xdist: {importable('xdist')}; "
-                 f"pytest-timeout: {importable('pytest_timeout')}")
+    lines.append(f"CPUs: {os.cpu_count()}; " + ", ".join(f"{d} {_installed(d) or 'not installed'}" for d in
+                                                          ("triton", "timm", "transformers", "pytest-xdist",
+                                                           "pytest-timeout")))
     for tool in ("nvcc", "compute-sanitizer"):
         lines.append(f"{tool}: {find_tool(tool) or 'not found'}")
     nvcc = find_tool("nvcc")
@@ -514,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     junit = args.out.resolve().with_name(args.out.stem + "-junit.xml")  # pytest runs in ROOT
     steps: dict[str, Callable[[], list[Step]]] = {
-        "Environment": lambda: [environment(cuda, budget)], "Build": lambda: [build(cuda, budget)],
+        "Environment": lambda: [environment(cuda)], "Build": lambda: [build(cuda, budget)],
         "Tests": lambda: tests(cuda, budget, junit), "Elastic": lambda: [elastic(cuda, budget)],
         "Profile": lambda: [profile(cuda, budget)], "Benchmarks": lambda: [benchmarks(cuda, budget)],
         "Sanitizer": lambda: sanitizer(cuda, budget)}
