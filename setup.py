@@ -63,9 +63,9 @@ BUILD_RECORD = "_C_build.json"
 class RecordingBuildExt(BuildExtension):
     """BuildExtension that, when it (re)builds the CUDA library, writes the TORCH_CUDA_ARCH_LIST it compiled
     for (DEFAULT_CUDA_ARCH_LIST unless the environment set another: `make gpu-check` builds for the present
-    GPU only) beside it, and copies the record with the library for --inplace. A library skipped as up to date
-    keeps its record: distutils compares file times only, not the arch list, so the record is what describes
-    the file."""
+    GPU only) beside it, and copies the record with the library for --inplace. torch's ninja build relinks every
+    time (ninja recompiles what changed, arch flags included); without ninja distutils may skip a library newer
+    than its sources whatever the arch list, and the library then keeps the record of the build that made it."""
 
     def _record(self, ext: object) -> str:
         """The record beside ext's library in the build folder (setuptools builds there, then copies)."""

@@ -74,12 +74,13 @@ def sweep(axes: dict[str, Sequence], rotated: int, always: Callable[[tuple], boo
     cross product of epilogue options or layouts with shapes and dtypes costs minutes of JIT.
     """
     names = list(axes)
-    fixed = [range(len(axes[n])) for n in names[: len(names) - rotated]]
-    combos = list(itertools.product(*(range(len(axes[n])) for n in names[len(names) - rotated :])))
+    ranges = [range(len(axes[n])) for n in names]
+    k = len(names) - rotated  # the crossed axes come first
+    combos = list(itertools.product(*ranges[k:]))
     params = []
-    for idx in itertools.product(*fixed, *(range(len(axes[n])) for n in names[len(names) - rotated :])):
+    for idx in itertools.product(*ranges):
         case = tuple(axes[n][i] for n, i in zip(names, idx, strict=True))
-        quick = idx[len(fixed) :] == combos[sum(idx[: len(fixed)]) % len(combos)] or always(case)
+        quick = idx[k:] == combos[sum(idx[:k]) % len(combos)] or always(case)
         values = [x for n, v in zip(names, case, strict=True) for x in (v if "," in n else (v,))]
         params.append(pytest.param(*values, id="-".join(map(_param_id, case)),
                                    marks=() if quick else pytest.mark.gpu_sweep))
