@@ -13,7 +13,11 @@ checkout of main), in alternating subprocesses (this, DIR, DIR, this, ...), and 
 fraction.
 
     python benchmarks/elastic_compile.py [--model vit_tiny] [--batch 8] [--repeats 7] [--threads 1]
-        [--compile-backend inductor] [--mode MODE] [--inference-mode] [--ab-against DIR --rounds 3]
+        [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--compile-backend inductor] [--mode MODE]
+        [--inference-mode] [--ab-against DIR --rounds 3]
+
+On a GPU, `--device cuda --batch 1 --mode reduce-overhead` measures the captured path for batch-1 serving
+(inductor's CUDA graphs) against the compiled extracted models under the same mode.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from skd import ElasticViT
 
 FRACTIONS = (1 / 4, 1 / 2, 1.0)
 MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "digits": "vit_digits"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,9 +52,10 @@ def _setup(args: argparse.Namespace) -> tuple[ElasticViT, torch.Tensor, list]:
     from skd import digits  # noqa: F401  registers vit_digits with timm
 
     torch.manual_seed(0)
-    elastic = ElasticViT(timm.create_model(MODELS[args.model]).eval()).eval()
+    dtype = DTYPES[args.dtype]
+    elastic = ElasticViT(timm.create_model(MODELS[args.model]).to(args.device, dtype).eval()).eval()
     size = elastic.model.patch_embed.img_size
-    x = torch.randn(args.batch, elastic.model.patch_embed.proj.in_channels, *size)
+    x = torch.randn(args.batch, elastic.model.patch_embed.proj.in_channels, *size, device=args.device, dtype=dtype)
     return elastic, x, [elastic.set_subnet(macs=f).subnet for f in FRACTIONS]
 
 
@@ -60,8 +66,12 @@ def _grad_mode(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 
 
 def _ms(fn, x: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -157,6 +167,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--inference-mode", action="store_true", help="run under torch.inference_mode (default no_grad)")
@@ -168,8 +180,10 @@ def main() -> None:
     if args.eager_only:
         return eager_only(args)
     passthrough = ["--model", args.model, "--batch", str(args.batch), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)] + (["--inference-mode"] if args.inference_mode else [])
-    print(f"CPU, {torch.get_num_threads()} thread(s); torch {torch.__version__}; timm {timm.__version__}; "
+                   "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (
+        ["--inference-mode"] if args.inference_mode else [])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"{device}; {args.dtype}; mode {args.mode}; torch {torch.__version__}; timm {timm.__version__}; "
           f"{args.model} batch {args.batch}; {args.repeats} repeats; "
           f"{'inference_mode' if args.inference_mode else 'no_grad'}")
     if args.ab_against:

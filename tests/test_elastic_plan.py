@@ -174,6 +174,23 @@ def test_separate_qkv_runs_the_triton_kernel_and_sdpa_where_no_kernel() -> None:
             assert rel_err(_call(elastic, inputs), y) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["vit", "BertModel"])
+def test_attention_op_on_cpu_and_sdpa_on_other_devices_unless_forced(name: str) -> None:
+    """The plan's choice of attention path per weight device: the prefix attention ops on CPU; on any other
+    device (CUDA, here a meta tensor stands in) copies + SDPA, unless a backend is forced, which then runs
+    the op wherever it has a kernel."""
+    from skd.elastic.plan import _runs_attention_op
+
+    spec = _family(name)[0].adapter.blocks[0]
+    cpu = spec.qkv.weight if spec.fused else spec.q.weight
+    meta = torch.empty(cpu.shape, device="meta")
+    if "cpu" in skd_kernels.available_backends("cpu"):
+        assert _runs_attention_op(spec, cpu)
+    assert not _runs_attention_op(spec, meta)
+    with skd_kernels.use_backend("reference"):
+        assert _runs_attention_op(spec, meta) == spec.fused  # the separate op's reference is not run
+
+
 def test_autocast_forward_runs_in_the_autocast_dtype() -> None:
     elastic, inputs = _family("vit")
     x = inputs["x"]

@@ -240,15 +240,27 @@ def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bo
         qkv = _q_gemms(spec, r, gemm, bound)
         proj = _output_gemm(gemm, spec.proj, h * r, bound)
         weight = spec.qkv.weight if spec.fused else spec.q.weight
-        # Where prefix_attention_separate has no kernel (CUDA without Triton, fp64 on CUDA, a forced backend
-        # without one) its reference would materialise the (S, H, N, N) scores, so separate q, k, v keep the
-        # copies + SDPA there (attention None).
-        if spec.fused or _dispatch.has_kernel(separate_op.OP, weight.device, weight.dtype):
+        if _runs_attention_op(spec, weight):
             attention = _bound_attention(spec, weight) if bound else functools.partial(
                 _public_attention if spec.fused else _public_separate, num_heads=h, scale=spec.scale)
     if m:
         fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), _output_gemm(gemm, spec.fc2, m, bound)
     return BlockPlan(r, m, qkv, proj, attention, fc1, fc2)
+
+
+def _runs_attention_op(spec: BlockSpec, weight: torch.Tensor) -> bool:
+    """Whether the block's no-grad attention runs prefix_attention / prefix_attention_separate on the rank-major
+    GEMM outputs (no activation copy) rather than the copies + SDPA (the plan's attention None).
+
+    On CPU the ops' C++ kernel beats copies + SDPA. On CUDA their backend is Triton's one kernel, which on an
+    H200 ran at 0.26-0.45x of copy + SDPA's flash kernel at ViT-B sizes (benchmarks/RESULTS.md, "H200, session
+    5"), so CUDA keeps SDPA unless a backend is forced (use_backend). Where prefix_attention_separate has no
+    kernel (a forced backend without one, fp64 on CUDA) its reference would materialise the (S, H, N, N) scores,
+    so separate q, k, v keep the copies + SDPA there too.
+    """
+    if weight.device.type != "cpu" and _dispatch.forced_backend() is None:
+        return False
+    return spec.fused or _dispatch.has_kernel(separate_op.OP, weight.device, weight.dtype)
 
 
 def _public_attention(qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
