@@ -44,8 +44,11 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     junit = tmp_path / "report-junit.xml"
     assert junit.exists() and re.search(r"junit \(report-junit.xml\): \d+ tests: [1-9]\d* passed, 0 failed",
                                         section["Tests"])
-    # Elastic on CPU at the digits ViT's size: its markdown table, one row per MACs fraction.
-    assert len(re.findall(r"^\| vit_digits \| 1 \| fp32 \|", section["Elastic"], flags=re.M)) == 5
+    # Elastic on CPU at the digits ViT's size: its markdown table, one row per MACs fraction and width granularity.
+    extra = gpu_check.ELASTIC_EXTRA_ARGS
+    granularities = len(extra[extra.index("--multiple-of") + 1:]) if "--multiple-of" in extra else 1
+    rows = re.findall(r"^\| vit_digits \| 1 \| fp32 \|", section["Elastic"], flags=re.M)
+    assert len(rows) == 5 * granularities
     assert "driver ok" in section["Sanitizer"]  # the sanitizer's driver ran every op on the tail shapes
     assert "taylor_scores" in section["Benchmarks"]  # the benchmark table has rows
     assert "CUDA kernel times skipped" in section["Profile"]
