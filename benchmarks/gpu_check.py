@@ -1,31 +1,46 @@
-"""The device check: a lent GPU's first ten minutes, in one report file.
+"""The device check: one call of at most 8 minutes on a lent GPU, always leaving a complete report.
 
-    python -m benchmarks.gpu_check            # on the GPU machine (`make gpu-check`), its own python/torch
-    python -m benchmarks.gpu_check --dry      # the same steps on CPU, tiny sizes, what needs CUDA skipped
+On a lent device (a 15-minute lease: machine start, this call and idle time together), from the repository root:
 
-Steps, each under its own time limit, each recorded (status, seconds, output tail) in the report even when
-it fails, so one failure does not hide the rest:
-  1. environment: python, torch, CUDA, device, nvcc, compute-sanitizer;
-  2. build: `setup.py build_ext --inplace` against this python's torch (the default arch list);
-  3. tests: tests/test_gpu.py and tests/test_triton_kernels.py on the GPU;
-  4. compute-sanitizer memcheck and racecheck over benchmarks/sanitizer_driver.py (tail shapes);
-  5. torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and host
-     overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear, the attention
+    make gpu-check GPU_PY=python3     # with OUT set: python3 -m benchmarks.gpu_check --out $OUT/gpu-check-report.md
+    python -m benchmarks.gpu_check --dry              # the same steps on CPU, tiny sizes, what needs CUDA skipped
+
+The report's junit XML (every test's outcome) lands beside it as gpu-check-report-junit.xml.
+
+Sections, most valuable first so that a run cut short keeps what matters; every step under its own time limit
+(LIMITS, 470 s in all, and never past TOTAL_LIMIT) and recorded (status, seconds, output) even when it fails:
+  1. Environment: python, torch, CUDA, device, nvcc, compute-sanitizer, the pytest plugins;
+  2. Build: `setup.py build_ext --inplace` for the present GPU's arch alone (TORCH_CUDA_ARCH_LIST
+     when set), which setup.py records beside the library for tests/test_gpu.py's arch test;
+  3. Tests: tests/test_gpu.py and tests/test_triton_kernels.py without the gpu_sweep cases (tests/kernel_helpers.py:
+     sweep), on pytest-xdist workers when installed, each test under pytest-timeout when installed; failing
+     tests are named in the report as they happen (-v), and junit XML lands beside the report;
+  4. Elastic: benchmarks/elastic_latency.py on ViT-S and ViT-B, batch 64, bf16 (ELASTIC_ARGS, ELASTIC_EXTRA_ARGS);
+  5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
+     host overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear, the attention
      ops: prefix_attention on the fused qkv and prefix_attention_separate, both Triton's one kernel);
-  6. the benchmark table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS, and the attention ops'
-     to the copy + SDPA path).
-The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section. On a lent device:
-    python3 -m benchmarks.gpu_check --out $OUT/gpu-check-report.md
+  6. Benchmarks: the table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS, and the attention ops'
+     to the copy + SDPA path);
+  7. Sanitizer: compute-sanitizer memcheck and racecheck side by side over benchmarks/sanitizer_driver.py (tail
+     shapes): the CUDA C++ backend in every dtype, Triton in SANITIZER_TRITON_DTYPE only.
+The report goes to benchmarks/gpu-check-report.md (or --out), rewritten after every section. The gpu_sweep cases
+left out of step 3, on a lease of their own: `python3 -m pytest -n 8 -m gpu_sweep tests/test_gpu.py
+tests/test_triton_kernels.py` after a build.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import importlib.metadata
+import importlib.util
 import io
 import os
 import platform
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,44 +48,119 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPORT = Path(__file__).with_name("gpu-check-report.md")
-SECTIONS = ("Environment", "Build", "Tests", "Sanitizer", "Profile", "Benchmarks")
-# Seconds per step on the GPU, caps that add up to 10 minutes: nvcc for sm_80, sm_90 and PTX is the largest.
-LIMITS = {"build": 240, "tests": 180, "memcheck": 60, "racecheck": 60, "bench": 60}
+SECTIONS = ("Environment", "Build", "Tests", "Elastic", "Profile", "Benchmarks", "Sanitizer")
+# Seconds per step on the GPU. Measured on an H200 (session 5, 16 cores): the build for sm_90 alone 32 s, the
+# profile 8 s, the benchmark table 26 s; the tests did not finish in 180 s with every sweep case (serial: 44 %;
+# 8 xdist workers: 78 % in 150 s), nor memcheck/racecheck in 60 s each over every backend and dtype.
+LIMITS = {"build": 60, "tests": 160, "elastic": 90, "profile": 20, "bench": 40, "sanitizer": 100}
+# The whole call, well inside a 15-minute lease that also pays for the machine's start; a step never runs
+# past it (its limit shrinks to what is left, or it is skipped).
+TOTAL_LIMIT = 480
+# A step with less time than this left is skipped.
+MIN_STEP = 10
+# A command past its time gets SIGINT this long before its limit, SIGKILL at it (run_process).
+STOP_GRACE = 5
 TAIL_CHARS = 3000
+TEST_FILES = ("tests/test_gpu.py", "tests/test_triton_kernels.py")
+# One test's limit (pytest-timeout, when installed): a hung kernel fails its test instead of eating the step.
+TEST_TIMEOUT = 90
+# Tests still running this long before the step's limit finish; those not started are skipped (tests/conftest.py
+# reads SKD_TEST_DEADLINE), so pytest still prints its summary and writes the junit file.
+TEST_GRACE = 25
+ELASTIC_ARGS = ["--device", "cuda", "--models", "vit_small", "vit_base", "--batches", "64", "--dtypes", "bf16",
+                "--repeats", "3"]
+DRY_ELASTIC_ARGS = ["--device", "cpu", "--models", "vit_digits", "--batches", "1", "--dtypes", "fp32",
+                    "--repeats", "1", "--threads", "1"]
+# Further elastic_latency.py arguments for both runs: the budget widths unaligned (1, floor-uniform) and in multiples
+# of 8 side by side, the comparison the H200's slow odd-width dense models asked for (RESULTS.md, "GPU").
+ELASTIC_EXTRA_ARGS: list[str] = ["--multiple-of", "1", "8"]
+# Triton autotunes (compiles and runs every config) under the sanitizer too: one dtype keeps it in the limit.
+SANITIZER_TRITON_DTYPE = "bfloat16"
 
 
 @dataclass
 class Step:
-    """One step's outcome as the report shows it."""
+    """One step's outcome as the report shows it; markdown text goes in as is, other text in a code block."""
 
     name: str
     status: str  # ok, FAIL ..., TIMEOUT ..., partial (the benchmark budget ran out) or skipped
     seconds: float
     text: str
+    markdown: bool = False
+
+
+class Budget:
+    """The call's clock: a step's limit is its own (LIMITS) or what is left of TOTAL_LIMIT, if less."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def limit(self, step: str) -> float:
+        return max(0.0, min(LIMITS[step], TOTAL_LIMIT - self.elapsed()))
 
 
 def _tail(text: str) -> str:
     return text if len(text) <= TAIL_CHARS else "…" + text[-TAIL_CHARS:]
 
 
-def run_command(name: str, cmd: list[str], limit: float, env: dict[str, str] | None = None) -> Step:
-    """Runs cmd in the repository root, output captured; never raises for a failing or hanging command."""
+@dataclass
+class Ran:
+    """A finished (or killed) command: its status, seconds and output."""
+
+    status: str
+    seconds: float
+    stdout: str
+    stderr: str
+
+
+def run_process(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> Ran:
+    """Runs cmd in the repository root, output captured; never raises for a failing or hanging command.
+
+    cmd runs in its own process group. STOP_GRACE seconds before `limit` the group gets SIGINT (pytest then
+    prints its summary and writes its junit file; the sanitizer's target stops), and at `limit` SIGKILL: the
+    xdist workers and the sanitizer's target are children that would otherwise outlive it and hold its pipes.
+    """
     t0 = time.monotonic()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=limit)
-        status, out = ("ok" if p.returncode == 0 else f"FAIL (exit {p.returncode})"), p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:  # what the command printed before it was killed (bytes or str)
-        out = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t for t in (e.stdout, e.stderr) if t)
-        status = f"TIMEOUT ({limit:.0f} s)"
+        p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     except OSError as e:
-        status, out = "FAIL", str(e)
-    return Step(name, status, time.monotonic() - t0, f"$ {' '.join(cmd)}\n{_tail(out)}")
+        return Ran("FAIL", time.monotonic() - t0, "", str(e))
+    with p:
+        try:
+            out, err = p.communicate(timeout=max(limit - STOP_GRACE, 0.0))
+            status = "ok" if p.returncode == 0 else f"FAIL (exit {p.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"TIMEOUT ({limit:.0f} s)"
+            _signal_group(p.pid, signal.SIGINT)
+            try:
+                out, err = p.communicate(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                _signal_group(p.pid, signal.SIGKILL)
+                out, err = p.communicate()  # everything printed before the stop
+            _signal_group(p.pid, signal.SIGKILL)  # children the interrupt left running
+    return Ran(status, time.monotonic() - t0, out, err)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def run_command(name: str, cmd: list[str], limit: float, env: dict[str, str] | None = None) -> Step:
+    """run_process as a report step: the command and its output's tail."""
+    r = run_process(cmd, limit, env)
+    return Step(name, r.status, r.seconds, f"$ {' '.join(cmd)}\n{_tail(r.stdout + r.stderr)}")
 
 
 def run_here(name: str, fn: Callable[[], object]) -> Step:
@@ -91,6 +181,10 @@ def skipped(name: str, why: str) -> Step:
     return Step(name, "skipped", 0.0, why)
 
 
+def out_of_time(name: str) -> Step:
+    return skipped(name, f"the check's {TOTAL_LIMIT} s were spent before this step")
+
+
 def find_tool(name: str) -> str | None:
     """A CUDA tool on PATH, under CUDA_HOME/bin, or in the usual toolkit folders."""
     found = shutil.which(name)
@@ -104,69 +198,174 @@ def find_tool(name: str) -> str | None:
     return None
 
 
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _installed(distribution: str) -> str | None:
+    """An installed distribution's version, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _version(distribution: str) -> tuple[int, ...]:
+    """An installed distribution's (major, minor), (0,) when it is not installed."""
+    installed = _installed(distribution)
+    return tuple(int(p) for p in re.findall(r"\d+", installed)[:2]) if installed else (0,)
+
+
+def cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST for the build: the environment's, else the present GPU's alone (one arch compiles
+    in about a third of the default list's time; the default list is for wheels and `make`)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{major}.{minor}"
+
+
 def environment(cuda: bool) -> Step:
+    t0 = time.monotonic()
     lines = [f"python {platform.python_version()} ({sys.executable})", f"torch {torch.__version__}, "
              f"CUDA runtime {torch.version.cuda}, CUDA available: {torch.cuda.is_available()}"]
     if cuda:
         props = torch.cuda.get_device_properties(0)
         lines.append(f"device: {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-                     f"{props.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} device(s)")
+                     f"{props.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} device(s); "
+                     f"build arch list: {cuda_arch_list()}")
     else:
         lines.append("device: none (dry run on CPU)")
+    lines.append(f"CPUs: {os.cpu_count()}; " + ", ".join(f"{d} {_installed(d) or 'not installed'}" for d in
+                                                          ("triton", "timm", "transformers", "pytest-xdist",
+                                                           "pytest-timeout")))
     for tool in ("nvcc", "compute-sanitizer"):
         lines.append(f"{tool}: {find_tool(tool) or 'not found'}")
     nvcc = find_tool("nvcc")
     if nvcc:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         lines.append(f"nvcc version: {out[-1] if out else '?'}")
-    return Step("environment", "ok", 0.0, "\n".join(lines))
+    return Step("environment", "ok", time.monotonic() - t0, "\n".join(lines))
 
 
-def build(cuda: bool) -> Step:
+def build(cuda: bool, budget: Budget) -> Step:
     if not cuda:
         return skipped("build", "dry run: not rebuilt (rebuilding in place would replace the CUDA build of this "
                        "checkout); the importable skd_kernels._C is used")
     nvcc = find_tool("nvcc")
-    env = {"MAX_JOBS": str(os.cpu_count() or 4)}
+    env = {"MAX_JOBS": str(os.cpu_count() or 4), "TORCH_CUDA_ARCH_LIST": cuda_arch_list()}
     if nvcc:
         env["CUDA_HOME"] = str(Path(nvcc).resolve().parent.parent)
-    return run_command("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], LIMITS["build"], env)
+    # torch's ninja build always runs (ninja recompiles the objects whose command line, arch flags included,
+    # changed) and setup.py records the arch list beside the library.
+    step = run_command("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], budget.limit("build"),
+                       env)
+    step.text = f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}\n{step.text}"
+    return step
 
 
-def tests(cuda: bool) -> list[Step]:
-    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    if cuda:
-        return [run_command("tests/test_gpu.py tests/test_triton_kernels.py",
-                            [*pytest_cmd, "tests/test_gpu.py", "tests/test_triton_kernels.py"], LIMITS["tests"])]
-    return [run_command("tests/test_gpu.py", [*pytest_cmd, "tests/test_gpu.py"], LIMITS["tests"]),
-            skipped("tests/test_triton_kernels.py",
-                    "dry run: the Triton tests need CUDA here (on CPU they are the interpreter's, run by the ordinary "
-                    "test suite)")]
+def pytest_command(cuda: bool, junit: Path) -> list[str]:
+    """The tests' pytest call: -v names each test as it ends (a killed run still shows which failed), -rfE
+    lists failures and errors at the end, the junit file has every result."""
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "--durations=15", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", "-m", "not gpu_sweep"]
+    if importable("xdist"):
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+        if _version("pytest-xdist") >= (2, 5):  # xdist_group (the 40 GiB tests, one at a time) needs loadgroup
+            cmd += ["--dist", "loadgroup"]
+    if importable("pytest_timeout"):
+        cmd += [f"--timeout={TEST_TIMEOUT}"]
+    return cmd + list(TEST_FILES if cuda else TEST_FILES[:1])
 
 
-def sanitizer(cuda: bool) -> list[Step]:
-    driver = [sys.executable, "-m", "benchmarks.sanitizer_driver"]
+# A failed or erroring test in pytest -v output: "tests/x.py::t[p] FAILED", xdist's "FAILED tests/x.py::t[p]",
+# the -rfE summary's "FAILED tests/x.py::t[p] - message", and a file that failed to collect ("ERROR tests/x.py").
+_FAILED = re.compile(r"(?:(?:FAILED|ERROR) (tests/\S+\.py(?:::\S+)?))|(?:(tests/\S+\.py(?:::\S+)?) (?:FAILED|ERROR))")
+
+
+def failing_tests(output: str) -> list[str]:
+    """The failed or erroring tests named in pytest -v output, in order of appearance, each once."""
+    return list(dict.fromkeys(a or b for a, b in _FAILED.findall(output)))
+
+
+def junit_summary(junit: Path) -> str:
+    """Counts from a pytest junit file: tests, passed, failed, errors, skipped (and how many for the time)."""
+    cases = ElementTree.parse(junit).getroot().iter("testcase")
+    outcome = {"failure": 0, "error": 0, "skipped": 0, "passed": 0}
+    for_time = 0
+    for case in cases:
+        kind = next((c.tag for c in case if c.tag in outcome), "passed")
+        outcome[kind] += 1
+        for_time += kind == "skipped" and "time budget" in (case.find("skipped").get("message") or "")
+    return (f"{sum(outcome.values())} tests: {outcome['passed']} passed, {outcome['failure']} failed, "
+            f"{outcome['error']} errors, {outcome['skipped']} skipped ({for_time} of them: the step's time spent)")
+
+
+def tests(cuda: bool, budget: Budget, junit: Path) -> list[Step]:
+    limit = budget.limit("tests")
+    cmd = pytest_command(cuda, junit)
+    junit.unlink(missing_ok=True)  # only this run's
+    r = run_process(cmd, limit, {"SKD_TEST_DEADLINE": str(time.time() + limit - TEST_GRACE)})
+    output = r.stdout + r.stderr
+    failed = failing_tests(output)
+    lines = [f"$ {' '.join(cmd)}", f"failed: {', '.join(failed) if failed else 'none'}",
+             f"junit ({junit.name}): " + (junit_summary(junit) if junit.exists() else "not written (killed)")]
+    status = f"{r.status}; {len(failed)} tests failed" if failed else r.status
+    steps = [Step(" ".join(TEST_FILES if cuda else TEST_FILES[:1]), status, r.seconds,
+                  "\n".join(lines) + "\n\n" + _tail(output))]
+    if not cuda:
+        steps.append(skipped(TEST_FILES[1], "dry run: the Triton tests need CUDA here (on CPU they are the "
+                                            "interpreter's, run by the ordinary test suite)"))
+    return steps
+
+
+def elastic(cuda: bool, budget: Budget) -> Step:
+    """benchmarks/elastic_latency.py's table: ElasticViT vs the extracted dense model, ms per forward."""
+    cmd = [sys.executable, "-m", "benchmarks.elastic_latency", *(ELASTIC_ARGS if cuda else DRY_ELASTIC_ARGS),
+           *ELASTIC_EXTRA_ARGS]
+    r = run_process(cmd, budget.limit("elastic"), None if cuda else {"OMP_NUM_THREADS": "1"})
+    if r.status != "ok":
+        return Step("elastic latency", r.status, r.seconds, f"$ {' '.join(cmd)}\n{_tail(r.stdout + r.stderr)}")
+    note = "" if cuda else "\n\nDry run: the digits ViT at batch 1 on a shared CPU, a check that the step runs."
+    return Step("elastic latency", "ok", r.seconds, f"`{' '.join(cmd)}`\n\n{r.stdout.strip()}{note}", markdown=True)
+
+
+def sanitizer_plan(device: torch.device) -> list[str]:
+    """benchmarks/sanitizer_driver.py's --backend values: every backend on `device`, Triton in one dtype."""
+    from benchmarks import sanitizer_driver
+
+    return [f"{b}:{SANITIZER_TRITON_DTYPE}" if b == "triton" else b for b in sanitizer_driver.backends_for(device)]
+
+
+def sanitizer(cuda: bool, budget: Budget) -> list[Step]:
     if not cuda:
         from benchmarks import sanitizer_driver
 
         cpu = torch.device("cpu")
-        return [run_here("sanitizer driver (CPU, no sanitizer)",
-                         lambda: sanitizer_driver.run(cpu, sanitizer_driver.backends_for(cpu))),
+        plan = dict(map(sanitizer_driver.parse_backend, sanitizer_plan(cpu)))
+        return [run_here("sanitizer driver (CPU, no sanitizer)", lambda: sanitizer_driver.run(cpu, list(plan), plan)),
                 skipped("memcheck", "compute-sanitizer needs a CUDA device"),
                 skipped("racecheck", "compute-sanitizer needs a CUDA device")]
     tool = find_tool("compute-sanitizer")
     if tool is None:
         return [skipped(t, "compute-sanitizer not found") for t in ("memcheck", "racecheck")]
-    steps = []
+    driver = [sys.executable, "-m", "benchmarks.sanitizer_driver", "--device", "cuda"]
+    for spec in sanitizer_plan(torch.device("cuda")):
+        driver += ["--backend", spec]
+    limit = budget.limit("sanitizer")
+    cmds = {}
     for check in ("memcheck", "racecheck"):
         cmd = [tool, "--tool", check, "--error-exitcode", "3"]
         if check == "racecheck":
             cmd += ["--racecheck-report", "all"]
-        # Without the caching allocator every tensor is its own allocation, so memcheck sees a read past a
-        # tensor's end instead of into a neighbour in the same cached block.
-        steps.append(run_command(check, [*cmd, *driver, "--device", "cuda"], LIMITS[check],
-                                 {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
-    return steps
+        cmds[check] = cmd + driver
+    # Side by side: under the sanitizer the driver is CPU-bound (instrumentation, Triton's JIT), the GPU idle.
+    # Without the caching allocator every tensor is its own allocation, so memcheck sees a read past a
+    # tensor's end instead of into a neighbour in the same cached block.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {c: pool.submit(run_command, c, cmd, limit, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+                   for c, cmd in cmds.items()}
+        return [f.result() for f in futures.values()]
 
 
 def _profile_cases(device: str, dry: bool) -> list[tuple[str, Callable[[], object], float, str]]:
@@ -201,19 +400,26 @@ def _profile_cases(device: str, dry: bool) -> list[tuple[str, Callable[[], objec
     ]
 
 
-def profile(cuda: bool) -> Step:
-    """Per op: kernel time and wall time per call from torch.profiler, and the achieved rate."""
+def profile(cuda: bool, budget: Budget) -> Step:
+    """Per op: kernel time and wall time per call from torch.profiler, and the achieved rate; ops left when
+    the step's time runs out are listed as not run (a step in this process cannot be killed)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    t0 = time.monotonic()
+    t0, limit = time.monotonic(), budget.limit("profile")
     device = "cuda" if cuda else "cpu"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     reps = 3 if not cuda else 20
     rows = ["| op | calls | wall / call (µs) | kernel / call (µs) | gap (µs) | kernels | achieved |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
+    status = "ok"
     try:
-        for name, fn, work, unit in _profile_cases(device, dry=not cuda):
+        cases = _profile_cases(device, dry=not cuda)
+        for i, (name, fn, work, unit) in enumerate(cases):
+            if time.monotonic() - t0 > limit:
+                rows.append(f"\nTime budget ({limit:.0f} s) spent: {len(cases) - i} ops not profiled.")
+                status = "partial"
+                break
             fn()  # warm-up: autotuning, allocator, cuBLAS handles
             if cuda:
                 torch.cuda.synchronize()
@@ -234,19 +440,20 @@ def profile(cuda: bool) -> Step:
             else:
                 rows.append(f"| {name} | {reps} | {wall * 1e6:.1f} | n/a (CPU) | n/a | n/a | n/a |")
     except Exception as e:  # the report records any failure and the check goes on
-        return Step("profile", f"FAIL ({type(e).__name__})", time.monotonic() - t0, "\n".join(rows) + f"\n\n{e}")
+        return Step("profile", f"FAIL ({type(e).__name__})", time.monotonic() - t0, "\n".join(rows) + f"\n\n{e}",
+                    markdown=True)
     note = "" if cuda else ("\n\nDry run: CUDA kernel times skipped (no CUDA device); wall times are CPU calls "
                             "at tiny sizes.")
-    return Step("profile", "ok", time.monotonic() - t0, "\n".join(rows) + note)
+    return Step("profile", status, time.monotonic() - t0, "\n".join(rows) + note, markdown=True)
 
 
-def benchmarks(cuda: bool) -> Step:
+def benchmarks(cuda: bool, budget: Budget) -> Step:
     """benchmarks/kernels.py's cases (ViT-B on the GPU, fp32 and bf16; ViT-S fp32 at batch 1 in the dry run),
     timed one by one, each row kept as it comes: cases left when the time budget runs out are listed as not run.
     """
     from benchmarks import kernels, sanitizer_driver
 
-    t0 = time.monotonic()
+    t0, limit = time.monotonic(), budget.limit("bench")
     device = torch.device("cuda" if cuda else "cpu")
     backends = sanitizer_driver.backends_for(device)
     f32, bf16 = torch.float32, torch.bfloat16
@@ -266,8 +473,8 @@ def benchmarks(cuda: bool) -> Step:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     status = "ok"
     for i, case in enumerate(cases):
-        if time.monotonic() - t0 > LIMITS["bench"]:
-            rows.append(f"\nTime budget ({LIMITS['bench']} s) spent: {len(cases) - i} cases not run.")
+        if time.monotonic() - t0 > limit:
+            rows.append(f"\nTime budget ({limit:.0f} s) spent: {len(cases) - i} cases not run.")
             status = "partial"
             break
         try:
@@ -280,7 +487,7 @@ def benchmarks(cuda: bool) -> Step:
         rows.append(f"| {case.op} | {case.backend} | {str(case.dtype).removeprefix('torch.')} | {case.shape} | "
                     f"{case.baseline} | {t['base'].p50:.4f} | {t['op'].p50:.4f} | {ratio:.2f} | "
                     f">= {target:g} {'ok' if ratio >= target else 'MISS'} |")
-    return Step("benchmark table", status, time.monotonic() - t0, "\n".join(rows))
+    return Step("benchmark table", status, time.monotonic() - t0, "\n".join(rows), markdown=True)
 
 
 def write_report(path: Path, dry: bool, sections: dict[str, list[Step]], total: float) -> None:
@@ -293,7 +500,7 @@ def write_report(path: Path, dry: bool, sections: dict[str, list[Step]], total: 
         out += ["", f"## {sec}"]
         for s in steps:
             out += ["", f"### {s.name}: {s.status}", ""]
-            out += [s.text] if "\n| --- |" in s.text else ["```", s.text.rstrip(), "```"]
+            out += [s.text] if s.markdown else ["```", s.text.rstrip(), "```"]
     path.write_text("\n".join(out) + "\n")
 
 
@@ -307,17 +514,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # a shared CPU: the dry run checks that the steps run, not speed
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --dry, or on the GPU machine")
-    t0 = time.monotonic()
-    steps: dict[str, Callable[[bool], list[Step]]] = {
-        "Environment": lambda c: [environment(c)], "Build": lambda c: [build(c)], "Tests": tests,
-        "Sanitizer": sanitizer, "Profile": lambda c: [profile(c)], "Benchmarks": lambda c: [benchmarks(c)]}
+    budget = Budget()
+    if cuda:
+        # Triton keeps autotuning results on disk (with the compiled kernels): a key tuned once, by one xdist
+        # worker or step, is not compiled and timed config by config again by the others.
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    junit = args.out.resolve().with_name(args.out.stem + "-junit.xml")  # pytest runs in ROOT
+    steps: dict[str, Callable[[], list[Step]]] = {
+        "Environment": lambda: [environment(cuda)], "Build": lambda: [build(cuda, budget)],
+        "Tests": lambda: tests(cuda, budget, junit), "Elastic": lambda: [elastic(cuda, budget)],
+        "Profile": lambda: [profile(cuda, budget)], "Benchmarks": lambda: [benchmarks(cuda, budget)],
+        "Sanitizer": lambda: sanitizer(cuda, budget)}
     assert tuple(steps) == SECTIONS
     sections: dict[str, list[Step]] = {}
     for section, run in steps.items():
-        sections[section] = run(cuda)
+        sections[section] = run() if budget.elapsed() < TOTAL_LIMIT - MIN_STEP else [out_of_time(section.lower())]
         # After every section: a check cut short (the lease's time limit) still leaves what it found.
-        write_report(args.out, args.dry, sections, time.monotonic() - t0)
+        write_report(args.out, args.dry, sections, budget.elapsed())
     failed = [s.name for steps in sections.values() for s in steps if s.status not in ("ok", "skipped", "partial")]
+    print(args.out.read_text().split("\n## ", 1)[0])  # the summary table, for a caller that sees only stdout
     print(f"report: {args.out}; " + (f"failed: {', '.join(failed)}" if failed else "every step ok or skipped"))
     return 1 if failed else 0
 

@@ -1,6 +1,7 @@
 """Runs every public op once on the tail shapes, for `compute-sanitizer` (memcheck, racecheck) to watch.
 
-    compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_driver [--device cuda] [--backend cuda]
+    compute-sanitizer --tool memcheck python -m benchmarks.sanitizer_driver [--device cuda] \
+        [--backend cuda] [--backend triton:bfloat16]
 
 Tail shapes: T = 197 tokens (not a multiple of any tile), C in {3, 129} channels (narrower than a vector
 load, and one past a multiple of it), a vector-loadable C = 264 whose last token tile is partial, groups of
@@ -9,6 +10,8 @@ attention ops (on the backends that have them: not the CUDA C++ one) at N = 1 an
 r = 0, 1, 5 and 48, with a broadcast bias.
 Each result is compared with skd_kernels.reference, so a kernel that reads or writes the wrong memory
 fails here even where the sanitizer has nothing to say. Prints one line per call and "driver ok" last.
+`--backend NAME:DTYPE,...` narrows a backend to some dtypes (the device check runs Triton, whose autotuning
+compiles and runs every config under the sanitizer, in one dtype only, to fit its time limit).
 """
 
 from __future__ import annotations
@@ -44,20 +47,34 @@ def backends_for(device: torch.device) -> list[str]:
     return [b for b in names if not (b == "triton" and device.type == "cpu")]
 
 
-def run(device: torch.device, backends: list[str]) -> None:
-    """Every op × dtype × tail shape on `device`, on each of `backends`, checked against the reference."""
+def run(device: torch.device, backends: list[str],
+        dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> None:
+    """Every op × dtype × tail shape on `device`, on each of `backends`, checked against the reference;
+    dtypes[backend], where given, replaces DTYPES for that backend."""
     if not backends:
         raise RuntimeError(f"no compiled or Triton backend runs on {device}")
     for backend in backends:
         print(f"backend {backend}")
         with skd_kernels.use_backend(backend):
-            _run_ops(device)
+            _run_ops(device, (dtypes or {}).get(backend, DTYPES))
     print("driver ok")
 
 
-def _run_ops(device: torch.device) -> None:
+def parse_backend(spec: str) -> tuple[str, tuple[torch.dtype, ...]]:
+    """"NAME" -> (NAME, DTYPES); "NAME:bfloat16,float16" -> (NAME, those dtypes)."""
+    name, _, listed = spec.partition(":")
+    if not listed:
+        return name, DTYPES
+    by_name = {str(d).removeprefix("torch."): d for d in DTYPES}
+    unknown = [d for d in listed.split(",") if d not in by_name]
+    if unknown:
+        raise ValueError(f"--backend {spec!r}: unknown dtype(s) {unknown}; choose from {list(by_name)}")
+    return name, tuple(by_name[d] for d in listed.split(","))
+
+
+def _run_ops(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> None:
     """Every op × dtype × tail shape once on `device` with the backend in force."""
-    for dtype in DTYPES:
+    for dtype in dtypes:
         tag = str(dtype).removeprefix("torch.")
         stat_tol = 1e-4 if dtype == torch.float32 else 2e-4
         for c in CHANNELS:
@@ -106,11 +123,15 @@ def _run_attention(device: torch.device, dtype: torch.dtype, tol: float) -> None
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", action="append", help="a backend to run (repeatable; default: every compiled "
-                        "or Triton backend usable on the device)")
+    parser.add_argument("--backend", action="append", help="a backend to run, NAME or NAME:DTYPE,... (repeatable; "
+                        "default: every compiled or Triton backend usable on the device, every dtype)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    run(device, args.backend or backends_for(device))
+    try:
+        plan = dict(map(parse_backend, args.backend or backends_for(device)))
+    except ValueError as e:
+        parser.error(str(e))
+    run(device, list(plan), plan)
 
 
 if __name__ == "__main__":

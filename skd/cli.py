@@ -171,18 +171,22 @@ def load_model(spec: str, pretrained: bool = False, progress: bool = True,
 
 def smallest_budget(elastic: Any) -> float:
     """The smallest MACs fraction that keeps a subnet with something in it: the end of the dropout list,
-    or (uniform budgets) one unit of the widest modules."""
-    dl = elastic.dropout_list
-    narrowest = dl.subnet(len(dl)) if dl is not None else elastic.uniform(1 / max(*elastic.head_dims,
-                                                                                   *elastic.hiddens))
-    return elastic.macs(narrowest) / elastic.full_macs
+    or (uniform budgets) the smallest non-empty uniform subnet at the model's width granularity."""
+    return elastic.macs(elastic.narrowest()) / elastic.full_macs
+
+
+def _budget_widths(args: argparse.Namespace, elastic: Any) -> None:
+    """--multiple-of, when given, replaces the file's (or the model's default) width granularity."""
+    if args.multiple_of is not None:
+        elastic.multiple_of = args.multiple_of
 
 
 def _check_budgets(flag: str, budgets: list[float], elastic: Any) -> None:
     low = smallest_budget(elastic)
     below = [f for f in budgets if f < low]
     if below:
-        where = "the end of its dropout list" if elastic.dropout_list is not None else "one unit per widest module"
+        where = ("the end of its dropout list" if elastic.dropout_list is not None else
+                 f"the smallest non-empty uniform subnet at widths in multiples of {elastic.multiple_of}")
         raise UsageError(f"{flag} {below[0]:g} is below this model's smallest possible budget "
                          f"{math.ceil(low * 1e4) / 1e4:.4f} (fraction of the full model's MACs: {where})")
 
@@ -273,6 +277,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     _check_checkpoint(args, CHECKPOINT_NAME)
     elastic, extra = open_file(args.file)
+    _budget_widths(args, elastic)
     train = _data(args, args.data, elastic, "train", extra)
     validate = args.val_data is not None or args.data is None  # default validation: the built-in test split
     val = _data(args, args.val_data, elastic, "test", extra) if validate else None
@@ -327,6 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .plots import plot_lines
 
     elastic, extra = open_file(args.file, supernet=False)
+    _budget_widths(args, elastic)
     _check_budgets("--budgets", args.budgets, elastic)
     data = _data(args, args.data, elastic, "test", extra)
     elastic.to(args.device)
@@ -368,6 +374,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from .io import save
 
     elastic, extra = open_file(args.file)
+    _budget_widths(args, elastic)
     _check_budgets("--macs", [args.macs], elastic)
     elastic.set_subnet(macs=args.macs)
     save(elastic.extract(), args.out, extra=extra or None)
@@ -389,6 +396,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .io import load_tensors
 
     elastic, extra = open_file(args.file, supernet=False)
+    _budget_widths(args, elastic)
     _, meta = load_tensors(args.file)
     print(f"file:         {args.file}")
     source = meta.get("source", "timm")
@@ -401,6 +409,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"subnet:       {elastic.subnet}")
     dl = elastic.dropout_list
     print(f"dropout list: {'none (uniform budgets)' if dl is None else f'{len(dl)} units'}")
+    print(f"budget widths: multiples of {elastic.multiple_of} (or full, or 0)")
     print(f"full MACs:    {elastic.full_macs / 1e6:.2f} M per image")
     for row in extra.get("history") or []:
         print("epoch:        " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -428,6 +437,13 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--seed", type=_int_at_least(0), default=d(0), help="random seed (default 0)")
     parser.add_argument("--workers", type=_int_at_least(0), default=d(0),
                         help="data-loading worker processes (default 0: load in the main process)")
+
+
+def _multiple_of_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--multiple-of", type=_positive_int,
+                        help="widths chosen by a MACs budget are multiples of this (or a module's full width, or 0); "
+                             "1: floor-uniform widths (default: the file's, else 8 where every head dim and "
+                             "hidden size is a multiple of 8 and head dims are >= 64, else 1)")
 
 
 def _data_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -509,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", type=Path, help="write a resumable checkpoint here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --checkpoint-dir")
     t.add_argument("--overwrite", action="store_true", help="start over, replacing the checkpoint in --checkpoint-dir")
+    _multiple_of_option(t)
     t.add_argument("--out", type=Path, required=True)
 
     e = command("eval", cmd_eval, "accuracy, MACs and latency at several budgets")
@@ -516,10 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(e, 256)
     e.add_argument("--budgets", type=_budgets, default=[1 / 3, 0.5, 1.0], help="comma-separated MACs fractions")
     e.add_argument("--plot", type=Path, help="write an accuracy-vs-MACs PNG here")
+    _multiple_of_option(e)
 
     x = command("extract", cmd_extract, "a standalone, physically smaller model at a MACs budget")
     x.add_argument("file", type=_existing_file)
     x.add_argument("--macs", type=_fraction, required=True, help="MACs fraction in (0, 1]")
+    _multiple_of_option(x)
     x.add_argument("--out", type=Path, required=True)
 
     b = command("bench", cmd_bench, "kernel and elastic-latency tables on this device")
@@ -527,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = command("info", cmd_info, "what a saved skd file holds")
     i.add_argument("file", type=_existing_file, help="a super-network or an extracted model file")
+    _multiple_of_option(i)
     return p
 
 

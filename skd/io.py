@@ -5,7 +5,8 @@ File format: one safetensors file whose metadata holds the key "skd" with a JSON
     the adapter's record (`ModelAdapter.record()`: "source" — "timm" when absent, as in files of skd 0.1 —
     and the source's own keys, e.g. timm's architecture and model_args), layout (LAYOUT_VERSION for
     rank-major ElasticViT weights, "timm" for the model's own head-major layout, whatever its library),
-    subnet, dropout_list, and `extra` (the caller's JSON metadata, e.g. the CLI's class names and training
+    subnet, dropout_list, multiple_of (an ElasticViT's width granularity for budgets; files without it get
+    the default), and `extra` (the caller's JSON metadata, e.g. the CLI's class names and training
     history; absent when none),
 and the key "skd_sha256" with a JSON document {"metadata": hex, "tensors": {name: hex}}: the SHA-256 of the
 "skd" document's text and of every tensor's bytes, so a flipped byte, or a tag (say the layout) edited
@@ -123,15 +124,16 @@ def _verify(path: str | os.PathLike, raw_meta: str, raw_digests: str, tensors: d
 
 
 def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
-    """Save an ElasticViT (weights in its layout, subnet, dropout list), a model from `ElasticViT.extract()`
-    or a bare model of a supported family, atomically. The model is recorded by its adapter (no pickle).
+    """Save an ElasticViT (weights in its layout, subnet, dropout list, width granularity `multiple_of`), a
+    model from `ElasticViT.extract()` or a bare model of a supported family, atomically. The model is
+    recorded by its adapter (no pickle).
     `extra`: JSON-serialisable metadata kept alongside (e.g. the CLI's class names and training history);
     read it back with `load_tensors(path)[1]["extra"]`."""
     if isinstance(obj, ElasticViT):
         if obj.in_standard_layout:  # the weights are head-major right now; the file would claim rank-major
             raise ValueError("obj cannot be saved inside standard_layout(); save it after the block")
         model, adapter, layout = obj.model, obj.adapter, LAYOUT_VERSION
-        described = {"kind": "elastic", "subnet": obj.subnet.to_dict(),
+        described = {"kind": "elastic", "subnet": obj.subnet.to_dict(), "multiple_of": obj.multiple_of,
                      "dropout_list": None if obj.dropout_list is None else obj.dropout_list.to_json()}
     elif isinstance(obj, nn.Module):
         model, adapter, layout = obj, adapter_for(obj), STANDARD_LAYOUT
@@ -211,6 +213,7 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
     _unsaved_buffers_follow(model, tensors)
     if meta.get("dropout_list") is not None:
         elastic.dropout_list = DropoutList.from_json(meta["dropout_list"])
+    elastic.multiple_of = meta.get("multiple_of")  # absent (older files): the default
     if meta.get("subnet") is not None:
         elastic.set_subnet(subnet=Subnet.from_dict(meta["subnet"]))
     return elastic

@@ -6,7 +6,8 @@ whose interpreter is slow, so shapes marked big run on the other backends only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -48,6 +49,42 @@ def backend_dtype_shape_params(dtypes: tuple[torch.dtype, ...], shapes: list[tup
     return [pytest.param(b, d, *shape, id=f"{b}-{str(d).removeprefix('torch.')}-{shape_id(shape)}")
             for b in BACKENDS for d in dtypes if supports(b, d)
             for shape in shapes if not (shape[-1] and b == "triton")]
+
+
+def _param_id(value: object) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def sweep(axes: dict[str, Sequence], rotated: int, always: Callable[[tuple], bool] = lambda case: False
+          ) -> tuple[str, list[object]]:
+    """(argnames, params) for pytest.mark.parametrize: every combination of `axes`, the device check's quick
+    set unmarked and the rest marked gpu_sweep (`python -m benchmarks.gpu_check` deselects those; a plain
+    pytest runs every case).
+
+    axes: argnames -> values; "a,b" names a tuple-valued axis whose values are split over a and b. The quick
+    set rotates the last `rotated` axes instead of crossing them: a case is in it when its values on them are
+    the combination numbered (sum of its other axes' value indices) mod (their number of combinations), a Latin
+    square, so each value of another axis meets every rotated combination when the remaining axes have enough
+    values; or when always(case) (case: one value per axis). Why: on a GPU each new Triton autotune key (the
+    shape's size buckets, activation, bias, dtype) compiles and times every config, seconds each, so a full
+    cross product of epilogue options or layouts with shapes and dtypes costs minutes of JIT.
+    """
+    names = list(axes)
+    ranges = [range(len(axes[n])) for n in names]
+    k = len(names) - rotated  # the crossed axes come first
+    combos = list(itertools.product(*ranges[k:]))
+    params = []
+    for idx in itertools.product(*ranges):
+        case = tuple(axes[n][i] for n, i in zip(names, idx, strict=True))
+        quick = idx[k:] == combos[sum(idx[:k]) % len(combos)] or always(case)
+        values = [x for n, v in zip(names, case, strict=True) for x in (v if "," in n else (v,))]
+        params.append(pytest.param(*values, id="-".join(map(_param_id, case)),
+                                   marks=() if quick else pytest.mark.gpu_sweep))
+    return ",".join(names), params
 
 
 def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:

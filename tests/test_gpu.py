@@ -4,16 +4,22 @@ On a CUDA device (marked gpu): every public op, on the cuda and triton backends,
 fp32/fp16/bf16, ViT-B sizes (197 tokens, width 768, 12 heads of 64, MLP 3072) and odd ones, strided and
 misaligned layouts, extreme covariance weights; no host syncs; the device guard (2 devices). The attention
 ops (prefix_attention, prefix_attention_separate) have no CUDA C++ kernel: their CUDA backend is Triton's
-one kernel, tested here through both ops and through an elastic HF BERT on CUDA.
-On any machine: the CUDA build's arch list (and, with a CUDA build and cuobjdump, what the built library
-holds: PTX, 16-byte loads in taylor_scores, tensor-core MMAs in weighted_covariance), and the bf16/fp16
-covariance kernel's split-product arithmetic, emulated on CPU.
+one kernel, tested here through both ops and through an elastic HF BERT on CUDA. ElasticViT (a timm ViT, an
+HF BERT) without autograd (no_grad, inference_mode), fp32 and bf16, against extract() and the original model,
+on CUDA and (the same checks, in CI) on CPU.
+The sweeps' Triton combinations that autotuning makes costly and that others already cover are marked gpu_sweep
+(tests/kernel_helpers.py: sweep): `make gpu-check` leaves them out, a plain pytest runs them.
+On any machine: the default CUDA arch list (and, with a CUDA build and cuobjdump, what the built library
+holds: exactly the SASS and PTX of the arch list setup.py recorded for it, 16-byte loads in taylor_scores,
+tensor-core MMAs in weighted_covariance), and the bf16/fp16 covariance kernel's split-product arithmetic,
+emulated on CPU.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_helpers import sweep
 
 import skd_kernels
 from skd_kernels import reference
@@ -37,9 +44,15 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 5e-3), torch.bfloat16:
 STAT_TOL = 2e-5
 
 
+# A test (or parameter) that needs CUDA: marked gpu, skipped without a CUDA device.
+CUDA_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
 def on_cuda(test: object) -> object:
     """Marks a test gpu and skips it without a CUDA device."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 def _require(backend: str, device: str = "cuda") -> None:
@@ -95,10 +108,24 @@ def _setup_constant(name: str) -> object:
     raise AssertionError(f"setup.py defines no {name}")
 
 
+def _compiled_archs(arch_list: str) -> tuple[set[str], set[str]]:
+    """(SASS, PTX) that torch.utils.cpp_extension compiles a TORCH_CUDA_ARCH_LIST to, as cuobjdump names them:
+    "8.0;9.0+PTX" -> ({"sm_80", "sm_90"}, {"sm_90"}) (an entry's +PTX adds its compute_XY PTX to the SASS)."""
+    sass, ptx = set(), set()
+    for entry in filter(None, arch_list.replace(" ", ";").split(";")):
+        m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
+        assert m, f"arch list entry {entry!r} is not X.Y[a][+PTX]"
+        sass.add(f"sm_{m[1]}{m[2]}{m[3]}")
+        if m[4]:
+            ptx.add(f"sm_{m[1]}{m[2]}{m[3]}")
+    return sass, ptx
+
+
 def test_default_arch_list_ships_ptx_for_newer_gpus() -> None:
-    archs = _setup_constant("DEFAULT_CUDA_ARCH_LIST").split(";")
+    default = _setup_constant("DEFAULT_CUDA_ARCH_LIST")
     # SASS for A100 and H100, and PTX of the newest, which the driver compiles for any later GPU.
-    assert {"8.0", "9.0+PTX"} <= set(archs), archs
+    assert {"8.0", "9.0+PTX"} <= set(default.split(";")), default
+    assert _compiled_archs(default) == ({"sm_80", "sm_90"}, {"sm_90"})
     assert 'os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)' in (ROOT / "setup.py").read_text()
 
 
@@ -128,16 +155,34 @@ def _cuda_library() -> Path:
     return Path(_C.__file__)
 
 
-def test_built_library_holds_sm80_sm90_and_ptx() -> None:
+def _built_arch_list(lib: Path) -> str:
+    """The TORCH_CUDA_ARCH_LIST `lib` was compiled for, from setup.py's record beside it (a library built
+    before setup.py wrote records was built with the default list, as the gpu check then did too)."""
+    record = lib.with_name(_setup_constant("BUILD_RECORD"))
+    if not record.exists():
+        print(f"no {record.name}: a library built before the record, with the default arch list")
+        return _setup_constant("DEFAULT_CUDA_ARCH_LIST")
+    return json.loads(record.read_text())["cuda_arch_list"]
+
+
+def test_built_library_holds_its_arch_list() -> None:
+    """Exactly the SASS and PTX of the arch list it was built with: the default (the CPU-side test above checks
+    that it holds sm_80, sm_90 and PTX), or the present GPU's alone when `make gpu-check` built it."""
     lib, tool = _cuda_library(), _cuobjdump()
     elf = subprocess.run([tool, "--list-elf", str(lib)], capture_output=True, text=True, check=True).stdout
     ptx = subprocess.run([tool, "--list-ptx", str(lib)], capture_output=True, text=True, check=True).stdout
-    assert "sm_80" in elf and "sm_90" in elf, elf
-    assert "sm_90" in ptx, f"no compute_90 PTX in {lib.name}: {ptx!r}"
+    arch_list = _built_arch_list(lib)
+    sass_want, ptx_want = _compiled_archs(arch_list)
+    print(f"built for {arch_list!r}:\n{elf}{ptx}")
+    assert set(re.findall(r"\.(sm_\w+?)\.cubin", elf)) == sass_want, elf
+    assert set(re.findall(r"\.(sm_\w+?)\.ptx", ptx)) == ptx_want, f"PTX in {lib.name}: {ptx!r}"
 
 
 def _sass_by_kernel(lib: Path) -> dict[str, str]:
-    out = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90", str(lib)], capture_output=True, text=True,
+    """Per kernel, its SASS for the newest arch the library was built for."""
+    sass, _ = _compiled_archs(_built_arch_list(lib))
+    newest = max(sass, key=lambda a: int(re.sub(r"\D", "", a)))
+    out = subprocess.run([_cuobjdump(), "-sass", "-arch", newest, str(lib)], capture_output=True, text=True,
                          check=True).stdout
     parts = re.split(r"\n\s*Function : (\S+)\n", out)
     return dict(zip(parts[1::2], parts[2::2], strict=True))
@@ -283,11 +328,12 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 TAYLOR_SHAPES = [(1, 197, 3), (2, 197, 129), (3, 197, 264), (2, 16, 8), (1, 1, 1), (4, 33, 3072)]
 
 
+# The CUDA C++ kernel has per-layout paths (vector loads need contiguous, aligned rows): every combination
+# is in the device check's quick set. Triton's one path takes any strides: there layouts are rotated.
 @on_cuda
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
-@pytest.mark.parametrize("shape", TAYLOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("layout", ("contiguous", "strided", "misaligned", "channels_first"))
+@pytest.mark.parametrize(*sweep({"backend": BACKENDS, "dtype": (*DTYPES, torch.float64), "shape": TAYLOR_SHAPES,
+                                 "layout": ("contiguous", "strided", "misaligned", "channels_first")},
+                                rotated=1, always=lambda case: case[0] == "cuda"))
 def test_taylor_scores_odd_sizes_and_layouts(backend: str, dtype: torch.dtype, shape: tuple[int, int, int],
                                              layout: str) -> None:
     _require(backend)
@@ -314,13 +360,14 @@ def test_prefix_linear_vit_b_mlp(backend: str, dtype: torch.dtype, k_in: int, k_
         _check_prefix(x, weight, bias, k_in, k_out, activation)
 
 
+# Every combination on the CUDA C++ backend (milliseconds each); on Triton, where each (size buckets,
+# activation, bias, dtype) autotunes 8 configs, the epilogue options are rotated in the quick set.
 @on_cuda
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rows", "k_in", "k_out"), [(1, 0, 1), (1, 1, 0), (0, 0, 5), (197, 1, 1), (197, 129, 33),
-                                                     (3, 7, 257)])
-@pytest.mark.parametrize("activation", ("none", "gelu", "gelu_tanh"))
-@pytest.mark.parametrize("with_bias", (True, False))
+@pytest.mark.parametrize(*sweep({"backend": BACKENDS, "dtype": DTYPES,
+                                 "rows,k_in,k_out": [(1, 0, 1), (1, 1, 0), (0, 0, 5), (197, 1, 1), (197, 129, 33),
+                                                     (3, 7, 257)],
+                                 "activation": ("none", "gelu", "gelu_tanh"), "with_bias": (True, False)},
+                                rotated=2, always=lambda case: case[0] == "cuda"))
 def test_prefix_linear_odd_sizes(backend: str, dtype: torch.dtype, rows: int, k_in: int, k_out: int,
                                  activation: str, with_bias: bool) -> None:
     _require(backend)
@@ -348,7 +395,7 @@ def test_prefix_linear_grads_vit_b(backend: str) -> None:
 
 # (S, N, H, r): ViT-B at full head width, Swin windows (49 tokens) at 1/2, odd N and r, one token. Two head
 # tiles (BLOCK_D 64 and 16) only: every (dtype, BLOCK_D, bias) compiles each autotune config, and
-# `make gpu-check` gives these tests three minutes on a fresh machine.
+# `make gpu-check` gives all its GPU tests 160 s on a fresh machine.
 ATTENTION_SHAPES = [(64, 197, 12, 64), (16, 49, 3, 16), (4, 65, 12, 5), (2, 1, 1, 1)]
 ATTENTION_OPS = ("prefix_attention", "prefix_attention_separate")
 
@@ -460,6 +507,81 @@ def test_elastic_hf_bert_runs_the_triton_attention_when_forced() -> None:
             _close(got.cpu(), want, torch.float32, relative_to_max=True)
 
 
+def _elastic_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """(a tiny random model, its keyword inputs; the key "" is the positional one) on CPU in fp32: a timm ViT
+    (2 blocks of 3 heads of 64, MLP 768, 17 tokens; images (3, 3, 32, 32)) or an HF BERT from a local config
+    (2 blocks of 4 heads of 8; token ids and a padding mask (3, 9))."""
+    if family == "hf_bert":
+        pytest.importorskip("transformers", reason="needs transformers (the HF BERT model)")
+        import hf_helpers
+
+        return hf_helpers.tiny("BertModel"), hf_helpers.inputs("BertModel")
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    with torch.no_grad():  # random init leaves biases and LayerNorms at 0/1: make every term matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, {"": torch.randn(3, 3, 32, 32)}
+
+
+def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """model's output tensor on `inputs` (_elastic_case's): timm's, or an HF output's main one."""
+    out = model(inputs[""]) if "" in inputs else model(**inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    import hf_helpers
+
+    return hf_helpers.main_output(out)
+
+
+# Relative error (max |a - b| / max |b|) between two CUDA routes through the same weights: fp32 kernels
+# differ in summation order only; bf16 rounds every activation (8 mantissa bits) through 2 blocks.
+ELASTIC_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=CUDA_MARKS)))
+@pytest.mark.parametrize("family", ("timm_vit", "hf_bert"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, device: str) -> None:
+    """ElasticViT in `dtype` under `mode`, the subnet set inside it: at full width equal to the original model
+    and to the extract()ed one, at a narrow subnet (odd widths) to the extract()ed one. Without autograd the
+    bound prefix_linear skips the op's autograd wrapper: on CUDA it once took the CPU oneDNN shortcut for CUDA
+    weights and raised (found on an H200 by elastic_latency.py). The CPU cases run the same checks in CI."""
+    import copy
+
+    from elastic_oracle import rel_err
+
+    from skd import ElasticViT, Subnet
+
+    model, inputs = _elastic_case(family)
+    original = copy.deepcopy(model).to(device, dtype)
+    elastic = ElasticViT(model).eval().to(device, dtype)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    narrow = Subnet(attn=[d // 2 + 1 for d in elastic.head_dims[:-1]] + [1],
+                    mlp=[h // 3 + 1 for h in elastic.hiddens[:-1]] + [3])
+    tol = ELASTIC_TOL[dtype]
+    with GRAD_MODES[mode]():
+        got = {}
+        for name, subnet in (("full", Subnet(attn=elastic.head_dims, mlp=elastic.hiddens)), ("narrow", narrow)):
+            y = _model_output(elastic.set_subnet(subnet=subnet), inputs)
+            dense = _model_output(elastic.extract(), inputs)
+            assert y.device.type == device and y.dtype == dtype and torch.isfinite(y).all()
+            err = rel_err(y.float(), dense.float())
+            print(f"{family} {dtype} {mode} {name} {subnet}: elastic vs extract {err:.2e}")
+            assert err <= tol
+            got[name] = y
+        err = rel_err(got["full"].float(), _model_output(original, inputs).float())
+        print(f"full width vs the original model {err:.2e}")
+        assert err <= tol
+    # not a vacuous match: the narrow subnet's output is far from the full one (0.94 timm, 0.12 BERT on CPU)
+    err = rel_err(got["narrow"].float(), got["full"].float())
+    print(f"narrow vs full width {err:.2e}")
+    assert err > 2 * tol
+
+
 def _needs_memory(gib: int) -> None:
     if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
         pytest.skip(f"needs a CUDA device with {gib} GiB")
@@ -467,9 +589,13 @@ def _needs_memory(gib: int) -> None:
 
 # Past 2^31 elements: offsets such as column * stride of a transposed view must be 64-bit.
 BIG = 2**31 + 2**20
+# Tests that need a 40 GiB device run one after another on one pytest-xdist worker (--dist loadgroup, as the
+# device check runs them): several at once could run the device out of memory.
+BIG_MEMORY = pytest.mark.xdist_group("big_memory")
 
 
 @on_cuda
+@BIG_MEMORY
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
     _require(backend)
@@ -490,6 +616,7 @@ def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
 
 
 @on_cuda
+@BIG_MEMORY
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_taylor_scores_offsets_past_2_31(backend: str) -> None:
     _require(backend)

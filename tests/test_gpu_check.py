@@ -1,4 +1,5 @@
-"""`python -m benchmarks.gpu_check --dry`: the device check runs to completion on CPU and writes its report."""
+"""`python -m benchmarks.gpu_check --dry`: the device check runs to completion on CPU and writes its report;
+its pieces that decide what runs on the device (limits, pytest flags, failing-test names, the sanitizer's plan)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from benchmarks import gpu_check
+import pytest
+import torch
+
+from benchmarks import gpu_check, sanitizer_driver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,10 +26,11 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     text = report.read_text()
     print(text)
     assert p.returncode == 0, p.stdout + p.stderr
-    for section in gpu_check.SECTIONS:
-        assert f"\n## {section}\n" in text, f"no {section} section"
+    headings = re.findall(r"^## (\w+)$", text, flags=re.M)
+    assert tuple(headings) == gpu_check.SECTIONS, headings  # every section, most valuable first
     # The summary table: one row per step, each ok, or skipped with its reason in the step's section.
-    steps = re.findall(r"^\| (\w+) \| (.+?) \| (.+?) \| [\d.]+ \|$", text, flags=re.M)
+    summary = text.split("\n## ", 1)[0]
+    steps = re.findall(r"^\| (\w+) \| (.+?) \| (.+?) \| [\d.]+ \|$", summary, flags=re.M)
     assert {sec for sec, _, _ in steps} == set(gpu_check.SECTIONS)
     for sec, name, status in steps:
         assert status in ("ok", "skipped"), f"{sec} / {name}: {status}"
@@ -33,6 +39,133 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     for name in skipped:
         reason = text.split(f"### {name}: skipped", 1)[1].split("###", 1)[0]
         assert "CUDA" in reason or "dry run" in reason, f"{name} is skipped without a reason: {reason!r}"
-    assert "driver ok" in text  # the sanitizer's driver ran every op on the tail shapes
-    assert "taylor_scores" in text.split("## Benchmarks", 1)[1]  # the benchmark table has rows
-    assert "CUDA kernel times skipped" in text
+    section = {sec: text.split(f"\n## {sec}\n", 1)[1].split("\n## ", 1)[0] for sec in gpu_check.SECTIONS}
+    assert "failed: none" in section["Tests"] and "-m not gpu_sweep" in section["Tests"]
+    junit = tmp_path / "report-junit.xml"
+    assert junit.exists() and re.search(r"junit \(report-junit.xml\): \d+ tests: [1-9]\d* passed, 0 failed",
+                                        section["Tests"])
+    # Elastic on CPU at the digits ViT's size: its markdown table, one row per MACs fraction and width granularity.
+    extra = gpu_check.ELASTIC_EXTRA_ARGS
+    granularities = len(extra[extra.index("--multiple-of") + 1:]) if "--multiple-of" in extra else 1
+    rows = re.findall(r"^\| vit_digits \| 1 \| fp32 \|", section["Elastic"], flags=re.M)
+    assert len(rows) == 5 * granularities
+    assert "driver ok" in section["Sanitizer"]  # the sanitizer's driver ran every op on the tail shapes
+    assert "taylor_scores" in section["Benchmarks"]  # the benchmark table has rows
+    assert "CUDA kernel times skipped" in section["Profile"]
+
+
+def test_limits_fit_the_lease() -> None:
+    """The steps' limits and the whole call's fit in 8 minutes, leaving a 15-minute lease room for the
+    machine's start and a rerun of a short check."""
+    assert sum(gpu_check.LIMITS.values()) <= gpu_check.TOTAL_LIMIT <= 480
+    assert gpu_check.TEST_GRACE < gpu_check.LIMITS["tests"] // 4
+
+
+def test_pytest_command_uses_the_plugins_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    junit = tmp_path / "j.xml"
+    assert gpu_check._version("pytest") >= (7,) and gpu_check._version("no-such-distribution") == (0,)
+    monkeypatch.setattr(gpu_check, "importable", lambda module: True)
+    monkeypatch.setattr(gpu_check, "_version", lambda distribution: (3, 8))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cmd = gpu_check.pytest_command(True, junit)
+    assert cmd[cmd.index("-n") + 1] == "8" and f"--timeout={gpu_check.TEST_TIMEOUT}" in cmd
+    assert "--dist loadgroup" in " ".join(cmd)
+    assert {"-v", "-rfE", f"--junitxml={junit}"} <= set(cmd) and "-m not gpu_sweep" in " ".join(cmd)
+    assert cmd[-2:] == list(gpu_check.TEST_FILES)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(gpu_check, "_version", lambda distribution: (2, 4))  # before loadgroup
+    older = gpu_check.pytest_command(True, junit)
+    assert older[cmd.index("-n") + 1] == "2" and "--dist" not in older
+    monkeypatch.setattr(gpu_check, "importable", lambda module: False)
+    bare = gpu_check.pytest_command(False, junit)
+    assert "-n" not in bare and not any(a.startswith("--timeout") for a in bare)
+    assert bare[-1] == gpu_check.TEST_FILES[0]
+
+
+def test_failing_tests_are_named_from_verbose_output() -> None:
+    """xdist's lines, plain -v lines and the -rfE summary; each test once, in order; passes ignored."""
+    output = "\n".join([
+        "[gw3] [ 12%] PASSED tests/test_gpu.py::test_a[cuda-float32]",
+        "[gw1] [ 13%] FAILED tests/test_gpu.py::test_b[triton-bfloat16-1x0x1-none-False]",
+        "tests/test_triton_kernels.py::test_c[float16] FAILED                   [ 50%]",
+        "tests/test_gpu.py::test_d ERROR",
+        "tests/test_gpu.py::test_e SKIPPED (no CUDA device)",
+        "ERROR tests/test_broken.py",
+        "FAILED tests/test_gpu.py::test_b[triton-bfloat16-1x0x1-none-False] - AssertionError: x",
+    ])
+    assert gpu_check.failing_tests(output) == ["tests/test_gpu.py::test_b[triton-bfloat16-1x0x1-none-False]",
+                                               "tests/test_triton_kernels.py::test_c[float16]",
+                                               "tests/test_gpu.py::test_d", "tests/test_broken.py"]
+
+
+def test_tests_past_the_deadline_are_skipped_and_counted(tmp_path: Path) -> None:
+    """tests/conftest.py skips tests once SKD_TEST_DEADLINE has passed; the junit summary counts them."""
+    junit = tmp_path / "j.xml"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SKD_TEST_DEADLINE": "0"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                        "tests/test_gpu.py::test_default_arch_list_ships_ptx_for_newer_gpus"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert gpu_check.junit_summary(junit) == "1 tests: 0 passed, 0 failed, 0 errors, 1 skipped (1 of them: the " \
+                                             "step's time spent)"
+
+
+def test_sanitizer_runs_triton_in_one_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sanitizer_driver, "backends_for", lambda device: ["cuda", "triton"])
+    plan = gpu_check.sanitizer_plan(torch.device("cuda"))
+    assert plan == ["cuda", f"triton:{gpu_check.SANITIZER_TRITON_DTYPE}"]
+    parsed = dict(map(sanitizer_driver.parse_backend, plan))
+    assert parsed == {"cuda": sanitizer_driver.DTYPES, "triton": (torch.bfloat16,)}
+    with pytest.raises(ValueError, match="unknown dtype"):
+        sanitizer_driver.parse_backend("triton:bf16")
+
+
+def test_a_command_past_its_limit_is_stopped_with_its_children() -> None:
+    """run_process returns at the limit with what the command printed, even when a child of it (an xdist
+    worker, the sanitizer's target) would hold the output pipe open; an interrupted python prints its
+    KeyboardInterrupt (pytest: its summary) before the kill."""
+    child = "import time; time.sleep(60)"
+    script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print('started', flush=True); time.sleep(60)")
+    t0 = time.monotonic()
+    r = gpu_check.run_process([sys.executable, "-c", script], limit=gpu_check.STOP_GRACE + 2)
+    assert time.monotonic() - t0 < gpu_check.STOP_GRACE + 10
+    assert r.status.startswith("TIMEOUT") and "started" in r.stdout and "KeyboardInterrupt" in r.stderr
+    ok = gpu_check.run_process([sys.executable, "-c", "print('x')"], limit=60)
+    assert (ok.status, ok.stdout) == ("ok", "x\n")
+    assert gpu_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], limit=60).status == "FAIL (exit 3)"
+
+
+def test_build_targets_the_present_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device's own arch unless TORCH_CUDA_ARCH_LIST says otherwise (the command is captured, not run)."""
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_command", lambda name, cmd, limit, env: ran.append((cmd, env))
+                        or gpu_check.Step(name, "ok", 0.0, ""))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    step = gpu_check.build(True, gpu_check.Budget())
+    cmd, env = ran[-1]
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and step.text.startswith("TORCH_CUDA_ARCH_LIST=9.0")
+    assert cmd[-3:] == ["-q", "build_ext", "--inplace"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    gpu_check.build(True, gpu_check.Budget())
+    assert ran[-1][1]["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+
+
+def test_sanitizer_steps_run_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """memcheck and racecheck start together, each on the driver's reduced plan, without the caching allocator
+    (a stand-in compute-sanitizer prints its arguments and sleeps)."""
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text('#!/bin/sh\necho "$@" "caching=$PYTORCH_NO_CUDA_MEMORY_CACHING"\nsleep 2\n')
+    tool.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "find_tool", lambda name: str(tool))
+    monkeypatch.setattr(sanitizer_driver, "backends_for", lambda device: ["cuda", "triton"])
+    t0 = time.monotonic()
+    memcheck, racecheck = gpu_check.sanitizer(True, gpu_check.Budget())
+    assert time.monotonic() - t0 < 3.5  # side by side: not 2 + 2 s
+    for step, check in ((memcheck, "memcheck"), (racecheck, "racecheck")):
+        assert (step.name, step.status) == (check, "ok")
+        printed = step.text.splitlines()[-1]
+        assert f"--tool {check} --error-exitcode 3" in printed and printed.endswith("caching=1")
+        assert "-m benchmarks.sanitizer_driver --device cuda --backend cuda --backend triton:bfloat16" in printed
+    assert "--racecheck-report all" in racecheck.text and "--racecheck-report" not in memcheck.text

@@ -21,7 +21,7 @@ from ..errors import UnsupportedModelError
 from ..models import ModelAdapter, adapter_for
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
-from .budget import Budgets, LatencyTable
+from .budget import Budgets, LatencyTable, default_multiple_of
 from .layout import RankMajorLayout, store_columns_
 from .plan import Plan
 from .symbolic import symbolic_widths
@@ -43,9 +43,13 @@ class ElasticViT(nn.Module):
     prefix-truncated (qk_norm, scale_norm, gated attention, unknown architectures).
     `torch.compile(elastic)` traces the widths as symbols: one graph serves every subnet set by
     `set_subnet` that skips the same branches (width 0) (skd/elastic/symbolic.py).
+    multiple_of: the granularity of the widths `set_subnet(keep=, macs=, latency_ms=)` choose (see the
+    `multiple_of` property); None: 8 where every head dim and hidden size is a multiple of 8 and every
+    head dim is >= 64, else 1 (floor-uniform widths).
     """
 
-    def __init__(self, model: nn.Module, dropout_list: DropoutList | None = None) -> None:
+    def __init__(self, model: nn.Module, dropout_list: DropoutList | None = None,
+                 multiple_of: int | None = None) -> None:
         super().__init__()
         adapter = adapter_for(model)
         reasons = [r for spec in adapter.blocks for r in spec.blocking]
@@ -59,6 +63,7 @@ class ElasticViT(nn.Module):
         self._budgets = Budgets(adapter.blocks, adapter.other_macs())
         self.head_dims = self._budgets.head_dims
         self.hiddens = self._budgets.hiddens
+        self.multiple_of = multiple_of
         self._activate(self._budgets.full)
         self._dropout_list: DropoutList | None = None
         self.dropout_list = dropout_list
@@ -139,9 +144,31 @@ class ElasticViT(nn.Module):
         subnet.validate(self.head_dims, self.hiddens)
         return subnet
 
+    @property
+    def multiple_of(self) -> int:
+        """The granularity g of the widths that `set_subnet(keep=, macs=, latency_ms=)` and `uniform`
+        choose: multiples of g, a module's full width, or 0. g = 1: floor(t*n) of every module, the uniform
+        subnets. g > 1: each head keeps the allowed width nearest its share, the MLPs (finer steps) take the
+        rest of the budget (skd/elastic/budget.py); on GPU, head dims that are multiples of 8 keep SDPA's
+        flash kernels and aligned GEMM sizes the tensor cores. Explicit `subnet=` and dropout-list budgets
+        (`index=`, `macs=` along a list) are never aligned. Set None for the default (class docstring)."""
+        return self._budgets.multiple_of
+
+    @multiple_of.setter
+    def multiple_of(self, value: int | None) -> None:
+        g = default_multiple_of(self.head_dims, self.hiddens) if value is None else check_int("multiple_of", value, 1)
+        if g != self._budgets.multiple_of:
+            self._budgets = Budgets(self.adapter.blocks, self.adapter.other_macs(), g)
+
     def uniform(self, keep: float) -> Subnet:
-        """The subnet keeping floor(keep * n) dims of every module (every head, every MLP)."""
+        """The subnet keeping the fraction `keep` of every module: floor(keep * n) dims of every head and MLP
+        (multiple_of 1), else each head's allowed width nearest keep * hd and each MLP's floor one."""
         return self._budgets.uniform(keep)
+
+    def narrowest(self) -> Subnet:
+        """The smallest subnet a budget (macs=, latency_ms=) can choose that keeps any width: the end of the
+        dropout list, else the smallest non-empty uniform (or aligned) subnet."""
+        return self._budgets.narrowest(self._dropout_list)
 
     def set_subnet(
         self,
@@ -154,10 +181,11 @@ class ElasticViT(nn.Module):
     ) -> ElasticViT:
         """Choose the active subnetwork by exactly one of:
 
-        subnet: explicit per-block widths; keep: the same fraction of every module (floor(keep*n));
+        subnet: explicit per-block widths; keep: the same fraction of every module (`uniform`);
         macs: the largest subnet with MACs/sample <= macs * full (along the dropout list if any, else
-        uniform); index: the dropout list's first `index` units dropped; latency_ms: the largest subnet
-        predicted under that latency by the table `profile_latency` measured. Returns self.
+        uniform, at widths that are multiples of `multiple_of`); index: the dropout list's first `index`
+        units dropped; latency_ms: the largest subnet predicted under that latency by the table
+        `profile_latency` measured (as macs=). Returns self.
         No weight is copied or allocated.
         """
         given = {k: v for k, v in dict(subnet=subnet, keep=keep, macs=macs, index=index,

@@ -205,7 +205,7 @@ class PIADTrainer:
 
     def smallest_subnet(self) -> Subnet:
         """The subnet trained at the list target: the list's end ("piad"), else the largest uniform subnet
-        within target_macs (the baselines have no list)."""
+        within target_macs at the ElasticViT's width granularity (`multiple_of`; the baselines have no list)."""
         if self.method == "piad":
             return self.dropout_list.subnet(len(self.dropout_list))
         with eval_mode(self.elastic) as el:
