@@ -340,14 +340,20 @@ def test_files_without_fits_load_as_before_and_bad_fits_are_refused(tmp_path: Pa
 
 
 # ------------------------------------------------------------------------------ compile and autocast
-def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
-    """Under torch.compile the plan is unbound: the corrected q rows are computed in the graph with symbolic
-    widths. ViT-Ti's head dim 64 has fits for r <= 16: keep 0.25 (r = 16) is fitted, 0.5, 0.75 and full are
-    not; the guard r <= R splits them into two graphs."""
+def _fitted_vit_tiny() -> nn.Module:
+    """A 2-block ViT-Ti at 32 px (head dim 64: fits for r <= 16), perturbed, with random fits stored."""
     torch.manual_seed(0)
     model = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
                                          num_classes=10), 0.05)
     _set_fits(model)
+    return model
+
+
+def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
+    """Under torch.compile the plan is unbound: the corrected q rows are computed in the graph with symbolic
+    widths. ViT-Ti's head dim 64 has fits for r <= 16: keep 0.25 (r = 16) is fitted, 0.5, 0.75 and full are
+    not; the guard r <= R splits them into two graphs."""
+    model = _fitted_vit_tiny()
     elastic = skd.ElasticViT(model).eval()
     x = torch.randn(2, 3, 32, 32)
     compiled, counter = compiled_counting(elastic, fullgraph=True)
@@ -362,10 +368,7 @@ def test_compiled_model_gives_the_eager_outputs_in_at_most_two_graphs() -> None:
 
 def test_compiled_training_gives_the_eager_gradients_in_at_most_two_graphs() -> None:
     """Forward and backward under torch.compile (AOTAutograd) with a fit stored: gradients equal eager's."""
-    torch.manual_seed(0)
-    model = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
-                                         num_classes=10), 0.05)
-    _set_fits(model)
+    model = _fitted_vit_tiny()
     elastic = skd.ElasticViT(model).train()
     x = torch.randn(2, 3, 32, 32)
     compiled, counter = compiled_counting(elastic, "aot_eager", fullgraph=True)
