@@ -63,9 +63,22 @@ def _masked(a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return a if w is None else a * w[:, None, :, None] * w[:, None, None, :]
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_c x[..., c] y[..., c]: (...,) of x, y (..., C), as a batched GEMM of one-row matrices (faster here
+    than a product and a sum); into `out` (..., possibly a strided view, e.g. a column of a buffer) if given."""
+    c = x.shape[-1]
+    res = torch.bmm(x.reshape(-1, 1, c), y.reshape(-1, c, 1), out=None if out is None else out.view(-1, 1, 1))
+    return res.view(x.shape[:-1]) if out is None else out
+
+
 class JointQK:
     """Per block, per head: Σa (H,), Σ a q (H, hd), Σ a q qᵀ (H, hd, hd) of the queries and the same of
-    the keys (weights in the module docstring), float64; None for qk_norm blocks."""
+    the keys (weights in the module docstring), float64; None for qk_norm blocks.
+
+    The output metric G = W_o,hᵀ W_o,h enters through a factor L (L Lᵀ = G, from G's eigendecomposition in
+    float64, so a singular G is fine): with v' = v L and c' = ctx L, ‖W_o,h (v_j − ctx_i)‖² = ‖v'_j − c'_i‖².
+    A block's factor is computed at its first update and reused while its W_o stays equal (checked per
+    update: weights do not change during a calibration, and a changed W_o gets a new factor)."""
 
     def __init__(self, blocks: list[BlockSpec], device: torch.device) -> None:
         self.blocks = blocks
@@ -74,46 +87,63 @@ class JointQK:
                         {n: [torch.zeros(s.num_heads, **f64), torch.zeros(s.num_heads, s.head_dim, **f64),
                              torch.zeros(s.num_heads, s.head_dim, s.head_dim, **f64)] for n in "qk"}
                         for s in blocks]
+        # per block: (W_o the factor was computed from, [L, 0, 0] (H, hd, hd + 2) float64) or None
+        self._factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
+
+    def _factor(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """(H, hd, hd + 2) [L, 0, 0] of block i in `dtype`: L (H, hd, hd) with L Lᵀ = W_o,hᵀ W_o,h; the two
+        zero columns make v @ it leave room for the GEMM operands' extra columns."""
+        spec = self.blocks[i]
+        w_o = spec.proj.weight.detach()
+        cached = self._factors[i]
+        if cached is None or not torch.equal(cached[0], w_o):
+            h, hd = spec.num_heads, spec.head_dim
+            w = w_o.double().view(-1, h, hd).transpose(0, 1)  # (H, D_out, hd)
+            eigenvalues, eigenvectors = torch.linalg.eigh(w.mT @ w)
+            ext = w.new_zeros(h, hd, hd + 2)
+            ext[..., :hd] = eigenvectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]  # PSD: negatives are rounding
+            cached = self._factors[i] = (w_o.clone(), ext)
+        return cached[1].to(dtype)
 
     def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                w: torch.Tensor | None) -> None:
-        spec, acc = self.blocks[i], self.moments[i]
+        acc = self.moments[i]
         if acc is None:
             return
-        h, hd = spec.num_heads, spec.head_dim
-        w_o = spec.proj.weight.view(-1, h, hd).transpose(0, 1).to(v.dtype)  # (H, D_out, hd)
-        metric = w_o.mT @ w_o  # (H, hd, hd): ‖W_o,h x‖² = xᵀ metric x, cheaper than forming W_o,h x
-        ctx = a @ v
-        vm, cm = v @ metric[None], ctx @ metric[None]  # (S, H, N, hd)
-        vgv, cgc = (vm * v).sum(-1, keepdim=True), (cm * ctx).sum(-1, keepdim=True)  # (S, H, N, 1)
-        # a_i = Σ_j w_ij and b_j = Σ_i w_ij, w_ij = A_ij² (vGv_j − 2 ctx_iᵀ G v_j + cGc_i), as two GEMMs with
-        # hd + 2 columns, not by forming w (S, H, N, N) (~6 passes over it). `_masked`'s padding masks (query
-        # rows, key columns) go on the rows each GEMM sums over (keys for a, queries for b) and on the results.
+        s, h, n, hd = q.shape
+        c = hd + 2
+        # a_i = Σ_j w_ij and b_j = Σ_i w_ij, w_ij = A_ij² ‖v'_j − c'_i‖², as two GEMMs of A² with hd + 2 columns,
+        # not by forming w (S, H, N, N): with P = [v', ‖v'‖², 1] and C = [−2c', 1, ‖c'‖²] per token,
+        # a_i = C_i · (A² P)_i and b_j = P_j · (A²ᵀ C)_j. `_masked`'s padding masks (query rows, key columns)
+        # go on P's and C's rows: each GEMM then sums over real tokens only and each dot is 0 for a padding one.
+        p = v @ self._factor(i, v.dtype)  # [v', 0, 0] (S, H, N, c)
+        # C from the unmasked v' (c' is the model's own ctx L), before P's extra columns are filled
+        cq = torch.baddbmm(p.view(s * h, n, c), a.reshape(s * h, n, n), p.view(s * h, n, c), beta=0, alpha=-2)
+        cq = cq.view(s, h, n, c)  # [−2c', 0, 0]
+        _dot(p[..., :hd], p[..., :hd], out=p[..., hd])
+        p[..., hd + 1] = 1
+        cq[..., hd] = 1
+        _dot(cq[..., :hd], cq[..., :hd], out=cq[..., hd + 1])
+        cq[..., hd + 1] *= 0.25  # ‖−2c'‖² / 4
+        if w is not None:
+            mask = w[:, None, :, None].to(a.dtype)  # (S, 1, N, 1)
+            p.mul_(mask)
+            cq.mul_(mask)
         a2 = a.square()
-        mask = None if w is None else w[:, None, :, None].to(a.dtype)  # (S, 1, N, 1)
-        ones = torch.ones_like(vgv)
-        by_key = torch.cat([v, vgv, ones], -1)
-        by_query = torch.cat([cm, cgc, ones], -1)
-        if mask is not None:  # in place: both are fresh
-            by_key.mul_(mask)
-            by_query.mul_(mask)
-        rows = a2 @ by_key  # Σ_j a²_ij [v_j, vGv_j, 1]  (S, H, N, hd + 2)
-        cols = a2.mT @ by_query  # Σ_i a²_ij [cm_i, cGc_i, 1]
-        q_weight = rows[..., hd] - 2 * (cm * rows[..., :hd]).sum(-1) + cgc[..., 0] * rows[..., hd + 1]
-        k_weight = vgv[..., 0] * cols[..., hd + 1] - 2 * (v * cols[..., :hd]).sum(-1) + cols[..., hd]
-        if mask is not None:
-            q_weight.mul_(mask[..., 0])
-            k_weight.mul_(mask[..., 0])
+        q_weight = _dot(cq, a2 @ p)  # (S, H, N)
+        k_weight = _dot(p, a2.mT @ cq)
         # sums of non-negative terms: a negative total is rounding
         q_weight.clamp_min_(0)
         k_weight.clamp_min_(0)
-        for name, x, weight in (("q", q, q_weight), ("k", k, k_weight)):  # weight (S, H, N)
-            x = x.transpose(0, 1).reshape(h, -1, hd)  # (H, S*N, hd)
-            weight = weight.transpose(0, 1).reshape(h, -1)
+        for name, x, weight in (("q", q, q_weight), ("k", k, k_weight)):
+            x = x.transpose(0, 1).reshape(h, -1, hd)  # (H, S*N, hd), a view for the model's q/k layouts
+            weight = weight.transpose(0, 1).reshape(h, -1, 1)
+            # into a contiguous buffer: laid out like x (strided rows), the product costs about twice as much
+            weighted = torch.mul(x, weight, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
             total, first, second = acc[name]
-            total += weight.sum(-1).double()
-            first += torch.einsum("ht,htd->hd", weight, x).double()
-            second += ((x * weight[..., None]).mT @ x).double()
+            total += weight.sum((1, 2)).double()
+            first += weighted.sum(1).double()
+            second += (weighted.mT @ x).double()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for acc in self.moments if acc is not None for n in "qk" for t in acc[n]]

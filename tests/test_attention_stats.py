@@ -278,6 +278,39 @@ def test_joint_qk_update_equals_the_formed_pair_weights(dtype: torch.dtype, padd
             torch.testing.assert_close(got, r, rtol=tol, atol=tol * float(r.abs().max()))
 
 
+def test_joint_qk_metric_factor_follows_w_o_and_allows_a_singular_metric() -> None:
+    """JointQK reuses a block's factor of W_o,hᵀW_o,h across updates only while W_o is unchanged: after an
+    in-place change of proj's weight, the next update uses the new metric. A rank-deficient W_o,h (a singular
+    metric: head 0's output reads only two of its value dims) is fine. Oracle: the formed pair weights, summed over
+    both updates (float64)."""
+    model, _ = model_and_data("vit_cls")
+    spec = adapter_for(model).blocks[0]
+    h, hd = spec.num_heads, spec.head_dim
+    g = torch.Generator().manual_seed(12)
+    s, n = 3, 11
+    acc = JointQK([spec], torch.device("cpu"))
+    refs = {name: [0, 0, 0] for name in "qk"}
+    weight = spec.proj.weight
+    with torch.no_grad():
+        low_rank = torch.zeros(weight.shape[0], hd)
+        low_rank[:, :2] = torch.randn(weight.shape[0], 2, generator=g)
+        for step in range(2):
+            if step == 1:
+                weight[:, :hd] = low_rank  # head 0's columns, in place (the cached factor is now stale)
+            q, k, v = (torch.randn(s, h, n, hd, generator=g, dtype=torch.float64) for _ in range(3))
+            a = (3 * torch.randn(s, h, n, n, generator=g, dtype=torch.float64)).softmax(-1)
+            acc.update(0, q, k, v, a, None)
+            q_weight, k_weight = _joint_weights_formed(spec, v, a, None)
+            for name, x, wt in (("q", q, q_weight), ("k", k, k_weight)):
+                x, wt = x.transpose(0, 1).reshape(h, -1, hd), wt.transpose(0, 1).reshape(h, -1)
+                for j, r in enumerate((wt.sum(-1), torch.einsum("ht,htd->hd", wt, x), (x * wt[..., None]).mT @ x)):
+                    refs[name][j] = refs[name][j] + r
+    assert torch.linalg.matrix_rank(weight[:, :hd]) == 2
+    for name in "qk":
+        for got, r in zip(acc.moments[0][name], refs[name], strict=True):
+            torch.testing.assert_close(got, r, rtol=1e-10, atol=1e-10 * float(r.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["vit_cls", "swin", "vit_qk_norm", "BertModel", "ViTForImageClassification"])
 def test_calibrate_statistics_are_the_same_with_accumulators_fed(name: str) -> None:
     """With accumulators, calibrate's pass runs through the explicit-attention forward (the same function,
