@@ -10,7 +10,10 @@ Runs alternate (plain, compensated, cross-head, plain, ...) on fresh copies of t
 other processes hits all alike; prints each run's seconds and the median ratios per model and criterion.
 
     python -m benchmarks.compensation_cost [--repeats 4] [--criteria wpac wpac+] [--threads 1]
-        [--models "digits ViT" MiniLM]
+        [--models "digits ViT" MiniLM] [--cpu-time]
+
+--cpu-time (with --threads 1): skd.wpac's process CPU time instead of its wall time, steadier when other
+processes share the machine (the ElasticViT forward rows stay wall time).
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import argparse
 import copy
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 import skd
+from skd.timing import add_cpu_time_option, clock
 
 
 def _digits() -> tuple[torch.nn.Module, Iterable, int]:
@@ -57,12 +60,14 @@ VARIANTS = {"plain": {}, "compensated": {"compensate": True}, "cross-head": {"co
             "+ score_fit": {"compensate": True, "cross_head": True, "joint_qk": True, "score_fit": True}}
 
 
-def seconds(model: torch.nn.Module, data: Iterable, n: int, criterion: str, **compensation: bool) -> float:
-    """Wall time of skd.wpac (calibration + transform) on a fresh copy of `model`."""
+def seconds(model: torch.nn.Module, data: Iterable, n: int, criterion: str, timer: Callable[[], float],
+            **compensation: bool) -> float:
+    """`timer`'s seconds (wall or process CPU time) of skd.wpac (calibration + transform) on a fresh copy of
+    `model`."""
     fresh = copy.deepcopy(model)
-    t0 = time.perf_counter()
+    t0 = timer()
     skd.wpac(fresh, data, num_samples=n, criterion=criterion, progress=False, **compensation)
-    return time.perf_counter() - t0
+    return timer() - t0
 
 
 def forward_ratio(repeats: int) -> list[str]:
@@ -106,27 +111,30 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", default=["wpac", "wpac+"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    add_cpu_time_option(parser)
     args = parser.parse_args()
+    timer = clock(parser, args, args.threads == 1)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
     for name in args.models:
         model, data, n = MODELS[name]()
         for criterion in args.criteria:
-            seconds(model, data, n, criterion)  # warm-up (first-call allocations, lazy imports)
+            seconds(model, data, n, criterion, timer)  # warm-up (first-call allocations, lazy imports)
             variants = {label: kwargs for label, kwargs in VARIANTS.items()
                         if criterion == "wpac+" or not kwargs.get("joint_qk")}
             runs: dict[str, list[float]] = {label: [] for label in variants}
             for _ in range(args.repeats):
                 for label, kwargs in variants.items():
-                    runs[label].append(seconds(model, data, n, criterion, **kwargs))
+                    runs[label].append(seconds(model, data, n, criterion, timer, **kwargs))
             print(f"{name} {criterion}: " + ", ".join(f"{label} {[round(s, 2) for s in r]} s"
                                                       for label, r in runs.items()), flush=True)
             cells = [f"{statistics.median(runs[label]):.2f} s" if label in runs else "–" for label in VARIANTS]
             cells += [f"{statistics.median(c / p for c, p in zip(runs[label], runs['plain'], strict=True)):.2f}"
                       if label in runs else "–" for label in list(VARIANTS)[1:]]
             rows.append(f"| {name} | {criterion} | " + " | ".join(cells) + " |")
-    print(f"\n{args.threads} thread(s), {args.repeats} alternating repeats\n")
+    print(f"\n{args.threads} thread(s), {args.repeats} alternating repeats, "
+          f"{'process CPU' if args.cpu_time else 'wall'} time\n")
     print("| model | criterion | " + " | ".join(VARIANTS) + " | "
           + " | ".join(f"ratio {label}" for label in list(VARIANTS)[1:]) + " (medians, target <= 1.2) |")
     print("|---|---|" + "---:|" * (2 * len(VARIANTS) - 1))
