@@ -6,7 +6,9 @@ The batches' (q, k, v, A, token weights) are captured once from `explicit_forwar
 of the first two batches) on the digits ViT (4 batches of 128 images: (S, H, N, hd) = (128, 3, 65, 32)) and
 all-MiniLM-L6-v2 (batches of 32 sentences: (32, 12, 56, 32), padded); every repeat runs all captures with
 the old and then the new update (A, B, A, B, ...), timing process CPU time per update; medians (the first two
-repeats are warm-up), their ratio and the largest relative difference of the accumulated moments.
+repeats are warm-up), their ratio, and each version's largest relative error (to the largest entry) of the
+moments and of the covariances C_q + C_k after one pass over the captures, against a float64 reference (this
+checkout's update on float64 copies).
 
     python -m benchmarks.joint_qk_update [--before e5c578a] [--repeats 20] [--threads 1]
         [--models "digits ViT" MiniLM]
@@ -71,6 +73,28 @@ def _captures(name: str) -> tuple[list[BlockSpec], list[tuple]]:
     return adapter.blocks, out
 
 
+def _errors(classes: dict[str, type], blocks: list[BlockSpec], captures: list[tuple]
+            ) -> dict[str, tuple[float, float]]:
+    """Per class: the largest relative error (to the largest entry) of its moments and of its C_q + C_k over
+    one pass of `captures`, against this checkout's JointQK on float64 copies of them."""
+    reference = JointQK(blocks, torch.device("cpu"))
+    accs = {label: cls(blocks, torch.device("cpu")) for label, cls in classes.items()}
+    with torch.no_grad():
+        for capture in captures:
+            reference.update(capture[0], *(None if t is None else t.double() for t in capture[1:]))
+            for acc in accs.values():
+                acc.update(*capture)
+    seen = {c[0] for c in captures}
+
+    def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((got - ref).abs().max() / ref.abs().max())
+
+    return {label: (max(rel(a, b) for i in seen for n in "qk"
+                        for a, b in zip(acc.moments[i][n], reference.moments[i][n], strict=True)),
+                    max(rel(acc.covariance(i), reference.covariance(i)) for i in seen))
+            for label, acc in accs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="e5c578a", help="git revision of the old skd/attention_stats.py")
@@ -94,15 +118,15 @@ def main() -> None:
                         acc.update(*capture)
                     if r >= 2:
                         times[label].append((time.process_time() - t0) / len(captures) * 1e3)
-        diff = max(float((a - b).abs().max() / a.abs().max())
-                   for i in {c[0] for c in captures} for n in "qk"
-                   for a, b in zip(accs["before"].moments[i][n], accs["after"].moments[i][n], strict=True))
+        errors = _errors({label: type(acc) for label, acc in accs.items()}, blocks, captures)
         old, new = (statistics.median(times[label]) for label in accs)
         shape = tuple(captures[0][1].shape)
-        rows.append(f"| {name} {shape} | {old:.2f} ms | {new:.2f} ms | {new / old:.2f} | {diff:.1e} |")
+        rows.append(f"| {name} {shape} | {old:.2f} ms | {new:.2f} ms | {new / old:.2f} | "
+                    + " | ".join(f"{errors[label][0]:.1e} / {errors[label][1]:.1e}" for label in accs) + " |")
     print(f"JointQK.update, process CPU time per update, {args.threads} thread(s), medians of {args.repeats}")
-    print(f"| model (S, H, N, hd) | {args.before} | this checkout | ratio | max relative moment difference |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| model (S, H, N, hd) | {args.before} | this checkout | ratio | error {args.before}: moments / C_q + C_k "
+          "| error this checkout |")
+    print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 
