@@ -325,7 +325,9 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
         if spec.has_qk_norm:
             q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
         q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
-        scores = q @ k.mT * spec.scale
+        # the scale inside the GEMM (alpha): no pass over the (S, H, N, N) scores for it, forward or backward
+        scores = torch.baddbmm(q.new_zeros(()), q.reshape(s * h, n, hd), k.reshape(s * h, n, hd).mT, beta=0,
+                               alpha=spec.scale).view(s, h, n, n)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
         a = scores.softmax(-1)
