@@ -10,8 +10,9 @@ repeats are warm-up), their ratio, and each version's largest relative error (to
 moments and of the covariances C_q + C_k after one pass over the captures, against a float64 reference (this
 checkout's update on float64 copies).
 
-    python -m benchmarks.joint_qk_update [--before e5c578a] [--repeats 20] [--threads 1]
-        [--models "digits ViT" MiniLM]
+    python -m benchmarks.joint_qk_update [--before e5c578a] [--repeats 20] [--models "digits ViT" MiniLM]
+
+One torch thread (process CPU time would count other threads' spin-waits).
 """
 
 from __future__ import annotations
@@ -99,10 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="e5c578a", help="git revision of the old skd/attention_stats.py")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     before = _revision_module(args.before)
     rows = []
@@ -123,7 +123,7 @@ def main() -> None:
         shape = tuple(captures[0][1].shape)
         rows.append(f"| {name} {shape} | {old:.2f} ms | {new:.2f} ms | {new / old:.2f} | "
                     + " | ".join(f"{errors[label][0]:.1e} / {errors[label][1]:.1e}" for label in accs) + " |")
-    print(f"JointQK.update, process CPU time per update, {args.threads} thread(s), medians of {args.repeats}")
+    print(f"JointQK.update, process CPU time per update, 1 thread, medians of {args.repeats}")
     print(f"| model (S, H, N, hd) | {args.before} | this checkout | ratio | error {args.before}: moments / C_q + C_k "
           "| error this checkout |")
     print("|---|---:|---:|---:|---:|---:|")
