@@ -77,8 +77,9 @@ class JointQK:
 
     The output metric G = W_o,hᵀ W_o,h enters through a factor L (L Lᵀ = G, from G's eigendecomposition in
     float64, so a singular G is fine): with v' = v L and c' = ctx L, ‖W_o,h (v_j − ctx_i)‖² = ‖v'_j − c'_i‖².
-    A block's factor is computed at its first update and reused while its W_o stays equal (checked per
-    update: weights do not change during a calibration, and a changed W_o gets a new factor)."""
+    A block's factor is computed at its first update and reused while proj's weight is the same tensor with
+    the same version counter (weights do not change during a calibration; a replaced weight or an in-place
+    update of it gets a new factor, as ElasticViT's plans see them: writes through `.data` are not seen)."""
 
     def __init__(self, blocks: list[BlockSpec], device: torch.device) -> None:
         self.blocks = blocks
@@ -87,23 +88,23 @@ class JointQK:
                         {n: [torch.zeros(s.num_heads, **f64), torch.zeros(s.num_heads, s.head_dim, **f64),
                              torch.zeros(s.num_heads, s.head_dim, s.head_dim, **f64)] for n in "qk"}
                         for s in blocks]
-        # per block: (W_o the factor was computed from, [L, 0, 0] (H, hd, hd + 2) float64) or None
-        self._factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
+        # per block: (proj's weight the factor was computed from, its version, [L, 0, 0] (H, hd, hd + 2) float64)
+        self._factors: list[tuple[torch.Tensor, int, torch.Tensor] | None] = [None] * len(blocks)
 
     def _factor(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         """(H, hd, hd + 2) [L, 0, 0] of block i in `dtype`: L (H, hd, hd) with L Lᵀ = W_o,hᵀ W_o,h; the two
         zero columns make v @ it leave room for the GEMM operands' extra columns."""
         spec = self.blocks[i]
-        w_o = spec.proj.weight.detach()
+        weight = spec.proj.weight
         cached = self._factors[i]
-        if cached is None or not torch.equal(cached[0], w_o):
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
             h, hd = spec.num_heads, spec.head_dim
-            w = w_o.double().view(-1, h, hd).transpose(0, 1)  # (H, D_out, hd)
+            w = weight.detach().double().view(-1, h, hd).transpose(0, 1)  # (H, D_out, hd)
             eigenvalues, eigenvectors = torch.linalg.eigh(w.mT @ w)
             ext = w.new_zeros(h, hd, hd + 2)
             ext[..., :hd] = eigenvectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]  # PSD: negatives are rounding
-            cached = self._factors[i] = (w_o.clone(), ext)
-        return cached[1].to(dtype)
+            cached = self._factors[i] = (weight, weight._version, ext)
+        return cached[2].to(dtype)
 
     def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                w: torch.Tensor | None) -> None:

@@ -280,9 +280,9 @@ def test_joint_qk_update_equals_the_formed_pair_weights(dtype: torch.dtype, padd
 
 def test_joint_qk_metric_factor_follows_w_o_and_allows_a_singular_metric() -> None:
     """JointQK reuses a block's factor of W_o,hᵀW_o,h across updates only while W_o is unchanged: after an
-    in-place change of proj's weight, the next update uses the new metric. A rank-deficient W_o,h (a singular
-    metric: head 0's output reads only two of its value dims) is fine. Oracle: the formed pair weights, summed over
-    both updates (float64)."""
+    in-place change of proj's weight, and after its replacement by a new Parameter, the next update uses the new
+    metric. A rank-deficient W_o,h (a singular metric: head 0's output reads only two of its value dims) is fine.
+    Oracle: the formed pair weights, summed over the three updates (float64)."""
     model, _ = model_and_data("vit_cls")
     spec = adapter_for(model).blocks[0]
     h, hd = spec.num_heads, spec.head_dim
@@ -294,9 +294,15 @@ def test_joint_qk_metric_factor_follows_w_o_and_allows_a_singular_metric() -> No
     with torch.no_grad():
         low_rank = torch.zeros(weight.shape[0], hd)
         low_rank[:, :2] = torch.randn(weight.shape[0], 2, generator=g)
-        for step in range(2):
+        for step in range(3):
             if step == 1:
                 weight[:, :hd] = low_rank  # head 0's columns, in place (the cached factor is now stale)
+            if step == 2:  # a new Parameter with the old one's version count: only its identity tells them apart
+                new = torch.randn(weight.shape, generator=g)
+                while new._version < weight._version:
+                    new.mul_(1)
+                spec.proj.weight = nn.Parameter(new)
+                assert spec.proj.weight._version == weight._version
             q, k, v = (torch.randn(s, h, n, hd, generator=g, dtype=torch.float64) for _ in range(3))
             a = (3 * torch.randn(s, h, n, n, generator=g, dtype=torch.float64)).softmax(-1)
             acc.update(0, q, k, v, a, None)
