@@ -15,7 +15,15 @@ from torch import nn
 
 import skd
 from skd import score_fit as fits
-from skd.attention_stats import RIDGE, JointQK, ScoreFit, attention_pass, explicit_forward
+from skd.attention_stats import (
+    LENGTH_GROUPS,
+    RIDGE,
+    JointQK,
+    ScoreFit,
+    _length_groups,
+    attention_pass,
+    explicit_forward,
+)
 from skd.models import adapter_for
 from skd.score_fit import q_linear
 from skd.stats import CalibrationStats, calibrate
@@ -276,6 +284,41 @@ def test_joint_qk_update_equals_the_formed_pair_weights(dtype: torch.dtype, padd
             assert bool(r.abs().max() > 0)
             tol = 1e-6 if dtype == torch.float32 else 1e-12
             torch.testing.assert_close(got, r, rtol=tol, atol=tol * float(r.abs().max()))
+
+
+@pytest.mark.parametrize("padding", ["ragged", "all short", "left", "with an empty sequence"])
+def test_joint_qk_length_groups_give_the_formed_pair_weights(padding: str) -> None:
+    """JointQK.update trims padded batches (sorted into length groups, or the whole batch to its longest
+    sequence, or nothing: left padding) and still equals the formed (S, H, N, N) pair weights, padding keys
+    getting attention as in test_joint_qk_update_equals_the_formed_pair_weights."""
+    model, _ = model_and_data("vit_cls")
+    spec = adapter_for(model).blocks[0]
+    h, hd = spec.num_heads, spec.head_dim
+    g = torch.Generator().manual_seed(13)
+    s, n = 9, 16
+    lengths = {"ragged": [16, 3, 5, 12, 7, 9, 2, 14, 11], "all short": [10, 9, 10, 8, 10, 10, 7, 10, 9],
+               "left": [16] * 9, "with an empty sequence": [0, 4, 6, 3, 5, 16, 2, 5, 4]}[padding]
+    w = (torch.arange(n)[None] < torch.tensor(lengths)[:, None]).double()
+    if padding == "left":
+        w = (torch.arange(n)[None] >= torch.tensor([0, 4, 9, 2, 15, 7, 1, 3, 6])[:, None]).double()
+    groups = _length_groups(w, s, n)
+    if padding in ("all short", "left"):  # one group, all sequences, trimmed to the longest
+        assert groups == [(None, 10 if padding == "all short" else n)]
+    else:
+        assert len(groups) == LENGTH_GROUPS
+        assert sorted(torch.cat([seqs for seqs, _ in groups]).tolist()) == list(range(s))
+    q, k, v = (torch.randn(s, h, n, hd, generator=g, dtype=torch.float64) for _ in range(3))
+    a = (3 * torch.randn(s, h, n, n, generator=g, dtype=torch.float64)).softmax(-1)
+    acc = JointQK([spec], torch.device("cpu"))
+    with torch.no_grad():
+        acc.update(0, q, k, v, a, w)
+        q_weight, k_weight = _joint_weights_formed(spec, v, a, w)
+    for name, x, weight in (("q", q, q_weight), ("k", k, k_weight)):
+        x, weight = x.transpose(0, 1).reshape(h, -1, hd), weight.transpose(0, 1).reshape(h, -1)
+        ref = [weight.sum(-1), torch.einsum("ht,htd->hd", weight, x), (x * weight[..., None]).mT @ x]
+        for got, r in zip(acc.moments[0][name], ref, strict=True):
+            assert bool(r.abs().max() > 0)
+            torch.testing.assert_close(got, r, rtol=1e-12, atol=1e-12 * float(r.abs().max()))
 
 
 def test_joint_qk_metric_factor_follows_w_o_and_allows_a_singular_metric() -> None:
