@@ -79,7 +79,8 @@ def _length_groups(w: torch.Tensor | None, s: int, n: int) -> list[tuple[torch.T
     in all of the group's sequences (w (S, N) token weights or None: one group, all N). Padded text batches
     (right padding) are sorted by length into LENGTH_GROUPS groups, cutting the A² GEMMs' work (MiniLM's
     calibration batches of 32 sentences padded to 56 tokens: to 26-37 %); a batch that this would hardly trim
-    stays one group (None: all sequences, without a gather)."""
+    (the groups' gathers copy what they keep) stays one group (None: all sequences, no gather), trimmed to its
+    longest sequence. Reads the lengths on the host (a few syncs per update on a GPU)."""
     if w is None:
         return [(None, n)]
     positions = torch.arange(1, n + 1, device=w.device)
