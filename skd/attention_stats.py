@@ -58,9 +58,16 @@ class Accumulator(Protocol):
         """Every accumulated float64 tensor, in a fixed order."""
 
 
-def _masked(a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """A (S, H, N, N) with padding queries' rows and padding keys' columns zeroed (w (S, N) or None)."""
-    return a if w is None else a * w[:, None, :, None] * w[:, None, None, :]
+def _packed_products(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """x_a y_c for a <= c, in torch.triu_indices' order, along `dim` of x and y (same shape, R entries along
+    it): R(R+1)/2 entries there, each product of two whole slices written in place."""
+    size = x.shape[dim]
+    out = x.new_empty(*x.shape[:dim], size * (size + 1) // 2, *x.shape[dim + 1:])
+    start = 0
+    for a in range(size):
+        torch.mul(x.narrow(dim, a, 1), y.narrow(dim, a, size - a), out=out.narrow(dim, start, size - a))
+        start += size - a
+    return out
 
 
 class JointQK:
@@ -87,7 +94,7 @@ class JointQK:
         vm, cm = v @ metric[None], ctx @ metric[None]  # (S, H, N, hd)
         vgv, cgc = (vm * v).sum(-1, keepdim=True), (cm * ctx).sum(-1, keepdim=True)  # (S, H, N, 1)
         # a_i = Σ_j w_ij and b_j = Σ_i w_ij, w_ij = A_ij² (vGv_j − 2 ctx_iᵀ G v_j + cGc_i), as two GEMMs with
-        # hd + 2 columns, not by forming w (S, H, N, N) (~6 passes over it). `_masked`'s padding masks (query
+        # hd + 2 columns, not by forming w (S, H, N, N) (~6 passes over it). The padding masks (query
         # rows, key columns) go on the rows each GEMM sums over (keys for a, queries for b) and on the results.
         a2 = a.square()
         mask = None if w is None else w[:, None, :, None].to(a.dtype)  # (S, 1, N, 1)
@@ -162,27 +169,29 @@ class ScoreFit:
         else:  # over each sequence's real tokens (an all-padding sequence has no weight anyway)
             k_mean = (k * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None]
         kc = k - k_mean  # a per-query constant does not change the softmax: fit what does
-        weights = _masked(a, w)
-        kept = kc[..., :big_r]
-        # Per query token (padding queries left out: their weights rows are 0, and text batches are mostly
-        # padding), (H, tokens, ·): Σ_j w_ij k̃_jb k̃_jd (b <= d < R); for the dropped dims >= R, which enter only
-        # through their score part t_ij = Σ_{m >= R} q_im k̃_jm, Σ_j w_ij t_ij k̃_jb; and q̃_a q̃_c (a <= c).
-        # The packed pairs are built from slices in triu_indices' order: index gathers cost more than the
-        # GEMM work they save.
+        if w is not None:  # padding keys weigh 0: zero their centred keys rather than A's columns (S, H, N, N)
+            kc = kc * w[:, None, :, None]
+        # Per query token (padding queries left out: text batches are mostly padding; a real query's weight
+        # w_i goes on one factor of its q̃ products), (H, ·, tokens): Σ_j A_ij k̃_jb k̃_jd (b <= d < R); for the
+        # dropped dims >= R, which enter only through their score part t_ij = Σ_{m >= R} q_im k̃_jm,
+        # Σ_j A_ij t_ij k̃_jb; and w_i q̃_a q̃_c (a <= c). Feature-major (·, N) rows: the packed pairs are
+        # products of whole rows written in place in triu_indices' order (slices of a token-major last dim
+        # and their concatenation cost three times as much; index gathers more than the GEMM work they save).
         real = None if w is None else (w > 0).nonzero().unbind(1)  # (sequence, token) of each real token
 
         def tokens(x: torch.Tensor) -> torch.Tensor:
-            """(S, H, N, C) -> (H, tokens, C), contiguous."""
-            x = x.transpose(0, 1)
-            return x.reshape(h, s * n, -1) if real is None else x[:, real[0], real[1]]
+            """(S, H, C, N) -> (H, C, tokens), contiguous."""
+            x = x.permute(1, 2, 0, 3)
+            return x.reshape(h, -1, s * n) if real is None else x[:, :, real[0], real[1]]
 
-        pairs = torch.cat([kept[..., b:b + 1] * kept[..., b:] for b in range(big_r)], -1)  # (S, H, N, R(R+1)/2)
-        mixed = tokens(weights @ pairs)  # (H, tokens, R(R+1)/2)
-        tail = tokens((weights * (q[..., big_r:] @ kc[..., big_r:].mT)) @ kept)  # (H, tokens, R)
-        qt = tokens(torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1))  # q̃ (H, tokens, R+1)
-        squares = torch.cat([qt[..., c:c + 1] * qt[..., c:] for c in range(big_r + 1)], -1)
-        m_acc += (squares.mT @ mixed).double()
-        p_acc += (qt.mT @ tail).double()
+        kept = kc[..., :big_r].transpose(-1, -2).contiguous()  # (S, H, R, N)
+        pairs = _packed_products(kept, kept, 2)  # (S, H, R(R+1)/2, N)
+        mixed = tokens(pairs @ a.mT)  # (H, R(R+1)/2, tokens)
+        tail = tokens(kept @ (a * (q[..., big_r:] @ kc[..., big_r:].mT)).mT)  # (H, R, tokens)
+        qt = tokens(torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1).transpose(-1, -2))  # q̃ (H, R+1, tokens)
+        qw = qt if real is None else qt * w[real]  # w_i q̃_i
+        m_acc += (_packed_products(qw, qt, 1) @ mixed.mT).double()
+        p_acc += (qw @ tail.mT).double()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for acc in self.moments if acc is not None for t in acc]
