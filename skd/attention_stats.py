@@ -31,9 +31,10 @@ changes when dims are dropped); the pass still computes their attention, norms i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import batches
@@ -42,6 +43,9 @@ from .models import BlockSpec, ModelAdapter
 from .passes import stream_pass
 from .score_fit import fit_ranks
 from .subnet import Subnet
+
+if TYPE_CHECKING:  # attention_inputs replays through this module's `heads`
+    from .attention_inputs import AttentionInputs
 
 RIDGE = 1e-3  # score fit: δ = RIDGE · tr(G)/n added to the normal equations G (n unknowns)
 
@@ -159,6 +163,10 @@ class ScoreFit:
 
     def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                w: torch.Tensor | None) -> None:
+        self.add(i, q, k, a, w)
+
+    def add(self, i: int, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None) -> None:
+        """`update` without v, which the fit does not read (skd.attention_inputs replays q, k and A alone)."""
         if self.moments[i] is None:
             return
         m_acc, p_acc = self.moments[i]
@@ -197,10 +205,15 @@ class ScoreFit:
         return [t for acc in self.moments if acc is not None for t in acc]
 
     @property
+    def fitted(self) -> list[int]:
+        """The blocks with statistics (not qk_norm, heads wide enough), in order."""
+        return [i for i, acc in enumerate(self.moments) if acc is not None]
+
+    @property
     def last_block(self) -> int | None:
         """The last block with statistics (the pass need not run past its attention), or None: no block has
         any (all qk_norm, or heads too small)."""
-        return max((i for i, acc in enumerate(self.moments) if acc is not None), default=None)
+        return max(self.fitted, default=None)
 
     def moment(self, i: int) -> torch.Tensor | None:
         """Block i's full M (H, R+1, R+1, R, R) float64 on the accumulators' device, unpacked (symmetric in
@@ -270,8 +283,36 @@ def check_supported(blocks: list[BlockSpec]) -> None:
                          + "; ".join(unsupported))
 
 
+def heads(spec: BlockSpec, x: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, ...]:
+    """q, k and (with `values`) v (S, H, N, hd) of block `spec`'s attention input x (S, N, D), qk_norm applied,
+    half precision promoted to fp32. With values the block's Linears are called as modules (their hooks fire
+    as in the model's own forward); without, only q and k are computed (for the fused qkv, from a view of
+    its first 2·C rows)."""
+    s, n, _ = x.shape
+    h, hd, c = spec.num_heads, spec.head_dim, spec.channels
+    parts = 3 if values else 2
+    if spec.fused:  # rows which*C + head*hd + rank (BlockSpec)
+        bias = spec.qkv.bias
+        out = spec.qkv(x) if values else F.linear(x, spec.qkv.weight[:2 * c], None if bias is None else bias[:2 * c])
+        q, k, *v = out.view(s, n, parts, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, *v = (lin(x).view(s, n, h, hd).transpose(1, 2) for lin in (spec.q, spec.k, spec.v)[:parts])
+    if spec.has_qk_norm:
+        q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, *v))
+
+
+def attention_weights(spec: BlockSpec, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A = softmax(q kᵀ·scale + bias) (S, H, N, N) of q, k (S, H, N, hd) (`heads`), bias broadcastable to it
+    (skd.models.AttnFn) or None, in q's dtype."""
+    scores = q @ k.mT * spec.scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    return scores.softmax(-1)
+
+
 def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[Accumulator],
-                     through: int | None = None) -> Any:
+                     through: int | None = None, inputs: AttentionInputs | None = None) -> Any:
     """The model's own output on `batch` (skd.batches, on the model's device), every block's attention
     computed explicitly (module docstring) and fed to the accumulators with the batch's token weights
     (`adapter.token_weights`, (B, T) mapped to the attention's (S, N): sequences are contiguous per sample).
@@ -283,7 +324,10 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
 
     through: when the accumulators read nothing after block `through`'s attention, every branch after it
     (its MLP, the later blocks) is skipped, as a width-0 branch (`ModelAdapter.run`); the output is then
-    not the model's. None: everything runs."""
+    not the model's. None: everything runs.
+
+    inputs: also record every block's attention input, bias and token weights there
+    (skd.attention_inputs: the score fit replays them on the transformed model)."""
     blocks = adapter.blocks
     check_supported(blocks)
     last = len(blocks) - 1 if through is None else through
@@ -297,23 +341,16 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
         spec = blocks[i]
         s, n, _ = x.shape
         h, hd = spec.num_heads, spec.head_dim
-        if spec.fused:  # rows which*C + head*hd + rank (BlockSpec)
-            q, k, v = spec.qkv(x).view(s, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = (lin(x).view(s, n, h, hd).transpose(1, 2) for lin in (spec.q, spec.k, spec.v))
-        if spec.has_qk_norm:
-            q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
-        q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
-        scores = q @ k.mT * spec.scale
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        a = scores.softmax(-1)
+        q, k, v = heads(spec, x)
+        a = attention_weights(spec, q, k, bias)
         w = weights
         if w is not None:
             if w.numel() != s * n:
                 raise ValueError(f"{spec.name}: token weights have {tuple(w.shape)} entries but the attention has "
                                  f"{s} sequences of {n} tokens")
             w = w.reshape(s, n).to(a.dtype)
+        if inputs is not None:
+            inputs.record(i, x.detach(), None if bias is None else bias.detach(), w)
         # Statistics of the forward, never differentiated (no_grad: they also read weights, which require
         # grad in calibrate's pass)
         with torch.no_grad():
