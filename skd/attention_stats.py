@@ -74,6 +74,22 @@ def _packed_products(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor
     return out
 
 
+def _packed_positions(size: int) -> torch.Tensor:
+    """(size, size) int64: the position of pair (a, c) (either order) in torch.triu_indices(size, size)'s order."""
+    rows, cols = torch.triu_indices(size, size)
+    out = torch.empty(size, size, dtype=torch.int64)
+    out[rows, cols] = out[cols, rows] = torch.arange(len(rows))
+    return out
+
+
+def _by_shell(big_r: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) (n,) int64 of the score fit's unknowns X[a, b] (first <= a <= R, b < R), ordered by shell
+    max(a, b + 1) (then a, b): width r's unknowns, a <= r and b < r, are the first (r + 1 - first)·r."""
+    pairs = sorted(((a, b) for a in range(first, big_r + 1) for b in range(big_r)),
+                   key=lambda p: (max(p[0], p[1] + 1), p))
+    return torch.tensor(pairs, dtype=torch.int64).unbind(1)
+
+
 class JointQK:
     """Per block, per head: Σa (H,), Σ a q (H, hd), Σ a q qᵀ (H, hd, hd) of the queries and the same of
     the keys (weights in the module docstring), float64; None for qk_norm blocks."""
@@ -220,16 +236,9 @@ class ScoreFit:
         (a, c) and in (b, d)), or None (qk_norm, R = 0)."""
         if self.moments[i] is None:
             return None
-        packed = self.moments[i][0]
-        h, big_r = packed.shape[0], self.moments[i][1].shape[-1]
-        ac, bd = (torch.triu_indices(m, m, device=packed.device) for m in (big_r + 1, big_r))
-        by_ac = packed.new_zeros(h, len(ac[0]), big_r, big_r)
-        by_ac[:, :, bd[0], bd[1]] = packed
-        by_ac[:, :, bd[1], bd[0]] = packed
-        full = packed.new_zeros(h, big_r + 1, big_r + 1, big_r, big_r)
-        full[:, ac[0], ac[1]] = by_ac
-        full[:, ac[1], ac[0]] = by_ac
-        return full
+        packed, big_r = self.moments[i][0], self.moments[i][1].shape[-1]
+        ac, bd = (_packed_positions(n).to(packed.device) for n in (big_r + 1, big_r))
+        return packed[:, ac[:, :, None, None], bd]
 
     def solve(self, i: int, has_bias: bool) -> torch.Tensor | None:
         """Block i's fit (H, R, R+1, R) float64 CPU in skd.score_fit's format, or None (qk_norm, R = 0).
@@ -243,34 +252,39 @@ class ScoreFit:
             return None
         if not all(bool(torch.isfinite(t).all()) for t in self.moments[i]):
             raise ValueError(f"{self.blocks[i].name}: the score-fit statistics contain NaN or Inf")
-        m_all, p_tail = self.moment(i).cpu(), self.moments[i][1].cpu()
-        h, big_r = m_all.shape[0], m_all.shape[-1]
+        packed, p_tail = (t.cpu() for t in self.moments[i])
+        h, big_r = p_tail.shape[0], p_tail.shape[-1]
         fit = torch.zeros(h, big_r, big_r + 1, big_r, dtype=torch.float64)
         first = 0 if has_bias else 1  # row 0 is the constant
-        g_all = m_all.permute(0, 1, 3, 2, 4)  # (H, a, b, c, d), symmetric: every width's G is a sub-block
+        # The unknowns (a, b) by shell max(a, b + 1): width r's are the first (r + 1 - first)·r, so its G is a
+        # leading block of the widest one's, gathered from the packed M once
+        a, b = _by_shell(big_r, first)
+        ac, bd = _packed_positions(big_r + 1), _packed_positions(big_r)
+        g_all = packed[:, ac[a[:, None], a], bd[b[:, None], b]]  # (H, n, n)
         # P[a, b, m] = M[a, m + 1, b, m] for m < R (q̃_{m+1} = q_m); dropped[..., r] = Σ_{m >= r} P[..., m]
-        below = torch.diagonal(m_all[:, :, 1:], dim1=2, dim2=4)  # (H, R+1, R, R): [a, b, m]
-        dropped = torch.cat([below, p_tail[..., None]], -1).flip(-1).cumsum(-1).flip(-1)
+        m = torch.arange(big_r)
+        below = packed[:, ac[a[:, None], m + 1], bd[b[:, None], m]]  # (H, n, R)
+        dropped = torch.cat([below, p_tail[:, a, b, None]], -1).flip(-1).cumsum(-1).flip(-1)  # (H, n, R + 1)
         with one_thread():
             for r in range(1, big_r + 1):
-                rows = r + 1 - first
-                # a copy (a reshape can be a view of g_all, which the next widths read): the ridge goes in place
-                g = g_all[:, first:r + 1, :r, first:r + 1, :r].clone(memory_format=torch.contiguous_format)
-                g = g.view(h, rows * r, rows * r)
-                rhs = dropped[:, first:r + 1, :r, r].reshape(h, rows * r, 1)
+                n = (r + 1 - first) * r
+                g = g_all[:, :n, :n].clone()  # a copy: the ridge goes in place
+                rhs = dropped[:, :n, r:r + 1]
                 diagonal = g.diagonal(dim1=1, dim2=2)
-                delta = RIDGE * diagonal.sum(-1) / (rows * r)  # (H,)
+                delta = RIDGE * diagonal.sum(-1) / n  # (H,)
                 live = delta > 0  # tr(G) = 0: no weight; solve I x = 0
                 diagonal += delta[:, None]
                 if not bool(live.all()):
-                    g[~live] = torch.eye(rows * r, dtype=torch.float64)
+                    g[~live] = torch.eye(n, dtype=torch.float64)
                     rhs = torch.where(live[:, None, None], rhs, 0.0)
                 factor, info = torch.linalg.cholesky_ex(g)
-                x = torch.cholesky_solve(rhs, factor)
+                # two triangular solves: about half of cholesky_solve's time on these batches of small systems
+                x = torch.linalg.solve_triangular(
+                    factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False), upper=True)
                 failed = info > 0
                 if bool(failed.any()):
                     x[failed] = torch.linalg.solve(g[failed], rhs[failed])
-                fit[:, r - 1, first:r + 1, :r] = x.view(h, rows, r)
+                fit[:, r - 1, a[:n], b[:n]] = x[..., 0]
         return fit
 
 
