@@ -10,9 +10,10 @@ explicit_forward(inputs=)), and `replay` computes each fitted block's q, k and A
 q/k Linears alone (q and k: 2/3 of the qkv GEMM; v, the output projection, the MLP and every block after the last
 fitted one are skipped) and feeds the accumulators, as skd.attention_stats.attention_pass would on the same samples.
 
-Memory: the inputs of the recorded blocks, in the model's dtype, plus each block's bias (MiniLM, 64 sentences of
-up to 64 tokens: ~33 MB). Above `MAX_BYTES` the recording stops and is dropped (`complete` False): the caller
-then runs the pass instead.
+Memory: the inputs of the recorded blocks, in the model's dtype, plus each block's bias and the token weights
+(MiniLM, 64 sentences padded to 56 tokens: 38 MB; ViT-B/16 at 224 px with skd.wpac's default 1024 samples, 256
+recorded: 1.9 GB). Above `MAX_BYTES` the recording stops and is dropped (`complete` False): the caller then runs
+the pass instead.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from ._dist import all_reduce_flat, rank_world
 from .attention_stats import ScoreFit, attention_weights, heads
 from .models import BlockSpec
 
-# Recording stops above this many bytes (and the caller runs a pass instead): about what the calibration pass
-# itself holds for one batch of 64 ViT-B images (its attention weights alone are 1.4 GB)
-MAX_BYTES = 1 << 30
+# Recording stops above this many bytes (and the caller runs a pass instead): less than the calibration pass
+# itself holds for one batch of 64 ViT-B images (its attention weights alone are 1.4 GB, its saved activations
+# several GB), and enough for ViT-B's default 256 recorded images
+MAX_BYTES = 2 << 30
 
 # (x (S, N, D), bias broadcastable to (S, H, N, N) or None, token weights (S, N) or None)
 Entry = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
