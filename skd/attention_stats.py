@@ -48,6 +48,9 @@ if TYPE_CHECKING:  # attention_inputs replays through this module's `heads`
     from .attention_inputs import AttentionInputs
 
 RIDGE = 1e-3  # score fit: δ = RIDGE · tr(G)/n added to the normal equations G (n unknowns)
+# ScoreFit.add works through a batch this many (padded) tokens at a time, so that its temporaries stay in cache
+# (1 thread, captured batches: digits ViT's (128, 3, 65, 65) 1.5x faster than whole, MiniLM's (32, 12, 56, 56) 1.07x)
+CHUNK_TOKENS = 1024
 
 
 class Accumulator(Protocol):
@@ -185,6 +188,13 @@ class ScoreFit:
         """`update` without v, which the fit does not read (skd.attention_inputs replays q, k and A alone)."""
         if self.moments[i] is None:
             return
+        step = max(1, CHUNK_TOKENS // q.shape[2])  # whole sequences: keys are centred per sequence
+        for start in range(0, q.shape[0], step):
+            part = slice(start, start + step)
+            self._add(i, q[part], k[part], a[part], None if w is None else w[part])
+
+    def _add(self, i: int, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None) -> None:
+        """`add` on one chunk of sequences."""
         m_acc, p_acc = self.moments[i]
         s, h, n, _ = q.shape
         big_r = p_acc.shape[-1]
