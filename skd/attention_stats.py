@@ -6,9 +6,10 @@ block's attention computed explicitly from its modules in the standard layout: p
 (S, H, N, hd), A = softmax(q kᵀ·scale + bias) (S, H, N, N) (the model's own mask and position bias
 included), ctx = A v, output proj(ctx). So it computes the model's own output, and the
 accumulators see each block's q, k, v and attention weights A together, which hooks cannot give.
-`attention_pass` streams data through it without gradients (the score fit, on the transformed model);
-skd.stats.calibrate(accumulators=) runs its gradient pass through it (the joint statistic, on the original
-model, in the same pass as the Taylor scores and covariances).
+`attention_pass` streams data through it without gradients (the score fit, on the transformed model, unless
+skd.attention_inputs replays it from inputs the calibration pass recorded); skd.stats.calibrate(accumulators=)
+runs its gradient pass through it (the joint statistic, on the original model, in the same pass as the Taylor
+scores and covariances).
 
 Accumulators (per block, per head; padding queries and keys weigh 0; one batch in fp32 GEMMs, the totals
 in float64, like skd.stats):
