@@ -18,13 +18,13 @@ the pass instead.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
 from ._checks import check_int
 from ._dist import all_reduce_flat, rank_world
-from .attention_stats import ScoreFit, attention_weights, heads
+from .attention_stats import CHUNK_TOKENS, ScoreFit, attention_weights, heads
 from .models import BlockSpec
 
 # Recording stops above this many bytes (and the caller runs a pass instead): less than the calibration pass
@@ -109,11 +109,12 @@ class AttentionInputs:
         seen = torch.tensor(float(self.samples), dtype=torch.float64)
         with torch.no_grad():
             for entries in self._batches:
-                for i, (x, bias, w) in sorted(entries.items()):
+                for i, entry in sorted(entries.items()):
                     spec = self.blocks[i]
-                    q, k = heads(spec, x, values=False)
-                    a = attention_weights(spec, q, k, bias)
-                    fit.add(i, q, k, a, w)
+                    for x, bias, w in _chunks(*entry):
+                        q, k = heads(spec, x, values=False)
+                        a = attention_weights(spec, q, k, bias)
+                        fit.add(i, q, k, a, w)
         self._batches.clear()
         if rank_world()[1] > 1:
             tensors = fit.tensors()
@@ -123,6 +124,48 @@ class AttentionInputs:
         if total == 0:
             raise ValueError("no attention inputs were recorded: the calibration data yielded no samples")
         return total
+
+
+def _chunks(x: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor | None) -> Iterator[Entry]:
+    """One recorded entry (x (S, N, D), bias, token weights (S, N)) as the pieces to replay: padded text, whose
+    real tokens are a prefix of every sequence and whose bias masks every other key (`_padding_masked`), in
+    chunks of sequences sorted by length, each cut to its longest sequence and about CHUNK_TOKENS tokens (text
+    batches are mostly padding, and attention's work grows with the padded length squared); an all-padding
+    sequence is left out. The padding cut off carries no weight and gets none: ScoreFit.add's sums are the
+    same, in another order. Anything else: the entry, whole (ScoreFit.add chunks it)."""
+    if not _padding_masked(bias, w):
+        yield x, bias, w
+        return
+    lengths = (w > 0).sum(1)
+    order = lengths.argsort(stable=True)
+    order = order[lengths[order] > 0].tolist()
+    sizes = lengths.tolist()
+    per_sequence = bias.dim() == 4 and bias.shape[0] == x.shape[0]
+    start = 0
+    while start < len(order):
+        end = start + 1  # sorted: the chunk's last sequence is its longest
+        while end < len(order) and (end + 1 - start) * sizes[order[end]] <= CHUNK_TOKENS:
+            end += 1
+        n = sizes[order[end - 1]]
+        index = torch.tensor(order[start:end], device=x.device)
+        part = bias.index_select(0, index) if per_sequence else bias
+        yield x.index_select(0, index)[:, :n], part[..., :n, :n], w.index_select(0, index)[:, :n]
+        start = end
+
+
+def _padding_masked(bias: torch.Tensor | None, w: torch.Tensor | None) -> bool:
+    """Whether w (S, N) has padding (weight 0), each sequence's real tokens come first, and the bias
+    (broadcastable to (S, H, N, N)) gives every padding key at most half its dtype's lowest value, whatever the
+    head and query: an attention weight of exactly 0 (exp underflows for any score)."""
+    if w is None or bias is None:
+        return False
+    real = w > 0
+    s, n = real.shape
+    if bool(real.all()) or not torch.equal(real, torch.arange(n, device=w.device) < real.sum(1, keepdim=True)):
+        return False
+    full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    highest = full.amax(dim=(1, 2)).expand(s, n)  # per sequence and key, over heads and queries
+    return bool((highest[~real] <= torch.finfo(bias.dtype).min / 2).all())
 
 
 def _first(t: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import skd
 from skd import attention_inputs
 from skd import score_fit as fits
 from skd.attention_inputs import AttentionInputs
-from skd.attention_stats import ScoreFit, attention_pass, explicit_forward
+from skd.attention_stats import ScoreFit, attention_pass, attention_weights, explicit_forward, heads
 from skd.models import adapter_for
 from tests.test_attention_stats import model_and_data, rel
 
@@ -82,6 +82,61 @@ def test_replay_feeds_what_the_pass_feeds(name: str) -> None:
     for got, ref in zip(replayed.tensors(), passed.tensors(), strict=True):
         assert bool(ref.any())
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_padded_text_replays_in_length_sorted_trimmed_chunks_with_the_same_fit(monkeypatch) -> None:
+    """BERT's right padding is masked by its bias: the replay sorts each entry's sequences by length and cuts
+    every chunk to its longest (chunks of at most 12 tokens here: several per batch, all-padding sequences left
+    out), and the fit equals the one from whole batches."""
+    model, data = model_and_data("BertModel")
+    data[0]["attention_mask"][1] = 0  # an all-padding sequence
+    adapter = adapter_for(model)
+    blocks = adapter.blocks
+    cpu = torch.device("cpu")
+    fitted = ScoreFit(blocks, cpu).fitted
+    recorded = AttentionInputs(blocks, fitted, 12)
+    with torch.no_grad():
+        for batch in data:
+            explicit_forward(adapter, batch, [], inputs=recorded)
+    entries = [(i, entry) for batch in recorded._batches for i, entry in batch.items()]
+    monkeypatch.setattr(attention_inputs, "CHUNK_TOKENS", 12)
+    for _, (x, bias, w) in entries:
+        chunks = list(attention_inputs._chunks(x, bias, w))
+        assert len(chunks) > 1
+        lengths = [int(n) for _, _, cw in chunks for n in (cw > 0).sum(1)]
+        assert lengths == sorted(int(n) for n in (w > 0).sum(1) if n > 0)  # sorted; all-padding ones left out
+        for cx, cbias, cw in chunks:  # each cut to its longest, at most 12 tokens unless one sequence
+            assert cx.shape[1] == cw.shape[1] == cbias.shape[-1] == int((cw > 0).sum(1).max())
+            assert len(cx) * cx.shape[1] <= 12 or len(cx) == 1
+    trimmed, whole = ScoreFit(blocks, cpu), ScoreFit(blocks, cpu)
+    recorded.replay(trimmed)
+    with torch.no_grad():
+        for i, (x, bias, w) in entries:  # the same entries, fed whole
+            q, k = heads(blocks[i], x, values=False)
+            whole.add(i, q, k, attention_weights(blocks[i], q, k, bias), w)
+    for got, ref in zip(trimmed.tensors(), whole.tensors(), strict=True):
+        assert bool(ref.any())
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["left padding", "no bias", "bias not masking", "no padding"])
+def test_only_right_padding_masked_by_the_bias_is_trimmed(case: str) -> None:
+    s, n = 3, 6
+    w = (torch.arange(n) < torch.tensor([[2], [6], [4]])).float()
+    bias = torch.zeros(s, 1, n, n).masked_fill((w == 0)[:, None, None, :], torch.finfo(torch.float32).min)
+    assert attention_inputs._padding_masked(bias, w)
+    if case == "left padding":
+        w, bias = w.flip(1), bias.flip(-1)
+    elif case == "no bias":
+        bias = None
+    elif case == "bias not masking":
+        bias[0, 0, 1, -1] = -1e4  # one query attends to a padding key a little
+    else:
+        w = torch.ones(s, n)
+    assert not attention_inputs._padding_masked(bias, w)
+    x = torch.randn(s, n, 4)
+    ((got_x, got_bias, got_w),) = attention_inputs._chunks(x, bias, w)  # the entry, whole
+    assert got_x is x and got_bias is bias and got_w is w
 
 
 def test_recording_stops_above_its_bound_and_bad_arguments_are_refused() -> None:
