@@ -4,6 +4,7 @@ monotone, the attention kept near its share, g = 1 exactly the floor-uniform sub
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import timm
@@ -13,7 +14,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 import skd
 from skd import DropoutList, ElasticViT, Subnet
-from skd.elastic.budget import default_multiple_of
+from skd.elastic.budget import multiple_of_for
 from skd.io import load_tensors, save_tensors
 
 FRACTIONS = [0.05, 0.1, 0.2, 0.24, 0.2499, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.9, 0.97, 1.0]
@@ -78,8 +79,9 @@ def _brute_force_floor_uniform(e: ElasticViT, limit: float) -> Subnet:
 def test_default_granularity() -> None:
     assert _vit_small().multiple_of == 8
     assert _swin().multiple_of == 1 and _tiny().multiple_of == 1  # head dims 32 and 16
-    assert default_multiple_of([64, 64], [1536, 1540]) == 1  # a hidden size that is not a multiple of 8
-    assert default_multiple_of([64], [256]) == 8 and default_multiple_of([64, 32], [256, 128]) == 1
+    assert multiple_of_for(None, [64, 64], [1536, 1540]) == 1  # a hidden size that is not a multiple of 8
+    assert multiple_of_for(None, [64], [256]) == 8 and multiple_of_for(None, [64, 32], [256, 128]) == 1
+    assert multiple_of_for(4, [64], [256]) == 4
     assert _vit_small(multiple_of=1).multiple_of == 1 and _tiny(multiple_of=4).multiple_of == 4
 
 
@@ -188,6 +190,18 @@ def test_saved_granularity_loads_and_older_files_get_the_default(tmp_path) -> No
     del meta["multiple_of"]  # as written before the granularity existed
     save_tensors(tmp_path / "old.safetensors", tensors, meta)
     assert skd.load(tmp_path / "old.safetensors").multiple_of == 8
+
+
+def test_pickles_from_before_the_granularity_load_with_floor_uniform_widths() -> None:
+    """A pickled (torch.save of the module, not skd.save) ElasticViT whose budgets predate multiple_of
+    chose floor-uniform widths: unpickled, it has multiple_of 1 and picks the same subnets as before."""
+    e = _vit_small()
+    old = pickle.loads(pickle.dumps(e))
+    del old._budgets.__dict__["multiple_of"]  # as pickled before the granularity existed
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.multiple_of == 1 and e.multiple_of == 8
+    assert loaded.set_subnet(macs=0.25).subnet == _brute_force_floor_uniform(loaded, 0.25 * loaded.full_macs)
+    assert pickle.loads(pickle.dumps(e)).multiple_of == 8  # a current pickle keeps its own
 
 
 def test_cli_multiple_of(tmp_path) -> None:

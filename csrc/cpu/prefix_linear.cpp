@@ -5,8 +5,8 @@
 // bf16 blocks that are dense in one order (ElasticViT's always are: a row prefix of a row-major weight, a
 // column prefix of a column-major one) go through oneDNN's linear instead (mkldnn::_linear_pointwise, bias
 // and GELU fused, reads the block in place), 0-25 % faster than ATen's addmm route on ViT-S/B shapes; fp32
-// stays on MKL's sgemm, which oneDNN does not beat. skd_kernels/ops/prefix_linear.py's `bind` makes the same
-// choice (`_onednn_runs`).
+// stays on MKL's sgemm, which oneDNN does not beat. Without autograd on CPU, skd_kernels/ops/prefix_linear.py
+// runs this same computation from Python (`_on_views`: the boxed op call costs more than the GEMM's own call).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

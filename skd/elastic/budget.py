@@ -46,9 +46,12 @@ ALIGNMENT = 8
 MIN_ALIGNED_HEAD_DIM = 64
 
 
-def default_multiple_of(head_dims: Sequence[int], hiddens: Sequence[int]) -> int:
-    """ALIGNMENT when every head dim and hidden size is a multiple of it and every head dim is at least
+def multiple_of_for(value: int | None, head_dims: Sequence[int], hiddens: Sequence[int]) -> int:
+    """The granularity `value` asks for (an int >= 1; ValueError otherwise), or for None the default:
+    ALIGNMENT when every head dim and hidden size is a multiple of it and every head dim is at least
     MIN_ALIGNED_HEAD_DIM (ViT/DeiT-Ti/S/B/L, BERT-base: 64-dim heads), else 1."""
+    if value is not None:
+        return check_int("multiple_of", value, 1)
     ok = all(n % ALIGNMENT == 0 for n in (*head_dims, *hiddens)) and min(head_dims) >= MIN_ALIGNED_HEAD_DIM
     return ALIGNMENT if ok else 1
 
@@ -74,17 +77,21 @@ def nearest_width(t: float, n: int, g: int) -> int:
 
 class Budgets:
     """MACs, the uniform family and the largest-subnet-under-a-cost search for one model's widths, with
-    budget-chosen widths at granularity `multiple_of` (module docstring)."""
+    budget-chosen widths at granularity `multiple_of` (module docstring; None: the default, `multiple_of_for`)."""
 
-    def __init__(self, blocks: Sequence[BlockSpec], other_macs: int, multiple_of: int = 1) -> None:
+    def __init__(self, blocks: Sequence[BlockSpec], other_macs: int, multiple_of: int | None = 1) -> None:
         self.head_dims = tuple(s.head_dim for s in blocks)
         self.hiddens = tuple(s.hidden for s in blocks)
-        self.multiple_of = check_int("multiple_of", multiple_of, 1)
+        self.multiple_of = multiple_of_for(multiple_of, self.head_dims, self.hiddens)
         self._other = other_macs
         self._attn_coef = [attn_macs_per_dim(s) for s in blocks]
         self._mlp_coef = [mlp_macs_per_unit(s) for s in blocks]
         self.full = Subnet(attn=self.head_dims, mlp=self.hiddens)
         self.empty = Subnet(attn=[0] * len(self.head_dims), mlp=[0] * len(self.hiddens))
+
+    def __setstate__(self, state: dict) -> None:
+        # pickles from before multiple_of existed: their widths were floor-uniform (g = 1)
+        self.__dict__.update({"multiple_of": 1, **state})
 
     @functools.cached_property
     def _uniform_points(self) -> list[float]:

@@ -21,7 +21,7 @@ from ..errors import UnsupportedModelError
 from ..models import ModelAdapter, adapter_for
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
-from .budget import Budgets, LatencyTable, default_multiple_of
+from .budget import Budgets, LatencyTable, multiple_of_for
 from .layout import RankMajorLayout, store_columns_
 from .plan import Plan
 from .symbolic import symbolic_widths
@@ -60,10 +60,9 @@ class ElasticViT(nn.Module):
         self.model = model
         self.adapter: ModelAdapter = adapter
         self._layout = RankMajorLayout(adapter.blocks)
-        self._budgets = Budgets(adapter.blocks, adapter.other_macs())
+        self._budgets = Budgets(adapter.blocks, adapter.other_macs(), multiple_of)
         self.head_dims = self._budgets.head_dims
         self.hiddens = self._budgets.hiddens
-        self.multiple_of = multiple_of
         self._activate(self._budgets.full)
         self._dropout_list: DropoutList | None = None
         self.dropout_list = dropout_list
@@ -156,7 +155,7 @@ class ElasticViT(nn.Module):
 
     @multiple_of.setter
     def multiple_of(self, value: int | None) -> None:
-        g = default_multiple_of(self.head_dims, self.hiddens) if value is None else check_int("multiple_of", value, 1)
+        g = multiple_of_for(value, self.head_dims, self.hiddens)
         if g != self._budgets.multiple_of:
             self._budgets = Budgets(self.adapter.blocks, self.adapter.other_macs(), g)
 

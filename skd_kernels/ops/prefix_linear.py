@@ -53,6 +53,9 @@ def prefix_linear(
     fn = _dispatch.kernel(OP, x.device, x.dtype)
     if _dispatch.needs_grad(x, weight, bias):
         return fn(x, weight, bias, k_in, k_out, activation)
+    if _views_run(fn, x.device) and not torch.compiler.is_compiling():
+        w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
+        return _on_views(x, w_blk, b_blk, k_in, activation, _onednn_runs(w_blk, k_in, k_out))
     return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
 
 
@@ -83,11 +86,8 @@ def bind(
     fn = _dispatch.kernel(OP, device, dtype)
     with torch.no_grad():  # views for the no-grad path only: they must not record autograd
         w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
-    approximate = {"none": None, "gelu": "none", "gelu_tanh": "tanh"}[activation]
-    # one OpOverload serves the CPU and CUDA keys: the oneDNN/F.linear shortcuts are for CPU tensors only
-    on_cpu_kernel = device.type == "cpu" and fn is _ops.compiled_kernel(OP, "CPU")
-    onednn = on_cpu_kernel and _onednn_runs(w_blk, k_in, k_out)
-    attr, algorithm = ONEDNN_ACTIVATIONS[activation]
+    on_views = _views_run(fn, device)
+    onednn = on_views and _onednn_runs(w_blk, k_in, k_out)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.device != device or not x.dim() \
@@ -95,18 +95,33 @@ def bind(
             check(x, weight, bias, k_in, k_out, activation)  # raises prefix_linear's error for this x
         if _dispatch.needs_grad(x, weight, bias):
             return fn(x, weight, bias, k_in, k_out, activation)
-        if not on_cpu_kernel:
+        if not on_views:
             return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
-        # On views sliced once (the op call and its slicing cost ~7 µs, a third of a small GEMM): bf16
-        # through oneDNN's linear, bias and GELU fused; else the CPU kernel's own computation (a BLAS GEMM on
-        # the block, bias in beta, GELU in place).
-        x = x if x.shape[-1] == k_in else x[..., :k_in]
-        if onednn:
-            return _ONEDNN_LINEAR(x, w_blk, b_blk, attr, [], algorithm)
-        y = F.linear(x, w_blk, b_blk)
-        return y if approximate is None else torch._C._nn.gelu_(y, approximate=approximate)
+        return _on_views(x, w_blk, b_blk, k_in, activation, onednn)
 
     return call
+
+
+def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
+    """Whether a no-grad call with kernel `fn` on `device` runs `_on_views` instead: the compiled CPU kernel
+    (one OpOverload serves the CPU and CUDA keys, so the device decides), whose computation `_on_views` is."""
+    return device.type == "cpu" and fn is _CPU_KERNEL
+
+
+def _on_views(x: torch.Tensor, w_blk: torch.Tensor, b_blk: torch.Tensor | None, k_in: int, activation: str,
+              onednn: bool) -> torch.Tensor:
+    """The CPU kernel's computation (csrc/cpu/prefix_linear.cpp) from Python, no grad: x (..., >= k_in),
+    w_blk (k_out, k_in) and b_blk (k_out,) views of the weight and bias. bf16 blocks dense in one order
+    (`onednn`) through oneDNN's linear, bias and GELU fused; else a BLAS GEMM on the block, bias in beta,
+    GELU in place. Calling the op from Python costs ~10 µs more than F.linear (its boxed dispatch), 2-8 %
+    of a ViT-S proj GEMM (benchmarks/RESULTS.md, "prefix_linear's public op on CPU")."""
+    x = x if x.shape[-1] == k_in else x[..., :k_in]
+    if onednn:
+        attr, algorithm = ONEDNN_ACTIVATIONS[activation]
+        return _ONEDNN_LINEAR(x, w_blk, b_blk, attr, [], algorithm)
+    y = F.linear(x, w_blk, b_blk)
+    approximate = _GELU_APPROXIMATE[activation]
+    return y if approximate is None else torch._C._nn.gelu_(y, approximate=approximate)
 
 
 # oneDNN's linear (mkldnn::_linear_pointwise: bias and GELU fused, reads a dense weight block in place, no
@@ -114,6 +129,8 @@ def bind(
 # 197 and 1576 rows (benchmarks/RESULTS.md, "Column-major input-truncated weights"); in fp32 it is slower
 # than MKL's sgemm (up to 1.25x), so fp32/fp16/fp64 keep F.linear. Its (attr, algorithm) per activation:
 ONEDNN_ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+_GELU_APPROXIMATE = {"none": None, "gelu": "none", "gelu_tanh": "tanh"}  # F.gelu's argument per activation
+_CPU_KERNEL = _ops.compiled_kernel(OP, "CPU")
 _ONEDNN_LINEAR = getattr(getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None), "default", None)
 
 
