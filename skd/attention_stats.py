@@ -6,9 +6,10 @@ block's attention computed explicitly from its modules in the standard layout: p
 (S, H, N, hd), A = softmax(q kᵀ·scale + bias) (S, H, N, N) (the model's own mask and position bias
 included), ctx = A v, output proj(ctx). So it computes the model's own output, and the
 accumulators see each block's q, k, v and attention weights A together, which hooks cannot give.
-`attention_pass` streams data through it without gradients (the score fit, on the transformed model);
-skd.stats.calibrate(accumulators=) runs its gradient pass through it (the joint statistic, on the original
-model, in the same pass as the Taylor scores and covariances).
+`attention_pass` streams data through it without gradients (the score fit, on the transformed model, unless
+skd.attention_inputs replays it from inputs the calibration pass recorded); skd.stats.calibrate(accumulators=)
+runs its gradient pass through it (the joint statistic, on the original model, in the same pass as the Taylor
+scores and covariances).
 
 Accumulators (per block, per head; padding queries and keys weigh 0; one batch in fp32 GEMMs, the totals
 in float64, like skd.stats):
@@ -31,9 +32,10 @@ changes when dims are dropped); the pass still computes their attention, norms i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import batches
@@ -43,7 +45,13 @@ from .passes import stream_pass
 from .score_fit import fit_ranks
 from .subnet import Subnet
 
+if TYPE_CHECKING:  # attention_inputs replays through this module's `heads`
+    from .attention_inputs import AttentionInputs
+
 RIDGE = 1e-3  # score fit: δ = RIDGE · tr(G)/n added to the normal equations G (n unknowns)
+# ScoreFit.add works through a batch this many (padded) tokens at a time, so that its temporaries stay in cache
+# (1 thread, captured batches: digits ViT's (128, 3, 65, 65) 1.5x faster than whole, MiniLM's (32, 12, 56, 56) 1.07x)
+CHUNK_TOKENS = 1024
 
 
 class Accumulator(Protocol):
@@ -58,9 +66,32 @@ class Accumulator(Protocol):
         """Every accumulated float64 tensor, in a fixed order."""
 
 
-def _masked(a: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """A (S, H, N, N) with padding queries' rows and padding keys' columns zeroed (w (S, N) or None)."""
-    return a if w is None else a * w[:, None, :, None] * w[:, None, None, :]
+def _packed_products(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """x_a y_c for a <= c, in torch.triu_indices' order, along `dim` of x and y (same shape, R entries along
+    it): R(R+1)/2 entries there, each product of two whole slices written in place."""
+    size = x.shape[dim]
+    out = x.new_empty(*x.shape[:dim], size * (size + 1) // 2, *x.shape[dim + 1:])
+    start = 0
+    for a in range(size):
+        torch.mul(x.narrow(dim, a, 1), y.narrow(dim, a, size - a), out=out.narrow(dim, start, size - a))
+        start += size - a
+    return out
+
+
+def _packed_positions(size: int) -> torch.Tensor:
+    """(size, size) int64: the position of pair (a, c) (either order) in torch.triu_indices(size, size)'s order."""
+    rows, cols = torch.triu_indices(size, size)
+    out = torch.empty(size, size, dtype=torch.int64)
+    out[rows, cols] = out[cols, rows] = torch.arange(len(rows))
+    return out
+
+
+def _by_shell(big_r: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) (n,) int64 of the score fit's unknowns X[a, b] (first <= a <= R, b < R), ordered by shell
+    max(a, b + 1) (then a, b): width r's unknowns, a <= r and b < r, are the first (r + 1 - first)·r."""
+    pairs = sorted(((a, b) for a in range(first, big_r + 1) for b in range(big_r)),
+                   key=lambda p: (max(p[0], p[1] + 1), p))
+    return torch.tensor(pairs, dtype=torch.int64).unbind(1)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +167,7 @@ class JointQK:
         c = hd + 2
         # a_i = Σ_j w_ij and b_j = Σ_i w_ij, w_ij = A_ij² ‖v'_j − c'_i‖², as two GEMMs of A² with hd + 2 columns,
         # not by forming w (S, H, N, N): with P = [v', ‖v'‖², 1] and C = [−2c', 1, ‖c'‖²] per token,
-        # a_i = C_i · (A² P)_i and b_j = P_j · (A²ᵀ C)_j. `_masked`'s padding masks (query rows, key columns)
+        # a_i = C_i · (A² P)_i and b_j = P_j · (A²ᵀ C)_j. The padding masks (query rows, key columns)
         # go on P's and C's rows: each GEMM then sums over real tokens only and each dot is 0 for a padding one.
         p = v @ self._factor(i, v.dtype)  # [v', 0, 0] (S, H, N, c)
         # C from the unmasked v' (c' is the model's own ctx L), before P's extra columns are filled
@@ -210,8 +241,19 @@ class ScoreFit:
 
     def update(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                w: torch.Tensor | None) -> None:
+        self.add(i, q, k, a, w)
+
+    def add(self, i: int, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None) -> None:
+        """`update` without v, which the fit does not read (skd.attention_inputs replays q, k and A alone)."""
         if self.moments[i] is None:
             return
+        step = max(1, CHUNK_TOKENS // q.shape[2])  # whole sequences: keys are centred per sequence
+        for start in range(0, q.shape[0], step):
+            part = slice(start, start + step)
+            self._add(i, q[part], k[part], a[part], None if w is None else w[part])
+
+    def _add(self, i: int, q: torch.Tensor, k: torch.Tensor, a: torch.Tensor, w: torch.Tensor | None) -> None:
+        """`add` on one chunk of sequences."""
         m_acc, p_acc = self.moments[i]
         s, h, n, _ = q.shape
         big_r = p_acc.shape[-1]
@@ -220,52 +262,52 @@ class ScoreFit:
         else:  # over each sequence's real tokens (an all-padding sequence has no weight anyway)
             k_mean = (k * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None]
         kc = k - k_mean  # a per-query constant does not change the softmax: fit what does
-        weights = _masked(a, w)
-        kept = kc[..., :big_r]
-        # Per query token (padding queries left out: their weights rows are 0, and text batches are mostly
-        # padding), (H, tokens, ·): Σ_j w_ij k̃_jb k̃_jd (b <= d < R); for the dropped dims >= R, which enter only
-        # through their score part t_ij = Σ_{m >= R} q_im k̃_jm, Σ_j w_ij t_ij k̃_jb; and q̃_a q̃_c (a <= c).
-        # The packed pairs are built from slices in triu_indices' order: index gathers cost more than the
-        # GEMM work they save.
+        if w is not None:  # padding keys weigh 0: zero their centred keys rather than A's columns (S, H, N, N)
+            kc = kc * w[:, None, :, None]
+        # Per query token (padding queries left out: text batches are mostly padding; a real query's weight
+        # w_i goes on one factor of its q̃ products), (H, ·, tokens): Σ_j A_ij k̃_jb k̃_jd (b <= d < R); for the
+        # dropped dims >= R, which enter only through their score part t_ij = Σ_{m >= R} q_im k̃_jm,
+        # Σ_j A_ij t_ij k̃_jb; and w_i q̃_a q̃_c (a <= c). Feature-major (·, N) rows: the packed pairs are
+        # products of whole rows written in place in triu_indices' order (slices of a token-major last dim
+        # and their concatenation cost three times as much; index gathers more than the GEMM work they save).
         real = None if w is None else (w > 0).nonzero().unbind(1)  # (sequence, token) of each real token
 
         def tokens(x: torch.Tensor) -> torch.Tensor:
-            """(S, H, N, C) -> (H, tokens, C), contiguous."""
-            x = x.transpose(0, 1)
-            return x.reshape(h, s * n, -1) if real is None else x[:, real[0], real[1]]
+            """(S, H, C, N) -> (H, C, tokens), contiguous."""
+            x = x.permute(1, 2, 0, 3)
+            return x.reshape(h, -1, s * n) if real is None else x[:, :, real[0], real[1]]
 
-        pairs = torch.cat([kept[..., b:b + 1] * kept[..., b:] for b in range(big_r)], -1)  # (S, H, N, R(R+1)/2)
-        mixed = tokens(weights @ pairs)  # (H, tokens, R(R+1)/2)
-        tail = tokens((weights * (q[..., big_r:] @ kc[..., big_r:].mT)) @ kept)  # (H, tokens, R)
-        qt = tokens(torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1))  # q̃ (H, tokens, R+1)
-        squares = torch.cat([qt[..., c:c + 1] * qt[..., c:] for c in range(big_r + 1)], -1)
-        m_acc += (squares.mT @ mixed).double()
-        p_acc += (qt.mT @ tail).double()
+        kept = kc[..., :big_r].transpose(-1, -2).contiguous()  # (S, H, R, N)
+        pairs = _packed_products(kept, kept, 2)  # (S, H, R(R+1)/2, N)
+        mixed = tokens(pairs @ a.mT)  # (H, R(R+1)/2, tokens)
+        tail = tokens(kept @ (a * (q[..., big_r:] @ kc[..., big_r:].mT)).mT)  # (H, R, tokens)
+        qt = tokens(torch.cat([q.new_ones(s, h, n, 1), q[..., :big_r]], -1).transpose(-1, -2))  # q̃ (H, R+1, tokens)
+        qw = qt if real is None else qt * w[real]  # w_i q̃_i
+        m_acc += (_packed_products(qw, qt, 1) @ mixed.mT).double()
+        p_acc += (qw @ tail.mT).double()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for acc in self.moments if acc is not None for t in acc]
 
     @property
+    def fitted(self) -> list[int]:
+        """The blocks with statistics (not qk_norm, heads wide enough), in order."""
+        return [i for i, acc in enumerate(self.moments) if acc is not None]
+
+    @property
     def last_block(self) -> int | None:
         """The last block with statistics (the pass need not run past its attention), or None: no block has
         any (all qk_norm, or heads too small)."""
-        return max((i for i, acc in enumerate(self.moments) if acc is not None), default=None)
+        return max(self.fitted, default=None)
 
     def moment(self, i: int) -> torch.Tensor | None:
         """Block i's full M (H, R+1, R+1, R, R) float64 on the accumulators' device, unpacked (symmetric in
         (a, c) and in (b, d)), or None (qk_norm, R = 0)."""
         if self.moments[i] is None:
             return None
-        packed = self.moments[i][0]
-        h, big_r = packed.shape[0], self.moments[i][1].shape[-1]
-        ac, bd = (torch.triu_indices(m, m, device=packed.device) for m in (big_r + 1, big_r))
-        by_ac = packed.new_zeros(h, len(ac[0]), big_r, big_r)
-        by_ac[:, :, bd[0], bd[1]] = packed
-        by_ac[:, :, bd[1], bd[0]] = packed
-        full = packed.new_zeros(h, big_r + 1, big_r + 1, big_r, big_r)
-        full[:, ac[0], ac[1]] = by_ac
-        full[:, ac[1], ac[0]] = by_ac
-        return full
+        packed, big_r = self.moments[i][0], self.moments[i][1].shape[-1]
+        ac, bd = (_packed_positions(n).to(packed.device) for n in (big_r + 1, big_r))
+        return packed[:, ac[:, :, None, None], bd]
 
     def solve(self, i: int, has_bias: bool) -> torch.Tensor | None:
         """Block i's fit (H, R, R+1, R) float64 CPU in skd.score_fit's format, or None (qk_norm, R = 0).
@@ -279,34 +321,39 @@ class ScoreFit:
             return None
         if not all(bool(torch.isfinite(t).all()) for t in self.moments[i]):
             raise ValueError(f"{self.blocks[i].name}: the score-fit statistics contain NaN or Inf")
-        m_all, p_tail = self.moment(i).cpu(), self.moments[i][1].cpu()
-        h, big_r = m_all.shape[0], m_all.shape[-1]
+        packed, p_tail = (t.cpu() for t in self.moments[i])
+        h, big_r = p_tail.shape[0], p_tail.shape[-1]
         fit = torch.zeros(h, big_r, big_r + 1, big_r, dtype=torch.float64)
         first = 0 if has_bias else 1  # row 0 is the constant
-        g_all = m_all.permute(0, 1, 3, 2, 4)  # (H, a, b, c, d), symmetric: every width's G is a sub-block
+        # The unknowns (a, b) by shell max(a, b + 1): width r's are the first (r + 1 - first)·r, so its G is a
+        # leading block of the widest one's, gathered from the packed M once
+        a, b = _by_shell(big_r, first)
+        ac, bd = _packed_positions(big_r + 1), _packed_positions(big_r)
+        g_all = packed[:, ac[a[:, None], a], bd[b[:, None], b]]  # (H, n, n)
         # P[a, b, m] = M[a, m + 1, b, m] for m < R (q̃_{m+1} = q_m); dropped[..., r] = Σ_{m >= r} P[..., m]
-        below = torch.diagonal(m_all[:, :, 1:], dim1=2, dim2=4)  # (H, R+1, R, R): [a, b, m]
-        dropped = torch.cat([below, p_tail[..., None]], -1).flip(-1).cumsum(-1).flip(-1)
+        m = torch.arange(big_r)
+        below = packed[:, ac[a[:, None], m + 1], bd[b[:, None], m]]  # (H, n, R)
+        dropped = torch.cat([below, p_tail[:, a, b, None]], -1).flip(-1).cumsum(-1).flip(-1)  # (H, n, R + 1)
         with one_thread():
             for r in range(1, big_r + 1):
-                rows = r + 1 - first
-                # a copy (a reshape can be a view of g_all, which the next widths read): the ridge goes in place
-                g = g_all[:, first:r + 1, :r, first:r + 1, :r].clone(memory_format=torch.contiguous_format)
-                g = g.view(h, rows * r, rows * r)
-                rhs = dropped[:, first:r + 1, :r, r].reshape(h, rows * r, 1)
+                n = (r + 1 - first) * r
+                g = g_all[:, :n, :n].clone()  # a copy: the ridge goes in place
+                rhs = dropped[:, :n, r:r + 1]
                 diagonal = g.diagonal(dim1=1, dim2=2)
-                delta = RIDGE * diagonal.sum(-1) / (rows * r)  # (H,)
+                delta = RIDGE * diagonal.sum(-1) / n  # (H,)
                 live = delta > 0  # tr(G) = 0: no weight; solve I x = 0
                 diagonal += delta[:, None]
                 if not bool(live.all()):
-                    g[~live] = torch.eye(rows * r, dtype=torch.float64)
+                    g[~live] = torch.eye(n, dtype=torch.float64)
                     rhs = torch.where(live[:, None, None], rhs, 0.0)
                 factor, info = torch.linalg.cholesky_ex(g)
-                x = torch.cholesky_solve(rhs, factor)
+                # two triangular solves: about half of cholesky_solve's time on these batches of small systems
+                x = torch.linalg.solve_triangular(
+                    factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False), upper=True)
                 failed = info > 0
                 if bool(failed.any()):
                     x[failed] = torch.linalg.solve(g[failed], rhs[failed])
-                fit[:, r - 1, first:r + 1, :r] = x.view(h, rows, r)
+                fit[:, r - 1, a[:n], b[:n]] = x[..., 0]
         return fit
 
 
@@ -319,8 +366,39 @@ def check_supported(blocks: list[BlockSpec]) -> None:
                          + "; ".join(unsupported))
 
 
+def heads(spec: BlockSpec, x: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, ...]:
+    """q, k and (with `values`) v (S, H, N, hd) of block `spec`'s attention input x (S, N, D), qk_norm applied,
+    half precision promoted to fp32. With values the block's Linears are called as modules (their hooks fire
+    as in the model's own forward); without, only q and k are computed (for the fused qkv, from a view of
+    its first 2·C rows)."""
+    s, n, _ = x.shape
+    h, hd, c = spec.num_heads, spec.head_dim, spec.channels
+    parts = 3 if values else 2
+    if spec.fused:  # rows which*C + head*hd + rank (BlockSpec)
+        bias = spec.qkv.bias
+        out = spec.qkv(x) if values else F.linear(x, spec.qkv.weight[:2 * c], None if bias is None else bias[:2 * c])
+        q, k, *v = out.view(s, n, parts, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, *v = (lin(x).view(s, n, h, hd).transpose(1, 2) for lin in (spec.q, spec.k, spec.v)[:parts])
+    if spec.has_qk_norm:
+        q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, *v))
+
+
+def attention_weights(spec: BlockSpec, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A = softmax(q kᵀ·scale + bias) (S, H, N, N) of q, k (S, H, N, hd) (`heads`), bias broadcastable to it
+    (skd.models.AttnFn) or None, in q's dtype."""
+    s, h, n, hd = q.shape
+    # the scale inside the GEMM (alpha): no pass over the (S, H, N, N) scores for it, forward or backward
+    scores = torch.baddbmm(q.new_zeros(()), q.reshape(s * h, n, hd), k.reshape(s * h, n, hd).mT, beta=0,
+                           alpha=spec.scale).view(s, h, n, n)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    return scores.softmax(-1)
+
+
 def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[Accumulator],
-                     through: int | None = None) -> Any:
+                     through: int | None = None, inputs: AttentionInputs | None = None) -> Any:
     """The model's own output on `batch` (skd.batches, on the model's device), every block's attention
     computed explicitly (module docstring) and fed to the accumulators with the batch's token weights
     (`adapter.token_weights`, (B, T) mapped to the attention's (S, N): sequences are contiguous per sample).
@@ -332,7 +410,10 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
 
     through: when the accumulators read nothing after block `through`'s attention, every branch after it
     (its MLP, the later blocks) is skipped, as a width-0 branch (`ModelAdapter.run`); the output is then
-    not the model's. None: everything runs."""
+    not the model's. None: everything runs.
+
+    inputs: also record every block's attention input, bias and token weights there
+    (skd.attention_inputs: the score fit replays them on the transformed model)."""
     blocks = adapter.blocks
     check_supported(blocks)
     last = len(blocks) - 1 if through is None else through
@@ -346,25 +427,16 @@ def explicit_forward(adapter: ModelAdapter, batch: Any, accumulators: Sequence[A
         spec = blocks[i]
         s, n, _ = x.shape
         h, hd = spec.num_heads, spec.head_dim
-        if spec.fused:  # rows which*C + head*hd + rank (BlockSpec)
-            q, k, v = spec.qkv(x).view(s, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = (lin(x).view(s, n, h, hd).transpose(1, 2) for lin in (spec.q, spec.k, spec.v))
-        if spec.has_qk_norm:
-            q, k = spec.qk_norms[0](q), spec.qk_norms[1](k)
-        q, k, v = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (q, k, v))
-        # the scale inside the GEMM (alpha): no pass over the (S, H, N, N) scores for it, forward or backward
-        scores = torch.baddbmm(q.new_zeros(()), q.reshape(s * h, n, hd), k.reshape(s * h, n, hd).mT, beta=0,
-                               alpha=spec.scale).view(s, h, n, n)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        a = scores.softmax(-1)
+        q, k, v = heads(spec, x)
+        a = attention_weights(spec, q, k, bias)
         w = weights
         if w is not None:
             if w.numel() != s * n:
                 raise ValueError(f"{spec.name}: token weights have {tuple(w.shape)} entries but the attention has "
                                  f"{s} sequences of {n} tokens")
             w = w.reshape(s, n).to(a.dtype)
+        if inputs is not None:
+            inputs.record(i, x.detach(), None if bias is None else bias.detach(), w)
         # Statistics of the forward, never differentiated (no_grad: they also read weights, which require
         # grad in calibrate's pass)
         with torch.no_grad():

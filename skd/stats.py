@@ -34,6 +34,7 @@ import skd_kernels
 from skd_kernels import CovState
 
 from . import batches
+from .attention_inputs import AttentionInputs
 from .attention_stats import Accumulator, explicit_forward
 from .models import BlockSpec, ModelAdapter
 from .passes import stream_pass
@@ -316,6 +317,7 @@ def calibrate(
     moments: bool = False,
     context_full: bool = False,
     accumulators: Sequence[Accumulator] = (),
+    attention_inputs: AttentionInputs | None = None,
     adapter: ModelAdapter | None = None,
     progress: bool = True,
     group: object = None,
@@ -336,8 +338,10 @@ def calibrate(
     accumulators: skd.attention_stats accumulators (JointQK, ScoreFit) to feed in this same pass: the
     forward then runs through `skd.attention_stats.explicit_forward(adapter, ...)` (the model's function,
     every block's attention computed explicitly from the same modules, so the hooks see the same
-    activations and gradients up to rounding) and they are all-reduced with the statistics. adapter: the
-    model's ModelAdapter, needed with accumulators. Without accumulators the model's own forward runs.
+    activations and gradients up to rounding) and they are all-reduced with the statistics.
+    attention_inputs: a skd.attention_inputs.AttentionInputs that the same explicit forward fills with the
+    blocks' attention inputs (the score fit replays them after the transform). adapter: the model's
+    ModelAdapter, needed with either. Without them the model's own forward runs.
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
@@ -348,14 +352,15 @@ def calibrate(
         raise ValueError(f"covariance={covariance!r} must be one of {COVARIANCE_MODES}")
     if context_full and not context:
         raise ValueError("context_full=True needs context=True (it extends the context statistics)")
-    if accumulators and (adapter is None or adapter.model is not model):
-        raise ValueError("accumulators= needs adapter=, the adapter of the calibrated model (its explicit-attention "
-                         "forward feeds them)")
+    explicit = bool(accumulators) or attention_inputs is not None
+    if explicit and (adapter is None or adapter.model is not model):
+        raise ValueError("accumulators= needs adapter= (so does attention_inputs=), the adapter of the calibrated "
+                         "model (its explicit-attention forward feeds them)")
     loss_fn = loss_fn or sum_cross_entropy
     stats = CalibrationStats.zeros(blocks, covariance, fisher, next(model.parameters()).device, context, moments,
                                    context_full)
-    forward = (functools.partial(explicit_forward, adapter, accumulators=accumulators) if accumulators
-               else functools.partial(batches.call, model))
+    forward = (functools.partial(explicit_forward, adapter, accumulators=accumulators, inputs=attention_inputs)
+               if explicit else functools.partial(batches.call, model))
 
     with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad(), _graph_guaranteed(model):
         def step(batch: Any) -> None:

@@ -29,9 +29,10 @@ and keys' covariances weighted by how much the head's output moves with their sc
 (skd.attention_stats.JointQK, collected in the calibration pass, which then computes every attention
 explicitly: no extra pass).
 score_fit=True (any criterion) stores, after the transform, every narrow width's least-squares prediction of
-its dropped score part from its kept q/k dims (skd.score_fit; skd.attention_stats.ScoreFit, one more pass on
-the transformed model over the first quarter of the samples), which reads `data` again, so it must be
-re-iterable.
+its dropped score part from its kept q/k dims (skd.score_fit; skd.attention_stats.ScoreFit over the first
+quarter of the samples, on the transformed model: with joint_qk replayed from the attention inputs its calibration
+pass recorded, skd.attention_inputs; otherwise, or when they exceed skd.attention_inputs.MAX_BYTES, from one more
+pass, which reads `data` again, so it must be re-iterable).
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
 Transforms are computed and applied in float64, then cast back to the weights' dtype.
@@ -54,7 +55,9 @@ from skd_kernels import CovState
 from . import compensation
 from . import score_fit as fits
 from ._checks import check_int
+from ._dist import rank_share
 from ._threads import one_thread
+from .attention_inputs import AttentionInputs
 from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported
 from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CONTEXT, CONTEXT_FULL, CalibrationStats, FeatureStats, LossFn, calibrate
@@ -144,9 +147,10 @@ def wpac(
     in the calibration pass, whose attention is then computed explicitly). score_fit: after the
     transform, store each block's per-width score fit on the Linear producing q (skd.score_fit: buffer
     `skd_score_fit`; blocks with qk_norm get none); False removes fits a previous call stored. score_fit
-    reads the first num_samples // 4 samples of `data` once more (under torch.distributed: the first quarter
-    of each process's share), so it must be re-iterable (a DataLoader,
-    list or Dataset; a one-shot iterator is a ValueError, raised before the model is touched). Returns the
+    reads the first num_samples // 4 samples of `data` (under torch.distributed: the first quarter of each
+    process's share) once more, unless joint_qk's calibration pass recorded their attention inputs
+    (skd.attention_inputs, up to its MAX_BYTES), so it must be re-iterable (a DataLoader, list or Dataset; a
+    one-shot iterator is a ValueError, raised before the model is touched). Returns the
     same model, computing the same function, with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
@@ -195,10 +199,16 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     # joint_qk: fed by the calibration pass itself, on the original model (the statistics describe the
     # function being preserved); joint_qk needs wpac+, so that pass runs
     joint = JointQK(blocks, adapter.device) if joint_qk else None
+    fit = ScoreFit(blocks, adapter.device) if score_fit else None
+    fit_samples = max(1, num_samples // SCORE_FIT_SHARE)
+    # the fit's attention inputs, recorded by a calibration pass that computes every attention explicitly anyway
+    # (joint_qk) and replayed after the transform: no pass of its own (skd.attention_inputs)
+    inputs = (AttentionInputs(blocks, fit.fitted, rank_share(fit_samples)[0])
+              if joint_qk and fit is not None and fit.fitted else None)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
-                          accumulators=[joint] if joint_qk else (), adapter=adapter,
+                          accumulators=[joint] if joint_qk else (), attention_inputs=inputs, adapter=adapter,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
                           token_weights=adapter.token_weights,
                           covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion),
@@ -218,7 +228,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
         else:
             reports = [_transform_block(spec, i, stats, criterion, generator, rot, compensate)
                        for i, (spec, rot) in enumerate(zip(blocks, rotations, strict=True))]
-    _store_score_fits(adapter, data, reports, score_fit, max(1, num_samples // SCORE_FIT_SHARE), progress)
+    _store_score_fits(adapter, data, reports, fit, fit_samples, progress, inputs)
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
@@ -301,23 +311,24 @@ def _shared_qk_permutation(spec: BlockSpec, qk_imp: torch.Tensor) -> tuple[torch
     return torch.eye(hd, dtype=torch.float64)[shared].expand(h, hd, hd), qk_imp[:, shared]
 
 
-def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport], score_fit: bool,
-                      num_samples: int, progress: bool) -> None:
-    """With score_fit, one attention pass over at most num_samples samples of the transformed model, through the
-    last fitted block's attention, and every block's fit stored (skd.score_fit; qk_norm blocks get none, and
-    without any block to fit there is no pass); every other stored fit is removed."""
+def _store_score_fits(adapter: ModelAdapter, data: Iterable | Dataset, reports: list[BlockReport],
+                      fit: ScoreFit | None, num_samples: int, progress: bool, inputs: AttentionInputs | None) -> None:
+    """With a ScoreFit (score_fit=True), its statistics on the transformed model over at most num_samples samples
+    and every block's fit stored (skd.score_fit; qk_norm blocks get none): replayed from the attention inputs the
+    calibration pass recorded when it recorded them all (`inputs`), else from one attention pass through the last
+    fitted block's attention (none without any block to fit). Every other stored fit is removed."""
     blocks = adapter.blocks
     solved = [None] * len(blocks)
-    if score_fit:
-        acc = ScoreFit(blocks, adapter.device)
-        if acc.last_block is not None:
-            attention_pass(adapter, data, [acc], num_samples=num_samples, progress=progress,
-                           through=acc.last_block)
-            solved = [acc.solve(i, fits.q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
+    if fit is not None and fit.fitted:
+        if inputs is not None and inputs.complete:
+            inputs.replay(fit)
+        else:
+            attention_pass(adapter, data, [fit], num_samples=num_samples, progress=progress, through=fit.last_block)
+        solved = [fit.solve(i, fits.q_linear(spec).bias is not None) for i, spec in enumerate(blocks)]
     with torch.no_grad():
-        for spec, fit, report in zip(blocks, solved, reports, strict=True):
-            fits.set_score_fit(fits.q_linear(spec), fit, spec.num_heads, spec.head_dim)
-            report.score_fit = fit is not None
+        for spec, solution, report in zip(blocks, solved, reports, strict=True):
+            fits.set_score_fit(fits.q_linear(spec), solution, spec.num_heads, spec.head_dim)
+            report.score_fit = solution is not None
 
 
 def _transform_block_plus(spec: BlockSpec, feats: dict[str, FeatureStats], compensate: frozenset[str],
