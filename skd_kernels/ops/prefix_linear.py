@@ -53,7 +53,7 @@ def prefix_linear(
     fn = _dispatch.kernel(OP, x.device, x.dtype)
     if _dispatch.needs_grad(x, weight, bias):
         return fn(x, weight, bias, k_in, k_out, activation)
-    if _views_run(fn, x.device) and not torch.compiler.is_compiling():
+    if _views_run(fn, x.device):  # needs_grad is True while torch.compile traces: the graph keeps the op
         w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
         return _on_views(x, w_blk, b_blk, k_in, activation, _onednn_runs(w_blk, k_in, k_out))
     return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
@@ -113,7 +113,7 @@ def _on_views(x: torch.Tensor, w_blk: torch.Tensor, b_blk: torch.Tensor | None, 
     """The CPU kernel's computation (csrc/cpu/prefix_linear.cpp) from Python, no grad: x (..., >= k_in),
     w_blk (k_out, k_in) and b_blk (k_out,) views of the weight and bias. bf16 blocks dense in one order
     (`onednn`) through oneDNN's linear, bias and GELU fused; else a BLAS GEMM on the block, bias in beta,
-    GELU in place. Calling the op from Python costs ~10 µs more than F.linear (its boxed dispatch), 2-8 %
+    GELU in place. Calling the op from Python costs ~10 µs more than F.linear (its boxed dispatch), 1-4 %
     of a ViT-S proj GEMM (benchmarks/RESULTS.md, "prefix_linear's public op on CPU")."""
     x = x if x.shape[-1] == k_in else x[..., :k_in]
     if onednn:
@@ -227,8 +227,7 @@ def fake(
 def _gelu_grad(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "none":
         return grad
-    approximate = "tanh" if activation == "gelu_tanh" else "none"
-    return torch.ops.aten.gelu_backward(grad, z, approximate=approximate)
+    return torch.ops.aten.gelu_backward(grad, z, approximate=_GELU_APPROXIMATE[activation])
 
 
 def backward(
