@@ -8,6 +8,9 @@ k, v (the fused qkv Linear's output, or the separate q/k/v Linears' outputs) and
 `skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept
 beyond its batch, so peak memory does not depend on the number of samples, and the statistics of several
 processes simply add up (one flat all-reduce of `CalibrationStats.tensors()`, skd.passes.stream_pass).
+When the caller reads only forward statistics (the context, the hidden moments, attention accumulators:
+skd.wpac.reads_gradients), `calibrate(gradients=False)` runs the pass under no_grad with no loss, no backward
+and no labels.
 
 Features, per block (C = H*hd channels, head-major like the model's own rows):
   q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; and, only when asked for (wpac+), context: (B, T, C)
@@ -46,6 +49,7 @@ CONTEXT = "context"  # the output projection's input; collected only when asked 
 # context_full=True))
 CONTEXT_FULL = "context_full"
 COVARIANCE_MODES = (None, "weighted", "uniform")
+MOMENT_CHUNK_BYTES = 1 << 20  # Moments.update squares this much of x at a time (stays in cache)
 
 # loss_fn(output, batch) -> scalar: the model's own output and the batch it came from (skd.batches)
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -111,13 +115,18 @@ class Moments:
     def update(self, x: torch.Tensor, w: torch.Tensor | None) -> None:
         """Fold in x (S, T, C) any float dtype with token weights w (S, T) (None: all 1).
 
-        One batch is reduced in fp32 (two GEMVs, as cheap as reading x twice) and added to the fp64 totals,
-        so rounding does not grow with the number of batches."""
+        One batch is reduced in fp32 (GEMVs, as cheap as reading x twice) and added to the fp64 totals,
+        so rounding does not grow with the number of batches. x² is formed MOMENT_CHUNK_BYTES at a time: a
+        temporary the size of x (an MLP's hidden activation, megabytes) costs twice the GEMV in page faults."""
         x = _fp32_at_least(x.detach()).reshape(-1, x.shape[-1])
         w = x.new_ones(x.shape[0]) if w is None else w.reshape(-1).to(x.dtype)
         self.weight_sum += w.sum().double()
         self.sum += (w @ x).double()
-        self.sum_sq += (w @ x.square()).double()
+        sum_sq = x.new_zeros(x.shape[1])
+        rows = max(1, MOMENT_CHUNK_BYTES // (x.shape[1] * x.element_size()))
+        for xs, ws in zip(x.split(rows), w.split(rows), strict=True):
+            sum_sq.addmv_(xs.square().T, ws)
+        self.sum_sq += sum_sq.double()
 
     def mean(self) -> torch.Tensor:
         """(C,) float64 E[x]; ValueError when no token carried weight."""
@@ -143,9 +152,10 @@ class CalibrationStats:
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
               device: torch.device, context: bool = False, moments: bool = False,
-              context_full: bool = False) -> CalibrationStats:
+              context_full: bool = False, gradients: bool = True) -> CalibrationStats:
         """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context/hidden
-        moments only if asked for (the context feature has a uniform covariance and nothing else)."""
+        moments only if asked for (the context feature has a uniform covariance and nothing else); every
+        feature's taylor None without `gradients` (a forward-only pass)."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
@@ -154,7 +164,7 @@ class CalibrationStats:
             for name in FEATURES:
                 width = spec.hidden if name == "hidden" else c
                 feats[name] = FeatureStats(
-                    taylor=torch.zeros(width, **f64),
+                    taylor=torch.zeros(width, **f64) if gradients else None,
                     fisher=torch.zeros(width, **f64) if fisher else None,
                     cov=CovState.zeros(spec.num_heads, spec.head_dim, device)
                     if covariance is not None and name != "hidden" else None,
@@ -226,6 +236,11 @@ class _Collector:
         self._stash(i, name, output)
 
     def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
+        moments = self.stats.blocks[i][name].moments
+        if moments is not None:  # a forward statistic: collected here, with or without gradients
+            act = inputs[0].detach()
+            act = act.reshape(self.batch_size, -1, act.shape[-1])
+            moments.update(act, None if self.weights is None else self._checked_weights(i, name, act))
         self._stash(i, name, inputs[0])
 
     def _on_context(self, i: int, module: nn.Module, inputs: tuple) -> None:
@@ -262,8 +277,6 @@ class _Collector:
         c = act.shape[-1]
         act, grad = act.reshape(self.batch_size, -1, c), grad.reshape(self.batch_size, -1, c)
         w = None if self.weights is None else self._checked_weights(i, name, act)
-        if st.moments is not None:
-            st.moments.update(act, w)
         if w is not None:
             act = act * w[..., None].to(act.dtype)  # padding tokens: g·a = 0 in every Taylor/Fisher sum
         try:
@@ -319,6 +332,7 @@ def calibrate(
     accumulators: Sequence[Accumulator] = (),
     attention_inputs: AttentionInputs | None = None,
     adapter: ModelAdapter | None = None,
+    gradients: bool = True,
     progress: bool = True,
     group: object = None,
 ) -> CalibrationStats:
@@ -342,6 +356,9 @@ def calibrate(
     attention_inputs: a skd.attention_inputs.AttentionInputs that the same explicit forward fills with the
     blocks' attention inputs (the score fit replays them after the transform). adapter: the model's
     ModelAdapter, needed with either. Without them the model's own forward runs.
+    gradients: False runs the pass forward only, under no_grad: no loss, no backward, no labels needed, and
+    every feature's taylor is None; only forward statistics (context, context_full, moments, the
+    accumulators, attention_inputs) can be collected then (ValueError with covariance or fisher).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
@@ -352,22 +369,30 @@ def calibrate(
         raise ValueError(f"covariance={covariance!r} must be one of {COVARIANCE_MODES}")
     if context_full and not context:
         raise ValueError("context_full=True needs context=True (it extends the context statistics)")
+    if not gradients and (covariance is not None or fisher):
+        raise ValueError("gradients=False collects forward statistics only: covariance (weighted by, or "
+                         "collected with, the gradients) and fisher need gradients=True")
     explicit = bool(accumulators) or attention_inputs is not None
     if explicit and (adapter is None or adapter.model is not model):
         raise ValueError("accumulators= needs adapter= (so does attention_inputs=), the adapter of the calibrated "
                          "model (its explicit-attention forward feeds them)")
     loss_fn = loss_fn or sum_cross_entropy
     stats = CalibrationStats.zeros(blocks, covariance, fisher, next(model.parameters()).device, context, moments,
-                                   context_full)
+                                   context_full, gradients)
     forward = (functools.partial(explicit_forward, adapter, accumulators=accumulators, inputs=attention_inputs)
                if explicit else functools.partial(batches.call, model))
 
-    with _Collector(blocks, stats, covariance, context) as collector, torch.enable_grad(), _graph_guaranteed(model):
+    graph = (torch.enable_grad(), _graph_guaranteed(model)) if gradients else (torch.no_grad(),)
+    with _Collector(blocks, stats, covariance, context) as collector, contextlib.ExitStack() as stack:
+        for mode in graph:
+            stack.enter_context(mode)
+
         def step(batch: Any) -> None:
             collector.batch_size = batches.batch_size(batch)
             collector.weights = None if token_weights is None else token_weights(batch)
-            loss = loss_fn(forward(batch), batch)
-            torch.autograd.grad(loss, collector.outputs, allow_unused=True)
+            output = forward(batch)
+            if gradients:
+                torch.autograd.grad(loss_fn(output, batch), collector.outputs, allow_unused=True)
             collector.end_batch()
 
         # stats.tensors() starts with the sample count, which stream_pass counts and all-reduces itself

@@ -132,12 +132,14 @@ def wpac(
     "wpac" is the paper's method, "wpac+" this project's extension (module docstring; uniform token
     weights, one more covariance: the attention context's).
     loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss`
-    (cross-entropy against the labels) summed. compensate: bias compensation (module docstring,
-    skd.compensation), one of COMPENSATE: "attn" gives every block's output projection (with a bias) its
-    input's mean as buffer `skd_input_mean`, which ElasticViT's truncated widths, `extract` and skd.save
-    use; "mlp" does so for fc2 and orders the MLP units by centred output variance whatever the criterion;
-    True is both (for encoders read from all tokens, e.g. mean pooling); False stores none and removes
-    stale means a previous call stored. The calibration pass then also collects the context's covariance
+    (cross-entropy against the labels) summed. Only recipes that read a gradient statistic use it
+    (`reads_gradients`): "wpac+" with joint_qk and the MLP compensated (compensate=True or "mlp"),
+    "magnitude" and "random" calibrate forward only, with no loss, backward or labels.
+    compensate: bias compensation (module docstring, skd.compensation), one of COMPENSATE: "attn" gives every block's
+    output projection (with a bias) its input's mean as buffer `skd_input_mean`, which ElasticViT's truncated widths,
+    `extract` and skd.save use; "mlp" does so for fc2 and orders the MLP units by centred output variance whatever the
+    criterion; True is both (for encoders read from all tokens, e.g. mean pooling); False stores none and removes stale
+    means a previous call stored. The calibration pass then also collects the context's covariance
     and the MLP activation's moments ("magnitude"/"random" read data too). cross_head: with the attention
     part compensated (True or "attn"; ValueError otherwise), also store the context's full covariance in the
     transformed basis as buffer `skd_input_cov` of every output projection (skd.compensation): truncated
@@ -207,11 +209,13 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
               if joint_qk and fit is not None and fit.fitted else None)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
+        gradients = reads_gradients(criterion, compensate, joint_qk, blocks)
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
                           accumulators=[joint] if joint_qk else (), attention_inputs=inputs, adapter=adapter,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
-                          token_weights=adapter.token_weights,
-                          covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion),
+                          token_weights=adapter.token_weights, gradients=gradients,
+                          covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion)
+                          if gradients else None,
                           fisher=criterion == "hessian", context=criterion == "wpac+" or "attn" in compensate,
                           moments="mlp" in compensate, context_full=CROSS_HEAD in compensate)
     normed = [s.name for s in blocks if s.has_qk_norm]
@@ -231,6 +235,19 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     _store_score_fits(adapter, data, reports, fit, fit_samples, progress, inputs)
     samples = 0 if stats is None else int(stats.samples)
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
+
+
+def reads_gradients(criterion: str, compensate: frozenset[str], joint_qk: bool, blocks: list[BlockSpec]) -> bool:
+    """Whether the transform reads a gradient statistic (Taylor scores, the Fisher, Θ-weighted or q/k/v
+    covariances), i.e. whether the calibration pass needs a loss and a backward. "magnitude" and "random" read
+    none (their compensation reads forward statistics); "wpac+" none with joint_qk and the MLP compensated
+    (V/O from the context's covariance, Q/K from the joint statistic, the MLP in centred-output-variance order),
+    unless a block has qk_norm (its Q/K permutation is in Taylor order)."""
+    if criterion in ("magnitude", "random"):
+        return False
+    if criterion == "wpac+":
+        return not (joint_qk and "mlp" in compensate) or any(s.has_qk_norm for s in blocks)
+    return True
 
 
 # ----------------------------------------------------------------------------------------- per block

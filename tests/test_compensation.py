@@ -146,6 +146,18 @@ def test_stored_means_are_the_measured_means_and_the_function_is_kept(criterion:
         torch.testing.assert_close(compensation.input_mean(spec.fc2).double(), m["fc2"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+def test_weight_criteria_compensate_from_unlabelled_data(criterion: str) -> None:
+    """"magnitude" and "random" read no gradient, so their compensation's calibration runs forward only: images
+    without labels are enough, and the stored means are the measured ones."""
+    model = _model(seed=1)
+    data = _batches()
+    skd.wpac(model, [x for x, _ in data], num_samples=24, criterion=criterion, progress=False, compensate=True)
+    for spec, m in zip(adapter_for(model).blocks, _input_moments(model, data), strict=True):
+        torch.testing.assert_close(compensation.input_mean(spec.proj).double(), m["proj"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compensation.input_mean(spec.fc2).double(), m["fc2"], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("criterion", ["wpac+", "wpac", "random"])
 def test_mlp_units_are_ordered_by_centred_output_variance_under_compensation(criterion: str) -> None:
     model = _model(seed=2)

@@ -7,6 +7,7 @@ arguments are refused before the model changes; the CLI flags reach skd.wpac and
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -114,6 +115,50 @@ def test_elastic_wrapped_model_keeps_its_function_and_narrow_widths_use_the_fits
             y = elastic(x, subnet=subnet)
             assert rel(y, masked_copy(fitted, subnet)(x)) <= 1e-5
             assert (rel(y, masked_copy(bare, subnet)(x)) > 1e-4) == (r <= big_r)  # the fit changed something
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, the non-persistent ones (means, covariances, score fits) too."""
+    return {f"{m}.{n}": t for m, module in model.named_modules()
+            for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "swin", "ViTForImageClassification", "vit_qk_norm"])
+def test_full_recipe_calibrates_forward_only(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wpac+ with joint_qk and the MLP compensated reads no gradient statistic (skd.wpac.reads_gradients): its
+    calibration runs no loss and no backward, so data without labels is fine, and the model equals the one
+    calibrated through the gradient pass. A qk_norm model's Q/K permutation is in Taylor order: it still needs
+    labels, refused before the model changes."""
+    module = importlib.import_module("skd.wpac")
+    model, data = model_and_data(name)
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} if isinstance(b, dict) else b[0] for b in data]
+    before = _tensors(copy.deepcopy(model))
+    if name == "vit_qk_norm":
+        with pytest.raises(ValueError, match="no labels"):
+            _wpac(model, unlabelled)
+        assert all(torch.equal(t, before[k]) for k, t in _tensors(model).items())
+        return
+    through_gradients = copy.deepcopy(model)
+    _wpac(model, unlabelled)
+    monkeypatch.setattr(module, "reads_gradients", lambda *args: True)
+    _wpac(through_gradients, data)
+    expected, got = _tensors(through_gradients), _tensors(model)
+    assert expected.keys() == got.keys() and len(got) > len(before)  # means, covariances and fits stored
+    for key, t in expected.items():
+        torch.testing.assert_close(got[key], t, rtol=1e-5, atol=1e-6 * float(t.detach().abs().max()), msg=key)
+
+
+def test_which_recipes_read_gradients() -> None:
+    from skd.wpac import reads_gradients
+
+    plain, qk_norm = (adapter_for(model_and_data(n)[0]).blocks for n in ("vit_cls", "vit_qk_norm"))
+    both, attn = frozenset({"attn", "mlp"}), frozenset({"attn"})
+    assert not reads_gradients("wpac+", both, True, plain)
+    assert reads_gradients("wpac+", both, True, qk_norm)  # Q/K permuted by Taylor scores
+    assert reads_gradients("wpac+", both, False, plain)  # Q/K rotated by the Θ-weighted covariances
+    assert reads_gradients("wpac+", attn, True, plain)  # MLP in Taylor order
+    assert not reads_gradients("magnitude", both, False, plain) and not reads_gradients("random", attn, False, plain)
+    assert all(reads_gradients(c, both, False, plain) for c in ("wpac", "pca", "taylor", "hessian"))
 
 
 def test_bad_arguments_are_refused_before_the_model_changes() -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from skd.models import adapter_for
-from skd.stats import FEATURES, QKV, calibrate
+from skd.stats import CONTEXT, CONTEXT_FULL, FEATURES, QKV, calibrate
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,35 @@ def test_num_samples_truncates_and_hooks_are_removed() -> None:
         calibrate(model, blocks, bad, num_samples=24, covariance=None, progress=False)
     for spec in blocks:
         assert not spec.qkv._forward_hooks and not spec.fc2._forward_pre_hooks, "hooks removed after an error"
+
+
+def test_forward_only_pass_gives_the_gradient_pass_forward_statistics_without_labels() -> None:
+    """calibrate(gradients=False) runs under no_grad with no loss (batches without labels are fine): every
+    taylor is None, and the context, its full covariance and the hidden moments equal the gradient pass's."""
+    model = VisionTransformer(**TINY).eval()
+    blocks = adapter_for(model).blocks
+    data = _data()
+    grad_modes = []
+    handle = blocks[-1].fc2.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    kw = dict(num_samples=24, covariance=None, progress=False, context=True, context_full=True, moments=True)
+    with_grad = calibrate(model, blocks, data, **kw)
+    assert grad_modes == [True] * 3
+    grad_modes.clear()
+    forward = calibrate(model, blocks, [x for x, _ in data], gradients=False, **kw)
+    handle.remove()
+    assert grad_modes == [False] * 3 and int(forward.samples) == 24
+    for a, b in zip(with_grad.blocks, forward.blocks, strict=True):
+        assert all(b[name].taylor is None for name in FEATURES)
+        assert all(a[name].taylor is not None for name in FEATURES)
+        for name in (CONTEXT, CONTEXT_FULL, "hidden"):
+            expected = a[name].tensors()
+            got = b[name].tensors()
+            assert len(got) == len(expected) - (name == "hidden") >= 3  # all but the taylor sums
+            for x, y in zip(expected[-len(got):], got, strict=True):
+                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9)
+    for bad in (dict(covariance="uniform"), dict(fisher=True)):
+        with pytest.raises(ValueError, match="gradients=False"):
+            calibrate(model, blocks, data, **{**kw, **bad}, gradients=False)
 
 
 def test_bad_covariance_mode() -> None:
