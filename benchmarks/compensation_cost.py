@@ -12,7 +12,7 @@ wpac+'s "+ joint_qk" and "+ score_fit" read no gradient statistic, so their cali
 (skd.wpac.reads_gradients): they can cost less than the plain gradient pass.
 
     python -m benchmarks.compensation_cost [--repeats 4] [--criteria wpac wpac+] [--threads 1]
-        [--models "digits ViT" MiniLM] [--cpu-time]
+        [--models "digits ViT" MiniLM] [--cpu-time] [--compensate {True,attn}]
 
 --cpu-time (with --threads 1): skd.wpac's process CPU time instead of its wall time, steadier when other
 processes share the machine (the ElasticViT forward rows stay wall time).
@@ -113,18 +113,22 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", default=["wpac", "wpac+"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--compensate", choices=["True", "attn"], default="True",
+                        help="the compensated variants' compensate= (attn: the MLP stays in Taylor order, so "
+                             "wpac+'s joint_qk recipe keeps the gradient pass)")
     add_cpu_time_option(parser)
     args = parser.parse_args()
     timer = clock(parser, args, args.threads == 1)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    compensate = True if args.compensate == "True" else args.compensate
     rows = []
     for name in args.models:
         model, data, n = MODELS[name]()
         for criterion in args.criteria:
             seconds(model, data, n, criterion, timer)  # warm-up (first-call allocations, lazy imports)
-            variants = {label: kwargs for label, kwargs in VARIANTS.items()
-                        if criterion == "wpac+" or not kwargs.get("joint_qk")}
+            variants = {label: {**kwargs, "compensate": compensate} if kwargs else kwargs
+                        for label, kwargs in VARIANTS.items() if criterion == "wpac+" or not kwargs.get("joint_qk")}
             runs: dict[str, list[float]] = {label: [] for label in variants}
             for _ in range(args.repeats):
                 for label, kwargs in variants.items():
@@ -136,7 +140,7 @@ def main() -> None:
                       if label in runs else "–" for label in list(VARIANTS)[1:]]
             rows.append(f"| {name} | {criterion} | " + " | ".join(cells) + " |")
     print(f"\n{args.threads} thread(s), {args.repeats} alternating repeats, "
-          f"{'process CPU' if args.cpu_time else 'wall'} time\n")
+          f"{'process CPU' if args.cpu_time else 'wall'} time, compensate={compensate!r}\n")
     print("| model | criterion | " + " | ".join(VARIANTS) + " | "
           + " | ".join(f"ratio {label}" for label in list(VARIANTS)[1:]) + " (medians, target <= 1.2) |")
     print("|---|---|" + "---:|" * (2 * len(VARIANTS) - 1))

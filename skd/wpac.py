@@ -210,12 +210,13 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
         gradients = reads_gradients(criterion, compensate, joint_qk, blocks)
+        # the q/k/v covariances: the paper's rotations; wpac+ reads the q/k ones for its Q/K rotation unless joint_qk
+        covariance = (None if not gradients or joint_qk else
+                      {"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion))
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
                           accumulators=[joint] if joint_qk else (), attention_inputs=inputs, adapter=adapter,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
-                          token_weights=adapter.token_weights, gradients=gradients,
-                          covariance={"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion)
-                          if gradients else None,
+                          token_weights=adapter.token_weights, gradients=gradients, covariance=covariance,
                           fisher=criterion == "hessian", context=criterion == "wpac+" or "attn" in compensate,
                           moments="mlp" in compensate, context_full=CROSS_HEAD in compensate)
     normed = [s.name for s in blocks if s.has_qk_norm]

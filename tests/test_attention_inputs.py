@@ -163,3 +163,23 @@ def test_sequences_that_are_not_whole_samples_are_refused() -> None:
     x = torch.randn(spec.sequences + 1, spec.tokens, spec.dim)
     with pytest.raises(ValueError, match=f"{spec.sequences + 1} attention sequences are not a whole number"):
         inputs.record(i, x, None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["vit_cls", "BertModel"])
+def test_half_precision_replay_and_pass_agree_to_its_rounding(name: str, dtype: torch.dtype, monkeypatch) -> None:
+    """A half-precision model: the statistics are fp32, but the transformed weights the replay reads are rounded
+    to the model's dtype, so the replayed and the passed fits agree to about that rounding (measured ≤ 2e-2
+    relative; 5e-2 allowed), far from a wrong statistic (a fit of other inputs differs by O(1))."""
+    model, data = model_and_data(name)
+    model = model.to(dtype)
+    by_pass = copy.deepcopy(model)
+    replayed, _ = _fits(model, data, 12)
+    monkeypatch.setattr(attention_inputs, "MAX_BYTES", 0)
+    passed, _ = _fits(by_pass, data, 12)
+    other, _ = _fits(copy.deepcopy(by_pass), model_and_data(name, seed=7)[1], 12)
+    for key, fit in passed.items():
+        assert replayed[key].dtype == dtype and bool(fit.any())
+        err, far = rel(replayed[key].float(), fit.float()), rel(other[key].float(), fit.float())
+        print(f"{key}: replay vs pass {err:.1e}, other data {far:.1e}")
+        assert err <= 5e-2 < far
