@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,12 +121,14 @@ class Moments:
         temporary the size of x (an MLP's hidden activation, megabytes) costs twice the GEMV in page faults."""
         x = _fp32_at_least(x.detach()).reshape(-1, x.shape[-1])
         w = x.new_ones(x.shape[0]) if w is None else w.reshape(-1).to(x.dtype)
-        self.weight_sum += w.sum().double()
-        self.sum += (w @ x).double()
-        sum_sq = x.new_zeros(x.shape[1])
+        total, sum_sq = w @ x, x.new_zeros(x.shape[1])
         rows = max(1, MOMENT_CHUNK_BYTES // (x.shape[1] * x.element_size()))
         for xs, ws in zip(x.split(rows), w.split(rows), strict=True):
             sum_sq.addmv_(xs.square().T, ws)
+        if not bool(torch.isfinite(sum_sq).all()):  # NaN/Inf in x, or x² past fp32: every later sum would carry it
+            raise ValueError("the activation contains NaN or Inf, or its square overflows fp32")
+        self.weight_sum += w.sum().double()
+        self.sum += total.double()
         self.sum_sq += sum_sq.double()
 
     def mean(self) -> torch.Tensor:
@@ -240,7 +243,9 @@ class _Collector:
         if moments is not None:  # a forward statistic: collected here, with or without gradients
             act = inputs[0].detach()
             act = act.reshape(self.batch_size, -1, act.shape[-1])
-            moments.update(act, None if self.weights is None else self._checked_weights(i, name, act))
+            w = None if self.weights is None else self._checked_weights(i, name, act)
+            with _where(self.blocks[i], name):
+                moments.update(act, w)
         self._stash(i, name, inputs[0])
 
     def _on_context(self, i: int, module: nn.Module, inputs: tuple) -> None:
@@ -249,10 +254,11 @@ class _Collector:
         x = _fp32_at_least(inputs[0].detach().reshape(self.batch_size, -1, spec.channels))
         w = x.new_ones(x.shape[:2]) if self.weights is None else self._checked_weights(i, CONTEXT, x)
         x, w = x.reshape(-1, spec.channels), w.reshape(-1).to(x.dtype)
-        skd_kernels.weighted_covariance(x, w, spec.num_heads, state=self.stats.blocks[i][CONTEXT].cov)
-        full = self.stats.blocks[i].get(CONTEXT_FULL)
-        if full is not None:
-            skd_kernels.weighted_covariance(x, w, 1, state=full.cov)
+        with _where(spec, CONTEXT):
+            skd_kernels.weighted_covariance(x, w, spec.num_heads, state=self.stats.blocks[i][CONTEXT].cov)
+            full = self.stats.blocks[i].get(CONTEXT_FULL)
+            if full is not None:
+                skd_kernels.weighted_covariance(x, w, 1, state=full.cov)
 
     def _checked_weights(self, i: int, name: str, act: torch.Tensor) -> torch.Tensor:
         """The batch's (B, T) token weights, after checking they match act (B, T, C)."""
@@ -279,10 +285,8 @@ class _Collector:
         w = None if self.weights is None else self._checked_weights(i, name, act)
         if w is not None:
             act = act * w[..., None].to(act.dtype)  # padding tokens: g·a = 0 in every Taylor/Fisher sum
-        try:
+        with _where(spec, name):
             token, channel = skd_kernels.taylor_scores(act, grad)
-        except ValueError as e:  # the kernel names the tensor; add where it came from
-            raise ValueError(f"{spec.name} {name}: {str(e).replace('grad', 'gradient')}") from e
         st.taylor += channel.double()
         if st.fisher is not None:
             # Σ_t g·a per sample, squared: the diagonal Fisher of a per-channel mask (plain PyTorch; only
@@ -399,4 +403,19 @@ def calibrate(
         stats.samples += stream_pass(
             model, data, step, lambda: [*stats.tensors()[1:], *(t for acc in accumulators for t in acc.tensors())],
             num_samples=num_samples, desc="skd calibration", progress=progress, group=group)
+    for acc in accumulators:  # the features' statistics were checked per batch, by the kernels and Moments
+        if not all(bool(torch.isfinite(t).all()) for t in acc.tensors()):
+            raise ValueError(f"the attention statistics ({type(acc).__name__}) contain NaN or Inf: the activations "
+                             "overflowed")
     return stats
+
+
+@contextlib.contextmanager
+def _where(spec: BlockSpec, name: str) -> Iterator[None]:
+    """A ValueError raised inside (a kernel's or Moments', naming its own argument) gets the block and feature
+    it came from in front."""
+    try:
+        yield
+    except ValueError as e:
+        message = re.sub(r"\bgrad\b", "gradient", str(e))
+        raise ValueError(f"{spec.name} {name}: {message}") from e

@@ -148,6 +148,19 @@ def test_full_recipe_calibrates_forward_only(name: str, monkeypatch: pytest.Monk
         torch.testing.assert_close(got[key], t, rtol=1e-5, atol=1e-6 * float(t.detach().abs().max()), msg=key)
 
 
+@pytest.mark.parametrize("block", [0, 1])
+def test_overflowing_activations_are_refused_before_the_model_changes(block: int) -> None:
+    """The forward-only pass has no gradient kernel to refuse NaN/Inf activations per batch: its statistics are
+    checked after the pass, naming the first block they reach, before any block is transformed."""
+    model, data = model_and_data("vit_cls")
+    with torch.no_grad():
+        adapter_for(model).blocks[block].fc1.weight[0] = 1e38  # the hidden activation overflows fp32
+    before = _tensors(copy.deepcopy(model))
+    with pytest.raises(ValueError, match=f"blocks.{block} hidden: .*NaN or Inf"):
+        _wpac(model, data)
+    assert all(torch.equal(t, before[k]) for k, t in _tensors(model).items())
+
+
 def test_which_recipes_read_gradients() -> None:
     from skd.wpac import reads_gradients
 
