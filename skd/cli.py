@@ -500,10 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "covariance in the file)")
     w.add_argument("--joint-qk", action="store_true",
                    help="with --criterion wpac+: rotate Q/K by the query and key covariances weighted by how much "
-                        "each head's output moves with their scores (collected in the calibration pass)")
+                        "each head's output moves with their scores (collected in the calibration pass; with "
+                        "--compensate [all] or mlp that pass runs forward only: no backward, no labels needed)")
     w.add_argument("--score-fit", action="store_true",
                    help="store, per block and narrow width, a fit of the dropped q/k dims' score part from the "
-                        "kept ones, absorbed by the kept q rows (one more pass over a quarter of the data)")
+                        "kept ones, absorbed by the kept q rows (replayed from the attention inputs --joint-qk's "
+                        "pass records; without --joint-qk, one more pass over a quarter of the data)")
     w.add_argument("--out", type=Path, required=True, help="the skd file to write")
 
     t = command("train", cmd_train, "PIAD training of a stratified model (works under torchrun)")
