@@ -131,29 +131,27 @@ def wpac(
     (attention_mask 0) carry no weight. criterion: one of CRITERIA; "magnitude" and "random" read no data;
     "wpac" is the paper's method, "wpac+" this project's extension (module docstring; uniform token
     weights, one more covariance: the attention context's).
-    loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss`
-    (cross-entropy against the labels) summed. Only recipes that read a gradient statistic use it
-    (`reads_gradients`): "wpac+" with joint_qk and the MLP compensated (compensate=True or "mlp"),
-    "magnitude" and "random" calibrate forward only, with no loss, backward or labels.
-    compensate: bias compensation (module docstring, skd.compensation), one of COMPENSATE: "attn" gives every block's
-    output projection (with a bias) its input's mean as buffer `skd_input_mean`, which ElasticViT's truncated widths,
-    `extract` and skd.save use; "mlp" does so for fc2 and orders the MLP units by centred output variance whatever the
-    criterion; True is both (for encoders read from all tokens, e.g. mean pooling); False stores none and removes stale
-    means a previous call stored. The calibration pass then also collects the context's covariance
-    and the MLP activation's moments ("magnitude"/"random" read data too). cross_head: with the attention
-    part compensated (True or "attn"; ValueError otherwise), also store the context's full covariance in the
-    transformed basis as buffer `skd_input_cov` of every output projection (skd.compensation): truncated
-    widths then predict the dropped context dims from the kept dims of all heads (one more (C, C)
-    covariance in the calibration pass). joint_qk (criterion "wpac+" only; ValueError otherwise): the Q/K
-    rotation from the output-sensitivity-weighted query and key covariances (module docstring; collected
-    in the calibration pass, whose attention is then computed explicitly). score_fit: after the
-    transform, store each block's per-width score fit on the Linear producing q (skd.score_fit: buffer
-    `skd_score_fit`; blocks with qk_norm get none); False removes fits a previous call stored. score_fit
-    reads the first num_samples // 4 samples of `data` (under torch.distributed: the first quarter of each
-    process's share) once more, unless joint_qk's calibration pass recorded their attention inputs
-    (skd.attention_inputs, up to its MAX_BYTES), so it must be re-iterable (a DataLoader, list or Dataset; a
-    one-shot iterator is a ValueError, raised before the model is touched). Returns the
-    same model, computing the same function, with `model.skd_report` (a WPACReport).
+    loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss` (cross-entropy
+    against the labels) summed. Only recipes that read a gradient statistic use it (`reads_gradients`); "wpac+" with
+    joint_qk and the MLP compensated (compensate=True or "mlp"), "magnitude" and "random" calibrate forward only,
+    with no loss, backward or labels. compensate: bias compensation (module docstring, skd.compensation), one of
+    COMPENSATE: "attn" gives every block's output projection (with a bias) its input's mean as buffer
+    `skd_input_mean`, which ElasticViT's truncated widths, `extract` and skd.save use; "mlp" does so for fc2 and
+    orders the MLP units by centred output variance whatever the criterion; True is both (for encoders read from all
+    tokens, e.g. mean pooling); False stores none and removes stale means a previous call stored. The calibration
+    pass then also collects the context's covariance and the MLP activation's moments ("magnitude"/"random" read
+    data too). cross_head: with the attention part compensated (True or "attn"; ValueError otherwise), also store
+    the context's full covariance in the transformed basis as buffer `skd_input_cov` of every output projection
+    (skd.compensation): truncated widths then predict the dropped context dims from the kept dims of all heads (one
+    more (C, C) covariance in the calibration pass). joint_qk (criterion "wpac+" only; ValueError otherwise): the
+    Q/K rotation from the output-sensitivity-weighted query and key covariances (module docstring; collected in the
+    calibration pass, whose attention is then computed explicitly). score_fit: after the transform, store each
+    block's per-width score fit on the Linear producing q (skd.score_fit: buffer `skd_score_fit`; blocks with
+    qk_norm get none); False removes fits a previous call stored. score_fit reads the first num_samples // 4 samples
+    of `data` (under torch.distributed: the first quarter of each process's share) once more, unless joint_qk's
+    calibration pass recorded their attention inputs (skd.attention_inputs, up to its MAX_BYTES), so it must be
+    re-iterable (a DataLoader, list or Dataset; a one-shot iterator is a ValueError, raised before the model is
+    touched). Returns the same model, computing the same function, with `model.skd_report` (a WPACReport).
 
     Raises UnsupportedModelError for models without an adapter, ValueError for bad data (empty, NaN/Inf
     images, activations or gradients). Models with qk_norm keep their V/O rotation and MLP order, but Q/K
