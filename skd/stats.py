@@ -8,9 +8,9 @@ k, v (the fused qkv Linear's output, or the separate q/k/v Linears' outputs) and
 `skd_kernels.taylor_scores` and `skd_kernels.weighted_covariance` inside autograd hooks. Nothing is kept
 beyond its batch, so peak memory does not depend on the number of samples, and the statistics of several
 processes simply add up (one flat all-reduce of `CalibrationStats.tensors()`, skd.passes.stream_pass).
-When the caller reads only forward statistics (the context, the hidden moments, attention accumulators:
-skd.wpac.reads_gradients), `calibrate(gradients=False)` runs the pass under no_grad with no loss, no backward
-and no labels.
+Only the features the caller reads are hooked (`calibrate(features=)`, skd.wpac.gradient_features); with none,
+the pass runs forward only, under no_grad: no loss, no backward, no labels, and what it collects are the
+forward statistics (the context, the hidden moments, attention accumulators).
 
 Features, per block (C = H*hd channels, head-major like the model's own rows):
   q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; and, only when asked for (wpac+), context: (B, T, C)
@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,22 +155,22 @@ class CalibrationStats:
     @classmethod
     def zeros(cls, blocks: Sequence[BlockSpec], covariance: str | None, fisher: bool,
               device: torch.device, context: bool = False, moments: bool = False,
-              context_full: bool = False, gradients: bool = True) -> CalibrationStats:
+              context_full: bool = False, features: Collection[str] = FEATURES) -> CalibrationStats:
         """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context/hidden
-        moments only if asked for (the context feature has a uniform covariance and nothing else); every
-        feature's taylor None without `gradients` (a forward-only pass)."""
+        moments only if asked for (the context feature has a uniform covariance and nothing else); the gradient
+        statistics (taylor, fisher, cov) only for `features`, None for the others."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
             c = spec.channels
             feats = {}
             for name in FEATURES:
-                width = spec.hidden if name == "hidden" else c
+                width, read = spec.hidden if name == "hidden" else c, name in features
                 feats[name] = FeatureStats(
-                    taylor=torch.zeros(width, **f64) if gradients else None,
-                    fisher=torch.zeros(width, **f64) if fisher else None,
+                    taylor=torch.zeros(width, **f64) if read else None,
+                    fisher=torch.zeros(width, **f64) if fisher and read else None,
                     cov=CovState.zeros(spec.num_heads, spec.head_dim, device)
-                    if covariance is not None and name != "hidden" else None,
+                    if covariance is not None and read and name != "hidden" else None,
                     moments=Moments.zeros(width, device) if moments and name == "hidden" else None,
                 )
             if context:
@@ -188,18 +188,19 @@ class CalibrationStats:
 class _Collector:
     """Registers the hooks of one calibration pass and folds each batch into `stats`.
 
-    Forward hooks stash the detached activation (a view, no copy) and register a tensor hook on the
-    graph's activation; the tensor hook receives the gradient during backward, updates the statistics and
-    drops the activation. `outputs` holds this batch's graph activations for `torch.autograd.grad`.
-    `batch_size` and `weights` ((B, T) token weights or None) describe the current batch.
+    Forward hooks on the features read (`features`) stash the detached activation (a view, no copy) and
+    register a tensor hook on the graph's activation; the tensor hook receives the gradient during backward,
+    updates the statistics and drops the activation. `outputs` holds this batch's graph activations for
+    `torch.autograd.grad`. `batch_size` and `weights` ((B, T) token weights or None) describe the current batch.
     """
 
     def __init__(self, blocks: Sequence[BlockSpec], stats: CalibrationStats, covariance: str | None,
-                 context: bool) -> None:
+                 context: bool, features: Collection[str]) -> None:
         self.blocks = blocks
         self.stats = stats
         self.covariance = covariance
         self.context = context
+        self.features = features
         self.batch_size = 0
         self.weights: torch.Tensor | None = None
         self.outputs: list[torch.Tensor] = []
@@ -207,11 +208,14 @@ class _Collector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _Collector:
+        read_qkv = [name for name in QKV if name in self.features]
         for i, spec in enumerate(self.blocks):
-            taps = [(spec.qkv, "qkv")] if spec.fused else list(zip((spec.q, spec.k, spec.v), QKV, strict=True))
+            taps = ([(spec.qkv, "qkv")] if read_qkv else []) if spec.fused else \
+                [(lin, name) for lin, name in zip((spec.q, spec.k, spec.v), QKV, strict=True) if name in read_qkv]
             for lin, name in taps:
                 self._handles.append(lin.register_forward_hook(functools.partial(self._on_output, i, name)))
-            self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_input, i, "hidden")))
+            if "hidden" in self.features or self.stats.blocks[i]["hidden"].moments is not None:
+                self._handles.append(spec.fc2.register_forward_pre_hook(functools.partial(self._on_input, i, "hidden")))
             if self.context:
                 self._handles.append(spec.proj.register_forward_pre_hook(functools.partial(self._on_context, i)))
         return self
@@ -246,7 +250,8 @@ class _Collector:
             w = None if self.weights is None else self._checked_weights(i, name, act)
             with _where(self.blocks[i], name):
                 moments.update(act, w)
-        self._stash(i, name, inputs[0])
+        if name in self.features:
+            self._stash(i, name, inputs[0])
 
     def _on_context(self, i: int, module: nn.Module, inputs: tuple) -> None:
         """Forward only: the context's uniform per-head covariance needs no gradient (padding weight 0)."""
@@ -275,7 +280,8 @@ class _Collector:
             return
         c = self.blocks[i].channels
         for j, feat in enumerate(QKV):
-            self._update(i, feat, act[..., j * c : (j + 1) * c], grad[..., j * c : (j + 1) * c])
+            if feat in self.features:
+                self._update(i, feat, act[..., j * c : (j + 1) * c], grad[..., j * c : (j + 1) * c])
 
     def _update(self, i: int, name: str, act: torch.Tensor, grad: torch.Tensor) -> None:
         """act, grad: (S, ..., C) in the model's dtype, S = batch or batch*sequences."""
@@ -336,7 +342,7 @@ def calibrate(
     accumulators: Sequence[Accumulator] = (),
     attention_inputs: AttentionInputs | None = None,
     adapter: ModelAdapter | None = None,
-    gradients: bool = True,
+    features: Collection[str] = FEATURES,
     progress: bool = True,
     group: object = None,
 ) -> CalibrationStats:
@@ -360,9 +366,10 @@ def calibrate(
     attention_inputs: a skd.attention_inputs.AttentionInputs that the same explicit forward fills with the
     blocks' attention inputs (the score fit replays them after the transform). adapter: the model's
     ModelAdapter, needed with either. Without them the model's own forward runs.
-    gradients: False runs the pass forward only, under no_grad: no loss, no backward, no labels needed, and
-    every feature's taylor is None; only forward statistics (context, context_full, moments, the
-    accumulators, attention_inputs) can be collected then (ValueError with covariance or fisher).
+    features: the FEATURES whose gradient statistics (taylor, and fisher and cov when asked for) are collected;
+    the others' are None and are not hooked. Empty: the pass runs forward only, under no_grad: no loss, no
+    backward, no labels needed; only forward statistics (context, context_full, moments, the accumulators,
+    attention_inputs) can be collected then (ValueError with covariance or fisher).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
@@ -373,21 +380,24 @@ def calibrate(
         raise ValueError(f"covariance={covariance!r} must be one of {COVARIANCE_MODES}")
     if context_full and not context:
         raise ValueError("context_full=True needs context=True (it extends the context statistics)")
+    if not set(features) <= set(FEATURES):
+        raise ValueError(f"features={tuple(features)!r}: each must be one of {FEATURES}")
+    gradients = bool(features)
     if not gradients and (covariance is not None or fisher):
-        raise ValueError("gradients=False collects forward statistics only: covariance (weighted by, or "
-                         "collected with, the gradients) and fisher need gradients=True")
+        raise ValueError("features=() collects forward statistics only: covariance (weighted by, or collected "
+                         "with, the gradients) and fisher are gradient statistics of the features")
     explicit = bool(accumulators) or attention_inputs is not None
     if explicit and (adapter is None or adapter.model is not model):
         raise ValueError("accumulators= needs adapter= (so does attention_inputs=), the adapter of the calibrated "
                          "model (its explicit-attention forward feeds them)")
     loss_fn = loss_fn or sum_cross_entropy
     stats = CalibrationStats.zeros(blocks, covariance, fisher, next(model.parameters()).device, context, moments,
-                                   context_full, gradients)
+                                   context_full, features)
     forward = (functools.partial(explicit_forward, adapter, accumulators=accumulators, inputs=attention_inputs)
                if explicit else functools.partial(batches.call, model))
 
     graph = (torch.enable_grad(), _graph_guaranteed(model)) if gradients else (torch.no_grad(),)
-    with _Collector(blocks, stats, covariance, context) as collector, contextlib.ExitStack() as stack:
+    with _Collector(blocks, stats, covariance, context, features) as collector, contextlib.ExitStack() as stack:
         for mode in graph:
             stack.enter_context(mode)
 

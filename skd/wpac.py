@@ -60,7 +60,7 @@ from ._threads import one_thread
 from .attention_inputs import AttentionInputs
 from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported
 from .models import BlockSpec, ModelAdapter, adapter_for
-from .stats import CONTEXT, CONTEXT_FULL, CalibrationStats, FeatureStats, LossFn, calibrate
+from .stats import CONTEXT, CONTEXT_FULL, FEATURES, QKV, CalibrationStats, FeatureStats, LossFn, calibrate
 from .transforms import output_preserving
 
 CRITERIA = ("wpac", "wpac+", "pca", "taylor", "magnitude", "random", "hessian")
@@ -132,9 +132,9 @@ def wpac(
     "wpac" is the paper's method, "wpac+" this project's extension (module docstring; uniform token
     weights, one more covariance: the attention context's).
     loss_fn(output, batch) -> scalar summed over the batch; default: the adapter's `default_loss` (cross-entropy
-    against the labels) summed. Only recipes that read a gradient statistic use it (`reads_gradients`); "wpac+" with
-    joint_qk and the MLP compensated (compensate=True or "mlp"), "magnitude" and "random" calibrate forward only,
-    with no loss, backward or labels. compensate: bias compensation (module docstring, skd.compensation), one of
+    against the labels) summed. Only recipes that read a gradient statistic use it (`gradient_features`); "wpac+"
+    with joint_qk and the MLP compensated (compensate=True or "mlp"), "magnitude" and "random" calibrate forward
+    only, with no loss, backward or labels. compensate: bias compensation (module docstring, skd.compensation), one of
     COMPENSATE: "attn" gives every block's output projection (with a bias) its input's mean as buffer
     `skd_input_mean`, which ElasticViT's truncated widths, `extract` and skd.save use; "mlp" does so for fc2 and
     orders the MLP units by centred output variance whatever the criterion; True is both (for encoders read from all
@@ -207,14 +207,14 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
               if joint_qk and fit is not None and fit.fitted else None)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
-        gradients = reads_gradients(criterion, compensate, joint_qk, blocks)
-        # the q/k/v covariances: the paper's rotations; wpac+ reads the q/k ones for its Q/K rotation unless joint_qk
-        covariance = (None if not gradients or joint_qk else
-                      {"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion))
+        features = gradient_features(criterion, compensate, joint_qk, blocks)
+        # the q/k/v covariances: the paper's rotations and wpac+'s Θ-weighted Q/K rotation (not joint_qk's)
+        covariance = ({"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion)
+                      if features & set(QKV) and not joint_qk else None)
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
                           accumulators=[joint] if joint_qk else (), attention_inputs=inputs, adapter=adapter,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
-                          token_weights=adapter.token_weights, gradients=gradients, covariance=covariance,
+                          token_weights=adapter.token_weights, features=features, covariance=covariance,
                           fisher=criterion == "hessian", context=criterion == "wpac+" or "attn" in compensate,
                           moments="mlp" in compensate, context_full=CROSS_HEAD in compensate)
     normed = [s.name for s in blocks if s.has_qk_norm]
@@ -236,17 +236,24 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     return WPACReport(criterion, samples, time.perf_counter() - start, reports)
 
 
-def reads_gradients(criterion: str, compensate: frozenset[str], joint_qk: bool, blocks: list[BlockSpec]) -> bool:
-    """Whether the transform reads a gradient statistic (Taylor scores, the Fisher, Θ-weighted or q/k/v
-    covariances), i.e. whether the calibration pass needs a loss and a backward. "magnitude" and "random" read
-    none (their compensation reads forward statistics); "wpac+" none with joint_qk and the MLP compensated
-    (V/O from the context's covariance, Q/K from the joint statistic, the MLP in centred-output-variance order),
-    unless a block has qk_norm (its Q/K permutation is in Taylor order)."""
+def gradient_features(criterion: str, compensate: frozenset[str], joint_qk: bool,
+                      blocks: list[BlockSpec]) -> frozenset[str]:
+    """The features (skd.stats.FEATURES) whose gradient statistics (Taylor scores, the Fisher, the q/k/v
+    covariances, all collected in the calibration pass's backward) the transform reads; none: that pass runs
+    forward only. "magnitude" and "random" read none (their compensation reads forward statistics). With the
+    MLP compensated its units are ordered by centred output variance (forward moments), not by "hidden"'s
+    scores. "wpac+" reads no "v" (V/O comes from the context's covariance), and with joint_qk no "q"/"k" (the
+    joint statistic is forward) unless a block has qk_norm (its Q/K permutation is in Taylor order)."""
     if criterion in ("magnitude", "random"):
-        return False
+        return frozenset()
+    features = set(FEATURES)
+    if "mlp" in compensate:
+        features.discard("hidden")
     if criterion == "wpac+":
-        return not (joint_qk and "mlp" in compensate) or any(s.has_qk_norm for s in blocks)
-    return True
+        features.discard("v")
+        if joint_qk and not any(s.has_qk_norm for s in blocks):
+            features -= {"q", "k"}
+    return frozenset(features)
 
 
 # ----------------------------------------------------------------------------------------- per block
@@ -281,7 +288,8 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
             rows = spec.qkv_weights()["qkv".index(name)][0].double().norm(dim=-1)
             return (rows + spec.proj.weight.double().norm(dim=0) if name == "v" else rows).cpu()
         f = feats[name]
-        return (f.fisher if criterion == "hessian" else f.taylor).cpu()
+        score = f.fisher if criterion == "hessian" else f.taylor
+        return None if score is None else score.cpu()  # None: not collected (hidden, with "mlp" compensated)
 
     def qk_scores() -> torch.Tensor:
         return (scores("q") + scores("k")).view(h, hd)
@@ -295,7 +303,7 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
         else:
             qk, report["qk_spectrum"] = qk_axes
             report["qk"] = "rotation"
-        mlp_imp = feats["hidden"].taylor.cpu()
+        mlp_imp = feats["hidden"].taylor  # None with "mlp" compensated: replaced below
     else:
         qk_imp, vo_imp, mlp_imp = qk_scores(), scores("v").view(h, hd), scores("hidden")
         vo, report["vo_importance"] = _permutation_matrices(vo_imp)
@@ -305,8 +313,7 @@ def _transform_block(spec: BlockSpec, i: int, stats: CalibrationStats | None, cr
             report["qk"] = "permutation"
     if spec.has_qk_norm:
         qk, report["qk_importance"], report["qk"] = *_shared_qk_permutation(spec, qk_imp), "permutation"
-    if "mlp" in compensate:
-        mlp_imp = _centred_output_variance(spec, feats["hidden"])
+    mlp_imp = _centred_output_variance(spec, feats["hidden"]) if "mlp" in compensate else mlp_imp.cpu()
     mlp_order = torch.sort(mlp_imp, descending=True, stable=True).indices
     _apply_attention(spec, qk, qk, vo, vo.mT)
     _permute_mlp(spec, mlp_order)

@@ -20,6 +20,7 @@ from skd import score_fit as fits
 from skd.attention_stats import JointQK, attention_pass
 from skd.models import adapter_for
 from skd.score_fit import q_linear
+from skd.stats import FEATURES
 from skd.wpac import principal_axes
 from tests.test_attention_stats import HF, TIMM, model_and_data, output, rel
 
@@ -125,7 +126,7 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["vit_cls", "swin", "ViTForImageClassification", "vit_qk_norm"])
 def test_full_recipe_calibrates_forward_only(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """wpac+ with joint_qk and the MLP compensated reads no gradient statistic (skd.wpac.reads_gradients): its
+    """wpac+ with joint_qk and the MLP compensated reads no gradient statistic (skd.wpac.gradient_features): its
     calibration runs no loss and no backward, so data without labels is fine, and the model equals the one
     calibrated through the gradient pass. A qk_norm model's Q/K permutation is in Taylor order: it still needs
     labels, refused before the model changes."""
@@ -140,7 +141,7 @@ def test_full_recipe_calibrates_forward_only(name: str, monkeypatch: pytest.Monk
         return
     through_gradients = copy.deepcopy(model)
     _wpac(model, unlabelled)
-    monkeypatch.setattr(module, "reads_gradients", lambda *args: True)
+    monkeypatch.setattr(module, "gradient_features", lambda *args: frozenset(FEATURES))
     _wpac(through_gradients, data)
     expected, got = _tensors(through_gradients), _tensors(model)
     assert expected.keys() == got.keys() and len(got) > len(before)  # means, covariances and fits stored
@@ -161,17 +162,19 @@ def test_overflowing_activations_are_refused_before_the_model_changes(block: int
     assert all(torch.equal(t, before[k]) for k, t in _tensors(model).items())
 
 
-def test_which_recipes_read_gradients() -> None:
-    from skd.wpac import reads_gradients
+def test_which_features_each_recipe_reads_gradients_of() -> None:
+    from skd.wpac import gradient_features
 
     plain, qk_norm = (adapter_for(model_and_data(n)[0]).blocks for n in ("vit_cls", "vit_qk_norm"))
-    both, attn = frozenset({"attn", "mlp"}), frozenset({"attn"})
-    assert not reads_gradients("wpac+", both, True, plain)
-    assert reads_gradients("wpac+", both, True, qk_norm)  # Q/K permuted by Taylor scores
-    assert reads_gradients("wpac+", both, False, plain)  # Q/K rotated by the Θ-weighted covariances
-    assert reads_gradients("wpac+", attn, True, plain)  # MLP in Taylor order
-    assert not reads_gradients("magnitude", both, False, plain) and not reads_gradients("random", attn, False, plain)
-    assert all(reads_gradients(c, both, False, plain) for c in ("wpac", "pca", "taylor", "hessian"))
+    both, attn, none = frozenset({"attn", "mlp"}), frozenset({"attn"}), frozenset()
+    assert gradient_features("wpac+", both, True, plain) == frozenset()  # the full recipe: forward only
+    assert gradient_features("wpac+", both, True, qk_norm) == {"q", "k"}  # Q/K permuted by Taylor scores
+    assert gradient_features("wpac+", none, False, plain) == {"q", "k", "hidden"}  # Θ-weighted Q/K, Taylor MLP
+    assert gradient_features("wpac+", attn, True, plain) == {"hidden"}  # the MLP in Taylor order
+    assert not gradient_features("magnitude", both, False, plain)
+    assert not gradient_features("random", attn, False, plain)
+    assert all(gradient_features(c, none, False, plain) == set(FEATURES) for c in ("wpac", "pca", "taylor", "hessian"))
+    assert gradient_features("taylor", both, False, plain) == {"q", "k", "v"}  # the MLP by centred output variance
 
 
 def test_bad_arguments_are_refused_before_the_model_changes() -> None:

@@ -115,7 +115,7 @@ def test_num_samples_truncates_and_hooks_are_removed() -> None:
 
 
 def test_forward_only_pass_gives_the_gradient_pass_forward_statistics_without_labels() -> None:
-    """calibrate(gradients=False) runs under no_grad with no loss (batches without labels are fine): every
+    """calibrate(features=()) runs under no_grad with no loss (batches without labels are fine): every
     taylor is None, and the context, its full covariance and the hidden moments equal the gradient pass's."""
     model = VisionTransformer(**TINY).eval()
     blocks = adapter_for(model).blocks
@@ -126,7 +126,7 @@ def test_forward_only_pass_gives_the_gradient_pass_forward_statistics_without_la
     with_grad = calibrate(model, blocks, data, **kw)
     assert grad_modes == [True] * 3
     grad_modes.clear()
-    forward = calibrate(model, blocks, [x for x, _ in data], gradients=False, **kw)
+    forward = calibrate(model, blocks, [x for x, _ in data], features=(), **kw)
     handle.remove()
     assert grad_modes == [False] * 3 and int(forward.samples) == 24
     for a, b in zip(with_grad.blocks, forward.blocks, strict=True):
@@ -139,8 +139,29 @@ def test_forward_only_pass_gives_the_gradient_pass_forward_statistics_without_la
             for x, y in zip(expected[-len(got):], got, strict=True):
                 torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9)
     for bad in (dict(covariance="uniform"), dict(fisher=True)):
-        with pytest.raises(ValueError, match="gradients=False"):
-            calibrate(model, blocks, data, **{**kw, **bad}, gradients=False)
+        with pytest.raises(ValueError, match="features=\\(\\) collects forward statistics only"):
+            calibrate(model, blocks, data, **{**kw, **bad}, features=())
+    with pytest.raises(ValueError, match="each must be one of"):
+        calibrate(model, blocks, data, **kw, features=("q", "context"))
+
+
+@pytest.mark.parametrize("features", [("q", "k"), ("v",), ("hidden",)])
+def test_only_the_features_asked_for_are_collected(features: tuple[str, ...]) -> None:
+    """The others' statistics are None and their Linears are not hooked; the collected ones equal those of a
+    pass over every feature (the same hooks and kernels)."""
+    model = VisionTransformer(**TINY).eval()
+    blocks = adapter_for(model).blocks
+    data = _data()
+    kw = dict(num_samples=24, covariance="weighted", fisher=True, progress=False)
+    every = calibrate(model, blocks, data, **kw)
+    some = calibrate(model, blocks, data, features=features, **kw)
+    for a, b in zip(every.blocks, some.blocks, strict=True):
+        for name in FEATURES:
+            if name in features:
+                for x, y in zip(a[name].tensors(), b[name].tensors(), strict=True):
+                    torch.testing.assert_close(y, x, rtol=1e-6, atol=0)
+            else:
+                assert b[name].tensors() == []
 
 
 def test_bad_covariance_mode() -> None:
