@@ -8,8 +8,9 @@ every width.
 
 Runs alternate (plain, compensated, cross-head, plain, ...) on fresh copies of the model, so load from
 other processes hits all alike; prints each run's seconds and the median ratios per model and criterion.
-wpac+'s "+ joint_qk" and "+ score_fit" read no gradient statistic, so their calibration runs forward only
-(skd.wpac.reads_gradients): they can cost less than the plain gradient pass.
+The calibration collects only the gradient statistics the transform reads (skd.wpac.gradient_features): with
+compensate=True wpac+'s "+ joint_qk" and "+ score_fit" read none, so their pass runs forward only and can cost
+less than the plain gradient pass.
 
     python -m benchmarks.compensation_cost [--repeats 4] [--criteria wpac wpac+] [--threads 1]
         [--models "digits ViT" MiniLM] [--cpu-time] [--compensate {True,attn}]
