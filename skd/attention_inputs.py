@@ -12,8 +12,8 @@ fitted one are skipped) and feeds the accumulators, as skd.attention_stats.atten
 
 Memory: the inputs of the recorded blocks, in the model's dtype, plus each block's bias and the token weights
 (MiniLM, 64 sentences padded to 56 tokens: 38 MB; ViT-B/16 at 224 px with skd.wpac's default 1024 samples, 256
-recorded: 1.9 GB). Above `MAX_BYTES` the recording stops and is dropped (`complete` False): the caller then runs
-the pass instead.
+recorded: 1.9 GB). Above `MAX_BYTES` (on a CUDA device: at most a quarter of its free memory, `byte_bound`) the
+recording stops and is dropped (`complete` False): the caller then runs the pass instead.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ from .models import BlockSpec
 # itself holds for one batch of 64 ViT-B images (its attention weights alone are 1.4 GB, its saved activations
 # several GB), and enough for ViT-B's default 256 recorded images
 MAX_BYTES = 2 << 30
+
+def byte_bound(device: torch.device) -> int:
+    """The recording's byte bound on `device`: MAX_BYTES, and on a CUDA device at most a quarter of the memory free
+    now (the recording lives there, beside the calibration pass's own batches and saved activations)."""
+    if device.type != "cuda":
+        return MAX_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(MAX_BYTES, free // 4)
+
 
 # (x (S, N, D), bias broadcastable to (S, H, N, N) or None, token weights (S, N) or None)
 Entry = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]

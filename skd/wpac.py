@@ -57,7 +57,7 @@ from . import score_fit as fits
 from ._checks import check_int
 from ._dist import rank_share
 from ._threads import one_thread
-from .attention_inputs import AttentionInputs
+from .attention_inputs import AttentionInputs, byte_bound
 from .attention_stats import JointQK, ScoreFit, attention_pass, check_supported
 from .models import BlockSpec, ModelAdapter, adapter_for
 from .stats import CONTEXT, CONTEXT_FULL, FEATURES, QKV, CalibrationStats, FeatureStats, LossFn, calibrate
@@ -203,7 +203,7 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     fit_samples = max(1, num_samples // SCORE_FIT_SHARE)
     # the fit's attention inputs, recorded by a calibration pass that computes every attention explicitly anyway
     # (joint_qk) and replayed after the transform: no pass of its own (skd.attention_inputs)
-    inputs = (AttentionInputs(blocks, fit.fitted, rank_share(fit_samples)[0])
+    inputs = (AttentionInputs(blocks, fit.fitted, rank_share(fit_samples)[0], byte_bound(adapter.device))
               if joint_qk and fit is not None and fit.fitted else None)
     stats = None
     if criterion not in ("magnitude", "random") or compensate:

@@ -183,3 +183,12 @@ def test_half_precision_replay_and_pass_agree_to_its_rounding(name: str, dtype: 
         err, far = rel(replayed[key].float(), fit.float()), rel(other[key].float(), fit.float())
         print(f"{key}: replay vs pass {err:.1e}, other data {far:.1e}")
         assert err <= 5e-2 < far
+
+
+def test_the_bound_on_a_cuda_device_is_a_quarter_of_its_free_memory(monkeypatch) -> None:
+    """The recording lives on the model's device: on CUDA it may take at most a quarter of the free memory (the
+    query is faked here; tests/test_gpu.py runs skd.wpac's replay on a real device)."""
+    assert attention_inputs.byte_bound(torch.device("cpu")) == attention_inputs.MAX_BYTES
+    for free, expected in ((4 << 30, 1 << 30), (80 << 30, attention_inputs.MAX_BYTES)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 96 << 30))
+        assert attention_inputs.byte_bound(torch.device("cuda", 0)) == expected
