@@ -208,10 +208,12 @@ class _Collector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> _Collector:
-        read_qkv = [name for name in QKV if name in self.features]
         for i, spec in enumerate(self.blocks):
-            taps = ([(spec.qkv, "qkv")] if read_qkv else []) if spec.fused else \
-                [(lin, name) for lin, name in zip((spec.q, spec.k, spec.v), QKV, strict=True) if name in read_qkv]
+            if spec.fused:  # one output for all three: hooked if any is read
+                taps = [(spec.qkv, "qkv")] if any(name in self.features for name in QKV) else []
+            else:
+                taps = [(lin, name) for lin, name in zip((spec.q, spec.k, spec.v), QKV, strict=True)
+                        if name in self.features]
             for lin, name in taps:
                 self._handles.append(lin.register_forward_hook(functools.partial(self._on_output, i, name)))
             if "hidden" in self.features or self.stats.blocks[i]["hidden"].moments is not None:

@@ -149,7 +149,7 @@ def wpac(
     block's per-width score fit on the Linear producing q (skd.score_fit: buffer `skd_score_fit`; blocks with
     qk_norm get none); False removes fits a previous call stored. score_fit reads the first num_samples // 4 samples
     of `data` (under torch.distributed: the first quarter of each process's share) once more, unless joint_qk's
-    calibration pass recorded their attention inputs (skd.attention_inputs, up to its MAX_BYTES), so it must be
+    calibration pass recorded their attention inputs (skd.attention_inputs, up to its byte_bound), so it must be
     re-iterable (a DataLoader, list or Dataset; a one-shot iterator is a ValueError, raised before the model is
     touched). Returns the same model, computing the same function, with `model.skd_report` (a WPACReport).
 
