@@ -76,8 +76,8 @@ class FeatureStats:
     """Statistics of one feature of one block (C channels).
 
     taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance); None for the
-    forward-only context feature.
-    fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested.
+    forward-only context feature and for features not collected (calibrate(features=)).
+    fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested or collected.
     cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
     uniformly (times the token weight); None for the MLP hidden feature or when not requested.
     moments: the MLP hidden feature's per-unit first and second moments (tokens weighted by their token

@@ -31,7 +31,7 @@ explicitly: no extra pass).
 score_fit=True (any criterion) stores, after the transform, every narrow width's least-squares prediction of
 its dropped score part from its kept q/k dims (skd.score_fit; skd.attention_stats.ScoreFit over the first
 quarter of the samples, on the transformed model: with joint_qk replayed from the attention inputs its calibration
-pass recorded, skd.attention_inputs; otherwise, or when they exceed skd.attention_inputs.MAX_BYTES, from one more
+pass recorded, skd.attention_inputs; otherwise, or when they exceed skd.attention_inputs.byte_bound, from one more
 pass, which reads `data` again, so it must be re-iterable).
 Baseline criteria ("taylor", "magnitude", "random", "hessian") permute dims into their importance order
 instead (one permutation per head shared by q and k, one per head for v/o, one for the MLP units).
