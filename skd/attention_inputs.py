@@ -24,7 +24,7 @@ import torch
 
 from ._checks import check_int
 from ._dist import all_reduce_flat, rank_world
-from .attention_stats import CHUNK_TOKENS, ScoreFit, attention_weights, heads
+from .attention_stats import CHUNK_TOKENS, ScoreFit, attention_weights, heads, real_lengths
 from .models import BlockSpec
 
 # Recording stops above this many bytes (and the caller runs a pass instead): less than the calibration pass
@@ -145,7 +145,7 @@ def _chunks(x: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor | None) 
     if not _padding_masked(bias, w):
         yield x, bias, w
         return
-    lengths = (w > 0).sum(1)
+    lengths = real_lengths(w)  # real tokens come first (`_padding_masked`): their count
     order = lengths.argsort(stable=True)
     order = order[lengths[order] > 0].tolist()
     sizes = lengths.tolist()

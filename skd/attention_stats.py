@@ -105,6 +105,14 @@ def _dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> t
 LENGTH_GROUPS = 4  # JointQK: padded sequences in up to this many groups of similar length
 
 
+def real_lengths(w: torch.Tensor) -> torch.Tensor:
+    """(S,) int64: one past each sequence's last real token (token weight > 0; 0 for an all-padding one), of
+    w (S, N) token weights. Padded text's groupings (JointQK's `_length_groups`, the replay's chunks) sort by it:
+    a sequence's tokens from there on are all padding."""
+    positions = torch.arange(1, w.shape[1] + 1, device=w.device)
+    return torch.where(w > 0, positions, 0).amax(1)
+
+
 def _length_groups(w: torch.Tensor | None, s: int, n: int) -> list[tuple[torch.Tensor | None, int]]:
     """(sequences, m) groups covering the S sequences, each trimmed to m tokens: every token from m on is padding
     in all of the group's sequences (w (S, N) token weights or None: one group, all N). Padded text batches
@@ -114,8 +122,7 @@ def _length_groups(w: torch.Tensor | None, s: int, n: int) -> list[tuple[torch.T
     longest sequence. Reads the lengths on the host (a few syncs per update on a GPU)."""
     if w is None:
         return [(None, n)]
-    positions = torch.arange(1, n + 1, device=w.device)
-    lengths = torch.where(w > 0, positions, 0).amax(1)  # (S,): one past each sequence's last real token
+    lengths = real_lengths(w)
     groups = [(seqs, int(lengths[seqs].max())) for seqs in lengths.argsort().tensor_split(min(LENGTH_GROUPS, s))]
     longest = int(lengths.max())
     if sum(len(seqs) * m * m for seqs, m in groups) > 0.75 * s * longest * longest:
