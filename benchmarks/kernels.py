@@ -114,7 +114,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, Timing]:
-    """Per-call time percentiles of each fn, sampled round-robin `reps` times so noise is shared."""
+    """Per-call time percentiles of each fn, sampled round-robin `reps` times so noise is shared. The order
+    rotates every round: on CPU a function's place in a fixed order (what ran before it, in the caches) moved
+    its p50 by 3-5 %, more than the gaps measured."""
     timer = _timer(device)
     inner = {}
     for name, fn in fns.items():  # warm-up (autotune, allocator, caches), then calls per sample
@@ -122,9 +124,10 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], reps: int, device: t
         once = max(timer(fn, 1), 1e-7)
         inner[name] = max(1, min(1000, round(MIN_SAMPLE_S / once)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(timer(fn, inner[name]) / inner[name] * 1e3)
+    names = list(fns)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            samples[name].append(timer(fns[name], inner[name]) / inner[name] * 1e3)
     return {name: Timing(*(_percentile(v, q) for q in (0.2, 0.5, 0.8))) for name, v in samples.items()}
 
 
@@ -135,6 +138,13 @@ def _timed_backends(device: torch.device) -> list[str]:
 
 
 def _with_backend(name: str, fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    """`fn(*args)` (a public op; args[0] a tensor) run by backend `name`: called as users call it where `name` is
+    the automatic choice, else inside `use_backend` (whose entry and the forced lookup cost 20-40 µs per call on
+    CPU, 5-10 % of a 0.5-1 ms GEMM)."""
+    x = args[0]
+    if skd_kernels.forced_backend() is None and _dispatch.select(x.device, x.dtype, fn.__name__).name == name:
+        return functools.partial(fn, *args)
+
     def run() -> object:
         with skd_kernels.use_backend(name):
             return fn(*args)
