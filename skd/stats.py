@@ -10,7 +10,7 @@ beyond its batch, so peak memory does not depend on the number of samples, and t
 processes simply add up (one flat all-reduce of `CalibrationStats.tensors()`, skd.passes.stream_pass).
 Only the features the caller reads are hooked (`calibrate(features=)`, skd.wpac.gradient_features); with none,
 the pass runs forward only, under no_grad: no loss, no backward, no labels, and what it collects are the
-forward statistics (the context, the hidden moments, attention accumulators).
+forward statistics (the context, the hidden moments, the uniform q/k/v covariances, attention accumulators).
 
 Features, per block (C = H*hd channels, head-major like the model's own rows):
   q, k, v: (B, T, C); hidden: (B, T, m) input of fc2; and, only when asked for (wpac+), context: (B, T, C)
@@ -78,8 +78,9 @@ class FeatureStats:
     taylor: (C,) float64 Σ_samples |Σ_t g·a| (first-order Taylor channel importance); None for the
     forward-only context feature and for features not collected (calibrate(features=)).
     fisher: (C,) float64 Σ_samples (Σ_t g·a)^2 (diagonal Fisher), or None when not requested or collected.
-    cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| or
-    uniformly (times the token weight); None for the MLP hidden feature or when not requested.
+    cov: per-head CovState (H groups of hd) of the feature's tokens, weighted by Θ_t = |Σ_c g·a| (a gradient
+    statistic: None for features not collected) or uniformly (times the token weight; a forward statistic,
+    of q, k and v whatever `features`); None for the MLP hidden feature or when not requested.
     moments: the MLP hidden feature's per-unit first and second moments (tokens weighted by their token
     weight only), or None when not requested (calibrate(moments=True)) and for every other feature.
     """
@@ -158,7 +159,7 @@ class CalibrationStats:
               context_full: bool = False, features: Collection[str] = FEATURES) -> CalibrationStats:
         """Empty statistics for `blocks`: float64 zeros on `device`, covariances/Fisher/context/hidden
         moments only if asked for (the context feature has a uniform covariance and nothing else); the gradient
-        statistics (taylor, fisher, cov) only for `features`, None for the others."""
+        statistics (taylor, fisher, the weighted cov) only for `features`, None for the others."""
         f64 = dict(dtype=torch.float64, device=device)
         out = []
         for spec in blocks:
@@ -170,7 +171,7 @@ class CalibrationStats:
                     taylor=torch.zeros(width, **f64) if read else None,
                     fisher=torch.zeros(width, **f64) if fisher and read else None,
                     cov=CovState.zeros(spec.num_heads, spec.head_dim, device)
-                    if covariance is not None and read and name != "hidden" else None,
+                    if name != "hidden" and (covariance == "uniform" or (covariance == "weighted" and read)) else None,
                     moments=Moments.zeros(width, device) if moments and name == "hidden" else None,
                 )
             if context:
@@ -190,8 +191,10 @@ class _Collector:
 
     Forward hooks on the features read (`features`) stash the detached activation (a view, no copy) and
     register a tensor hook on the graph's activation; the tensor hook receives the gradient during backward,
-    updates the statistics and drops the activation. `outputs` holds this batch's graph activations for
-    `torch.autograd.grad`. `batch_size` and `weights` ((B, T) token weights or None) describe the current batch.
+    updates the statistics and drops the activation. Forward statistics (uniform q/k/v covariances, the
+    context's, the hidden moments) are folded in by the forward hooks themselves. `outputs` holds this batch's
+    graph activations for `torch.autograd.grad`. `batch_size` and `weights` ((B, T) token weights or None)
+    describe the current batch.
     """
 
     def __init__(self, blocks: Sequence[BlockSpec], stats: CalibrationStats, covariance: str | None,
@@ -209,11 +212,12 @@ class _Collector:
 
     def __enter__(self) -> _Collector:
         for i, spec in enumerate(self.blocks):
-            if spec.fused:  # one output for all three: hooked if any is read
-                taps = [(spec.qkv, "qkv")] if any(name in self.features for name in QKV) else []
+            tapped = QKV if self.covariance == "uniform" else [n for n in QKV if n in self.features]
+            if spec.fused:  # one output for all three: hooked if any is tapped
+                taps = [(spec.qkv, "qkv")] if tapped else []
             else:
                 taps = [(lin, name) for lin, name in zip((spec.q, spec.k, spec.v), QKV, strict=True)
-                        if name in self.features]
+                        if name in tapped]
             for lin, name in taps:
                 self._handles.append(lin.register_forward_hook(functools.partial(self._on_output, i, name)))
             if "hidden" in self.features or self.stats.blocks[i]["hidden"].moments is not None:
@@ -242,7 +246,26 @@ class _Collector:
         act.register_hook(functools.partial(self._on_grad, i, name))
 
     def _on_output(self, i: int, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._stash(i, name, output)
+        """q, k, v (or the fused qkv): their uniform covariances here, forward; stashed for the gradient hook when
+        a gradient statistic of one of them is read."""
+        parts = [(name, output)] if name != "qkv" else list(zip(QKV, output.chunk(3, dim=-1), strict=True))
+        if self.covariance == "uniform":
+            for feat, act in parts:
+                self._uniform_covariance(i, feat, act.detach())
+        if any(feat in self.features for feat, _ in parts):
+            self._stash(i, name, output)
+
+    def _uniform_covariance(self, i: int, name: str, act: torch.Tensor) -> None:
+        spec, st = self.blocks[i], self.stats.blocks[i][name]
+        c = act.shape[-1]
+        act = act.reshape(self.batch_size, -1, c)
+        w = None if self.weights is None else self._checked_weights(i, name, act)
+        if w is not None:
+            act = act * w[..., None].to(act.dtype)  # the gradient statistics' weighting: padding adds nothing
+        x = _fp32_at_least(act.reshape(-1, c))
+        tw = x.new_ones(x.shape[0]) if w is None else w.reshape(-1).to(x.dtype)
+        with _where(spec, name):
+            skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
 
     def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
         moments = self.stats.blocks[i][name].moments
@@ -300,12 +323,13 @@ class _Collector:
             # Σ_t g·a per sample, squared: the diagonal Fisher of a per-channel mask (plain PyTorch; only
             # the "hessian" baseline needs it).
             st.fisher += (grad.float() * act.float()).sum(1).square().sum(0).double()
-        if st.cov is not None:
+        if self.covariance == "weighted" and st.cov is not None:
             x = _fp32_at_least(act.reshape(-1, c))
-            tw = token.reshape(-1) if self.covariance == "weighted" else torch.ones_like(token.reshape(-1))
+            tw = token.reshape(-1)
             if w is not None:
                 tw = tw * w.reshape(-1).to(tw.dtype)
-            skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
+            with _where(spec, name):
+                skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
 
 
 def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -352,8 +376,9 @@ def calibrate(
 
     model: the bare model (standard layout) whose `blocks` (adapter BlockSpecs) are hooked; run in eval
     mode, its training flag is restored afterwards. data: yields batches (skd.batches), or a map-style
-    Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t) or "uniform"
-    (w_t = 1) per-head covariance of q, k, v. fisher: also accumulate Σ (Σ_t g·a)^2.
+    Dataset of single samples (batched here). covariance: None, "weighted" (w_t = Θ_t, a gradient statistic of
+    the q/k/v in `features`) or "uniform" (w_t = 1, forward, of all three) per-head covariance of q, k, v.
+    fisher: also accumulate Σ (Σ_t g·a)^2.
     loss_fn(output, batch) -> scalar, summed over the batch (default: `sum_cross_entropy`).
     token_weights(batch) -> (B, T) or None: the adapter's `token_weights` (padding tokens 0).
     context: also the CONTEXT feature (the output projection's input): its uniform per-head covariance,
@@ -370,8 +395,8 @@ def calibrate(
     ModelAdapter, needed with either. Without them the model's own forward runs.
     features: the FEATURES whose gradient statistics (taylor, and fisher and cov when asked for) are collected;
     the others' are None and are not hooked. Empty: the pass runs forward only, under no_grad: no loss, no
-    backward, no labels needed; only forward statistics (context, context_full, moments, the accumulators,
-    attention_inputs) can be collected then (ValueError with covariance or fisher).
+    backward, no labels needed; only forward statistics (context, context_full, moments, the uniform covariance,
+    the accumulators, attention_inputs) can be collected then (ValueError with the weighted covariance or fisher).
     Under torch.distributed each process reads its own shard of num_samples / world samples from its
     `data` and the statistics are all-reduced over `group`: the result equals one process on all samples.
 
@@ -385,9 +410,9 @@ def calibrate(
     if not set(features) <= set(FEATURES):
         raise ValueError(f"features={tuple(features)!r}: each must be one of {FEATURES}")
     gradients = bool(features)
-    if not gradients and (covariance is not None or fisher):
-        raise ValueError("features=() collects forward statistics only: covariance (weighted by, or collected "
-                         "with, the gradients) and fisher are gradient statistics of the features")
+    if not gradients and (covariance == "weighted" or fisher):
+        raise ValueError("features=() collects forward statistics only: the weighted covariance (weighted by the "
+                         "gradients) and fisher are gradient statistics of the features")
     explicit = bool(accumulators) or attention_inputs is not None
     if explicit and (adapter is None or adapter.model is not model):
         raise ValueError("accumulators= needs adapter= (so does attention_inputs=), the adapter of the calibrated "

@@ -208,9 +208,10 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
     stats = None
     if criterion not in ("magnitude", "random") or compensate:
         features = gradient_features(criterion, compensate, joint_qk, blocks)
-        # the q/k/v covariances: the paper's rotations and wpac+'s Θ-weighted Q/K rotation (not joint_qk's)
-        covariance = ({"wpac": "weighted", "pca": "uniform", "wpac+": "weighted"}.get(criterion)
-                      if features & set(QKV) and not joint_qk else None)
+        # the q/k/v covariances: pca's (uniform, forward), the paper's rotations and wpac+'s Θ-weighted Q/K
+        # rotation (not joint_qk's)
+        covariance = ("uniform" if criterion == "pca" else
+                      "weighted" if criterion in ("wpac", "wpac+") and features & set(QKV) and not joint_qk else None)
         stats = calibrate(model, blocks, data, num_samples=num_samples, progress=progress,
                           accumulators=[joint] if joint_qk else (), attention_inputs=inputs, adapter=adapter,
                           loss_fn=loss_fn or functools.partial(adapter.default_loss, reduction="sum"),
@@ -238,20 +239,21 @@ def _stratify(model: nn.Module, adapter: ModelAdapter, data: Iterable | Dataset,
 
 def gradient_features(criterion: str, compensate: frozenset[str], joint_qk: bool,
                       blocks: list[BlockSpec]) -> frozenset[str]:
-    """The features (skd.stats.FEATURES) whose gradient statistics (Taylor scores, the Fisher, the q/k/v
-    covariances, all collected in the calibration pass's backward) the transform reads; none: that pass runs
-    forward only. "magnitude" and "random" read none (their compensation reads forward statistics). With the
-    MLP compensated its units are ordered by centred output variance (forward moments), not by "hidden"'s
-    scores. "wpac+" reads no "v" (V/O comes from the context's covariance), and with joint_qk no "q"/"k" (the
-    joint statistic is forward) unless a block has qk_norm (its Q/K permutation is in Taylor order)."""
+    """The features (skd.stats.FEATURES) whose gradient statistics (Taylor scores, the Fisher, the Θ-weighted
+    q/k/v covariances, all collected in the calibration pass's backward) the transform reads; none: that pass
+    runs forward only. "magnitude" and "random" read none (their compensation reads forward statistics). With
+    the MLP compensated its units are ordered by centred output variance (forward moments), not by "hidden"'s
+    scores. "pca" rotates by uniform covariances (forward) and "wpac+" takes V/O from the context's: neither
+    reads "v"'s. Neither reads "q"/"k"'s either (pca's rotation and wpac+ with joint_qk use forward
+    statistics) unless a block has qk_norm (its Q/K permutation is in Taylor order)."""
     if criterion in ("magnitude", "random"):
         return frozenset()
     features = set(FEATURES)
     if "mlp" in compensate:
         features.discard("hidden")
-    if criterion == "wpac+":
+    if criterion in ("pca", "wpac+"):
         features.discard("v")
-        if joint_qk and not any(s.has_qk_norm for s in blocks):
+        if (criterion == "pca" or joint_qk) and not any(s.has_qk_norm for s in blocks):
             features -= {"q", "k"}
     return frozenset(features)
 

@@ -173,7 +173,10 @@ def test_which_features_each_recipe_reads_gradients_of() -> None:
     assert gradient_features("wpac+", attn, True, plain) == {"hidden"}  # the MLP in Taylor order
     assert not gradient_features("magnitude", both, False, plain)
     assert not gradient_features("random", attn, False, plain)
-    assert all(gradient_features(c, none, False, plain) == set(FEATURES) for c in ("wpac", "pca", "taylor", "hessian"))
+    assert all(gradient_features(c, none, False, plain) == set(FEATURES) for c in ("wpac", "taylor", "hessian"))
+    assert gradient_features("pca", none, False, plain) == {"hidden"}  # rotations by forward covariances
+    assert gradient_features("pca", both, False, plain) == frozenset()
+    assert gradient_features("pca", both, False, qk_norm) == {"q", "k"}
     assert gradient_features("taylor", both, False, plain) == {"q", "k", "v"}  # the MLP by centred output variance
 
 

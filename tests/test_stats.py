@@ -116,13 +116,14 @@ def test_num_samples_truncates_and_hooks_are_removed() -> None:
 
 def test_forward_only_pass_gives_the_gradient_pass_forward_statistics_without_labels() -> None:
     """calibrate(features=()) runs under no_grad with no loss (batches without labels are fine): every
-    taylor is None, and the context, its full covariance and the hidden moments equal the gradient pass's."""
+    taylor is None, and the context, its full covariance, the hidden moments and the uniform q/k/v covariances
+    equal the gradient pass's."""
     model = VisionTransformer(**TINY).eval()
     blocks = adapter_for(model).blocks
     data = _data()
     grad_modes = []
     handle = blocks[-1].fc2.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
-    kw = dict(num_samples=24, covariance=None, progress=False, context=True, context_full=True, moments=True)
+    kw = dict(num_samples=24, covariance="uniform", progress=False, context=True, context_full=True, moments=True)
     with_grad = calibrate(model, blocks, data, **kw)
     assert grad_modes == [True] * 3
     grad_modes.clear()
@@ -138,7 +139,10 @@ def test_forward_only_pass_gives_the_gradient_pass_forward_statistics_without_la
             assert len(got) == len(expected) - (name == "hidden") >= 3  # all but the taylor sums
             for x, y in zip(expected[-len(got):], got, strict=True):
                 torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-9)
-    for bad in (dict(covariance="uniform"), dict(fisher=True)):
+        for name in QKV:
+            assert float(b[name].cov.weight_sum) == 24 * 17  # every token of every sample (16 patches + cls)
+            torch.testing.assert_close(b[name].cov.covariance(), a[name].cov.covariance(), rtol=1e-6, atol=1e-9)
+    for bad in (dict(covariance="weighted"), dict(fisher=True)):
         with pytest.raises(ValueError, match="features=\\(\\) collects forward statistics only"):
             calibrate(model, blocks, data, **{**kw, **bad}, features=())
     with pytest.raises(ValueError, match="each must be one of"):

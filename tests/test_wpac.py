@@ -4,6 +4,7 @@ comparison on the digits ViT, the eigen-solver's edge cases, and bad input."""
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -121,6 +122,41 @@ def test_rotation_diagonalises_value_covariance() -> None:
         assert float(off.abs().max()) <= 1e-5 * float(diag.max())
         assert bool((diag[:, :-1] >= diag[:, 1:] - 1e-9 * diag.max()).all())
         torch.testing.assert_close(diag, model.skd_report.blocks[i].vo_spectrum.to(diag), rtol=1e-4, atol=1e-10)
+
+
+WEIGHT = {"vit_cls": "blocks.0.attn.qkv.weight", "swin": "layers.0.blocks.0.attn.qkv.weight"}  # one rotated
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "swin"])
+def test_pca_with_the_mlp_compensated_calibrates_forward_only(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"pca" rotates by uniform q/k/v covariances, forward statistics: with the MLP compensated its calibration
+    reads no gradient (skd.wpac.gradient_features), runs under no_grad from images without labels, and gives
+    the model the gradient pass gives."""
+    from skd import compensation
+    from skd.models import adapter_for
+    from skd.stats import FEATURES
+
+    module = importlib.import_module("skd.wpac")
+    torch.manual_seed(0)
+    model = (tiny_swin() if family == "swin" else VisionTransformer(**TINY)).eval()
+    data = random_batches()
+    through_gradients = copy.deepcopy(model)
+    original = copy.deepcopy(model.state_dict())
+    grad_modes = []
+    handle = adapter_for(model).blocks[0].fc2.register_forward_hook(
+        lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    skd.wpac(model, [x for x, _ in data], num_samples=24, criterion="pca", compensate=True, progress=False)
+    handle.remove()
+    assert grad_modes == [False] * len(data)
+    monkeypatch.setattr(module, "gradient_features", lambda *args: frozenset(FEATURES))
+    skd.wpac(through_gradients, data, num_samples=24, criterion="pca", compensate=True, progress=False)
+    means = compensation.means(model)
+    expected = {**through_gradients.state_dict(), **compensation.means(through_gradients)}
+    got = {**model.state_dict(), **means}
+    assert expected.keys() == got.keys() and means  # the compensation's means stored
+    for key, t in expected.items():
+        torch.testing.assert_close(got[key], t, rtol=0, atol=0, msg=key)
+    assert not torch.equal(got[WEIGHT[family]], original[WEIGHT[family]])
 
 
 def test_wpac_on_elastic_equals_bare_then_wrap() -> None:
