@@ -247,8 +247,9 @@ def below_autograd(fn: Callable[..., object], *args: object) -> object:
     """`fn(*args)` (`fn` a kernel from `kernel`) run below the dispatcher's autograd layer, for callers whose
     inputs need no gradient (`needs_grad` is False) and are validated.
 
-    The compiled and Triton ops register their backward from Python, and that layer costs ~5-8 µs per call
-    even under no_grad, the order of a small GEMM; below it the kernel runs directly. The result is the
-    kernel's own (same values, no grad_fn)."""
+    The Triton ops register their autograd from Python, and that layer costs ~5-8 µs per call even under
+    no_grad, the order of a small GEMM (the compiled ops' own Autograd kernel is C++ and skips itself without
+    a gradient: skd_kernels._ops.autograd_twin); below it the kernel runs directly. The result is the kernel's
+    own (same values, no grad_fn)."""
     with torch._C._AutoDispatchBelowAutograd():
         return fn(*args)

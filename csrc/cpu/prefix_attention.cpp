@@ -675,4 +675,6 @@ at::Tensor prefix_attention_separate_cpu(const at::Tensor& q_in, const at::Tenso
 TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) {
   m.impl("prefix_attention", &skd::cpu::prefix_attention_cpu);
   m.impl("prefix_attention_separate", &skd::cpu::prefix_attention_separate_cpu);
+  m.impl("_prefix_attention_autograd", &skd::cpu::prefix_attention_cpu);
+  m.impl("_prefix_attention_separate_autograd", &skd::cpu::prefix_attention_separate_cpu);
 }

@@ -63,4 +63,5 @@ at::Tensor prefix_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 
 TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) {
   m.impl("prefix_linear", &skd::cpu::prefix_linear_cpu);
+  m.impl("_prefix_linear_autograd", &skd::cpu::prefix_linear_cpu);
 }

@@ -111,4 +111,5 @@ at::Tensor prefix_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
 
 TORCH_LIBRARY_IMPL(skd_kernels, CUDA, m) {
   m.impl("prefix_linear", &skd::cuda::prefix_linear_cuda);
+  m.impl("_prefix_linear_autograd", &skd::cuda::prefix_linear_cuda);
 }

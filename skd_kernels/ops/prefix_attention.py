@@ -173,8 +173,9 @@ def register_autograd(qualname: str) -> None:
 
 
 if _ops.has_schema(OP):
-    torch.library.register_fake(f"skd_kernels::{OP}")(fake)
-    register_autograd(f"skd_kernels::{OP}")
+    for qualname in (f"skd_kernels::{OP}", _ops.autograd_twin(OP)):
+        torch.library.register_fake(qualname)(fake)
+    register_autograd(_ops.autograd_twin(OP))
 
 _dispatch.register_op(OP, {
     "cuda": "no CUDA C++ kernel; the Triton kernel runs on CUDA",

@@ -271,8 +271,9 @@ def register_autograd(qualname: str, op: object) -> None:
 
 
 if _ops.has_schema(OP):
-    torch.library.register_fake(f"skd_kernels::{OP}")(fake)
-    register_autograd(f"skd_kernels::{OP}", torch.ops.skd_kernels.prefix_linear)
+    for qualname in (f"skd_kernels::{OP}", _ops.autograd_twin(OP)):
+        torch.library.register_fake(qualname)(fake)
+    register_autograd(_ops.autograd_twin(OP), torch.ops.skd_kernels.prefix_linear)
 
 _dispatch.register_op(OP, {
     "cuda": _dispatch.compiled(OP, "CUDA"),
