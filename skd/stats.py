@@ -256,16 +256,20 @@ class _Collector:
             self._stash(i, name, output)
 
     def _uniform_covariance(self, i: int, name: str, act: torch.Tensor) -> None:
-        spec, st = self.blocks[i], self.stats.blocks[i][name]
         c = act.shape[-1]
         act = act.reshape(self.batch_size, -1, c)
         w = None if self.weights is None else self._checked_weights(i, name, act)
         if w is not None:
-            act = act * w[..., None].to(act.dtype)  # the gradient statistics' weighting: padding adds nothing
-        x = _fp32_at_least(act.reshape(-1, c))
-        tw = x.new_ones(x.shape[0]) if w is None else w.reshape(-1).to(x.dtype)
+            act = act * w[..., None].to(act.dtype)  # as in the gradient statistics: padding adds nothing
+        self._add_covariance(i, name, act, None if w is None else w.reshape(-1))
+
+    def _add_covariance(self, i: int, name: str, act: torch.Tensor, tw: torch.Tensor | None) -> None:
+        """act (..., C) token-weighted, tw (tokens,) the covariance's weights or None (all 1)."""
+        spec = self.blocks[i]
+        x = _fp32_at_least(act.reshape(-1, act.shape[-1]))
+        tw = x.new_ones(x.shape[0]) if tw is None else tw.to(x.dtype)
         with _where(spec, name):
-            skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
+            skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=self.stats.blocks[i][name].cov)
 
     def _on_input(self, i: int, name: str, module: nn.Module, inputs: tuple) -> None:
         moments = self.stats.blocks[i][name].moments
@@ -324,12 +328,8 @@ class _Collector:
             # the "hessian" baseline needs it).
             st.fisher += (grad.float() * act.float()).sum(1).square().sum(0).double()
         if self.covariance == "weighted" and st.cov is not None:
-            x = _fp32_at_least(act.reshape(-1, c))
             tw = token.reshape(-1)
-            if w is not None:
-                tw = tw * w.reshape(-1).to(tw.dtype)
-            with _where(spec, name):
-                skd_kernels.weighted_covariance(x, tw, spec.num_heads, state=st.cov)
+            self._add_covariance(i, name, act, tw if w is None else tw * w.reshape(-1).to(tw.dtype))
 
 
 def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
