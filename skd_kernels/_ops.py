@@ -6,6 +6,8 @@ front end in skd_kernels/ops/<op>.py (a differentiable op's autograd on its twin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 try:
@@ -30,6 +32,16 @@ def autograd_twin(op: str) -> str:
     gradient is to be recorded and hands the call to the twin when one is, so calls without a gradient skip
     the Python autograd layer (4-14 µs each, e.g. every op of a compiled model under no_grad)."""
     return f"skd_kernels::_{op}_autograd"
+
+
+def register_differentiable(op: str, fake: Callable[..., object], register_autograd: Callable[[str], None]) -> None:
+    """Differentiable compiled `op`'s Python registrations: its fake kernel on it and on its twin, and its autograd
+    (`register_autograd(qualname)`) on the twin. Nothing when the extension does not define `op`."""
+    if not has_schema(op):
+        return
+    for qualname in (f"skd_kernels::{op}", autograd_twin(op)):
+        torch.library.register_fake(qualname)(fake)
+    register_autograd(autograd_twin(op))
 
 
 def compiled_kernel(op: str, dispatch_key: str) -> torch._ops.OpOverload | None:

@@ -172,10 +172,7 @@ def register_autograd(qualname: str) -> None:
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
-if _ops.has_schema(OP):
-    for qualname in (f"skd_kernels::{OP}", _ops.autograd_twin(OP)):
-        torch.library.register_fake(qualname)(fake)
-    register_autograd(_ops.autograd_twin(OP))
+_ops.register_differentiable(OP, fake, register_autograd)
 
 _dispatch.register_op(OP, {
     "cuda": "no CUDA C++ kernel; the Triton kernel runs on CUDA",

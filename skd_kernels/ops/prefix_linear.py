@@ -270,10 +270,7 @@ def register_autograd(qualname: str, op: object) -> None:
     torch.library.register_autograd(qualname, functools.partial(backward, op), setup_context=setup_context)
 
 
-if _ops.has_schema(OP):
-    for qualname in (f"skd_kernels::{OP}", _ops.autograd_twin(OP)):
-        torch.library.register_fake(qualname)(fake)
-    register_autograd(_ops.autograd_twin(OP), torch.ops.skd_kernels.prefix_linear)
+_ops.register_differentiable(OP, fake, lambda name: register_autograd(name, torch.ops.skd_kernels.prefix_linear))
 
 _dispatch.register_op(OP, {
     "cuda": _dispatch.compiled(OP, "CUDA"),
