@@ -43,25 +43,37 @@ inline bool has_avx512_bf16() {
 // For the functions that may store bf16 through vcvtneps2bf16: they run it only where has_avx512_bf16().
 #define SKD_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-// exp(x) for 16 floats: Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, a degree-5 polynomial for e^f (ATen's
-// exp_u20 coefficients, the exp of its flash attention: a few ulp, far below bf16/fp16 rounding and the tests'
-// fp32 tolerance; the degree-7 Cephes one cost 3 more of the exp pass's ~20 vector ops), times 2^n by scalef.
-// x below the smallest normal's log (and -inf) gives 0; above log(FLT_MAX) gives +inf; NaN stays NaN
-// (max/min return their second operand, x, when it is NaN, and every step after keeps it).
+// exp(x) for 16 floats x <= 0 (softmax arguments: scores minus their running max; nothing here can overflow,
+// so there is no upper clamp): Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, a polynomial for e^f, times 2^n
+// by scalef. kDegree 5: ATen's exp_u20 coefficients, the exp of its flash attention (a few ulp; the degree-7
+// Cephes one cost 3 more of the exp pass's ~20 vector ops). kDegree 3: near-minimax coefficients fitted for
+// relative error on [-ln2/2, ln2/2], max 7.5e-5, 50x below bf16's half ulp (2^-9), for bf16 probabilities
+// (two fewer FMAs per 16 scores). x below the smallest normal's log (and -inf) gives 0; NaN stays NaN (max
+// returns its second operand, x, when it is NaN, and every step after keeps it).
+template <int kDegree>
 SKD_AVX512 inline __m512 exp16(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.7228391f), lo = _mm512_set1_ps(-87.3365447f);
+  static_assert(kDegree == 3 || kDegree == 5);
+  const __m512 lo = _mm512_set1_ps(-87.3365447f);
   const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  const __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
+  const __m512 xc = _mm512_max_ps(lo, x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
   f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(0.00828929059f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0418978221f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.166676521f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.499991506f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999701f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p;
+  if constexpr (kDegree == 5) {
+    p = _mm512_set1_ps(0.00828929059f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0418978221f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.166676521f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.499991506f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999701f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  } else {
+    p = _mm512_set1_ps(0.165665925f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.504959583f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00016415f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999928176f));
+  }
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
 }
 
@@ -99,6 +111,15 @@ SKD_AVX512_BF16 inline void store16(T* p, __m512 v, __mmask16 k) {
   }
 }
 
+// p = exp(x * scale - shift) for the k lanes of 16 scores at x, stored to probs as T; returns p (0 outside k
+// after the caller's masked add).
+template <typename T, bool kNativeBF16, int kExpDegree>
+SKD_AVX512_BF16 inline __m512 exp_store16(const float* x, __m512 scale, __m512 shift, T* probs, __mmask16 k) {
+  const __m512 p = exp16<kExpDegree>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x), scale, shift));
+  store16<T, kNativeBF16>(probs, p, k);
+  return p;
+}
+
 // Online-softmax update of one fp32 score row x * scale (n values) plus its bias row if any (T*):
 // p = exp(x * scale + bias - m_new) goes to probs (T: the input dtype, the second product's operand; may be x
 // itself for fp32). m and l are the row's running max and sum; returns exp(m_old - m_new), the factor that
@@ -110,6 +131,8 @@ template <typename T, bool kNativeBF16>
 SKD_AVX512_BF16 float softmax_step_avx512_impl(float* x, float scale, const T* bias, int64_t n, float& m, float& l,
                                                T* probs) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
+  // bf16 probabilities are rounded to 8 bits: the degree-3 exp's 7.5e-5 vanishes in that rounding.
+  constexpr int kExpDegree = std::is_same_v<T, c10::BFloat16> ? 3 : 5;
   const bool fold = bias == nullptr && scale > 0.f;
   const bool rewrite = !fold && (scale != 1.f || bias != nullptr);
   __m512 vmax = _mm512_set1_ps(-kInf);
@@ -128,13 +151,18 @@ SKD_AVX512_BF16 float softmax_step_avx512_impl(float* x, float scale, const T* b
   // A row whose scores are all -inf so far (a fully masked tile) keeps p = 0 instead of exp(nan).
   const float shift = m_new == -kInf ? 0.f : m_new;
   const __m512 vscale = _mm512_set1_ps(fold ? scale : 1.f), vshift = _mm512_set1_ps(shift);
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
-    const __m512 p = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x + t), vscale, vshift));
-    store16<T, kNativeBF16>(probs + t, p, k);
-    vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
+  // Two sums over pairs of full vectors, then a masked tail: the exp chains of neighbouring vectors overlap.
+  __m512 vsum = _mm512_setzero_ps(), vsum2 = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 32 <= n; t += 32) {
+    vsum = _mm512_add_ps(vsum, exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, 0xffff));
+    vsum2 = _mm512_add_ps(vsum2, exp_store16<T, kNativeBF16, kExpDegree>(x + t + 16, vscale, vshift, probs + t + 16, 0xffff));
   }
+  for (; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
+    vsum = _mm512_mask_add_ps(vsum, k, vsum, exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, k));
+  }
+  vsum = _mm512_add_ps(vsum, vsum2);
   const float alpha = m == -kInf ? 0.f : std::exp(m - shift);
   l = l * alpha + _mm512_reduce_add_ps(vsum);
   m = m_new;
