@@ -43,13 +43,14 @@ inline bool has_avx512_bf16() {
 // For the functions that may store bf16 through vcvtneps2bf16: they run it only where has_avx512_bf16().
 #define SKD_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-// exp(x) for 16 floats x <= 0 (softmax arguments: scores minus their running max; nothing here can overflow,
-// so there is no upper clamp): Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, a polynomial for e^f, times 2^n
-// by scalef. kDegree 5: ATen's exp_u20 coefficients, the exp of its flash attention (a few ulp; the degree-7
-// Cephes one cost 3 more of the exp pass's ~20 vector ops). kDegree 3: near-minimax coefficients fitted for
-// relative error on [-ln2/2, ln2/2], max 7.5e-5, 50x below bf16's half ulp (2^-9), for bf16 probabilities
-// (two fewer FMAs per 16 scores). x below the smallest normal's log (and -inf) gives 0; NaN stays NaN (max
-// returns its second operand, x, when it is NaN, and every step after keeps it).
+// exp(x) for 16 softmax arguments x (a score minus the row's running max: <= 0, or above it by half an ulp of
+// the max where the scale is folded in): Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, a polynomial for e^f,
+// times 2^n by scalef. kDegree 5: ATen's exp_u20 coefficients, the exp of its flash attention (a few ulp; the
+// degree-7 Cephes one cost 3 more of the exp pass's ~20 vector ops). kDegree 3: near-minimax coefficients fitted
+// for relative error on [-ln2/2, ln2/2], max 7.5e-5, 50x below bf16's half ulp (2^-9), for bf16 probabilities
+// (two fewer FMAs per 16 scores). x below the smallest normal's log (and -inf) gives 0; NaN stays NaN (max returns
+// its second operand, x, when it is NaN, and every step after keeps it). No upper clamp (4 % of the bf16 op):
+// x reaches log(FLT_MAX) only for scores beyond 2^31, whose row sum overflows with or without one.
 template <int kDegree>
 SKD_AVX512 inline __m512 exp16(__m512 x) {
   static_assert(kDegree == 3 || kDegree == 5);
@@ -111,8 +112,8 @@ SKD_AVX512_BF16 inline void store16(T* p, __m512 v, __mmask16 k) {
   }
 }
 
-// p = exp(x * scale - shift) for the k lanes of 16 scores at x, stored to probs as T; returns p (0 outside k
-// after the caller's masked add).
+// p = exp(x * scale - shift) for the k lanes of 16 scores at x, stored to probs as T and returned (the lanes
+// outside k are not stored, and the caller's masked sum skips them).
 template <typename T, bool kNativeBF16, int kExpDegree>
 SKD_AVX512_BF16 inline __m512 exp_store16(const float* x, __m512 scale, __m512 shift, T* probs, __mmask16 k) {
   const __m512 p = exp16<kExpDegree>(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x), scale, shift));
@@ -155,12 +156,15 @@ SKD_AVX512_BF16 float softmax_step_avx512_impl(float* x, float scale, const T* b
   __m512 vsum = _mm512_setzero_ps(), vsum2 = _mm512_setzero_ps();
   int64_t t = 0;
   for (; t + 32 <= n; t += 32) {
-    vsum = _mm512_add_ps(vsum, exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, 0xffff));
-    vsum2 = _mm512_add_ps(vsum2, exp_store16<T, kNativeBF16, kExpDegree>(x + t + 16, vscale, vshift, probs + t + 16, 0xffff));
+    const __m512 p0 = exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, 0xffff);
+    const __m512 p1 = exp_store16<T, kNativeBF16, kExpDegree>(x + t + 16, vscale, vshift, probs + t + 16, 0xffff);
+    vsum = _mm512_add_ps(vsum, p0);
+    vsum2 = _mm512_add_ps(vsum2, p1);
   }
   for (; t < n; t += 16) {
     const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
-    vsum = _mm512_mask_add_ps(vsum, k, vsum, exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, k));
+    const __m512 p = exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, k);
+    vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
   }
   vsum = _mm512_add_ps(vsum, vsum2);
   const float alpha = m == -kInf ? 0.f : std::exp(m - shift);
