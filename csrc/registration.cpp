@@ -29,6 +29,10 @@ TORCH_LIBRARY(skd_kernels, m) {
   // q, k, v each (S, N, r*H) rank-major (column j*H + h; HF's separate Linears), attn_bias as above -> (S, N, r*H).
   m.def("prefix_attention_separate(Tensor q, Tensor k, Tensor v, int num_heads, float scale, Tensor? attn_bias) "
         "-> Tensor");
+  // x, residual (..., D), weight, bias (D,) or None -> (s = x + residual, LayerNorm(s) over D with eps), both
+  // (..., D) in x's dtype: a pre-norm block's residual add and the next norm in one pass. Forward only: the public
+  // op computes through ATen (its reference) when a gradient is to be recorded.
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
   // The differentiable ops' twins: the same schema and kernels, and the autograd (backward in Python,
   // skd_kernels/ops/<op>.py) that the op reaches only when it has a gradient to record (autograd_or_below).
   m.def("_prefix_linear_autograd(Tensor x, Tensor weight, Tensor? bias, SymInt k_in, SymInt k_out, str activation) "

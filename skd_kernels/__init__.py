@@ -1,4 +1,5 @@
-"""skd_kernels: fused kernels for stratified ViTs — weighted covariance, Taylor scores, prefix GEMM and attention.
+"""skd_kernels: fused kernels for stratified ViTs — weighted covariance, Taylor scores, prefix GEMM and attention,
+residual add + LayerNorm.
 
 One module per op in skd_kernels/ops/. Every op dispatches CUDA ext → Triton → CPU ext → reference by
 device, dtype and availability; `available_backends(device)` lists the usable ones and `use_backend(name)`
@@ -7,6 +8,7 @@ forces one. Nothing here knows about models.
 
 from ._dispatch import BACKENDS, available_backends, forced_backend, use_backend
 from ._ops import LOAD_ERROR as EXTENSION_LOAD_ERROR
+from .ops.add_layer_norm import add_layer_norm
 from .ops.prefix_attention import prefix_attention
 from .ops.prefix_attention_separate import prefix_attention_separate
 from .ops.prefix_linear import prefix_linear
@@ -17,6 +19,7 @@ __all__ = [
     "BACKENDS",
     "EXTENSION_LOAD_ERROR",
     "CovState",
+    "add_layer_norm",
     "available_backends",
     "forced_backend",
     "prefix_attention",

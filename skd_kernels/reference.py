@@ -6,6 +6,7 @@ first), float64 for float64 input.
 """
 
 from ._common import accumulation_dtype
+from .ops.add_layer_norm import reference as add_layer_norm
 from .ops.prefix_attention import reference as prefix_attention
 from .ops.prefix_attention_separate import reference as prefix_attention_separate
 from .ops.prefix_linear import ACTIVATIONS
@@ -14,6 +15,6 @@ from .ops.taylor_scores import reference as taylor_scores
 from .ops.weighted_covariance import reference as weighted_covariance
 
 __all__ = [
-    "ACTIVATIONS", "accumulation_dtype", "prefix_attention", "prefix_attention_separate",
+    "ACTIVATIONS", "accumulation_dtype", "add_layer_norm", "prefix_attention", "prefix_attention_separate",
     "prefix_linear", "taylor_scores", "weighted_covariance",
 ]

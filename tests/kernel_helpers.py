@@ -32,13 +32,21 @@ OUTPUT_TOL = {
 STAT_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 
 
-def supports(backend: str, dtype: torch.dtype) -> bool:
-    """Whether `backend` claims `dtype` on CPU (a forced backend must then run it)."""
-    return _dispatch._REGISTRY[backend].usable(CPU, dtype)
+def supports(backend: str, dtype: torch.dtype | None = None, op: str | None = None) -> bool:
+    """Whether `backend` claims `dtype` (any if None) and `op` (any if None) on CPU (a forced backend must then
+    run it)."""
+    return _dispatch._REGISTRY[backend].usable(CPU, dtype, op)
 
 
-def backend_dtype_shape_params(dtypes: tuple[torch.dtype, ...], shapes: list[tuple]) -> list[object]:
-    """pytest params (backend, dtype, *shape) over backends × supported dtypes × shapes.
+def backends_of(op: str) -> list[str]:
+    """The CPU-usable backends that implement `op`."""
+    return [b for b in BACKENDS if supports(b, op=op)]
+
+
+def backend_dtype_shape_params(dtypes: tuple[torch.dtype, ...], shapes: list[tuple], op: str | None = None
+                               ) -> list[object]:
+    """pytest params (backend, dtype, *shape) over backends (those implementing `op`, if given) × supported
+    dtypes × shapes.
 
     A shape's last element says it is big: big shapes run on every backend but Triton, whose CPU
     interpreter would take minutes on them (the small shapes exercise the same Triton code paths).
@@ -47,7 +55,7 @@ def backend_dtype_shape_params(dtypes: tuple[torch.dtype, ...], shapes: list[tup
         return "x".join(map(str, shape[:-1])).replace(" ", "")
 
     return [pytest.param(b, d, *shape, id=f"{b}-{str(d).removeprefix('torch.')}-{shape_id(shape)}")
-            for b in BACKENDS for d in dtypes if supports(b, d)
+            for b in BACKENDS for d in dtypes if supports(b, d, op)
             for shape in shapes if not (shape[-1] and b == "triton")]
 
 
