@@ -191,6 +191,32 @@ def test_attention_op_on_cpu_and_sdpa_on_other_devices_unless_forced(name: str) 
         assert _runs_attention_op(spec, meta) == spec.fused  # the separate op's reference is not run
 
 
+@pytest.mark.parametrize("name", ["vit", "BertModel"])
+def test_residual_adds_and_norms_run_as_add_layer_norm(name: str) -> None:
+    """No-grad CPU inference: each residual add and the LayerNorm that reads the sum run as one
+    skd_kernels::add_layer_norm (pre-norm ViT: every kept sublayer's add with the next norm, the last one with the
+    final norm; post-norm BERT: both of every layer's). With a gradient to record, under autocast or under a
+    forced backend without its kernel, the two ATen ops run instead; the values agree (lean-forward test above)."""
+    elastic, inputs = _family(name)
+    elastic.set_subnet(keep=0.5)
+    op = "skd_kernels::add_layer_norm"
+
+    def calls() -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _call(elastic, inputs)
+        return sum(e.key == op for e in prof.events())
+
+    sublayers = sum(bool(r) for r in elastic.subnet.attn) + sum(bool(m) for m in elastic.subnet.mlp)
+    assert sublayers == 2 * len(elastic.subnet.attn)
+    with torch.no_grad():
+        assert calls() == sublayers
+        with skd_kernels.use_backend("reference"):
+            assert calls() == 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert calls() == 0
+    assert calls() == 0  # grad mode, trainable weights
+
+
 def test_autocast_forward_runs_in_the_autocast_dtype() -> None:
     elastic, inputs = _family("vit")
     x = inputs["x"]

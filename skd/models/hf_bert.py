@@ -25,6 +25,7 @@ from ..errors import UnsupportedModelError
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, nominal_tokens, register
 from .hf_common import HFAdapter, additive_bias, fused_activation, linear_macs, supports
+from .residual import add_norm
 
 _HEADS = ("SequenceClassification", "TokenClassification", "QuestionAnswering", "MultipleChoice", "MaskedLM")
 # Per family: the layer's module classes, checked exactly (a subclass may change the computation).
@@ -90,10 +91,13 @@ class BertAdapter(HFAdapter):
                     **kwargs: Any) -> torch.Tensor:
             x = hidden_states
             if subnet.attn[i]:
-                x = x + attn_out.dropout(attn_fn(i, x, additive_bias(attention_mask, x.dtype)))
-            x = attn_out.LayerNorm(x)
-            y = x + mlp_out.dropout(mlp_fn(i, x)) if subnet.mlp[i] else x
-            return mlp_out.LayerNorm(y)
+                x = add_norm(x, attn_out.dropout(attn_fn(i, x, additive_bias(attention_mask, x.dtype))),
+                             attn_out.LayerNorm)[1]
+            else:
+                x = attn_out.LayerNorm(x)
+            if subnet.mlp[i]:
+                return add_norm(x, mlp_out.dropout(mlp_fn(i, x)), mlp_out.LayerNorm)[1]
+            return mlp_out.LayerNorm(x)
 
         return forward
 

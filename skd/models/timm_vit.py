@@ -3,8 +3,10 @@ LayerScale, qkv bias on or off) and VisionTransformerDistilled (distilled DeiT).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import torch
 from timm.layers import Attention, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -12,6 +14,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, register
+from .residual import pre_norm_stream
 from .timm_common import TimmAdapter, mlp_blocking, mlp_fields
 
 
@@ -58,13 +61,14 @@ class ViTAdapter(TimmAdapter):
         m = self.model
         x = single_input(m, args, kwargs)
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        sublayers = []  # (norm, its sublayer) of the kept attentions and MLPs, in order
         for i, spec in enumerate(self.blocks):
             blk = spec.block
             if subnet.attn[i]:
-                x = x + blk.drop_path1(blk.ls1(blk.attn.proj_drop(attn_fn(i, blk.norm1(x), None))))
+                sublayers.append((blk.norm1, functools.partial(_attention, blk, i, attn_fn)))
             if subnet.mlp[i]:
-                x = x + blk.drop_path2(blk.ls2(blk.mlp.drop2(mlp_fn(i, blk.norm2(x)))))
-        return m.forward_head(m.norm(x))
+                sublayers.append((blk.norm2, functools.partial(_mlp, blk, i, mlp_fn)))
+        return m.forward_head(pre_norm_stream(x, sublayers, m.norm))
 
     def other_macs(self) -> int:
         m = self.model
@@ -86,3 +90,13 @@ class ViTAdapter(TimmAdapter):
         )
         new.fused_attn = old.fused_attn
         return new
+
+
+def _attention(blk: Block, i: int, attn_fn: AttnFn, h: torch.Tensor) -> torch.Tensor:
+    """Block i's attention branch on its normalised input h, before the residual add."""
+    return blk.drop_path1(blk.ls1(blk.attn.proj_drop(attn_fn(i, h, None))))
+
+
+def _mlp(blk: Block, i: int, mlp_fn: MlpFn, h: torch.Tensor) -> torch.Tensor:
+    """Block i's MLP branch on its normalised input h, before the residual add."""
+    return blk.drop_path2(blk.ls2(blk.mlp.drop2(mlp_fn(i, h))))

@@ -1,0 +1,55 @@
+"""skd.models.residual: residual adds fused with the norm that reads each sum, against the two-op loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import LayerNorm as TimmLayerNorm
+from torch import nn
+
+from skd.models.residual import add_norm, pre_norm_stream
+
+
+def _naive(x: torch.Tensor, sublayers: list, final_norm: nn.Module) -> torch.Tensor:
+    for norm, f in sublayers:
+        x = x + f(norm(x))
+    return final_norm(x)
+
+
+def _sublayers(d: int, norms: list[nn.Module]) -> list:
+    torch.manual_seed(1)
+    return [(norm, nn.Linear(d, d)) for norm in norms]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pre_norm_stream_equals_the_two_op_loop(dtype: torch.dtype) -> None:
+    """Plain LayerNorms (fused), an RMSNorm and an Identity (not fused) in one stream, the final norm of each kind,
+    and no sublayer at all."""
+    d = 24
+    x = torch.randn(2, 5, d, dtype=dtype)
+    norms = [nn.LayerNorm(d), TimmLayerNorm(d), nn.RMSNorm(d), nn.LayerNorm(d), nn.Identity()]
+    for norm in norms:
+        if isinstance(norm, nn.LayerNorm):
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+    sublayers = [(n.to(dtype), f.to(dtype)) for n, f in _sublayers(d, norms)]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        for final in (nn.LayerNorm(d).to(dtype), nn.Identity(), nn.RMSNorm(d).to(dtype)):
+            for subset in (sublayers, sublayers[2:], sublayers[:1], []):
+                got, want = pre_norm_stream(x, subset, final), _naive(x, subset, final)
+                err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                assert got.dtype == dtype and err <= tol, (type(final).__name__, len(subset), err)
+
+
+def test_add_norm_falls_back_where_it_cannot_fuse() -> None:
+    """Mixed dtypes (type promotion), a broadcast y and a norm over two dims take the two-op form."""
+    d = 8
+    x = torch.randn(3, d)
+    ln = nn.LayerNorm(d)
+    for y in (torch.randn(3, d).bfloat16(), torch.randn(1, d)):
+        s, out = add_norm(x, y, ln)
+        assert torch.equal(s, x + y) and torch.equal(out, ln(x + y))
+    ln2 = nn.LayerNorm((3, d))
+    s, out = add_norm(x, x, ln2)
+    assert torch.equal(out, ln2(x + x))
