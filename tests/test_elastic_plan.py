@@ -191,12 +191,14 @@ def test_attention_op_on_cpu_and_sdpa_on_other_devices_unless_forced(name: str) 
         assert _runs_attention_op(spec, meta) == spec.fused  # the separate op's reference is not run
 
 
-@pytest.mark.parametrize("name", ["vit", "BertModel"])
+@pytest.mark.parametrize("name", ["vit", "swin", "BertModel", "ViTForImageClassification"])
 def test_residual_adds_and_norms_run_as_add_layer_norm(name: str) -> None:
     """No-grad CPU inference: each residual add and the LayerNorm that reads the sum run as one
-    skd_kernels::add_layer_norm (pre-norm ViT: every kept sublayer's add with the next norm, the last one with the
-    final norm; post-norm BERT: both of every layer's). With a gradient to record, under autocast or under a
-    forced backend without its kernel, the two ATen ops run instead; the values agree (lean-forward test above)."""
+    skd_kernels::add_layer_norm. Pre-norm timm ViT: every kept sublayer's add with the next norm, the last with the
+    final norm; Swin: the same within a stage, but a stage's last add only in the last stage (a downsample
+    follows the others); post-norm BERT: both adds of every layer; HF ViT: the attention's add with the layer's
+    second norm (the MLP's add feeds the next layer's forward). With a gradient to record, under autocast or under
+    a forced backend without the op's kernel, the two ATen ops run instead; the values agree (lean-forward test)."""
     elastic, inputs = _family(name)
     elastic.set_subnet(keep=0.5)
     op = "skd_kernels::add_layer_norm"
@@ -206,10 +208,12 @@ def test_residual_adds_and_norms_run_as_add_layer_norm(name: str) -> None:
             _call(elastic, inputs)
         return sum(e.key == op for e in prof.events())
 
-    sublayers = sum(bool(r) for r in elastic.subnet.attn) + sum(bool(m) for m in elastic.subnet.mlp)
-    assert sublayers == 2 * len(elastic.subnet.attn)
+    depth = len(elastic.subnet.attn)
+    assert all(elastic.subnet.attn) and all(elastic.subnet.mlp)
+    fused = {"vit": 2 * depth, "swin": 2 * depth - (len(TINY_SWIN["depths"]) - 1), "BertModel": 2 * depth,
+             "ViTForImageClassification": depth}[name]
     with torch.no_grad():
-        assert calls() == sublayers
+        assert calls() == fused
         with skd_kernels.use_backend("reference"):
             assert calls() == 0
         with torch.autocast("cpu", dtype=torch.bfloat16):

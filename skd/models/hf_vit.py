@@ -18,6 +18,7 @@ from transformers.models.vit import modeling_vit as mv
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, register
 from .hf_common import HFAdapter, additive_bias, fused_activation, linear_macs, supports
+from .residual import NO_NORM, pre_norm_stream
 
 _FAMILIES = {  # layer, attention, MLP classes, checked exactly
     "ViT": (mv.ViTLayer, mv.ViTAttention, mv.ViTMLP),
@@ -63,12 +64,13 @@ class HFViTAdapter(HFAdapter):
         def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     **kwargs: Any) -> torch.Tensor:
             x = hidden_states
+            sublayers = []  # (norm, its sublayer), kept ones in order: the attention's add fused with the MLP's norm
             if subnet.attn[i]:
                 bias = additive_bias(attention_mask, x.dtype)
-                x = x + layer.dropout(attn_fn(i, layer.layernorm_before(x), bias))
+                sublayers.append((layer.layernorm_before, lambda h: layer.dropout(attn_fn(i, h, bias))))
             if subnet.mlp[i]:
-                x = x + layer.dropout(mlp_fn(i, layer.layernorm_after(x)))
-            return x
+                sublayers.append((layer.layernorm_after, lambda h: layer.dropout(mlp_fn(i, h))))
+            return pre_norm_stream(x, sublayers, NO_NORM)  # the next layer's norm runs in its own forward
 
         return forward
 

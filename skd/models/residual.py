@@ -20,6 +20,8 @@ from skd_kernels.ops.add_layer_norm import OP
 
 # Norm classes whose forward is F.layer_norm over the last dim with their own weight, bias and eps.
 _PLAIN = (nn.LayerNorm, TimmLayerNorm)
+# pre_norm_stream's final norm for a stream that ends without one (its last add then runs on its own)
+NO_NORM = nn.Identity()
 
 
 def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +45,7 @@ def _fusable(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> bool:
 def pre_norm_stream(x: torch.Tensor, sublayers: Sequence[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]],
                     final_norm: nn.Module) -> torch.Tensor:
     """final_norm(x) after x = x + f(norm(x)) for each (norm, f) in `sublayers`, in order: x (..., D). Each add is
-    fused with the norm that reads its sum (the next sublayer's, the last one's with final_norm)."""
+    fused with the norm that reads its sum (the next sublayer's, the last one's with final_norm; NO_NORM: none)."""
     if not sublayers:
         return final_norm(x)
     h = sublayers[0][0](x)

@@ -3,6 +3,7 @@ patch merging. Attention runs per window; heads keep their own relative position
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, register
+from .residual import NO_NORM, pre_norm_stream
 from .timm_common import TimmAdapter, mlp_blocking, mlp_fields
 from .timm_vit import single_input
 
@@ -49,15 +51,18 @@ class SwinAdapter(TimmAdapter):
         m = self.model
         x = m.patch_embed(single_input(m, args, kwargs))  # (B, H, W, C)
         i = 0
-        for stage in m.layers:
+        for k, stage in enumerate(m.layers):
             x = stage.downsample(x)
+            sublayers = []  # (norm, its sublayer) of the stage's kept attentions and MLPs, in order
             for blk in stage.blocks:
                 if subnet.attn[i]:
-                    x = x + blk.drop_path1(self._window_attention(blk, i, blk.norm1(x), attn_fn))
-                if subnet.mlp[i]:  # Linear layers act on the last dim: no (B, H*W, C) reshape needed
-                    x = x + blk.drop_path2(blk.mlp.drop2(mlp_fn(i, blk.norm2(x))))
+                    sublayers.append((blk.norm1, functools.partial(_attention_branch, blk, i, attn_fn)))
+                if subnet.mlp[i]:
+                    sublayers.append((blk.norm2, functools.partial(_mlp_branch, blk, i, mlp_fn)))
                 i += 1
-        return m.forward_head(m.norm(x))
+            # the next stage's downsample normalises a merged shape: only the last stage ends in a norm
+            x = pre_norm_stream(x, sublayers, m.norm if k == len(m.layers) - 1 else NO_NORM)
+        return m.forward_head(x)
 
     @staticmethod
     def _window_attention(blk: SwinTransformerBlock, i: int, x: torch.Tensor, attn_fn: AttnFn) -> torch.Tensor:
@@ -106,3 +111,14 @@ class SwinAdapter(TimmAdapter):
             new.relative_position_bias_table.copy_(old.relative_position_bias_table)
         new.fused_attn = old.fused_attn
         return new
+
+
+def _attention_branch(blk: SwinTransformerBlock, i: int, attn_fn: AttnFn, h: torch.Tensor) -> torch.Tensor:
+    """Block i's window-attention branch on its normalised input h (B, H, W, C), before the residual add."""
+    return blk.drop_path1(SwinAdapter._window_attention(blk, i, h, attn_fn))
+
+
+def _mlp_branch(blk: SwinTransformerBlock, i: int, mlp_fn: MlpFn, h: torch.Tensor) -> torch.Tensor:
+    """Block i's MLP branch on its normalised input h (Linear layers act on the last dim: no (B, H*W, C) reshape
+    needed), before the residual add."""
+    return blk.drop_path2(blk.mlp.drop2(mlp_fn(i, h)))

@@ -65,9 +65,9 @@ class ViTAdapter(TimmAdapter):
         for i, spec in enumerate(self.blocks):
             blk = spec.block
             if subnet.attn[i]:
-                sublayers.append((blk.norm1, functools.partial(_attention, blk, i, attn_fn)))
+                sublayers.append((blk.norm1, functools.partial(_attention_branch, blk, i, attn_fn)))
             if subnet.mlp[i]:
-                sublayers.append((blk.norm2, functools.partial(_mlp, blk, i, mlp_fn)))
+                sublayers.append((blk.norm2, functools.partial(_mlp_branch, blk, i, mlp_fn)))
         return m.forward_head(pre_norm_stream(x, sublayers, m.norm))
 
     def other_macs(self) -> int:
@@ -92,11 +92,11 @@ class ViTAdapter(TimmAdapter):
         return new
 
 
-def _attention(blk: Block, i: int, attn_fn: AttnFn, h: torch.Tensor) -> torch.Tensor:
+def _attention_branch(blk: Block, i: int, attn_fn: AttnFn, h: torch.Tensor) -> torch.Tensor:
     """Block i's attention branch on its normalised input h, before the residual add."""
     return blk.drop_path1(blk.ls1(blk.attn.proj_drop(attn_fn(i, h, None))))
 
 
-def _mlp(blk: Block, i: int, mlp_fn: MlpFn, h: torch.Tensor) -> torch.Tensor:
+def _mlp_branch(blk: Block, i: int, mlp_fn: MlpFn, h: torch.Tensor) -> torch.Tensor:
     """Block i's MLP branch on its normalised input h, before the residual add."""
     return blk.drop_path2(blk.ls2(blk.mlp.drop2(mlp_fn(i, h))))
