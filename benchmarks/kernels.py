@@ -53,9 +53,9 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # Lower bounds on baseline_time / backend_time (docs/design.md's targets).
 # The attention ops must beat the copy + SDPA path, or the elastic forward should keep it.
 CPU_TARGETS = {"taylor_scores": 2.0, "weighted_covariance": 1.3, "prefix_linear": 0.98, "prefix_attention": 1.0,
-               "prefix_attention_separate": 1.0}
+               "prefix_attention_separate": 1.0, "add_layer_norm": 1.2}
 GPU_TARGETS = {"taylor_scores": 0.8, "weighted_covariance": 0.7, "prefix_linear": 0.9, "prefix_attention": 1.0,
-               "prefix_attention_separate": 1.0}
+               "prefix_attention_separate": 1.0, "add_layer_norm": 1.0}
 # Per-call cost of the public op over the raw compiled op, in µs (issue 13).
 OVERHEAD_TARGET_US = 10.0
 # Each timing sample runs the op repeatedly for at least this long, so µs-scale GPU ops are measurable.
@@ -297,6 +297,32 @@ def attention_cases(device: torch.device, backends: list[str], models: list[str]
     return cases
 
 
+def _add_then_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + residual
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, 1e-6)
+
+
+def residual_norm_cases(device: torch.device, backends: list[str], models: list[str], dtypes: list[torch.dtype],
+                        batch: int) -> list[Case]:
+    """add_layer_norm on (batch, 197, d) against ATen's add then layer_norm (what the unfused block runs), on
+    the backends that have a kernel for it."""
+    cases = []
+    for model in models:
+        d, _, _ = MODELS[model]
+        for dtype in dtypes:
+            x, residual = (torch.randn(batch, TOKENS, d, device=device, dtype=dtype) for _ in range(2))
+            weight, bias = torch.randn(d, device=device, dtype=dtype), torch.randn(d, device=device, dtype=dtype)
+            for name in backends:
+                if name != "reference" and _dispatch._REGISTRY[name].usable(device, dtype, "add_layer_norm"):
+                    cases.append(Case(
+                        "add_layer_norm", f"{model} ({batch},{TOKENS},{d})", dtype, name,
+                        _with_backend(name, skd_kernels.add_layer_norm, x, residual, weight, bias, 1e-6),
+                        "add + F.layer_norm", functools.partial(_add_then_norm, x, residual, weight, bias),
+                    ))
+    return cases
+
+
 def build_cases(device: torch.device, quick: bool) -> list[Case]:
     backends = _timed_backends(device)
     if quick:
@@ -309,7 +335,8 @@ def build_cases(device: torch.device, quick: bool) -> list[Case]:
     return (taylor_cases(device, backends, models, low, batch)
             + covariance_cases(device, backends, models, low, [batch, 4 * batch])
             + prefix_cases(device, backends, models, FRACTIONS, low, batch)
-            + attention_cases(device, backends, models, (0.25, 1.0), low, batch))
+            + attention_cases(device, backends, models, (0.25, 1.0), low, batch)
+            + residual_norm_cases(device, backends, models, low, batch))
 
 
 def overhead_cases(device: torch.device) -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:
