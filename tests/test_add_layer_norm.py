@@ -70,16 +70,39 @@ def test_inputs_are_not_modified() -> None:
     assert s.data_ptr() not in (x.data_ptr(), residual.data_ptr()) and out.data_ptr() != s.data_ptr()
 
 
-def test_gradients_go_through_the_reference() -> None:
-    """With a gradient to record the op computes through ATen (the kernel is forward only): float64 gradcheck of
-    both outputs in every input."""
+@pytest.mark.parametrize("backend", backends_of(OP))
+def test_gradients(backend: str) -> None:
+    """float64 gradcheck of both outputs in every input (the kernel's forward with LayerNorm's backward on the CPU
+    backend), with weight and bias, without them, and through the sum alone or the norm alone."""
     x, residual, weight, bias = (t.double().requires_grad_() for t in _inputs(3, 11, torch.float64))
+    for outputs in ((0.5, 1.0), (1.0, 0.0), (0.0, 1.0)):
+        def fn(*args: torch.Tensor, outputs: tuple = outputs) -> torch.Tensor:
+            with skd_kernels.use_backend(backend):
+                s, out = skd_kernels.add_layer_norm(*args, EPS)
+            return sum(c * t for c, t in zip(outputs, (s, out), strict=True) if c)
 
-    def fn(*args: torch.Tensor) -> torch.Tensor:
-        s, out = skd_kernels.add_layer_norm(*args, EPS)
-        return s * 0.5 + out
+        assert torch.autograd.gradcheck(fn, (x, residual, weight, bias))
+        assert torch.autograd.gradcheck(lambda a, b, fn=fn: fn(a, b, None, None), (x, residual))
 
-    assert torch.autograd.gradcheck(fn, (x, residual, weight, bias))
+
+def test_recorded_forward_is_the_kernels() -> None:
+    """With a gradient to record the outputs are the kernel's own (bitwise, fp32 and bf16), so a model's forward
+    does not depend on whether it records one; the gradients match the reference's."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, residual, weight, bias = _inputs(6, 385, dtype)
+        with skd_kernels.use_backend("cpu"):
+            plain = skd_kernels.add_layer_norm(x, residual, weight, bias, EPS)
+            leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+            recorded = skd_kernels.add_layer_norm(*leaves, EPS)
+        assert all(torch.equal(a, b.detach()) for a, b in zip(plain, recorded, strict=True))
+        ref_leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+        want = reference.add_layer_norm(*ref_leaves, EPS)
+        g = [torch.randn_like(t) for t in want]
+        torch.autograd.backward(recorded, g)
+        torch.autograd.backward(want, g)
+        rtol, atol = OUTPUT_TOL[dtype]
+        for name, a, b in zip(("x", "residual", "weight", "bias"), leaves, ref_leaves, strict=True):
+            assert_close(f"{dtype} grad {name}", a.grad, b.grad, rtol=rtol, atol=atol * max(scale(b.grad), 1.0))
 
 
 def test_opcheck_compiled_op() -> None:

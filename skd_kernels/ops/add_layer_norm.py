@@ -1,9 +1,10 @@
 """`add_layer_norm`: a residual add and the LayerNorm after it in one pass (a pre-norm block's `x = x + f(norm(x))`
 followed by the next norm; a post-norm block's `LayerNorm(x + f(x))`).
 
-Kernel: csrc/cpu/add_layer_norm.cpp (AVX-512; 1.3-1.7x ATen's add + layer_norm at ViT-S/B rows on this CPU).
-`reference` below is the oracle and the path of every other case: CUDA (ATen's two kernels; no Triton kernel yet),
-autograd (the reference's ATen ops carry the gradient) and torch.compile (inductor fuses the two itself).
+Kernel: csrc/cpu/add_layer_norm.cpp (AVX-512; 1.3-1.7x ATen's add + layer_norm at ViT-S/B rows on this CPU),
+forward only: with a gradient to record, `_Backward` below differentiates it through ATen's layer_norm backward,
+so a model's forward is the same whether or not it records one. `reference` below is the oracle and the path of
+CUDA (ATen's two kernels; no Triton kernel yet) and of torch.compile (inductor fuses the two itself).
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ def add_layer_norm(
 
     x, residual: (..., D), one shape and dtype (fp32/bf16/fp16/fp64); weight, bias: (D,) in that dtype, or None.
     Returns (s, out), both (..., D) in x's dtype; s is rounded to the dtype before it is normalised, as in the
-    two-op form. Differentiable in every tensor (through the reference when a gradient is to be recorded).
+    two-op form. Differentiable in every tensor.
 
     Equivalent to::
 
         s = x + residual; out = F.layer_norm(s, (D,), weight, bias, eps)
     """
     check(x, residual, weight, bias, eps)
-    if _dispatch.needs_grad(x, residual, weight, bias):  # also while torch.compile traces
+    fn = _dispatch.kernel(OP, x.device, x.dtype)
+    if fn is reference or torch.compiler.is_compiling():
         return reference(x, residual, weight, bias, eps)
-    return _dispatch.kernel(OP, x.device, x.dtype)(x, residual, weight, bias, eps)
+    if _dispatch.needs_grad(x, residual, weight, bias):
+        return _Backward.apply(x, residual, weight, bias, eps, fn)
+    return fn(x, residual, weight, bias, eps)
 
 
 def check(
@@ -73,6 +77,32 @@ def reference(
     """(x + residual, LayerNorm(x + residual)) in plain PyTorch. x, residual (..., D); weight, bias (D,) or None."""
     s = x + residual
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+class _Backward(torch.autograd.Function):
+    """The kernel's forward with LayerNorm's gradient: d/dx = d/dresidual = grad_s + layer_norm_backward(grad_out),
+    from the stored sum (mean and rstd recomputed by ATen: the kernel returns neither)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float, fn: object) -> tuple[torch.Tensor, torch.Tensor]:
+        s, out = fn(x, residual, weight, bias, eps)
+        ctx.save_for_backward(s, weight, bias)
+        ctx.eps = eps
+        return s, out
+
+    @staticmethod
+    def backward(ctx: object, grad_s: torch.Tensor | None, grad_out: torch.Tensor | None) -> tuple:
+        s, weight, bias = ctx.saved_tensors
+        grad_w = grad_b = None
+        if grad_out is not None:
+            shape = [s.shape[-1]]
+            _, mean, rstd = torch.ops.aten.native_layer_norm(s, shape, weight, bias, ctx.eps)
+            mask = [True, weight is not None and ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
+            grad_in, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad_out.contiguous(), s, shape, mean, rstd, weight, bias, mask)
+            grad_s = grad_in if grad_s is None else grad_s + grad_in
+        return grad_s, grad_s, grad_w, grad_b, None, None
 
 
 def fake(
