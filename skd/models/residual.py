@@ -2,8 +2,7 @@
 
 A pre-norm encoder computes x = x + f(norm(x)) per sublayer and then normalises the sum again (the next
 sublayer's norm, or the final one); a post-norm one computes LayerNorm(x + f(x)). Each such add and norm run as
-one `skd_kernels.add_layer_norm` (one pass over x and f(x) on CPU instead of ATen's two; ATen's two under
-torch.compile and on CUDA).
+one `skd_kernels.add_layer_norm` (one pass over x and f(x) on CPU instead of ATen's two; ATen's two on CUDA).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ followed by the next norm; a post-norm block's `LayerNorm(x + f(x))`).
 
 Kernel: csrc/cpu/add_layer_norm.cpp (AVX-512; 1.3-1.7x ATen's add + layer_norm at ViT-S/B rows on this CPU),
 forward only: with a gradient to record, `_Backward` below differentiates it through ATen's layer_norm backward,
-so a model's forward is the same whether or not it records one. `reference` below is the oracle and the path of
-CUDA (ATen's two kernels; no Triton kernel yet) and of torch.compile (inductor fuses the two itself).
+so a model's forward is the same whether or not it records one, eager or compiled. `reference` below is the
+oracle and the path of CUDA (ATen's two kernels, which inductor fuses itself under torch.compile; no Triton kernel
+yet).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def add_layer_norm(
     """
     check(x, residual, weight, bias, eps)
     fn = _dispatch.kernel(OP, x.device, x.dtype)
-    if fn is reference or torch.compiler.is_compiling():
+    if fn is reference:
         return reference(x, residual, weight, bias, eps)
-    if _dispatch.needs_grad(x, residual, weight, bias):
+    if _dispatch.needs_grad(x, residual, weight, bias):  # also while torch.compile traces
         return _Backward.apply(x, residual, weight, bias, eps, fn)
     return fn(x, residual, weight, bias, eps)
 
