@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import skd_kernels
 from skd.elastic.layout import store_order_
 from skd.elastic.module import ElasticViT
-from skd_kernels import _dispatch
+from skd_kernels import _dispatch, reference
 
 from .prefix_attention import todays_path
 
@@ -297,12 +297,6 @@ def attention_cases(device: torch.device, backends: list[str], models: list[str]
     return cases
 
 
-def _add_then_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    s = x + residual
-    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, 1e-6)
-
-
 def residual_norm_cases(device: torch.device, backends: list[str], models: list[str], dtypes: list[torch.dtype],
                         batch: int) -> list[Case]:
     """add_layer_norm on (batch, 197, d) against ATen's add then layer_norm (what the unfused block runs), on
@@ -318,7 +312,8 @@ def residual_norm_cases(device: torch.device, backends: list[str], models: list[
                     cases.append(Case(
                         "add_layer_norm", f"{model} ({batch},{TOKENS},{d})", dtype, name,
                         _with_backend(name, skd_kernels.add_layer_norm, x, residual, weight, bias, 1e-6),
-                        "add + F.layer_norm", functools.partial(_add_then_norm, x, residual, weight, bias),
+                        "add + F.layer_norm", functools.partial(reference.add_layer_norm, x, residual, weight, bias,
+                                                                1e-6),
                     ))
     return cases
 

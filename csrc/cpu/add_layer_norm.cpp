@@ -21,10 +21,6 @@
 namespace skd::cpu {
 namespace {
 
-inline __mmask16 lanes(int64_t d, int64_t t) {
-  return d - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (d - t)) - 1);
-}
-
 // Rows [begin, end) of x and r (D values each, unit stride, rows `ld` apart) into s and out (contiguous rows).
 template <typename T, bool kNativeBF16>
 SKD_AVX512_BF16 void rows_avx512(const T* x, const T* r, const T* w, const T* b, float eps, int64_t D, int64_t ld_x,
@@ -37,20 +33,20 @@ SKD_AVX512_BF16 void rows_avx512(const T* x, const T* r, const T* w, const T* b,
     T* oi = out + i * D;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t t = 0; t < D; t += 16) {
-      const __mmask16 k = lanes(D, t);
+      const __mmask16 k = lanes16(D, t);
       store16<T, kNativeBF16>(si + t, _mm512_add_ps(load16(xi + t, k), load16(ri + t, k)), k);
       acc = _mm512_add_ps(acc, load16(si + t, k));  // the rounded sum, as F.layer_norm(x + r) reads it
     }
     const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * inv_d);
     __m512 sq = _mm512_setzero_ps();
     for (int64_t t = 0; t < D; t += 16) {
-      const __mmask16 k = lanes(D, t);
+      const __mmask16 k = lanes16(D, t);
       const __m512 c = _mm512_maskz_sub_ps(k, load16(si + t, k), mean);
       sq = _mm512_fmadd_ps(c, c, sq);
     }
     const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sq) * inv_d + eps));
     for (int64_t t = 0; t < D; t += 16) {
-      const __mmask16 k = lanes(D, t);
+      const __mmask16 k = lanes16(D, t);
       __m512 y = _mm512_mul_ps(_mm512_sub_ps(load16(si + t, k), mean), rstd);
       if (w != nullptr) y = _mm512_mul_ps(y, load16(w + t, k));
       if (b != nullptr) y = _mm512_add_ps(y, load16(b + t, k));

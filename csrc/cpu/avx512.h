@@ -39,6 +39,11 @@ inline bool has_avx512_bf16() {
 // For the functions that may store bf16 through vcvtneps2bf16: they run it only where has_avx512_bf16().
 #define SKD_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
+// The mask of lanes t .. min(t + 16, n) - 1 of a row of n values, for the step at t (t < n).
+inline __mmask16 lanes16(int64_t n, int64_t t) {
+  return n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
+}
+
 // The k lanes of 16 consecutive T, widened to float (other lanes 0).
 template <typename T>
 SKD_AVX512 inline __m512 load16(const T* p, __mmask16 k) {

@@ -81,7 +81,7 @@ SKD_AVX512_BF16 float softmax_step_avx512_impl(float* x, float scale, const T* b
   const bool rewrite = !fold && (scale != 1.f || bias != nullptr);
   __m512 vmax = _mm512_set1_ps(-kInf);
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 k = lanes16(n, t);
     __m512 v = _mm512_maskz_loadu_ps(k, x + t);
     if (rewrite) {
       v = _mm512_mul_ps(v, _mm512_set1_ps(scale));
@@ -105,7 +105,7 @@ SKD_AVX512_BF16 float softmax_step_avx512_impl(float* x, float scale, const T* b
     vsum2 = _mm512_add_ps(vsum2, p1);
   }
   for (; t < n; t += 16) {
-    const __mmask16 k = n - t >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __mmask16 k = lanes16(n, t);
     const __m512 p = exp_store16<T, kNativeBF16, kExpDegree>(x + t, vscale, vshift, probs + t, k);
     vsum = _mm512_mask_add_ps(vsum, k, vsum, p);
   }
