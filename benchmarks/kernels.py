@@ -308,7 +308,7 @@ def residual_norm_cases(device: torch.device, backends: list[str], models: list[
             x, residual = (torch.randn(batch, TOKENS, d, device=device, dtype=dtype) for _ in range(2))
             weight, bias = torch.randn(d, device=device, dtype=dtype), torch.randn(d, device=device, dtype=dtype)
             for name in backends:
-                if name != "reference" and _dispatch._REGISTRY[name].usable(device, dtype, "add_layer_norm"):
+                if _dispatch._REGISTRY[name].usable(device, dtype, "add_layer_norm"):
                     cases.append(Case(
                         "add_layer_norm", f"{model} ({batch},{TOKENS},{d})", dtype, name,
                         _with_backend(name, skd_kernels.add_layer_norm, x, residual, weight, bias, 1e-6),

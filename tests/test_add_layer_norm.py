@@ -12,9 +12,9 @@ from skd_kernels import reference
 EPS = 1e-6
 OP = "add_layer_norm"
 # (rows, D, big): D = 1 (a constant row: out = bias), D below, at and above a vector of 16, ViT-S/B widths and
-# 385 (a masked tail after 24 full vectors); rows = 1 and 1576 (threads take rows).
+# 385 (a masked tail after 24 full vectors); rows = 1 and 1576 (threads take rows); no rows, and rows of width 0.
 SHAPES = [(1, 1, False), (3, 7, False), (5, 16, False), (4, 33, False), (9, 384, False), (2, 385, False),
-          (1576, 384, True), (197, 768, True)]
+          (1576, 384, True), (197, 768, True), (0, 5, False), (3, 0, False)]
 
 
 def _inputs(rows: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

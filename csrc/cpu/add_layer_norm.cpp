@@ -71,10 +71,9 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const
                   "weight and bias must be (D,) = (", D, ",) in x's dtype and on its device");
     }
   }
-  if (x.numel() == 0) return {at::add(x, residual), at::empty(x.sizes(), x.options())};
   const auto st = x.scalar_type();
   const bool vec = has_avx512() && (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf);
-  if (!vec) {
+  if (!vec || x.numel() == 0) {  // (empty: no rows to reshape to)
     at::Tensor s = at::add(x, residual);
     return {s, at::layer_norm(s, {D}, weight, bias, eps)};
   }
