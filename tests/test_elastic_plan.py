@@ -268,3 +268,28 @@ def test_digits_vit_runs_through_the_plan() -> None:
         for f in (0.25, 1 / 3, 1.0):
             elastic.set_subnet(macs=f)
             assert rel_err(elastic(x), elastic.extract()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vit", "BertModel"])
+def test_sdpa_gets_unit_stride_heads_at_width_one(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autograd on, attention runs the head-major copies + SDPA. At r = 1 every copy must still have a unit
+    last-dim stride: CUDA's SDPA rejects any other ("Input tensor must have contiguous last dimension", found
+    on an H200), where CPU's accepts it. Fused qkv (timm ViT) and separate q, k, v (BERT)."""
+    import torch.nn.functional as F
+
+    elastic, inputs = _family(name)
+    subnet = Subnet(attn=[1] * len(elastic.head_dims), mlp=elastic.hiddens)
+    elastic.set_subnet(subnet=subnet)
+    strides, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        strides.append([t.stride(-1) for t in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    y = _call(elastic, inputs)
+    assert len(strides) == len(elastic.head_dims) and all(s == [1, 1, 1] for s in strides), strides
+    monkeypatch.undo()
+    dense = elastic.extract(subnet).eval()
+    want = dense(inputs["x"]) if "x" in inputs else hf_helpers.main_output(dense(**inputs))
+    assert rel_err(y.detach(), want.detach()) <= 1e-5

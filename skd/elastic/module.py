@@ -333,7 +333,7 @@ class ElasticViT(nn.Module):
             # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
             # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
             # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
-            qkv = p.qkv[0](x).view(s * n, r, 3 * h).transpose(1, 2).contiguous()
+            qkv = self._rank_to_head_major(p.qkv[0](x), s * n, r, 3 * h)
             if mask is not None:
                 qkv = qkv * mask.to(qkv)
             q, k, v = qkv.view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views
@@ -344,10 +344,17 @@ class ElasticViT(nn.Module):
         return p.proj(o)
 
     @staticmethod
+    def _rank_to_head_major(y: torch.Tensor, rows: int, r: int, cols: int) -> torch.Tensor:
+        """y (..., r*cols) rank-major with rows rows -> (rows, cols, r) dense, in one copy. Not `.contiguous()`:
+        at r = 1 the transpose is already contiguous and keeps a last-dim stride of `cols`, which CUDA's SDPA
+        rejects ("Input tensor must have contiguous last dimension", found on an H200)."""
+        return y.view(rows, r, cols).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
     def _head_major(y: torch.Tensor, h: int, r: int, mask: torch.Tensor | None) -> torch.Tensor:
         """(S, N, r*H) rank-major -> (S, H, N, r) with each head's dims contiguous (one copy), masked."""
         s, n, _ = y.shape
-        y = y.view(s * n, r, h).transpose(1, 2).contiguous()
+        y = ElasticViT._rank_to_head_major(y, s * n, r, h)
         if mask is not None:
             y = y * mask.to(y)
         return y.view(s, n, h, r).transpose(1, 2)
