@@ -671,10 +671,11 @@ def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
     with skd_kernels.use_backend(backend):
         state = skd_kernels.weighted_covariance(x, w, 2)
     want = [torch.zeros_like(t, dtype=torch.float64) for t in (state.weight_sum, state.sum, state.sum_outer)]
-    for i in range(0, n, 2**20):  # the reference in row chunks: less memory
-        part = reference.weighted_covariance(x[i : i + 2**20], w[i : i + 2**20], 2)
+    for i in range(0, n, 2**20):  # the reference in row chunks (less memory), in float64: the truth, where an
+        # fp32 one's own rounding over 4M rows is what the kernels' accuracy is measured against
+        part = reference.weighted_covariance(x[i : i + 2**20].double(), w[i : i + 2**20].double(), 2)
         for acc, p in zip(want, part, strict=True):
-            acc += p.double()
+            acc += p
     for got, ref in zip((state.weight_sum, state.sum, state.sum_outer), want, strict=True):
         _close(got, ref, torch.float32, relative_to_max=True)
 
