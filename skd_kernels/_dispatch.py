@@ -40,6 +40,19 @@ def _env_backend() -> str | None:
     value = _ENV_DATA.get(_ENV_KEY)
     return None if value is None else os.environ.decodevalue(value)
 
+
+def _forced_name() -> str | None:
+    """The forced backend's name, unchecked: use_backend's, else SKD_KERNELS_BACKEND, else None."""
+    return _forced.get() or _env_backend() or None
+
+
+# torch.compile before torch 2.13 cannot trace ContextVar.get: each op call broke the graph (torch 2.11 on an
+# H200: a compiled ElasticViT forward in 27 graphs, 3x slower than eager). There the name is a constant of the
+# trace, read when the graph is built: a backend forced later is not seen until a recompile. 2.13 on trace
+# it and guard on it.
+if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13):
+    _forced_name = torch.compiler.assume_constant_result(_forced_name)
+
 # Triton kernels take fp32, fp16 and bf16 (no fp64 tensor-core dot).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -174,7 +187,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def forced_backend() -> str | None:
     """The backend forced by `use_backend` or SKD_KERNELS_BACKEND, or None for automatic choice."""
-    name = _forced.get() or _env_backend() or None
+    name = _forced_name()
     if name is not None:
         _check_name(name)
     return name
@@ -230,7 +243,7 @@ def has_kernel(op: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable[..., object]:
     """The function that runs `op` on tensors of this device and dtype (see `select`)."""
-    if not (_forced.get() or _env_backend()):
+    if not _forced_name():
         fn = _AUTO.get((op, device.type, dtype))
         if fn is not None:
             return fn

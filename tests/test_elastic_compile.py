@@ -12,7 +12,9 @@ import timm
 import torch
 from elastic_oracle import compiled_counting, rel_err
 from timm.models.swin_transformer import SwinTransformer
+from torch.profiler import ProfilerActivity, profile
 
+import skd_kernels
 from skd import ElasticViT, Subnet
 from skd.compensation import set_input_mean
 
@@ -162,3 +164,30 @@ def test_inductor_compiles_once_for_four_widths() -> None:
             assert err <= 1e-5
     print(f"inductor: {time.perf_counter() - start:.1f} s for four widths")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_one_graph_where_the_forced_backend_is_a_trace_constant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch < 2.13 runs (skd_kernels/_dispatch.py: its Dynamo cannot trace ContextVar.get and broke the
+    graph at every op, 27 graphs on an H200 with torch 2.11): the forced backend's name is read through
+    torch.compiler.assume_constant_result. Still one graph for four widths, equal to eager, and a backend
+    forced while tracing is the one the graph runs."""
+    from skd_kernels import _dispatch
+
+    def constant_name() -> str | None:
+        return _dispatch._forced.get() or _dispatch._env_backend() or None
+
+    monkeypatch.setattr(_dispatch, "_forced_name", torch.compiler.assume_constant_result(constant_name))
+    elastic = _elastic()
+    x = torch.randn(2, 3, 32, 32)
+    compiled, counter = compiled_counting(elastic, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for keep in KEEPS:
+            elastic.set_subnet(keep=keep)
+            assert rel_err(compiled(x), elastic(x)) <= 1e-6
+        assert counter.frame_count == 1
+        compiled, counter = compiled_counting(elastic, dynamic=True, fullgraph=True)
+        with skd_kernels.use_backend("reference"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                y = compiled(x)
+            assert counter.frame_count == 1 and rel_err(y, elastic(x)) <= 1e-6
+    assert not [e.key for e in prof.events() if e.key.startswith("skd_kernels::")]  # the references' aten ops
