@@ -116,3 +116,17 @@ def largest_cpu_allocation(fn: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+def prefix_linear_outputs(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          k_in: int, k_out: int, activation: str | None) -> list[tuple[str, torch.Tensor]]:
+    """[(label, y)]: the public prefix_linear's output under `backend`, and for a compiled backend ("cpu",
+    "cuda") the compiled kernel's own, below autograd: without a gradient the public op runs that kernel's
+    computation on views from Python (F.linear), so the kernel is only tested when called directly."""
+    with skd_kernels.use_backend(backend):
+        outputs = [("public op", skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation))]
+    if backend in ("cpu", "cuda"):
+        kernel = torch.ops.skd_kernels.prefix_linear.default
+        outputs.append(("compiled kernel", _dispatch.below_autograd(kernel, x, weight, bias, k_in, k_out,
+                                                                      activation or "none")))
+    return outputs

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import sweep
+from kernel_helpers import prefix_linear_outputs, sweep
 
 import skd_kernels
 from skd_kernels import reference
@@ -88,13 +88,13 @@ def _check_taylor(act: torch.Tensor, grad: torch.Tensor) -> None:
         _close(g, ref, tol_dtype, relative_to_max=True)
 
 
-def _check_prefix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int, k_out: int,
-                  activation: str) -> None:
-    got = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation)
+def _check_prefix(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int,
+                  k_out: int, activation: str) -> None:
     want = reference.prefix_linear(x.double(), weight.double(), None if bias is None else bias.double(), k_in,
                                    k_out, activation)
-    assert got.dtype == x.dtype and got.device == x.device
-    _close(got, want.to(x.dtype), x.dtype)
+    for label, got in prefix_linear_outputs(backend, x, weight, bias, k_in, k_out, activation):
+        assert got.dtype == x.dtype and got.device == x.device, label
+        _close(got, want.to(x.dtype), x.dtype)
 
 
 # ---- On any machine: the build and the kernels' arithmetic --------------------------------------------
@@ -356,8 +356,7 @@ def test_prefix_linear_vit_b_mlp(backend: str, dtype: torch.dtype, k_in: int, k_
     x = torch.randn(8, 197, d_in, device="cuda", dtype=dtype)
     weight = torch.randn(d_out, d_in, device="cuda", dtype=dtype) / d_in**0.5
     bias = torch.randn(d_out, device="cuda", dtype=dtype)
-    with skd_kernels.use_backend(backend):
-        _check_prefix(x, weight, bias, k_in, k_out, activation)
+    _check_prefix(backend, x, weight, bias, k_in, k_out, activation)
 
 
 # Every combination on the CUDA C++ backend (milliseconds each); on Triton, where each (size buckets,
@@ -374,8 +373,7 @@ def test_prefix_linear_odd_sizes(backend: str, dtype: torch.dtype, rows: int, k_
     x = torch.randn(rows, 129, device="cuda", dtype=dtype)
     weight = torch.randn(257, 129, device="cuda", dtype=dtype) / 129**0.5
     bias = torch.randn(257, device="cuda", dtype=dtype) if with_bias else None
-    with skd_kernels.use_backend(backend):
-        _check_prefix(x, weight, bias, k_in, k_out, activation)
+    _check_prefix(backend, x, weight, bias, k_in, k_out, activation)
 
 
 @on_cuda
@@ -758,5 +756,5 @@ def test_device_guard_second_device(backend: str) -> None:
         bias = torch.randn(257, device="cuda:1")
         _check_covariance(x, w, 3)
         _check_taylor(act, grad)
-        _check_prefix(x.float(), weight, bias, 100, 200, "gelu")
+        _check_prefix(backend, x.float(), weight, bias, 100, 200, "gelu")
         assert torch.cuda.current_device() == 0

@@ -13,12 +13,13 @@ from kernel_helpers import (
     assert_close,
     backend_dtype_shape_params,
     largest_cpu_allocation,
+    prefix_linear_outputs,
     scale,
     supports,
 )
 
 import skd_kernels
-from skd_kernels import _dispatch, reference
+from skd_kernels import reference
 
 # (leading dims of x, x's width, weight (out, in), k_in, k_out, big): odd sizes, k = 0 and full, x wider
 # than k_in, 1-D x, k_out not a multiple of any tile.
@@ -60,23 +61,9 @@ def test_matches_reference(backend: str, dtype: torch.dtype, lead: tuple[int, ..
                            out_in: tuple[int, int], k_in: int, k_out: int, big: bool, activation: str | None) -> None:
     x, weight, bias = _inputs(lead, width, out_in, dtype)
     for b in (bias, None):
-        for label, y in _outputs(backend, x, weight, b, k_in, k_out, activation):
+        for label, y in prefix_linear_outputs(backend, x, weight, b, k_in, k_out, activation):
             assert y.shape == (*lead, k_out)
             _check(y, x, weight, b, k_in, k_out, activation, f"{backend}/{dtype} {label} bias={b is not None}")
-
-
-def _outputs(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k_in: int,
-             k_out: int, activation: str | None) -> list[tuple[str, torch.Tensor]]:
-    """The public op's output under `backend`, and for a compiled backend the compiled kernel's own (below
-    autograd, as the public op ran it before the CPU no-grad path went to the kernel's computation on views
-    from Python): both must equal the reference."""
-    with skd_kernels.use_backend(backend):
-        outputs = [("public op", skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, activation))]
-    if backend in ("cpu", "cuda"):
-        kernel = torch.ops.skd_kernels.prefix_linear.default
-        outputs.append(("compiled kernel", _dispatch.below_autograd(kernel, x, weight, bias, k_in, k_out,
-                                                                      activation or "none")))
-    return outputs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +84,7 @@ def test_non_contiguous_inputs(backend: str) -> None:
     for x in (x_t, x_batch):
         for weight in (w_col_major, w_sliced):
             assert not (x.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
-            for label, y in _outputs(backend, x, weight, bias, 17, 19, "gelu"):
+            for label, y in prefix_linear_outputs(backend, x, weight, bias, 17, 19, "gelu"):
                 _check(y, x, weight, bias, 17, 19, "gelu",
                        f"{backend} {label} x{tuple(x.stride())} w{tuple(weight.stride())}")
 

@@ -188,3 +188,17 @@ def test_bound_bf16_column_prefix_never_copies_the_weight() -> None:
     with torch.no_grad():
         largest = largest_cpu_allocation(lambda: bound(x))
     assert largest < 1024 * 640 * weight.element_size() // 8
+
+
+def test_no_grad_runs_on_views_on_cpu_and_cuda_but_onednn_only_on_cpu() -> None:
+    """Without a gradient, the compiled kernel's computation runs from Python on both of its devices (on CUDA
+    it saves the boxed call's ~20 µs of host work per GEMM); oneDNN's linear only for CPU weights (a meta
+    tensor stands in for a CUDA one here). Triton and the reference run themselves."""
+    kernel = prefix_linear_op._CPU_KERNEL
+    if kernel is not None:
+        assert prefix_linear_op._views_run(kernel, torch.device("cpu"))
+        assert prefix_linear_op._views_run(kernel, torch.device("cuda"))
+        assert not prefix_linear_op._views_run(kernel, torch.device("meta"))
+    assert not prefix_linear_op._views_run(reference.prefix_linear, torch.device("cpu"))
+    block = torch.empty(48, 40, dtype=torch.bfloat16, device="meta")
+    assert not prefix_linear_op._onednn_runs(block, 40, 48)

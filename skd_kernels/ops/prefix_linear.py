@@ -103,18 +103,23 @@ def bind(
 
 
 def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
-    """Whether a no-grad call with kernel `fn` on `device` runs `_on_views` instead: the compiled CPU kernel
-    (one OpOverload serves the CPU and CUDA keys, so the device decides), whose computation `_on_views` is."""
-    return device.type == "cpu" and fn is _CPU_KERNEL
+    """Whether a no-grad call with kernel `fn` on `device` runs `_on_views` instead: the compiled kernel (one
+    OpOverload serves the CPU and CUDA keys), whose computation `_on_views` is on either device. On CUDA the
+    kernel is cuBLAS on the same strided views plus one bias/GELU pass (csrc/cuda/prefix_linear.cu), the
+    GPU work of F.linear + GELU, while the boxed op's host work costs ~20 µs more per call than F.linear's.
+    That is what separated elastic from extracted ViT-S at batch 64 on an H200, host-bound there (54 vs
+    34 µs of CPU per GEMM; benchmarks/RESULTS.md, "H200")."""
+    return device.type in ("cpu", "cuda") and fn is _CPU_KERNEL
 
 
 def _on_views(x: torch.Tensor, w_blk: torch.Tensor, b_blk: torch.Tensor | None, k_in: int, activation: str,
               onednn: bool) -> torch.Tensor:
-    """The CPU kernel's computation (csrc/cpu/prefix_linear.cpp) from Python, no grad: x (..., >= k_in),
-    w_blk (k_out, k_in) and b_blk (k_out,) views of the weight and bias. bf16 blocks dense in one order
-    (`onednn`) through oneDNN's linear, bias and GELU fused; else a BLAS GEMM on the block, bias in beta,
-    GELU in place. Calling the op from Python costs ~10 µs more than F.linear (its boxed dispatch), 1-4 %
-    of a ViT-S proj GEMM (benchmarks/RESULTS.md, "prefix_linear's public op on CPU")."""
+    """The compiled kernel's computation (csrc/cpu/prefix_linear.cpp, csrc/cuda/prefix_linear.cu) from Python,
+    no grad: x (..., >= k_in), w_blk (k_out, k_in) and b_blk (k_out,) views of the weight and bias. bf16 CPU
+    blocks dense in one order (`onednn`) through oneDNN's linear, bias and GELU fused; else a BLAS/cuBLAS GEMM
+    on the block with the bias, GELU in place. Calling the op from Python costs ~10 µs more than F.linear
+    (its boxed dispatch), 1-4 % of a ViT-S proj GEMM on CPU (benchmarks/RESULTS.md, "prefix_linear's public
+    op on CPU"), ~20 µs on CUDA (see `_views_run`)."""
     x = x if x.shape[-1] == k_in else x[..., :k_in]
     if onednn:
         attr, algorithm = ONEDNN_ACTIVATIONS[activation]
@@ -137,7 +142,8 @@ _ONEDNN_LINEAR = getattr(getattr(getattr(torch.ops, "mkldnn", None), "_linear_po
 def _onednn_runs(w_blk: torch.Tensor, k_in: int, k_out: int) -> bool:
     """Whether a bound no-grad bf16 CPU GEMM goes through oneDNN's linear: the block is dense in one order
     (ElasticViT's always are: skd/elastic/layout.py; a strided panel could be copied) and not empty."""
-    return (w_blk.dtype == torch.bfloat16 and _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+    return (w_blk.device.type == "cpu" and w_blk.dtype == torch.bfloat16 and _ONEDNN_LINEAR is not None
+            and torch.backends.mkldnn.is_available()
             and isinstance(k_in, int) and isinstance(k_out, int) and k_in > 0 and k_out > 0
             and (w_blk.is_contiguous() or w_blk.t().is_contiguous()))
 
