@@ -14,7 +14,7 @@ B, ...) in one run, medians of per-repeat ratios (< 1: the first is faster):
   piad     one PIAD training step (forward, backward, fused AdamW step), column-major / row-major, at the
            full width and 1/3 of the MACs.
 
-    python benchmarks/column_major.py --threads 1 [--tables gemm elastic piad] [--repeats 7] [--cpu-time]
+    python -m benchmarks.column_major --threads 1 [--tables gemm elastic piad] [--repeats 7] [--cpu-time]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ alike; medians are shown.
 checkout of main), in alternating subprocesses (this, DIR, DIR, this, ...), and prints the ratio per
 fraction.
 
-    python benchmarks/elastic_compile.py [--model vit_tiny] [--batch 8] [--repeats 7] [--threads 1]
+    python -m benchmarks.elastic_compile [--model vit_tiny] [--batch 8] [--repeats 7] [--threads 1]
         [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--compile-backend inductor] [--mode MODE]
         [--inference-mode] [--ab-against DIR --rounds 3]
 

@@ -10,7 +10,7 @@ second g on, the extracted model's time relative to the first g's at that fracti
 Every repeat times every distinct subnet, elastic and extracted back to back, so load from other processes
 on the machine hits all columns alike; medians and best-of ratios are both shown.
 
-    python benchmarks/elastic_latency.py [--device cpu|cuda] [--repeats 7] [--threads N] [--backend B]
+    python -m benchmarks.elastic_latency [--device cpu|cuda] [--repeats 7] [--threads N] [--backend B]
         [--models ...] [--batches B ...] [--dtypes fp32 bf16] [--multiple-of G ...] [--cpu-time]
 
 Issue 14's rows: `--threads 1 --models vit_digits` (batches 1 and 64 by default) and

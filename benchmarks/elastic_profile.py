@@ -1,12 +1,14 @@
 """Where an elastic forward's time goes: torch.profiler op table of ElasticViT and of its extract()ed model.
 
-For one model, batch and MACs fraction (no grad, CPU), prints per forward: wall ms of each, the ATen/custom
+For one model, batch and MACs fraction (no grad), prints per forward: wall ms of each, the ATen/custom
 op calls and Python function calls (cProfile) per forward, then the top ops by self CPU time (µs per
-forward and calls per forward). The profiler adds its own per-op cost, so
-read the op counts and the shares, and take speeds from benchmarks/elastic_latency.py.
+forward and calls per forward). On CUDA also the host's ms to enqueue a forward (wall ≈ host: host-bound,
+launches and Python are the cost) and the GPU's kernel ms and kernel launches per forward. The profiler
+adds its own per-op cost, so read the op counts and the shares, and take speeds from
+benchmarks/elastic_latency.py.
 
-    python benchmarks/elastic_profile.py [--model vit_digits] [--batch 1] [--macs 0.25] [--iters 200] [--threads 1]
-        [--dtype fp32|bf16]
+    python -m benchmarks.elastic_profile [--model vit_digits] [--batch 1] [--macs 0.25] [--iters 200]
+        [--threads 1] [--dtype fp32|bf16] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -25,21 +27,34 @@ from skd import ElasticViT
 
 
 def table(fn, x: torch.Tensor, iters: int, rows: int) -> str:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(3):
         fn(x)
+    sync()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn(x)
+    enqueued = time.perf_counter()
+    sync()
     wall = (time.perf_counter() - t0) / iters * 1e3
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    host = f" (host {(enqueued - t0) / iters * 1e3:.3f} ms to enqueue)" if x.is_cuda else ""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(iters):
             fn(x)
+        sync()
     python = cProfile.Profile()
     python.runcall(lambda: [fn(x) for _ in range(iters)])
+    sync()
     py_calls = pstats.Stats(python).total_calls / iters
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = (f"; GPU {sum(e.self_device_time_total for e in kernels) / iters / 1e3:.3f} ms of kernels, "
+           f"{sum(e.count for e in kernels) / iters:.0f} kernels/forward" if x.is_cuda else "")
+    events = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CPU),
+                    key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) / iters
-    lines = [f"wall {wall:.3f} ms/forward unprofiled; profiled self CPU {total / 1e3:.3f} ms/forward, "
+    lines = [f"wall {wall:.3f} ms/forward unprofiled{host}{gpu}; profiled self CPU {total / 1e3:.3f} ms/forward, "
              f"{sum(e.count for e in events) / iters:.0f} op calls/forward, {py_calls:.0f} Python calls/forward",
              "| op | self µs/forward | share | calls/forward |", "|---|---:|---:|---:|"]
     for e in events[:rows]:
@@ -57,16 +72,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = timm.create_model(args.model).to(dtype).eval()
+    model = timm.create_model(args.model).to(args.device, dtype).eval()
     elastic = ElasticViT(model).eval().set_subnet(macs=args.macs)
     dense = elastic.extract().eval()
-    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], dtype=dtype)
+    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], device=args.device, dtype=dtype)
     print(f"{args.model}, {args.dtype}, batch {args.batch}, MACs {elastic.macs() / elastic.full_macs:.3f}, "
-          f"{elastic.subnet}, {torch.get_num_threads()} threads")
+          f"{elastic.subnet}, {args.device}, {torch.get_num_threads()} threads")
     with torch.no_grad():
         for name, fn in (("elastic", elastic), ("extracted", dense)):
             print(f"\n{name}: {table(fn, x, args.iters, args.rows)}")

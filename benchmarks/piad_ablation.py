@@ -2,7 +2,7 @@
 
 Each method starts from the same WPAC-stratified digits ViT and trains with the same recipe; piad is
 evaluated along its Dropout List, the baselines at uniform widths. Prints a Markdown table and writes
-a PNG plot. Usage: python benchmarks/piad_ablation.py [--epochs 3] [--progressive-epochs 2] [--out DIR]
+a PNG plot. Usage: python -m benchmarks.piad_ablation [--epochs 3] [--progressive-epochs 2] [--out DIR]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Prints top-1 at the list target and at full width for WPAC alone (no training, uniform widths at the
 list's MACs) and after PIAD. Overrides for trying recipes: --set mixup=0.8 --set lr=1e-4 ...;
 --teacher distils from the original model.
-Usage: python benchmarks/piad_short_run.py [--epochs 10] [--target 0.15] [--teacher] [--set KEY=VALUE ...]
+Usage: python -m benchmarks.piad_short_run [--epochs 10] [--target 0.15] [--teacher] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations

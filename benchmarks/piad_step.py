@@ -4,8 +4,8 @@ Target (docs/design.md, issue 14): ≤ 0.4 × a full step on ViT-S, because the 
 through prefix views (masking would cost 1.0 ×). The two widths are timed interleaved (full, 1/3, full, ...)
 so load from other processes hits both alike; medians.
 
-    python benchmarks/piad_step.py [--model vit_digits] [--batch 64] [--repeats 7] [--threads N] [--cpu-time]
-    python benchmarks/piad_step.py --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
+    python -m benchmarks.piad_step [--model vit_digits] [--batch 64] [--repeats 7] [--threads N] [--cpu-time]
+    python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ fit, their ratios, the one-off bound plan build of each (with the fit: the corre
 bound) and the memory the bound copies hold per plan. Every repeat times both models back to back (A, B, A,
 B, ...), medians.
 
-    python benchmarks/score_fit_overhead.py [--model vit_tiny_patch16_224] [--batch 8] [--repeats 15]
+    python -m benchmarks.score_fit_overhead [--model vit_tiny_patch16_224] [--batch 8] [--repeats 15]
         [--threads 1] [--cpu-time]
 """
 
