@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import json
 import os
 import re
@@ -523,14 +524,18 @@ def _elastic_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
     return model, {"": torch.randn(3, 3, 32, 32)}
 
 
-def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """model's output tensor on `inputs` (_elastic_case's): timm's, or an HF output's main one."""
-    out = model(inputs[""]) if "" in inputs else model(**inputs)
+def _main_output(out: object) -> torch.Tensor:
+    """A forward's main tensor: timm's output, or an HF output's main one."""
     if isinstance(out, torch.Tensor):
         return out
     import hf_helpers
 
     return hf_helpers.main_output(out)
+
+
+def _model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """model's output tensor on `inputs` (_elastic_case's): timm's, or an HF output's main one."""
+    return _main_output(model(inputs[""]) if "" in inputs else model(**inputs))
 
 
 # Relative error (max |a - b| / max |b|) between two CUDA routes through the same weights: fp32 kernels
@@ -578,6 +583,48 @@ def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, de
     err = rel_err(got["narrow"].float(), got["full"].float())
     print(f"narrow vs full width {err:.2e}")
     assert err > 2 * tol
+
+
+@on_cuda
+@pytest.mark.parametrize("family", ("timm_vit", "hf_bert"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype) -> None:
+    """ElasticViT.capture: a CUDA graph of the forward at one subnet equals the eager forward at that subnet, on
+    the example and on new inputs of its shapes, and keeps its subnet after set_subnet moves on; a second
+    capture serves the other width. Calls that do not match the example raise ValueError."""
+    from elastic_oracle import rel_err
+
+    from skd import ElasticViT, Subnet
+
+    model, inputs = _elastic_case(family)
+    elastic = ElasticViT(model).eval().to("cuda", dtype)
+    inputs = {k: v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda") for k, v in inputs.items()}
+    fresh = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in inputs.items()}
+
+    def call(fn: object, feed: dict[str, torch.Tensor], **extra: object) -> torch.Tensor:
+        return _model_output(functools.partial(fn, **extra), feed)
+
+    narrow = Subnet(attn=[d // 2 + 1 for d in elastic.head_dims], mlp=[h // 3 + 1 for h in elastic.hiddens])
+    full = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens)
+    tol = ELASTIC_TOL[dtype] / 10  # the same kernels replayed: only the kernels' own nondeterminism differs
+    with torch.no_grad():
+        example = (inputs[""],) if "" in inputs else ()
+        captured = {s: elastic.capture(*example, subnet=s, **({} if example else inputs)) for s in (narrow, full)}
+        elastic.set_subnet(subnet=full)  # the narrow capture keeps its own subnet
+        for s, replay in captured.items():
+            for feed in (inputs, fresh):
+                got, want = call(replay, feed), call(elastic, feed, subnet=s)
+                err = rel_err(got.float(), want.float())
+                print(f"{family} {dtype} {s}: captured vs eager {err:.2e}")
+                assert got.dtype == dtype and err <= tol
+        assert rel_err(call(captured[narrow], inputs).float(), call(captured[full], inputs).float()) > tol
+        key = "" if example else next(iter(inputs))
+        with pytest.raises(ValueError, match="capture again"):
+            call(captured[full], {**inputs, key: inputs[key][:1]})  # another batch size
+        with pytest.raises(ValueError, match="capture again"):
+            call(captured[full], inputs, extra=1)  # another argument structure
+    with pytest.raises(ValueError, match="eval-mode"):
+        elastic.train().capture(*example, **({} if example else inputs))
 
 
 WPAC_RECIPES = {

@@ -22,6 +22,7 @@ from ..models import ModelAdapter, adapter_for
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
 from .budget import Budgets, LatencyTable, multiple_of_for
+from .capture import CapturedForward
 from .layout import RankMajorLayout, store_columns_
 from .plan import Plan
 from .symbolic import symbolic_widths
@@ -283,6 +284,18 @@ class ElasticViT(nn.Module):
         masks = self._checked_masks(plan.subnet, masks)
         return self.adapter.run(args, kwargs, plan.subnet, functools.partial(self._attention, plan, masks),
                                 functools.partial(self._mlp, plan, masks))
+
+    def capture(self, *args: Any, subnet: Subnet | None = None, warmup: int = 3, **kwargs: Any) -> CapturedForward:
+        """The forward at `subnet` (default: the active one) and at these example inputs' shapes, captured as
+        a CUDA graph for serving: `captured(*inputs)` replays it without Python or per-kernel launches.
+
+        The capture keeps its subnet whatever `set_subnet` does later; capture once per served width
+        (milliseconds, no compiler). Needs CUDA inputs and this module in eval mode on their device.
+        Replays see in-place weight updates, not replaced weights (skd/elastic/capture.py). On CPU, use
+        `torch.compile(elastic, dynamic=True)`: one graph serves every width.
+        """
+        s = self.subnet if subnet is None else self._checked(subnet)
+        return CapturedForward(functools.partial(self, subnet=s), self, args, kwargs, warmup)
 
     def _plan(self, s: Subnet) -> Plan:
         """The forward plan of subnet `s` (validated), cached per (subnet, forced backend, autocast)."""
