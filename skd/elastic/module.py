@@ -358,9 +358,9 @@ class ElasticViT(nn.Module):
 
     @staticmethod
     def _rank_to_head_major(y: torch.Tensor, rows: int, r: int, cols: int) -> torch.Tensor:
-        """y (..., r*cols) rank-major with rows rows -> (rows, cols, r) dense, in one copy. Not `.contiguous()`:
-        at r = 1 the transpose is already contiguous and keeps a last-dim stride of `cols`, which CUDA's SDPA
-        rejects ("Input tensor must have contiguous last dimension", found on an H200)."""
+        """y: `rows` rows of r*cols rank-major columns (any leading shape) -> (rows, cols, r), dense, in one copy.
+        Not `.contiguous()`: at r = 1 the transpose already counts as contiguous and keeps a last-dim stride of
+        `cols`, which CUDA's SDPA rejects ("Input tensor must have contiguous last dimension", on an H200)."""
         return y.view(rows, r, cols).transpose(1, 2).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
