@@ -7,7 +7,8 @@ import torch
 from timm.layers import LayerNorm as TimmLayerNorm
 from torch import nn
 
-from skd.models.residual import add_norm, pre_norm_stream
+import skd_kernels
+from skd.models.residual import _fused_params, add_norm, pre_norm_stream
 
 
 def _naive(x: torch.Tensor, sublayers: list, final_norm: nn.Module) -> torch.Tensor:
@@ -53,3 +54,23 @@ def test_add_norm_falls_back_where_it_cannot_fuse() -> None:
     ln2 = nn.LayerNorm((3, d))
     s, out = add_norm(x, x, ln2)
     assert torch.equal(out, ln2(x + x))
+
+
+def test_add_norm_fuses_exactly_what_the_op_accepts() -> None:
+    """The per-call check (_fused_params) says yes for a plain LayerNorm over x's last dim and no otherwise: a
+    norm over another width (then the two-op form raises PyTorch's own error), timm's fast-norm path, params of
+    another dtype. Where it says yes the fused result equals the two-op one."""
+    d = 8
+    x, y = torch.randn(3, d), torch.randn(3, d)
+    ln = nn.LayerNorm(d)
+    fused = "cpu" in skd_kernels.available_backends("cpu")
+    assert (_fused_params(x, y, ln) is not None) == fused
+    s, out = add_norm(x, y, ln)
+    assert torch.equal(s, x + y) and torch.allclose(out, ln(x + y), atol=1e-6)
+    assert _fused_params(x, y, nn.LayerNorm(d + 1)) is None
+    with pytest.raises(RuntimeError):
+        add_norm(x, y, nn.LayerNorm(d + 1))
+    fast = TimmLayerNorm(d)
+    fast._fast_norm = True
+    assert _fused_params(x, y, fast) is None
+    assert _fused_params(x, y, nn.LayerNorm(d).double()) is None
