@@ -1,7 +1,8 @@
 """Backend selection per op: CUDA ext → Triton → CPU ext → reference, by device, dtype and availability.
 
 Each op (skd_kernels/ops/<op>.py) registers its kernels here, one per backend that implements it; a
-backend may implement only some ops, or only some dtypes of an op. `use_backend(name)` (a context
+backend may implement only some ops, or only some dtypes of an op, and an op may leave a backend out of its
+automatic choice (`forced_only`: measured slower than the next in line). `use_backend(name)` (a context
 manager) or the env var SKD_KERNELS_BACKEND forces one backend; a forced backend that cannot run an op
 on the given tensors raises, saying why (wrong device, op not implemented, dtype not supported), instead
 of silently falling back.
@@ -122,6 +123,8 @@ class Backend:
 # The automatic choice, (op, device type, dtype) -> kernel, computed when ops register: a dict lookup is all
 # an unforced call pays (and torch.compile traces a constant table, not a cache filled at run time).
 _AUTO: dict[tuple[str, str, torch.dtype], Callable[..., object]] = {}
+# register_op's forced_only per op
+_FORCED_ONLY: dict[str, tuple[str, ...]] = {}
 
 _REGISTRY: dict[str, Backend] = {
     "cuda": Backend("cuda", _device_type_reason("cuda")),
@@ -150,10 +153,11 @@ def triton(op: str, dtypes: tuple[torch.dtype, ...] = TRITON_DTYPES) -> Kernel:
     return Kernel(call, dtypes)
 
 
-def register_op(op: str, kernels: dict[str, Kernel | str]) -> None:
+def register_op(op: str, kernels: dict[str, Kernel | str], forced_only: tuple[str, ...] = ()) -> None:
     """Registers an op's kernel per backend name (a str instead of a Kernel says why that backend has none;
     an omitted backend does not implement the op). Every op needs a reference kernel of every float dtype:
-    it is the last fallback."""
+    it is the last fallback. forced_only: backends the automatic choice passes over for this op, measured
+    slower than the next in line; they run when forced (`use_backend`)."""
     unknown = set(kernels) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)} for {op}; choose from {BACKENDS}")
@@ -165,10 +169,18 @@ def register_op(op: str, kernels: dict[str, Kernel | str]) -> None:
             _REGISTRY[name].kernels[op] = kernel
         else:
             _REGISTRY[name].missing[op] = kernel
-    for device_type, order in _AUTO_ORDER.items():
+    _FORCED_ONLY[op] = forced_only
+    for device_type in _AUTO_ORDER:
         for dtype in FLOAT_DTYPES:
-            name = next(n for n in (*order, "reference") if _REGISTRY[n].usable(device_type, dtype, op))
+            name = next(n for n in (*auto_order(device_type, op), "reference")
+                        if _REGISTRY[n].usable(device_type, dtype, op))
             _AUTO[op, device_type, dtype] = _REGISTRY[name].kernels[op].fn
+
+
+def auto_order(device_type: str, op: str | None = None) -> tuple[str, ...]:
+    """The backends the automatic choice tries for `op` (any op if None) on this device type, in order."""
+    skip = _FORCED_ONLY.get(op, ())
+    return tuple(n for n in _AUTO_ORDER.get(device_type, ("reference",)) if n not in skip)
 
 
 def _check_name(name: str) -> None:
@@ -221,7 +233,7 @@ def select(device: torch.device, dtype: torch.dtype, op: str | None = None) -> B
             raise RuntimeError(f"forced backend {name!r} cannot run {op or 'ops'} on {dtype} tensors on {device}: "
                                f"{'; '.join(reasons)}. Usable there: {available_backends(device)}")
         return backend
-    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+    for name in auto_order(device.type, op):
         if _REGISTRY[name].usable(device, dtype, op):
             return _REGISTRY[name]
     return _REGISTRY["reference"]

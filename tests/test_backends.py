@@ -89,6 +89,17 @@ def test_has_kernel_says_whether_more_than_the_reference_runs() -> None:
                 _dispatch.select(CPU, fp64, op)
 
 
+def test_forced_only_backends_are_passed_over_by_the_automatic_choice() -> None:
+    """prefix_linear's Triton kernel runs only when forced (on an H200 it was slower than cuBLAS, which the
+    reference calls): the automatic order on CUDA passes over it, for that op alone."""
+    assert _dispatch.auto_order("cuda", "prefix_linear") == ("cuda", "reference")
+    assert _dispatch.auto_order("cuda", "taylor_scores") == ("cuda", "triton", "reference")
+    assert _dispatch.auto_order("cpu", "prefix_linear") == ("cpu", "reference")
+    if "triton" in BACKENDS:
+        with skd_kernels.use_backend("triton"):
+            assert _dispatch.select(CPU, torch.float32, "prefix_linear").name == "triton"
+
+
 def test_unknown_backend_raises() -> None:
     with pytest.raises(ValueError, match="unknown backend"), skd_kernels.use_backend("mkl"):
         pass
