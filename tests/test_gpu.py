@@ -618,6 +618,9 @@ def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype) ->
                 print(f"{family} {dtype} {s}: captured vs eager {err:.2e}")
                 assert got.dtype == dtype and err <= tol
         assert rel_err(call(captured[narrow], inputs).float(), call(captured[full], inputs).float()) > tol
+        if not example:  # keywords in another order are the same call
+            reordered = dict(reversed(list(inputs.items())))
+            assert torch.equal(call(captured[full], reordered), call(captured[full], inputs))
         key = "" if example else next(iter(inputs))
         with pytest.raises(ValueError, match="capture again"):
             call(captured[full], {**inputs, key: inputs[key][:1]})  # another batch size

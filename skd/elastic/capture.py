@@ -31,7 +31,7 @@ class CapturedForward:
 
     def __init__(self, fn: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict[str, Any],
                  warmup: int = 3) -> None:
-        flat, self._spec = pytree.tree_flatten((args, kwargs))
+        flat, self._spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))  # keyword order is free
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if not tensors or not all(t.is_cuda for t in tensors):
             raise ValueError("capture needs CUDA input tensors: CUDA graphs record GPU work (on CPU, "
@@ -64,7 +64,7 @@ class CapturedForward:
                 self._output = fn(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat, spec = pytree.tree_flatten((args, kwargs))
+        flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
         if spec != self._spec:
             raise ValueError(f"captured for arguments structured as {self._spec}, got {spec}: capture again")
         for i, (recorded, given) in enumerate(zip(self._inputs, flat, strict=True)):
