@@ -96,7 +96,7 @@ class Plan:
         if any(t._version != version for t, version in self._copied):
             return False
         for params, w, b, w_ptr, w_strides, b_ptr in self._sources:
-            if params["weight"] is not w or params.get("bias") is not b or w.data_ptr() != w_ptr \
+            if params.get("weight") is not w or params.get("bias") is not b or w.data_ptr() != w_ptr \
                     or w.stride() != w_strides or (b is not None and b.data_ptr() != b_ptr):
                 return False
         return True
