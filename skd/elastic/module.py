@@ -19,6 +19,7 @@ from .._checks import check_fraction, check_int, check_positive
 from ..compensation import fold
 from ..errors import UnsupportedModelError
 from ..models import ModelAdapter, adapter_for
+from ..models.inert import through
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
 from .budget import Budgets, LatencyTable, multiple_of_for
@@ -381,7 +382,7 @@ class ElasticViT(nn.Module):
         mask = masks.get((i, "mlp"))
         if mask is not None:
             y = y * mask.to(y)
-        y = spec.hidden_dropout(y)
+        y = through(spec.hidden_dropout, y)
         return p.fc2(y)
 
     # --------------------------------------------------------------------------------------- extract

@@ -9,11 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from timm.layers import GELU, GELUTanh, Mlp
+from timm.layers import GELU, DropPath, GELUTanh, Mlp
 from torch import nn
 
 from ..subnet import Subnet
 from . import BlockSpec, ModelAdapter, check_type, head_rows, truncated_linear
+from .inert import register_dropout
+
+register_dropout(DropPath, "drop_prob")  # timm's stochastic depth: x itself when not training or at 0
 
 
 def mlp_fields(mlp: nn.Module, where: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, register
+from .inert import through
 from .residual import NO_NORM, pre_norm_stream
 from .timm_common import TimmAdapter, mlp_blocking, mlp_fields
 from .timm_vit import single_input
@@ -81,7 +82,7 @@ class SwinAdapter(TimmAdapter):
             n_win, n = mask.shape[0], blk.window_area
             bias = (bias.unsqueeze(1) + mask.view(1, n_win, 1, n, n)).expand(b, -1, -1, -1, -1)
             bias = bias.reshape(-1, blk.attn.num_heads, n, n)  # (B*nW, heads, N, N), window-major like x
-        out = blk.attn.proj_drop(attn_fn(i, windows, bias))
+        out = through(blk.attn.proj_drop, attn_fn(i, windows, bias))
         x = window_reverse(out.view(-1, wh, ww, out.shape[-1]), blk.window_size, hp, wp)[:, :h, :w, :]
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
@@ -115,10 +116,10 @@ class SwinAdapter(TimmAdapter):
 
 def _attention_branch(blk: SwinTransformerBlock, i: int, attn_fn: AttnFn, h: torch.Tensor) -> torch.Tensor:
     """Block i's window-attention branch on its normalised input h (B, H, W, C), before the residual add."""
-    return blk.drop_path1(SwinAdapter._window_attention(blk, i, h, attn_fn))
+    return through(blk.drop_path1, SwinAdapter._window_attention(blk, i, h, attn_fn))
 
 
 def _mlp_branch(blk: SwinTransformerBlock, i: int, mlp_fn: MlpFn, h: torch.Tensor) -> torch.Tensor:
     """Block i's MLP branch on its normalised input h (Linear layers act on the last dim: no (B, H*W, C) reshape
     needed), before the residual add."""
-    return blk.drop_path2(blk.mlp.drop2(mlp_fn(i, h)))
+    return through(blk.drop_path2, through(blk.mlp.drop2, mlp_fn(i, h)))

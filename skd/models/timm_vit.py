@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, register
+from .inert import through
 from .residual import pre_norm_stream
 from .timm_common import TimmAdapter, mlp_blocking, mlp_fields
 
@@ -94,9 +95,9 @@ class ViTAdapter(TimmAdapter):
 
 def _attention_branch(blk: Block, i: int, attn_fn: AttnFn, h: torch.Tensor) -> torch.Tensor:
     """Block i's attention branch on its normalised input h, before the residual add."""
-    return blk.drop_path1(blk.ls1(blk.attn.proj_drop(attn_fn(i, h, None))))
+    return through(blk.drop_path1, through(blk.ls1, through(blk.attn.proj_drop, attn_fn(i, h, None))))
 
 
 def _mlp_branch(blk: Block, i: int, mlp_fn: MlpFn, h: torch.Tensor) -> torch.Tensor:
     """Block i's MLP branch on its normalised input h, before the residual add."""
-    return blk.drop_path2(blk.ls2(blk.mlp.drop2(mlp_fn(i, h))))
+    return through(blk.drop_path2, through(blk.ls2, through(blk.mlp.drop2, mlp_fn(i, h))))
