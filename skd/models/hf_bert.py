@@ -25,6 +25,7 @@ from ..errors import UnsupportedModelError
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, nominal_tokens, register
 from .hf_common import HFAdapter, additive_bias, fused_activation, linear_macs, supports
+from .inert import through
 from .residual import add_norm
 
 _HEADS = ("SequenceClassification", "TokenClassification", "QuestionAnswering", "MultipleChoice", "MaskedLM")
@@ -91,12 +92,12 @@ class BertAdapter(HFAdapter):
                     **kwargs: Any) -> torch.Tensor:
             x = hidden_states
             if subnet.attn[i]:
-                x = add_norm(x, attn_out.dropout(attn_fn(i, x, additive_bias(attention_mask, x.dtype))),
+                x = add_norm(x, through(attn_out.dropout, attn_fn(i, x, additive_bias(attention_mask, x.dtype))),
                              attn_out.LayerNorm)[1]
             else:
                 x = attn_out.LayerNorm(x)
             if subnet.mlp[i]:
-                return add_norm(x, mlp_out.dropout(mlp_fn(i, x)), mlp_out.LayerNorm)[1]
+                return add_norm(x, through(mlp_out.dropout, mlp_fn(i, x)), mlp_out.LayerNorm)[1]
             return mlp_out.LayerNorm(x)
 
         return forward

@@ -18,6 +18,7 @@ from transformers.models.vit import modeling_vit as mv
 from ..subnet import Subnet
 from . import AttnFn, BlockSpec, MlpFn, check_type, register
 from .hf_common import HFAdapter, additive_bias, fused_activation, linear_macs, supports
+from .inert import through
 from .residual import NO_NORM, pre_norm_stream
 
 _FAMILIES = {  # layer, attention, MLP classes, checked exactly
@@ -67,9 +68,9 @@ class HFViTAdapter(HFAdapter):
             sublayers = []  # (norm, its sublayer), kept ones in order: the attention's add fused with the MLP's norm
             if subnet.attn[i]:
                 bias = additive_bias(attention_mask, x.dtype)
-                sublayers.append((layer.layernorm_before, lambda h: layer.dropout(attn_fn(i, h, bias))))
+                sublayers.append((layer.layernorm_before, lambda h: through(layer.dropout, attn_fn(i, h, bias))))
             if subnet.mlp[i]:
-                sublayers.append((layer.layernorm_after, lambda h: layer.dropout(mlp_fn(i, h))))
+                sublayers.append((layer.layernorm_after, lambda h: through(layer.dropout, mlp_fn(i, h))))
             return pre_norm_stream(x, sublayers, NO_NORM)  # the next layer's norm runs in its own forward
 
         return forward
