@@ -8,13 +8,21 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import skd.models.timm_common  # noqa: F401  registers timm's DropPath, as adapting any timm model does
 from skd import ElasticViT
 from skd.models.inert import through
 
 
 def _calls(module: nn.Module) -> list[int]:
+    """Counts module's calls through an instance-level forward (a hook would itself make through call it)."""
     calls: list[int] = []
-    module.register_forward_pre_hook(lambda m, args: calls.append(1))
+    forward = module.forward
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return forward(*args)
+
+    module.forward = counted
     return calls
 
 
@@ -56,3 +64,18 @@ def test_elastic_training_still_drops() -> None:
         want = bare(x)
     got = elastic(x)
     assert torch.equal(elastic(x), got) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_hooked_modules_are_called_so_their_hooks_fire() -> None:
+    """A forward hook on an eval-mode dropout, or a global module hook, makes through call the module."""
+    x = torch.randn(2, 5, 8)
+    drop, hooked = nn.Dropout(0.3).eval(), []
+    drop.register_forward_pre_hook(lambda m, args: hooked.append(1))
+    assert through(drop, x) is x and hooked == [1]
+    ident, seen = nn.Identity(), []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+    try:
+        assert through(ident, x) is x and seen == [nn.Identity]
+    finally:
+        handle.remove()
+    assert through(ident, x) is x and seen == [nn.Identity]  # removed: no call

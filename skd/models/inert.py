@@ -23,11 +23,21 @@ def register_dropout(kind: type, probability: str) -> None:
 
 def through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x), without the call where it would return x: nn.Identity, and a registered dropout kind with
-    nothing to drop (not training, or probability 0). Exact types only: a subclass may do more."""
+    nothing to drop (not training, or probability 0). Exact types only: a subclass may do more. A module with
+    forward hooks (its own or global ones) is always called, so that they fire."""
     kind = type(module)
-    if kind is nn.Identity:
-        return x
-    probability = _DROPOUTS.get(kind)
-    if probability is not None and (not module.training or module.__dict__[probability] == 0):
-        return x
-    return module(x)
+    if kind is not nn.Identity:
+        probability = _DROPOUTS.get(kind)
+        if probability is None or (module.training and module.__dict__[probability] != 0):
+            return module(x)
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+            or any(_GLOBAL_HOOKS)):
+        return module(x)
+    return x
+
+
+# nn.Module's global hooks (torch.nn.modules.module.register_module_forward_hook, ...): the dicts themselves,
+# which registration fills in place. With the module's own, the hooks nn.Module.__call__ checks before its
+# fast path.
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+                 nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
