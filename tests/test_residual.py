@@ -74,3 +74,13 @@ def test_add_norm_fuses_exactly_what_the_op_accepts() -> None:
     fast._fast_norm = True
     assert _fused_params(x, y, fast) is None
     assert _fused_params(x, y, nn.LayerNorm(d).double()) is None
+
+
+def test_a_hooked_norm_runs_itself_so_its_hooks_fire() -> None:
+    d = 8
+    x, y = torch.randn(3, d), torch.randn(3, d)
+    ln, seen = nn.LayerNorm(d), []
+    ln.register_forward_hook(lambda m, args, out: seen.append(out))
+    assert _fused_params(x, y, ln) is None
+    _, out = add_norm(x, y, ln)
+    assert len(seen) == 1 and seen[0] is out and torch.equal(out, nn.functional.layer_norm(x + y, (d,)))

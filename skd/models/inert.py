@@ -30,10 +30,14 @@ def through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         probability = _DROPOUTS.get(kind)
         if probability is None or (module.training and module.__dict__[probability] != 0):
             return module(x)
-    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-            or any(_GLOBAL_HOOKS)):
-        return module(x)
-    return x
+    return module(x) if hooked(module) else x
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks: its own forward or backward ones, or global ones. Callers that
+    replace a call by its effect (through; the fused add + LayerNorm) call the module instead then."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or any(_GLOBAL_HOOKS))
 
 
 # nn.Module's global hooks (torch.nn.modules.module.register_module_forward_hook, ...): the dicts themselves,

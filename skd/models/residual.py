@@ -16,6 +16,8 @@ from torch import nn
 from skd_kernels import _dispatch
 from skd_kernels.ops.add_layer_norm import OP, run_checked
 
+from .inert import hooked
+
 # Norm classes whose forward is F.layer_norm over the last dim with their own weight, bias and eps.
 _PLAIN = (nn.LayerNorm, TimmLayerNorm)
 # pre_norm_stream's final norm for a stream that ends without one (its last add then runs on its own)
@@ -34,13 +36,15 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> tuple[torch.T
 
 
 def _fused_params(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> tuple | None:
-    """norm's (weight, bias, eps) when add_norm runs the fused op (everything add_layer_norm's `check` would
-    establish, and a kernel), else None. Per call, so written for speed (~2 µs): the kernel first (none on
-    CUDA), then the norm, then the tensors; the norm's attributes read from its dicts, not through
-    nn.Module.__getattr__ (~0.4 µs each, ~1 µs for a missing one)."""
+    """norm's (weight, bias, eps) when add_norm runs the fused op, else None. That needs everything
+    add_layer_norm's `check` would establish, a kernel, and no hooks on the norm (a hooked norm runs itself so
+    that they fire). Per call, so written for speed (~2 µs): the kernel first (none on CUDA), then the norm,
+    then the tensors; the norm's attributes read from its dicts, not through nn.Module.__getattr__ (~0.4 µs
+    each, ~1 µs for a missing one)."""
     dtype, device = x.dtype, x.device
     attrs = norm.__dict__
-    if not _dispatch.has_kernel(OP, device, dtype) or type(norm) not in _PLAIN or attrs.get("_fast_norm", False):
+    if not _dispatch.has_kernel(OP, device, dtype) or type(norm) not in _PLAIN or attrs.get("_fast_norm", False) \
+            or hooked(norm):
         return None
     shape, eps, params = attrs["normalized_shape"], attrs["eps"], attrs["_parameters"]
     if len(shape) != 1 or not x.dim() or shape[0] != x.shape[-1] or y.shape != x.shape or y.dtype != dtype \
