@@ -31,7 +31,7 @@ class CapturedForward:
 
     def __init__(self, fn: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict[str, Any],
                  warmup: int = 3) -> None:
-        flat, self._spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))  # keyword order is free
+        flat, self._spec = _flatten(args, kwargs)
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if not tensors or not all(t.is_cuda for t in tensors):
             raise ValueError("capture needs CUDA input tensors: CUDA graphs record GPU work (on CPU, "
@@ -64,7 +64,7 @@ class CapturedForward:
                 self._output = fn(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
+        flat, spec = _flatten(args, kwargs)
         if spec != self._spec:
             raise ValueError(f"captured for arguments structured as {self._spec}, got {spec}: capture again")
         for i, (recorded, given) in enumerate(zip(self._inputs, flat, strict=True)):
@@ -83,3 +83,8 @@ class CapturedForward:
                     recorded.copy_(given)
             self.graph.replay()
             return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self._output)
+
+
+def _flatten(args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], pytree.TreeSpec]:
+    """(leaves, structure) of a call's arguments; keyword order does not matter."""
+    return pytree.tree_flatten((args, dict(sorted(kwargs.items()))))

@@ -24,7 +24,7 @@ def register_dropout(kind: type, probability: str) -> None:
 def through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x), without the call where it would return x: nn.Identity, and a registered dropout kind with
     nothing to drop (not training, or probability 0). Exact types only: a subclass may do more. A module with
-    forward hooks (its own or global ones) is always called, so that they fire."""
+    hooks (its own or global ones, see `hooked`) is always called, so that they fire."""
     kind = type(module)
     if kind is not nn.Identity:
         probability = _DROPOUTS.get(kind)
