@@ -31,7 +31,7 @@ lint: setup
 	.venv/bin/ruff check .
 
 # The device check on a lent GPU machine, with that machine's own python and torch (no .venv there), one call
-# of at most 9 minutes (a lease is 15 in all): `make gpu-check GPU_PY=python3` from the repository root. Builds
+# of under 10 minutes (a lease is 15 in all): `make gpu-check GPU_PY=python3` from the repository root. Builds
 # for the present GPU, runs the quick GPU tests, ElasticViT's latency, the profiler, the benchmark table and
 # compute-sanitizer, into $OUT/gpu-check-report.md (and its junit XML beside it) when OUT is set, else into
 # benchmarks/. benchmarks/gpu_check.py's docstring has the steps and their time limits.

@@ -24,6 +24,26 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("the device check's time budget for tests is spent (SKD_TEST_DEADLINE)")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The device_long tests first: xdist hands tests out in this order, so they do not end the run alone.
+    items.sort(key=lambda item: item.get_closest_marker("device_long") is None)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """SKD_TEST_LOG (set by benchmarks/gpu_check.py): a file that gets a line per finished test and each failure's
+    traceback as it happens; pytest prints durations and tracebacks only at its end, which a killed run never
+    reaches."""
+    path = os.environ.get("SKD_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # xdist's controller gets every worker's reports
+        return
+    if report.when != "call" and not report.failed:
+        return
+    with open(path, "a") as log:
+        log.write(f"{report.outcome.upper()} {report.nodeid} ({report.when}) {report.duration:.1f} s\n")
+        if report.failed:
+            log.write(report.longreprtext + "\n\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -477,6 +477,7 @@ def test_prefix_attention_ops_never_sync(op: str) -> None:
 
 
 @on_cuda
+@pytest.mark.device_long  # autotunes every Triton kernel of a BERT block
 def test_elastic_hf_bert_runs_the_triton_attention_when_forced() -> None:
     """Separate q, k, v on CUDA (an elastic HF BERT with a padding mask, no grad): copies + SDPA by default
     (faster than the Triton kernel on an H200), the Triton prefix_attention_separate when the triton backend
@@ -640,6 +641,7 @@ WPAC_RECIPES = {
 WPAC_DEVICE_TOL = 2e-3
 
 
+@pytest.mark.device_long  # the last to finish on the H200 (session 11): tens of seconds a case
 @pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=CUDA_MARKS)))
 @pytest.mark.parametrize("recipe", WPAC_RECIPES)
 @pytest.mark.parametrize("family", ("vit_cls", "BertModel"))
