@@ -49,8 +49,8 @@ def _forced_name() -> str | None:
 
 # Dynamo before torch 2.13 cannot trace ContextVar.get: each op call broke the graph (torch 2.11 on an H200: a
 # compiled ElasticViT forward in 27 graphs, 3x slower than eager). There the name is a constant of the trace,
-# read when the graph is built: a backend forced later is not seen until a recompile. From 2.13 Dynamo traces
-# the lookup and guards on it.
+# read when the graph is built: a backend forced later is not seen until a recompile (2.11 on the H200: one
+# graph for every width). From 2.13 Dynamo traces the lookup and guards on it.
 if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13):
     _forced_name = torch.compiler.assume_constant_result(_forced_name)
 
