@@ -5,16 +5,19 @@ fc2) column-major, so W[:, :k] is one contiguous block. Three tables, each pair 
 B, ...) in one run, medians of per-repeat ratios (< 1: the first is faster):
 
   gemm     routes on W[:, :k], each / F.linear on a contiguous copy of the block (what an extracted model
-           runs), ViT-S/B proj and fc2 shapes, M = 197 and 1576 rows (batch 1 and 8), fp32 and bf16, no grad:
+           runs), ViT-S/B proj and fc2 shapes, M = 197 x batch rows (batch 1 and 8), fp32 and bf16, no grad:
            F.linear on the block of a row-major and of a column-major weight, oneDNN's linear
-           (mkldnn::_linear_pointwise) and torch.matmul on the column-major block, and the bound
-           prefix_linear ElasticViT's plans run (oneDNN for bf16, F.linear for fp32).
+           (mkldnn::_linear_pointwise, CPU only) and torch.matmul on the column-major block, and the bound
+           prefix_linear ElasticViT's plans run (oneDNN for bf16, F.linear for fp32). With --device cuda
+           each sample ends with a synchronize: at batch 1 a GEMM's kernel is shorter than its launch, so the
+           ratio is the host's (what an ElasticViT forward on a GPU is bound by), at batch 64 the GPU's.
   elastic  ElasticViT forward, column-major (as wrapped) / the same model with those weights re-strided
            row-major (the layout before this change), no grad, MACs fractions 1/4 ... 1.
   piad     one PIAD training step (forward, backward, fused AdamW step), column-major / row-major, at the
            full width and 1/3 of the MACs.
 
     python -m benchmarks.column_major --threads 1 [--tables gemm elastic piad] [--repeats 7] [--cpu-time]
+        [--device cpu|cuda (gemm only)] [--dtypes fp32 bf16] [--batches 1 8]
 """
 
 from __future__ import annotations
@@ -48,16 +51,23 @@ FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
 CLOCK = [time.perf_counter]
 
 
+# torch.cuda.synchronize when the gemm table runs on a GPU: a sample ends when its kernels have run
+SYNC: list[Callable[[], object]] = [lambda: None]
+
+
 def _ms(fn: Callable[[], object], min_s: float = 0.02) -> float:
     """Milliseconds per call of fn, over enough back-to-back calls to last min_s."""
-    clock = CLOCK[0]
+    clock, sync = CLOCK[0], SYNC[0]
+    sync()
     t0 = clock()
     fn()
+    sync()
     once = clock() - t0
     n = max(1, round(min_s / max(once, 1e-7)))
     t0 = clock()
     for _ in range(n):
         fn()
+    sync()
     return (clock() - t0) / n * 1e3
 
 
@@ -82,35 +92,39 @@ def _routes(x: torch.Tensor, w: torch.Tensor, w_col: torch.Tensor, b: torch.Tens
     """x (M, k) through the first k columns of w (row-major (out, in)) and of w_col (the same, column-major)."""
     blk, blk_col, contiguous = w[:, :k], w_col[:, :k], w[:, :k].contiguous()
     bound = bind(w_col, b, k_in=k)
-    return {"contiguous": lambda: F.linear(x, contiguous, b),
-            "row": lambda: F.linear(x, blk, b),
-            "col": lambda: F.linear(x, blk_col, b),
-            "onednn": lambda: torch.ops.mkldnn._linear_pointwise.default(x, blk_col, b, "none", [], ""),
-            "matmul": lambda: torch.matmul(x, blk_col.t()).add_(b),
-            "bound": lambda: bound(x)}
+    routes = {"contiguous": lambda: F.linear(x, contiguous, b),
+              "row": lambda: F.linear(x, blk, b),
+              "col": lambda: F.linear(x, blk_col, b),
+              "onednn": lambda: torch.ops.mkldnn._linear_pointwise.default(x, blk_col, b, "none", [], ""),
+              "matmul": lambda: torch.matmul(x, blk_col.t()).add_(b),
+              "bound": lambda: bound(x)}
+    if not x.is_cpu:
+        del routes["onednn"]
+    return routes
 
 
-def gemm_table(repeats: int) -> None:
+def gemm_table(repeats: int, device: torch.device, dtypes: list[str], batches: list[int]) -> None:
     print("\n## gemm: time / F.linear on the contiguous block (no grad; <= 1.02 is the issue-14 target)\n")
     print("| shape | dtype | M | k/in | F.linear row-major W[:, :k] | F.linear col-major | oneDNN linear col-major | "
           "matmul col-major | bound prefix_linear col-major (ElasticViT's) | contiguous ms |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, (d, m) in SHAPES.items():
         for layer, (out_f, in_f) in (("proj", (d, d)), ("fc2", (d, m))):
-            for dtype_name, dtype in DTYPES.items():
-                for rows in (197, 8 * 197):
-                    w = torch.randn(out_f, in_f, dtype=dtype) * in_f**-0.5
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                for rows in (197 * b for b in batches):
+                    w = torch.randn(out_f, in_f, dtype=dtype, device=device) * in_f**-0.5
                     w_col = w.t().contiguous().t()
-                    b = torch.randn(out_f, dtype=dtype)
+                    b = torch.randn(out_f, dtype=dtype, device=device)
                     for frac in (1 / 4, 1 / 2, 1.0):
                         k = round(frac * in_f)
-                        fns = _routes(torch.randn(rows, k, dtype=dtype), w, w_col, b, k)
+                        fns = _routes(torch.randn(rows, k, dtype=dtype, device=device), w, w_col, b, k)
                         with torch.inference_mode():
                             t = side_by_side(fns, repeats)
-                        r = {k2: _ratio(t, k2, "contiguous") for k2 in fns}
+                        r = {k2: f"{_ratio(t, k2, 'contiguous'):.3f}" for k2 in fns}
                         print(f"| {model}.{layer} ({out_f}, {in_f}) | {dtype_name} | {rows} | {frac:.2f} | "
-                              f"{r['row']:.3f} | {r['col']:.3f} | {r['onednn']:.3f} | {r['matmul']:.3f} | "
-                              f"{r['bound']:.3f} | {statistics.median(t['contiguous']):.3f} |", flush=True)
+                              f"{r['row']} | {r['col']} | {r.get('onednn', '—')} | {r['matmul']} | "
+                              f"{r['bound']} | {statistics.median(t['contiguous']):.3f} |", flush=True)
 
 
 def _pair(name: str, dtype: torch.dtype, train: bool) -> tuple[skd.ElasticViT, skd.ElasticViT]:
@@ -175,15 +189,24 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--piad-batch", type=int, default=16)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the gemm table's device")
+    ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES), help="the gemm table's")
     add_cpu_time_option(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device here")
+        if set(args.tables) != {"gemm"} or args.cpu_time:
+            ap.error("--device cuda runs the gemm table alone, in wall time")
+        SYNC[0] = torch.cuda.synchronize
     CLOCK[0] = timing_clock(ap, args, torch.get_num_threads() == 1)
-    print(f"{torch.get_num_threads()} threads, {'process CPU' if args.cpu_time else 'wall'} time, medians of "
-          f"{args.repeats} interleaved repeats")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{where}, {'process CPU' if args.cpu_time else 'wall'} time, medians of {args.repeats} interleaved repeats")
     if "gemm" in args.tables:
-        gemm_table(args.repeats)
+        gemm_table(args.repeats, device, args.dtypes, args.batches)
     if "elastic" in args.tables:
         elastic_table(args.repeats, args.models, args.batches)
     if "piad" in args.tables:

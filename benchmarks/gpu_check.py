@@ -18,8 +18,10 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      SKD_TEST_LOG) written as tests end: the report names the failures with their tracebacks and the slowest
      tests even when the step is stopped at its limit;
   4. Elastic: benchmarks/elastic_latency.py on ViT-S and ViT-B, batch 64, bf16 (ELASTIC_ARGS, ELASTIC_EXTRA_ARGS);
-     benchmarks/elastic_profile.py at ViT-S batch 64 (host vs GPU time per forward); benchmarks/elastic_capture.py
-     (ElasticViT.capture's CUDA graphs vs eager and vs the captured extracted model, batch 1 and 64);
+     benchmarks/elastic_profile.py at ViT-S batch 64 (host vs GPU time per forward); benchmarks/column_major.py's
+     gemm table (F.linear on ElasticViT's weight views vs contiguous blocks, batch 1 and 64);
+     benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs vs eager and vs the captured extracted model,
+     batch 1 and 64);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
      compiled extracted model);
   5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
@@ -69,9 +71,10 @@ SECTIONS = ("Environment", "Build", "Tests", "Elastic", "Profile", "Benchmarks",
 # was stopped at 45 s with 6 of 9 objects built (34 s more finished it), test_gpu.py alone on 16 workers took
 # 135 s, elastic_compile with 2 repeats ~50 s. The elastic section's steps share its limit; the sanitizer, last,
 # gets what is left.
-LIMITS = {"build": 90, "tests": 200, "elastic": 135, "profile": 15, "bench": 35, "sanitizer": 105}
+LIMITS = {"build": 90, "tests": 195, "elastic": 145, "profile": 15, "bench": 35, "sanitizer": 100}
 # within LIMITS["elastic"], in this order; a step gets what is left of the section's limit if less
-ELASTIC_LIMITS = {"elastic latency": 30, "elastic profile": 30, "elastic capture": 25, "elastic compile": 70}
+ELASTIC_LIMITS = {"elastic latency": 25, "elastic profile": 25, "gemm routes": 15, "elastic capture": 25,
+                  "elastic compile": 70}
 # The whole call, well inside a 15-minute lease that also pays for the machine's start; a step never runs
 # past it (its limit shrinks to what is left, or it is skipped).
 TOTAL_LIMIT = 580
@@ -93,6 +96,10 @@ DRY_ELASTIC_ARGS = ["--device", "cpu", "--models", "vit_digits", "--batches", "1
 PROFILE_ARGS = ["--device", "cuda", "--model", "vit_small_patch16_224", "--batch", "64", "--dtype", "bf16",
                 "--iters", "20"]
 DRY_PROFILE_ARGS = ["--iters", "5", "--rows", "5"]
+# F.linear on ElasticViT's weight views vs on contiguous blocks: at batch 1 the host's cost per GEMM (an elastic
+# forward's addmm took 26 µs of CPU to the extracted model's 17 on the H200, session 11), at batch 64 the GPU's.
+GEMM_ARGS = ["--device", "cuda", "--tables", "gemm", "--dtypes", "bf16", "--batches", "1", "64", "--repeats", "3"]
+DRY_GEMM_ARGS = ["--tables", "gemm", "--dtypes", "fp32", "--batches", "1", "--repeats", "1", "--threads", "1"]
 CAPTURE_ARGS = ["--models", "vit_small", "--batches", "1", "64", "--dtype", "bf16", "--repeats", "3"]
 # Batch 1 under CUDA graphs (reduce-overhead): torch 2.11's Dynamo once broke it into 27 graphs (H200).
 COMPILE_ARGS = ["--device", "cuda", "--dtype", "bf16", "--batch", "1", "--mode", "reduce-overhead", "--repeats", "2"]
@@ -374,15 +381,22 @@ def tests(cuda: bool, budget: Budget, junit: Path) -> list[Step]:
     return steps
 
 
+def _below_steps(markdown: str) -> str:
+    """A benchmark's markdown with its headings demoted below the report's step headings (###)."""
+    return re.sub(r"^#{1,3} ", "#### ", markdown, flags=re.M)
+
+
 def elastic(cuda: bool, budget: Budget) -> list[Step]:
     """ElasticViT against its extracted dense model: benchmarks/elastic_latency.py's table (ms per forward),
-    benchmarks/elastic_profile.py (host ms to enqueue vs the GPU's kernel ms: is it host-bound?) and
-    benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)."""
+    benchmarks/elastic_profile.py (host ms to enqueue vs the GPU's kernel ms: is it host-bound?),
+    benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/elastic_capture.py (CUDA graphs)
+    and benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
     for name, module, args, dry_args in (
             ("elastic latency", "elastic_latency", [*ELASTIC_ARGS, *ELASTIC_EXTRA_ARGS],
              [*DRY_ELASTIC_ARGS, *ELASTIC_EXTRA_ARGS]),
             ("elastic profile", "elastic_profile", PROFILE_ARGS, DRY_PROFILE_ARGS),
+            ("gemm routes", "column_major", GEMM_ARGS, DRY_GEMM_ARGS),
             ("elastic capture", "elastic_capture", CAPTURE_ARGS, None),
             ("elastic compile", "elastic_compile", COMPILE_ARGS, DRY_COMPILE_ARGS)):
         limit = min(ELASTIC_LIMITS[name], section_end - budget.elapsed())
@@ -398,7 +412,8 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
             steps.append(Step(name, r.status, r.seconds, f"$ {' '.join(cmd)}\n{_tail(r.stdout + r.stderr)}"))
             continue
         note = "" if cuda else "\n\nDry run: the digits ViT on a shared CPU, a check that the step runs."
-        steps.append(Step(name, "ok", r.seconds, f"`{' '.join(cmd)}`\n\n{r.stdout.strip()}{note}", markdown=True))
+        steps.append(Step(name, "ok", r.seconds, f"`{' '.join(cmd)}`\n\n{_below_steps(r.stdout.strip())}{note}",
+                          markdown=True))
     return steps
 
 

@@ -52,6 +52,9 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert len(rows) == 5 * granularities
     # the profile's op tables of both models, and the compile table: a graph count per MACs fraction
     assert section["Elastic"].count("| op | self µs/forward |") == 2
+    # the gemm routes: one row per layer shape and fraction, each route a ratio to the contiguous block
+    assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
+                          section["Elastic"], flags=re.M)) == 12
     assert len(re.findall(r"^\| (0\.250|0\.500|1\.000) \| [\d.]+ \| \d+ \|", section["Elastic"], flags=re.M)) == 3
     assert "driver ok" in section["Sanitizer"]  # the sanitizer's driver ran every op on the tail shapes
     assert "taylor_scores" in section["Benchmarks"]  # the benchmark table has rows
