@@ -696,6 +696,71 @@ def test_wpac_on_the_device_gives_the_cpu_model(family: str, recipe: str, device
     assert err <= WPAC_DEVICE_TOL < far
 
 
+# PIAD in a few plain SGD steps (updates linear in the gradients), no augmentation, fp32 unless amp
+PIAD_STEPS = dict(target_macs=0.5, epochs=2, progressive_epochs=1, batch_size=4, proxy_samples=8, optimizer="sgd",
+                  lr=0.05, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0, progress=False)
+
+
+class _Samples(torch.utils.data.Dataset):
+    """The samples of calibration batches ((images, labels) tuples or dicts of tensors), one at a time."""
+
+    def __init__(self, batches: list) -> None:
+        self.items = [item for b in batches for item in (
+            zip(*b, strict=True) if isinstance(b, tuple) else
+            ({k: v[i] for k, v in b.items()} for i in range(len(next(iter(b.values()))))))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+@pytest.mark.device_long
+@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=CUDA_MARKS)))
+@pytest.mark.parametrize("family", ("vit_cls", "BertModel"))
+def test_piad_on_the_device_trains_like_on_cpu(family: str, device: str) -> None:
+    """skd.PIADTrainer with the model on `device`: importance there (taylor_scores), the same dropout list as on
+    CPU, and two epochs of SGD through the prefix GEMMs' and attention's backward with the same losses and
+    weights as on CPU (fp32, TF32 off). BERT learns by distillation from its own copy. On CUDA also a bf16
+    autocast run (the trainer's default there) with a finite loss. The CPU case checks the test itself in CI."""
+    import copy
+
+    from test_attention_stats import model_and_data
+
+    from skd import ElasticViT, PIADTrainer
+
+    model, batches = model_and_data(family)
+    data = _Samples(batches)
+
+    def fit(on: str, **kw: object) -> tuple[PIADTrainer, dict[str, torch.Tensor]]:
+        teacher = copy.deepcopy(model).to(on) if family == "BertModel" else None
+        trainer = PIADTrainer(copy.deepcopy(model).to(on), data, teacher=teacher, **{**PIAD_STEPS, **kw})
+        out = trainer.fit()
+        return trainer, {k: v.detach().float().cpu() for k, v in out.state_dict().items()}
+
+    tf32 = torch.backends.cudnn.allow_tf32  # the patch embedding's conv: TF32 would round its inputs to 10 bits
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        (cpu, cpu_state), (dev, dev_state) = (fit(on, amp=False) for on in ("cpu", device))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert dev.dropout_list == cpu.dropout_list, "the importance order differs from CPU's"
+    losses = [(a["loss"], b["loss"]) for a, b in zip(cpu.history, dev.history, strict=True)]
+    print(f"{family} on {device}: losses {losses}")
+    assert losses[0][0] != losses[1][0]  # the second epoch trains on the first one's weights
+    for a, b in losses:
+        assert b == pytest.approx(a, rel=1e-4)
+    initial = ElasticViT(copy.deepcopy(model)).state_dict()  # the trainer's layout, before training
+    moved = max((cpu_state[k] - v.float()).abs().max().item() for k, v in initial.items())
+    assert moved > 0
+    for k, v in cpu_state.items():
+        assert (dev_state[k] - v).abs().max().item() <= 1e-3 * moved, k
+    if device == "cuda":
+        amp, _ = fit(device, amp=None)
+        assert amp.amp and all(r["loss"] == r["loss"] < 1e3 for r in amp.history)
+
+
 def _needs_memory(gib: int) -> None:
     if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
         pytest.skip(f"needs a CUDA device with {gib} GiB")
