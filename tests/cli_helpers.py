@@ -47,6 +47,20 @@ def _main_captured(args: list[str]) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def digits_image_folder(root: Path) -> Path:
+    """A tiny ImageFolder in `root`: 10 class folders of 8-bit PNG digits (6 each, 32 x 32 RGB)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        (root / f"class_{label}").mkdir(parents=True)
+        for j, idx in enumerate([i for i, t in enumerate(digits.target) if t == label][:6]):
+            pixels = (digits.images[idx] * 255 / 16).astype("uint8")
+            Image.fromarray(pixels).convert("RGB").resize((32, 32)).save(root / f"class_{label}" / f"{j}.png")
+    return root
+
+
 def skd(*args: str, cwd: Path | None = None) -> Result:
     """`skd --no-progress ARGS` run in this process by `skd.cli.main` (inside `cwd` when given)."""
     before = os.getcwd()

@@ -11,23 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import fails, skd, skd_cases, skd_process
+from cli_helpers import digits_image_folder, fails, skd, skd_cases, skd_process
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    """A tiny ImageFolder: 10 class folders of 8-bit PNG digits (6 each)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("digits_folder")
-    digits = load_digits()
-    for label in range(10):
-        (root / f"class_{label}").mkdir()
-        for j, idx in enumerate([i for i, t in enumerate(digits.target) if t == label][:6]):
-            pixels = (digits.images[idx] * 255 / 16).astype("uint8")
-            Image.fromarray(pixels).convert("RGB").resize((32, 32)).save(root / f"class_{label}" / f"{j}.png")
-    return root
+    return digits_image_folder(tmp_path_factory.mktemp("digits_folder"))
 
 
 @pytest.mark.slow

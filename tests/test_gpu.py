@@ -761,6 +761,33 @@ def test_piad_on_the_device_trains_like_on_cpu(family: str, device: str) -> None
         assert amp.amp and all(r["loss"] == r["loss"] < 1e3 for r in amp.history)
 
 
+@on_cuda
+@pytest.mark.device_long
+def test_cli_pipeline_on_the_device(tmp_path: Path) -> None:
+    """`skd --device cuda` wpac, train (bf16 autocast, the default there), eval and extract on an ImageFolder of
+    digits: every step succeeds, the trained model differs from the stratified one, eval prints each budget
+    and the extracted file is smaller."""
+    from cli_helpers import digits_image_folder, skd
+
+    from skd import load
+
+    folder = digits_image_folder(tmp_path / "digits")
+    strat, trained, small = (str(tmp_path / f"{n}.safetensors") for n in ("s", "t", "x"))
+    data = ("--data", str(folder))
+    steps = {"wpac": ("vit_digits", *data, "--samples", "32", "--batch-size", "16", "--out", strat),
+             "train": (strat, *data, "--epochs", "1", "--batch-size", "16", "--out", trained),
+             "eval": (trained, *data, "--budgets", "0.5,1"),
+             "extract": (trained, "--macs", "0.5", "--out", small)}
+    for command, args in steps.items():
+        r = skd("--device", "cuda", command, *args)
+        assert r.returncode == 0, f"{command}: {r.stderr}"
+        if command == "eval":
+            assert r.stdout.count("| t.safetensors |") == 2, r.stdout
+    assert Path(small).stat().st_size < Path(trained).stat().st_size
+    before, after = load(strat).state_dict(), load(trained).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def _needs_memory(gib: int) -> None:
     if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
         pytest.skip(f"needs a CUDA device with {gib} GiB")
