@@ -24,9 +24,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("the device check's time budget for tests is spent (SKD_TEST_DEADLINE)")
 
 
+# pytest-timeout's limit for a device_long test (the device check gives other tests 90 s): forcing Triton on a model
+# autotunes every kernel of its blocks, while 16 xdist workers compile side by side.
+DEVICE_LONG_TIMEOUT = 180
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The device_long tests first: xdist hands tests out in this order, so they do not end the run alone.
     items.sort(key=lambda item: item.get_closest_marker("device_long") is None)
+    for item in items:
+        if item.get_closest_marker("device_long") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(DEVICE_LONG_TIMEOUT))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

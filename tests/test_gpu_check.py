@@ -181,7 +181,8 @@ def test_sanitizer_steps_run_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_the_test_log_names_failures_and_times_as_tests_end(tmp_path: Path) -> None:
     """tests/conftest.py's SKD_TEST_LOG: a line per test as it ends and each failure's traceback (whole, blank lines
-    included), the device_long tests first; gpu_check reads failures, counts and the slowest tests from it."""
+    included), the device_long tests first and with a longer timeout; gpu_check reads failures, counts and the
+    slowest tests from it."""
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     (tmp_path / "tests" / "test_some.py").write_text(
@@ -189,7 +190,8 @@ def test_the_test_log_names_failures_and_times_as_tests_end(tmp_path: Path) -> N
         "def test_passes():\n    pass\n\n"
         "@pytest.mark.parametrize('p', ['a b'])\n"
         "def test_fails(p):\n    assert False, 'first line\\n\\nafter a blank line'\n\n"
-        "@pytest.mark.device_long\ndef test_long():\n    pass\n")
+        "@pytest.mark.device_long\ndef test_long(request):\n"
+        "    assert request.node.get_closest_marker('timeout').args == (180,)\n")
     log = tmp_path / "tests.log"
     env = {**os.environ, "SKD_TEST_LOG": str(log)}
     env.pop("PYTEST_XDIST_WORKER", None)
