@@ -319,7 +319,7 @@ def failing_tests(output: str) -> list[str]:
 _LOGGED = re.compile(r"^(PASSED|FAILED|SKIPPED) (tests/.+?) \((\w+)\) ([\d.]+) s$", flags=re.M)
 
 
-def test_log_summary(logged: str, slowest: int = 8) -> str:
+def log_summary(logged: str, slowest: int = 8) -> str:
     """Counts and the slowest tests from the test log, which is written as tests finish (a killed run has it)."""
     rows = _LOGGED.findall(logged)
     if not rows:
@@ -371,7 +371,7 @@ def tests(cuda: bool, budget: Budget, junit: Path) -> list[Step]:
     failed = logged_failures(logged) if _LOGGED.search(logged) else failing_tests(output)
     lines = [f"$ {' '.join(cmd)}", f"failed: {', '.join(failed) if failed else 'none'}",
              f"junit ({junit.name}): " + (junit_summary(junit) if junit.exists() else "not written (killed)"),
-             f"test log ({log.name}): {test_log_summary(logged)}"]
+             f"test log ({log.name}): {log_summary(logged)}"]
     status = f"{r.status}; {len(failed)} tests failed" if failed else r.status
     steps = [Step(" ".join(TEST_FILES if cuda else TEST_FILES[:1]), status, r.seconds,
                   "\n".join(lines) + "\n\n" + _tail(output) + _failure_tracebacks(logged))]

@@ -44,7 +44,7 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     junit = tmp_path / "report-junit.xml"
     assert junit.exists() and re.search(r"junit \(report-junit.xml\): \d+ tests: [1-9]\d* passed, 0 failed",
                                         section["Tests"])
-    assert re.search(r"test log \(report-tests.log\): [1-9]\d* passed; slowest: ", section["Tests"])
+    assert re.search(r"test log \(report-tests.log\): [1-9]\d* passed, [1-9]\d* skipped; slowest: ", section["Tests"])
     # Elastic on CPU at the digits ViT's size: its markdown table, one row per MACs fraction and width granularity.
     extra = gpu_check.ELASTIC_EXTRA_ARGS
     granularities = len(extra[extra.index("--multiple-of") + 1:]) if "--multiple-of" in extra else 1
@@ -188,6 +188,7 @@ def test_the_test_log_names_failures_and_times_as_tests_end(tmp_path: Path) -> N
     (tmp_path / "tests" / "test_some.py").write_text(
         "import pytest\n\n"
         "def test_passes():\n    pass\n\n"
+        "@pytest.mark.skip(reason='no such device')\ndef test_skipped():\n    pass\n\n"
         "@pytest.mark.parametrize('p', ['a b'])\n"
         "def test_fails(p):\n    assert False, 'first line\\n\\nafter a blank line'\n\n"
         "@pytest.mark.device_long\ndef test_long(request):\n"
@@ -201,8 +202,8 @@ def test_the_test_log_names_failures_and_times_as_tests_end(tmp_path: Path) -> N
     logged = log.read_text()
     heads = gpu_check._LOGGED.findall(logged)
     assert [(outcome, name.split("::")[1]) for outcome, name, _, _ in heads] == [
-        ("PASSED", "test_long"), ("PASSED", "test_passes"), ("FAILED", "test_fails[a b]")]
+        ("PASSED", "test_long"), ("PASSED", "test_passes"), ("SKIPPED", "test_skipped"), ("FAILED", "test_fails[a b]")]
     assert gpu_check.logged_failures(logged) == ["tests/test_some.py::test_fails[a b]"]
-    assert gpu_check.test_log_summary(logged).startswith("2 passed, 1 failed; slowest: ")
+    assert gpu_check.log_summary(logged).startswith("2 passed, 1 failed, 1 skipped; slowest: ")
     tracebacks = gpu_check._failure_tracebacks(logged)
     assert "first line" in tracebacks and "after a blank line" in tracebacks and "test_passes" not in tracebacks
