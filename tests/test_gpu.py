@@ -641,7 +641,7 @@ WPAC_RECIPES = {
 WPAC_DEVICE_TOL = 2e-3
 
 
-@pytest.mark.device_long  # the last to finish on the H200 (session 11): tens of seconds a case
+@pytest.mark.device_long  # among the last to finish on the H200 (session 11)
 @pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=CUDA_MARKS)))
 @pytest.mark.parametrize("recipe", WPAC_RECIPES)
 @pytest.mark.parametrize("family", ("vit_cls", "BertModel"))
