@@ -441,7 +441,7 @@ def test_hf_image_model_folder_with_its_processor_normalisation(tmp_path, image_
     assert extra["image_config"]["mean"] == [0.2, 0.4, 0.6] and extra["image_config"]["std"] == [0.3, 0.2, 0.1]
     data = open_folder(image_folder, elastic.model, num_classes=elastic.adapter.num_classes, **extra)
     path, _ = data.samples[3]
-    expected = processor(images=np.asarray(Image.open(path).convert("RGB")), return_tensors="pt")["pixel_values"][0]
+    expected = processor(images=np.array(Image.open(path).convert("RGB")), return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(data[3][0], expected, atol=1e-5, rtol=0)
     out = tmp_path / "w.safetensors"
     r = skd("wpac", str(folder), "--data", str(image_folder), "--samples", "8", "--batch-size", "8", "--out", str(out))
