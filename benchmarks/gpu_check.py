@@ -21,7 +21,7 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      benchmarks/elastic_profile.py at ViT-S batch 64 (host vs GPU time per forward); benchmarks/column_major.py's
      gemm table (F.linear on ElasticViT's weight views vs contiguous blocks, batch 1 and 64);
      benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs vs eager and vs the captured extracted model,
-     batch 1 and 64);
+     batch 1 and 64); benchmarks/piad_step.py (a 1/3-MACs PIAD step vs a full one, ViT-S batch 64, bf16 autocast);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
      compiled extracted model);
   5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
@@ -71,10 +71,10 @@ SECTIONS = ("Environment", "Build", "Tests", "Elastic", "Profile", "Benchmarks",
 # was stopped at 45 s with 6 of 9 objects built (34 s more finished it), test_gpu.py alone on 16 workers took
 # 135 s, elastic_compile with 2 repeats ~50 s. The elastic section's steps share its limit; the sanitizer, last,
 # gets what is left.
-LIMITS = {"build": 90, "tests": 195, "elastic": 145, "profile": 15, "bench": 35, "sanitizer": 100}
+LIMITS = {"build": 90, "tests": 195, "elastic": 150, "profile": 15, "bench": 35, "sanitizer": 95}
 # within LIMITS["elastic"], in this order; a step gets what is left of the section's limit if less
 ELASTIC_LIMITS = {"elastic latency": 25, "elastic profile": 25, "gemm routes": 15, "elastic capture": 25,
-                  "elastic compile": 70}
+                  "piad step": 20, "elastic compile": 70}
 # The whole call, well inside a 15-minute lease that also pays for the machine's start; a step never runs
 # past it (its limit shrinks to what is left, or it is skipped).
 TOTAL_LIMIT = 580
@@ -101,6 +101,9 @@ DRY_PROFILE_ARGS = ["--iters", "5", "--rows", "5"]
 GEMM_ARGS = ["--device", "cuda", "--tables", "gemm", "--dtypes", "bf16", "--batches", "1", "64", "--repeats", "3"]
 DRY_GEMM_ARGS = ["--tables", "gemm", "--dtypes", "fp32", "--batches", "1", "--repeats", "1", "--threads", "1"]
 CAPTURE_ARGS = ["--models", "vit_small", "--batches", "1", "64", "--dtype", "bf16", "--repeats", "3"]
+# Issue 14's PIAD target (a 1/3-MACs step <= 0.4x a full one, ViT-S) in PIAD's GPU setting, bf16 autocast
+PIAD_STEP_ARGS = ["--device", "cuda", "--amp", "--model", "vit_small_patch16_224", "--batch", "64", "--repeats", "5"]
+DRY_PIAD_STEP_ARGS = ["--model", "vit_digits", "--batch", "8", "--repeats", "1", "--threads", "1"]
 # Batch 1 under CUDA graphs (reduce-overhead): torch 2.11's Dynamo once broke it into 27 graphs (H200).
 COMPILE_ARGS = ["--device", "cuda", "--dtype", "bf16", "--batch", "1", "--mode", "reduce-overhead", "--repeats", "2"]
 DRY_COMPILE_ARGS = ["--model", "digits", "--batch", "1", "--repeats", "1", "--compile-backend", "eager"]
@@ -389,8 +392,9 @@ def _below_steps(markdown: str) -> str:
 def elastic(cuda: bool, budget: Budget) -> list[Step]:
     """ElasticViT against its extracted dense model: benchmarks/elastic_latency.py's table (ms per forward),
     benchmarks/elastic_profile.py (host ms to enqueue vs the GPU's kernel ms: is it host-bound?),
-    benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/elastic_capture.py (CUDA graphs)
-    and benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)."""
+    benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/elastic_capture.py (CUDA
+    graphs), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one) and
+    benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
     for name, module, args, dry_args in (
             ("elastic latency", "elastic_latency", [*ELASTIC_ARGS, *ELASTIC_EXTRA_ARGS],
@@ -398,6 +402,7 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
             ("elastic profile", "elastic_profile", PROFILE_ARGS, DRY_PROFILE_ARGS),
             ("gemm routes", "column_major", GEMM_ARGS, DRY_GEMM_ARGS),
             ("elastic capture", "elastic_capture", CAPTURE_ARGS, None),
+            ("piad step", "piad_step", PIAD_STEP_ARGS, DRY_PIAD_STEP_ARGS),
             ("elastic compile", "elastic_compile", COMPILE_ARGS, DRY_COMPILE_ARGS)):
         limit = min(ELASTIC_LIMITS[name], section_end - budget.elapsed())
         if not cuda and dry_args is None:

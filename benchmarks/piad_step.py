@@ -5,12 +5,16 @@ through prefix views (masking would cost 1.0 ×). The two widths are timed inter
 so load from other processes hits both alike; medians.
 
     python -m benchmarks.piad_step [--model vit_digits] [--batch 64] [--repeats 7] [--threads N] [--cpu-time]
+        [--device cpu|cuda] [--amp]
     python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
+
+On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); each step ends with a synchronize.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import timm
@@ -26,11 +30,14 @@ from skd.timing import clock as timing_clock
 FRACTIONS = (1.0, 1 / 3)
 
 
-def step(elastic: skd.ElasticViT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = F.cross_entropy(elastic(x), y)
+def step(elastic: skd.ElasticViT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        loss = F.cross_entropy(elastic(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -39,16 +46,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast, as PIAD trains on a GPU")
     add_cpu_time_option(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and (args.cpu_time or not torch.cuda.is_available()):
+        ap.error("--device cuda needs a CUDA device and wall time")
     clock = timing_clock(ap, args, torch.get_num_threads() == 1)
     torch.manual_seed(0)
-    model = timm.create_model(args.model)
+    model = timm.create_model(args.model).to(args.device)
     elastic = skd.ElasticViT(model).train()
     cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    x, y = torch.randn(args.batch, *cfg), torch.randint(0, model.num_classes, (args.batch,))
+    x = torch.randn(args.batch, *cfg, device=args.device)
+    y = torch.randint(0, model.num_classes, (args.batch,), device=args.device)
     opt = build_optimizer(elastic, "adamw", lr=1e-4, weight_decay=0.05)  # PIAD's optimizer
     subnets = [elastic.set_subnet(macs=f).subnet for f in FRACTIONS]
     times: list[list[float]] = [[] for _ in FRACTIONS]
@@ -56,11 +68,12 @@ def main() -> None:
         for j, s in enumerate(subnets):
             elastic.set_subnet(subnet=s)
             t0 = clock()
-            step(elastic, opt, x, y)
+            step(elastic, opt, x, y, args.amp)
             if i:
                 times[j].append((clock() - t0) * 1e3)
     full = statistics.median(times[0])
-    print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, device cpu, "
+    where = torch.cuda.get_device_name() if x.is_cuda else f"{torch.get_num_threads()} threads, cpu"
+    print(f"{args.model}, batch {args.batch}, {where}, {'bf16 autocast' if args.amp else 'fp32'}, "
           f"{'process CPU' if args.cpu_time else 'wall'} time")
     print("| budget | MACs fraction | step ms | / full |\n|---|---|---|---|")
     for f, s, t in zip(FRACTIONS, subnets, times, strict=True):

@@ -52,6 +52,7 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert len(rows) == 5 * granularities
     # the profile's op tables of both models, and the compile table: a graph count per MACs fraction
     assert section["Elastic"].count("| op | self µs/forward |") == 2
+    assert re.search(r"^\| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \|$", section["Elastic"], flags=re.M)  # the PIAD step
     # the gemm routes: one row per layer shape and fraction, each route a ratio to the contiguous block
     assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
                           section["Elastic"], flags=re.M)) == 12
