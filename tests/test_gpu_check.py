@@ -65,7 +65,8 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
 def test_limits_fit_the_lease() -> None:
     """The steps' limits and the whole call's fit in 580 s, leaving a 15-minute lease room for the machine's
     start (~35 s) and another start for a short rerun (none starts with under 240 s left)."""
-    assert sum(gpu_check.LIMITS.values()) <= gpu_check.TOTAL_LIMIT <= 900 - 35 - 240 - 45
+    lease, start, second_start, transfers = 900, 35, 240, 45  # seconds
+    assert sum(gpu_check.LIMITS.values()) <= gpu_check.TOTAL_LIMIT <= lease - start - second_start - transfers
     assert max(gpu_check.ELASTIC_LIMITS.values()) <= gpu_check.LIMITS["elastic"]
     assert gpu_check.TEST_GRACE < gpu_check.LIMITS["tests"] // 4
 
