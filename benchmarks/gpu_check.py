@@ -152,18 +152,26 @@ class Ran:
     stderr: str
 
 
+# Runs argv[1:] with SIGINT at its default action (exec keeps it; an ignored signal would stay ignored). Not
+# Popen's preexec_fn: the sanitizer's two checks start from threads, where preexec_fn is unsafe.
+_SIGINT_DEFAULT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 def run_process(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> Ran:
     """Runs cmd in the repository root, output captured; never raises for a failing or hanging command.
 
     cmd runs in its own process group. STOP_GRACE seconds before `limit` the group gets SIGINT (pytest then
     prints its summary and writes its junit file; the sanitizer's target stops), and at `limit` SIGKILL: the
     xdist workers and the sanitizer's target are children that would otherwise outlive it and hold its pipes.
+    cmd starts with SIGINT's default action: a check run in the background (where the shell ignores SIGINT, and
+    children inherit that) would otherwise never see it, and pytest would die at the kill without its summary.
     """
     t0 = time.monotonic()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+        p = subprocess.Popen([*_SIGINT_DEFAULT, *cmd], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     except OSError as e:
         return Ran("FAIL", time.monotonic() - t0, "", str(e))
     with p:
