@@ -507,18 +507,27 @@ def test_elastic_hf_bert_runs_the_triton_attention_when_forced() -> None:
             _close(got.cpu(), want, torch.float32, relative_to_max=True)
 
 
+# HF model classes of _elastic_case's families (tests/hf_helpers.py)
+HF_ELASTIC = {"hf_bert": "BertModel", "hf_vit": "ViTForImageClassification"}
+
+
 def _elastic_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """(a tiny random model, its keyword inputs; the key "" is the positional one) on CPU in fp32: a timm ViT
-    (2 blocks of 3 heads of 64, MLP 768, 17 tokens; images (3, 3, 32, 32)) or an HF BERT from a local config
-    (2 blocks of 4 heads of 8; token ids and a padding mask (3, 9))."""
-    if family == "hf_bert":
-        pytest.importorskip("transformers", reason="needs transformers (the HF BERT model)")
+    (2 blocks of 3 heads of 64, MLP 768, 17 tokens; images (3, 3, 32, 32)), a timm Swin (2 stages of windows of
+    4 x 4 with relative position bias, the second shifted: tests/test_wpac_plus.py's), or from a local config an
+    HF BERT (2 blocks of 4 heads of 8; token ids and a padding mask (3, 9)) or HF ViT (images (3, 3, 16, 16))."""
+    if family in HF_ELASTIC:
+        pytest.importorskip("transformers", reason="needs transformers (the HF models)")
         import hf_helpers
 
-        return hf_helpers.tiny("BertModel"), hf_helpers.inputs("BertModel")
+        return hf_helpers.tiny(HF_ELASTIC[family]), hf_helpers.inputs(HF_ELASTIC[family])
     import timm
+    from test_wpac_plus import _tiny_swin
 
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    if family == "timm_swin":
+        model = _tiny_swin().eval()
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
     with torch.no_grad():  # random init leaves biases and LayerNorms at 0/1: make every term matter
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -546,7 +555,7 @@ GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
 @pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=CUDA_MARKS)))
-@pytest.mark.parametrize("family", ("timm_vit", "hf_bert"))
+@pytest.mark.parametrize("family", ("timm_vit", "timm_swin", "hf_bert", "hf_vit"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 @pytest.mark.parametrize("mode", GRAD_MODES)
 def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, device: str) -> None:
@@ -587,7 +596,7 @@ def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, de
 
 
 @on_cuda
-@pytest.mark.parametrize("family", ("timm_vit", "hf_bert"))
+@pytest.mark.parametrize("family", ("timm_vit", "timm_swin", "hf_bert", "hf_vit"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype) -> None:
     """ElasticViT.capture: a CUDA graph of the forward at one subnet equals the eager forward at that subnet, on
