@@ -714,9 +714,9 @@ class _Samples(torch.utils.data.Dataset):
     """The samples of calibration batches ((images, labels) tuples or dicts of tensors), one at a time."""
 
     def __init__(self, batches: list) -> None:
-        self.items = [item for b in batches for item in (
-            zip(*b, strict=True) if isinstance(b, tuple) else
-            ({k: v[i] for k, v in b.items()} for i in range(len(next(iter(b.values()))))))]
+        from skd.batches import batch_size, map_tensors
+
+        self.items = [map_tensors(b, lambda t, i=i: t[i]) for b in batches for i in range(batch_size(b))]
 
     def __len__(self) -> int:
         return len(self.items)
