@@ -6,6 +6,7 @@ Triton modules are imported (Triton picks interpreter vs compiler at @jit time).
 
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# after TRITON_INTERPRET: it imports skd_kernels
+from benchmarks.sdpa_routes import ROUTES, forced_route
 
 # Set by benchmarks/gpu_check.py (seconds since the epoch): tests not started by then are skipped, so a device
 # check's test run ends inside its time limit with pytest's summary and junit file instead of being killed.
@@ -78,3 +81,12 @@ def digits_vit(_digits_vit_trained):
     import copy
 
     return copy.deepcopy(_digits_vit_trained)
+
+
+
+@pytest.fixture(params=ROUTES)
+def sdpa_route(request: pytest.FixtureRequest) -> Iterator[str]:
+    """ElasticViT's SDPA attention takes this route at every size (it picks by size otherwise: head-major copies
+    of the activations, or of the kept attention weights)."""
+    with forced_route(request.param):
+        yield request.param

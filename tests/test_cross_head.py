@@ -271,7 +271,7 @@ def test_cached_plan_follows_in_place_weight_updates() -> None:
         assert _rel(elastic(x, subnet=subnet), _oracle(_bare(elastic), subnet, masked_copy)(x)) <= 1e-5
 
 
-def test_gradients_through_a_compensated_subnet_equal_the_oracle() -> None:
+def test_gradients_through_a_compensated_subnet_equal_the_oracle(sdpa_route: str) -> None:
     """PIAD-style: a loss on a truncated subnet, backward; the output projections' weight and bias gradients
     equal those of the oracle's formula applied to leaf copies of the same weights."""
     from tests.elastic_oracle import masked_copy

@@ -103,7 +103,7 @@ def test_switching_copies_no_weight(x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("name", ["vit_cls", "vit_avg_reg_ls_nobias"])
-def test_gradients_equal_masking_oracle_on_kept_entries(name: str, x: torch.Tensor) -> None:
+def test_gradients_equal_masking_oracle_on_kept_entries(name: str, x: torch.Tensor, sdpa_route: str) -> None:
     bare, elastic = _make(name)
     subnet = Subnet(attn=[5, 0, 16], mlp=[100, 7, 0])
     target = torch.tensor([1, 7])

@@ -56,7 +56,7 @@ def _masks(subnet: Subnet, seed: int) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["vit", "swin", "BertModel"])
-def test_lean_no_grad_forward_equals_recording_forward(name: str, dtype: torch.dtype) -> None:
+def test_lean_no_grad_forward_equals_recording_forward(name: str, dtype: torch.dtype, sdpa_route: str) -> None:
     """No grad: bound GEMMs and prefix_attention below autograd. Grad on: the ops recording autograd (and
     SDPA for the attention). Same values at random subnets, with and without masks."""
     elastic, inputs = _family(name)
@@ -271,10 +271,11 @@ def test_digits_vit_runs_through_the_plan() -> None:
 
 
 @pytest.mark.parametrize("name", ["vit", "BertModel"])
-def test_sdpa_gets_unit_stride_heads_at_width_one(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With autograd on, attention runs the head-major copies + SDPA. At r = 1 every copy must still have a unit
-    last-dim stride: CUDA's SDPA rejects any other ("Input tensor must have contiguous last dimension", found
-    on an H200), where CPU's accepts it. Fused qkv (timm ViT) and separate q, k, v (BERT)."""
+def test_sdpa_gets_unit_stride_heads_at_width_one(name: str, monkeypatch: pytest.MonkeyPatch, sdpa_route: str) -> None:
+    """With autograd on, attention runs SDPA on head-major q, k, v (copied activations, or GEMM outputs of
+    reordered weights). At r = 1 they must still have a unit last-dim stride: CUDA's SDPA rejects any other
+    ("Input tensor must have contiguous last dimension", found on an H200), where CPU's accepts it. Fused qkv
+    (timm ViT) and separate q, k, v (BERT)."""
     import torch.nn.functional as F
 
     elastic, inputs = _family(name)
@@ -293,3 +294,64 @@ def test_sdpa_gets_unit_stride_heads_at_width_one(name: str, monkeypatch: pytest
     dense = elastic.extract(subnet).eval()
     want = dense(inputs["x"]) if "x" in inputs else hf_helpers.main_output(dense(**inputs))
     assert rel_err(y.detach(), want.detach()) <= 1e-5
+
+
+def _copied_sizes(fn) -> list[int]:
+    """The numel of every tensor a copy op (clone, copy_, _to_copy) writes while fn() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copies = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+    sizes = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in copies:
+                sizes.append(out.numel())
+            return out
+
+    with Spy():
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("name", ["vit", "BertModel"])
+def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autograd on, fewer tokens than the model width (batch 2 x 17 patches < 48; BERT 2 x 9 < 32) copy
+    the activations to head-major and back, forward and backward (at least 2 copies a block each way); at least
+    as many (batch 3 / 4) reorder the kept weights instead: the forward copies no activation-sized tensor and
+    the backward fewer (ViT: one a block, SDPA's q, k, v gradients into the fused GEMM output's order).
+    Activation sizes: S*N*3*H*r (fused qkv), S*N*H*r (q, k, v, o); r = 5 keeps them apart from the weights'."""
+    from skd.elastic.module import ElasticViT as Module
+
+    elastic, _ = _family(name)
+    blocks = len(elastic.head_dims)
+    subnet = Subnet(attn=[5] * blocks, mlp=elastic.hiddens)
+    heads = elastic.adapter.blocks[0].num_heads
+    taken, copies = [], {}
+
+    def spying(route: str):
+        original = getattr(Module, route)
+
+        def spy(self, *args):
+            taken.append(route)
+            return original(self, *args)
+        return spy
+
+    for route in ("_sdpa_copying_activations", "_sdpa_reordering_weights"):
+        monkeypatch.setattr(Module, route, spying(route))
+    for batch, route in ((2, "_sdpa_copying_activations"), (3 if name == "vit" else 4, "_sdpa_reordering_weights")):
+        inputs = {"x": torch.randn(batch, 3, 32, 32)} if name == "vit" else hf_helpers.inputs(name, batch)
+        tokens = batch * (17 if name == "vit" else 9)
+        taken.clear()
+        loss = []
+        forward = _copied_sizes(lambda batch=inputs, loss=loss: loss.append(_call(elastic, batch, subnet=subnet).sum()))
+        backward = _copied_sizes(loss[0].backward)
+        assert taken == [route] * blocks, (batch, taken)
+        activation = (tokens * 3 * heads * 5, tokens * heads * 5)
+        copies[route] = [sum(n in activation for n in sizes) for sizes in (forward, backward)]
+    print(copies)
+    (forward, backward), (weights_forward, weights_backward) = copies.values()
+    assert forward >= 2 * blocks and backward >= 2 * blocks
+    assert weights_forward == 0 and weights_backward < backward

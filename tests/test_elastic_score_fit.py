@@ -178,7 +178,7 @@ def _leaf_params(bare: nn.Module, subnet: Subnet) -> tuple[dict[str, torch.Tenso
 
 
 @pytest.mark.parametrize("name", ["vit", "hf_bert"])
-def test_gradients_reach_w_and_b_as_through_the_hand_corrected_copy(name: str) -> None:
+def test_gradients_reach_w_and_b_as_through_the_hand_corrected_copy(name: str, sdpa_route: str) -> None:
     """PIAD trains through the autograd path: the q-producing Linears' weight and bias gradients equal those
     of a masked standard-layout copy whose weights are computed from leaves by `corrected_q`."""
     family = FAMILIES[name]

@@ -87,7 +87,7 @@ def test_swin_save_load_round_trip(tmp_path, x: torch.Tensor) -> None:
         assert torch.equal(loaded(x), elastic(x))
 
 
-def test_swin_gradients_equal_masking_oracle_on_kept_entries(pair: tuple, x: torch.Tensor) -> None:
+def test_swin_gradients_equal_masking_oracle_on_kept_entries(pair: tuple, x: torch.Tensor, sdpa_route: str) -> None:
     bare, elastic = pair
     subnet = Subnet(attn=[5, 12, 0, 9], mlp=[0, 40, 96, 3])
     target = torch.tensor([2, 5])

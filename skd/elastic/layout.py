@@ -46,6 +46,13 @@ def rank_major_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
     return torch.arange(num_heads * head_dim).view(num_heads, head_dim).t().reshape(-1)
 
 
+def head_major_order(r: int, cols: int, device: torch.device) -> torch.Tensor:
+    """(r*cols,) int64 on `device`: head-major position c*r + rank holds rank-major index rank*cols + c, for the
+    kept rows or columns of width r (c: which*H + head of fused qkv rows, cols = 3H; head of q/k/v rows and
+    o's columns, cols = H). `t.index_select(dim, order)` reorders them."""
+    return torch.arange(r * cols, device=device).view(r, cols).t().reshape(-1)
+
+
 def q_rows(spec: BlockSpec, t: torch.Tensor, r: int) -> torch.Tensor:
     """(H, r, *rest) view of the q rows of width r in `t`: the rank-major fused qkv (rows rank*3H + head) or
     separate q (rows rank*H + head) weight (rows, D) or bias (rows,) of `spec`. Head h, rank j is [h, j]."""

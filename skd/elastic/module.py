@@ -327,9 +327,13 @@ class ElasticViT(nn.Module):
         return masks
 
     def _attention(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: (S, N, D) -> (S, N, D_out) through the first r dims of every head; bias: broadcastable to (S, H, N, N)."""
+        """x: (S, N, D) -> (S, N, D_out) through the first r dims of every head; bias: broadcastable to (S, H, N, N).
+
+        Without autograd, where the attention op has a kernel (CPU), the op on the rank-major GEMM outputs;
+        otherwise SDPA, which needs each head's dims contiguous: whichever of the activations or the kept
+        attention weights is smaller is reordered head-major for it."""
         spec, p = self.adapter.blocks[i], plan.blocks[i]
-        h, r = spec.num_heads, p.r
+        r = p.r
         s, n, _ = x.shape
         mask = masks.get((i, "attn"))
         dropout = spec.attn_dropout if self.training else 0.0
@@ -343,6 +347,18 @@ class ElasticViT(nn.Module):
             if bias is not None:  # the ops take (S or 1, H or 1, N, N): a padding mask's (S, 1, 1, N) is expanded
                 bias = bias.to(ys[0].dtype).expand(*bias.shape[:2], n, n)  # (stride 0 over queries: no copy)
             return p.proj(p.attention(*ys, bias))
+        # the tokens S*N at least the model width D: fewer kept weights than activations to reorder
+        route = self._sdpa_reordering_weights if s * n >= x.shape[-1] else self._sdpa_copying_activations
+        return route(plan, masks, i, x, bias, dropout)
+
+    def _sdpa_copying_activations(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor,
+                                  bias: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """`_attention` through SDPA on head-major copies of the rank-major q/k/v GEMM outputs, and o copied back
+        to the rank-major proj columns: two activation copies, no weight moved."""
+        spec, p = self.adapter.blocks[i], plan.blocks[i]
+        h, r = spec.num_heads, p.r
+        s, n, _ = x.shape
+        mask = masks.get((i, "attn"))
         if spec.fused:
             # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
             # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
@@ -356,6 +372,31 @@ class ElasticViT(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
         o = o.permute(0, 2, 3, 1).reshape(s, n, r * h)  # (S, N, r, H): rank-major proj columns
         return p.proj(o)
+
+    def _sdpa_reordering_weights(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor,
+                                 bias: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """`_attention` through SDPA with the kept q/k/v rows and proj columns reordered head-major (copies of
+        3*H*r*D + D_out*H*r weights, per call, so gradients and in-place updates need nothing more) instead of
+        the activations (S*N*(3*H*r + H*r)): the GEMMs then write each head's dims contiguously and read o in
+        the (S, N, H, r) order SDPA writes it, so no activation is copied."""
+        spec, p = self.adapter.blocks[i], plan.blocks[i]
+        h, r, heads = spec.num_heads, p.r, p.head_major
+        s, n, _ = x.shape
+        order = heads.qkv_order
+        ys = [F.linear(x, *(None if t is None else t.index_select(0, order) for t in w())) for w in heads.qkv]
+        mask = masks.get((i, "attn"))
+        if mask is not None:  # the last dim is a head's rank
+            ys = [(y.view(s, n, -1, r) * mask.to(y)).view(y.shape) for y in ys]
+        if spec.fused:
+            q, k, v = ys[0].view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views
+        else:
+            q, k, v = (y.view(s, n, h, r).transpose(1, 2) for y in ys)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
+        weight, out_bias = heads.proj()
+        # column-major, as proj weights are stored (skd/elastic/layout.py: MKL/oneDNN read it faster)
+        weight = weight.t().index_select(0, heads.proj_order).t()
+        # SDPA's CPU and CUDA kernels write o as (S, N, H, r): then this reshape is a view
+        return F.linear(o.transpose(1, 2).reshape(s, n, h * r), weight, out_bias)
 
     @staticmethod
     def _rank_to_head_major(y: torch.Tensor, rows: int, r: int, cols: int) -> torch.Tensor:

@@ -26,12 +26,39 @@ from ..compensation import compensated_bias, compensated_linear, cross_head_map,
 from ..models import BlockSpec
 from ..score_fit import corrected_q, fitted, q_linear, score_fit
 from ..subnet import Subnet
-from .layout import q_rows, with_q_rows
+from .layout import head_major_order, q_rows, with_q_rows
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 # (qkv (S, N, r*3*H) rank-major, bias (S or 1, H or 1, N, N) | None) -> (S, N, r*H) rank-major; for separate
 # q, k, v: (q, k, v each (S, N, r*H) rank-major, bias) -> (S, N, r*H)
 Attention = Callable[..., torch.Tensor]
+# () -> (weight, bias | None): what a GEMM multiplies by, computed per call (differentiable in the Linear's
+# parameters when autograd records) and corrected where the GEMM corrects it (compensation, score fit): a
+# weight whose leading rows (a qkv GEMM's) or columns (proj's), rank-major, are the kept ones, and the bias of
+# the weight's rows. Not sliced to the kept block: the head-major reorder selects it.
+Weights = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class HeadMajor:
+    """What SDPA attention on reordered weights reads (ElasticViT._sdpa_reordering_weights): the `Weights` of the
+    qkv GEMMs (`qkv`) and of proj (`proj`), and the head-major orders (skd.elastic.layout.head_major_order) of the
+    qkv GEMMs' kept rows (3*H*r fused, H*r each separate) and of proj's kept columns (H*r), built on first use
+    (a plan that never takes this route builds none)."""
+
+    def __init__(self, qkv: tuple[Weights, ...], proj: Weights, r: int, num_heads: int, fused: bool,
+                 device: torch.device) -> None:
+        self.qkv, self.proj = qkv, proj
+        self._shape = r, num_heads, fused, device
+
+    @functools.cached_property
+    def proj_order(self) -> torch.Tensor:
+        r, h, _, device = self._shape
+        return head_major_order(r, h, device)
+
+    @functools.cached_property
+    def qkv_order(self) -> torch.Tensor:
+        r, h, fused, device = self._shape
+        return head_major_order(r, 3 * h, device) if fused else self.proj_order
 
 
 class BlockPlan(NamedTuple):
@@ -40,13 +67,14 @@ class BlockPlan(NamedTuple):
     -> (S, N, r*H), q's rows corrected where width r has a score fit (`_ScoreFit`); proj: (S, N, r*H) ->
     (S, N, D_out); fc1: (..., D) -> (..., hidden) with the fused activation, if any; fc2: (..., hidden) ->
     (..., D); attention: prefix_attention (fused qkv) or prefix_attention_separate (q, k, v; None where that
-    op has no kernel, only its reference), used at inference."""
+    op has no kernel, only its reference), used at inference; head_major: for SDPA on reordered weights."""
 
     r: int
     hidden: int
     qkv: tuple[Gemm, ...] | None
     proj: Gemm | None
     attention: Attention | None
+    head_major: HeadMajor | None
     fc1: Gemm | None
     fc2: Gemm | None
 
@@ -112,6 +140,11 @@ def _partial(lin: nn.Linear, k_in: int | None = None, k_out: int | None = None,
                              activation=activation)
 
 
+def _own(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `Weights` of a GEMM that reads `lin`'s own weight and bias."""
+    return lin.weight, lin.bias
+
+
 class _Compensated:
     """prefix_linear through the first k_in inputs of `lin` with bias compensation's bias (skd.compensation),
     b + W[:, k_in:] E[x[k_in:]], computed on every call so it follows any in-place weight update.
@@ -138,6 +171,10 @@ class _Compensated:
         self.bias.copy_(torch.addmv(lin.bias, lin.weight[:, k:], input_mean(lin)[k:]))
         return self.fast(x)
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Weights`: the weight and the compensated bias, computed now."""
+        return self.lin.weight, compensated_bias(self.lin, self.k_in)
+
 
 class _Weights(NamedTuple):
     """What `_bind` reads of a Linear, with another bias (and weight)."""
@@ -159,12 +196,13 @@ class _CrossHead:
 
     def __init__(self, lin: nn.Linear, k_in: int, bound: bool) -> None:
         self.lin, self.k_in = lin, k_in
-        self.b_map = self.fast = None
+        self.b_map = self.fast = self.copy = None
         if bound:
             with torch.no_grad():
                 self.b_map = cross_head_map(lin, k_in)
                 weight, bias = compensated_linear(lin, k_in, self.b_map)
-            self.fast = _bind(_Weights(weight.contiguous(), bias.contiguous()))
+            self.copy = _Weights(weight.contiguous(), bias.contiguous())
+            self.fast = _bind(self.copy)
 
     def sources(self) -> tuple[torch.Tensor, ...]:
         """What the bound copy was computed from."""
@@ -176,6 +214,13 @@ class _CrossHead:
         if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
             return skd_kernels.prefix_linear(x, *compensated_linear(lin, self.k_in, self.b_map))
         return self.fast(x)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Weights`: the bound copy, or computed now when autograd records (or unbound)."""
+        lin = self.lin
+        if self.copy is None or _dispatch.needs_grad(lin.weight, lin.bias):
+            return compensated_linear(lin, self.k_in, self.b_map)
+        return self.copy
 
 
 class _ScoreFit:
@@ -189,11 +234,11 @@ class _ScoreFit:
 
     def __init__(self, spec: BlockSpec, r: int, bound: bool) -> None:
         self.spec, self.lin, self.r = spec, q_linear(spec), r
-        self.fast = None
+        self.fast = self.copy = None
         if bound:
             with torch.no_grad():
-                weight, bias = self._corrected()
-            self.fast = _bind(_Weights(weight, bias))
+                self.copy = _Weights(*self._corrected())
+            self.fast = _bind(self.copy)
 
     def sources(self) -> tuple[torch.Tensor | None, ...]:
         """What the bound copy was computed from."""
@@ -214,40 +259,50 @@ class _ScoreFit:
             return skd_kernels.prefix_linear(x, *self._corrected())
         return self.fast(x)
 
-
-def _q_gemms(spec: BlockSpec, r: int, gemm: Callable[..., Gemm], bound: bool) -> tuple[Gemm, ...]:
-    """The block's q/k/v GEMMs at width r > 0: (fused qkv,) or (q, k, v), the q-producing one under the
-    score fit when its Linear stores one with a fit for width r."""
-    h, corrected = spec.num_heads, fitted(score_fit(q_linear(spec)), r)
-    if spec.fused:
-        return (_ScoreFit(spec, r, bound) if corrected else gemm(spec.qkv, k_out=3 * h * r),)
-    return ((_ScoreFit(spec, r, bound) if corrected else gemm(spec.q, k_out=h * r)),
-            gemm(spec.k, k_out=h * r), gemm(spec.v, k_out=h * r))
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`Weights`: the bound copy, or computed now when autograd records (or unbound)."""
+        lin = self.lin
+        if self.copy is None or _dispatch.needs_grad(lin.weight, lin.bias):
+            return self._corrected()
+        return self.copy
 
 
-def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bool) -> Gemm:
-    """The GEMM of an output projection or fc2: `gemm`'s, or the compensated one when `lin` stores a mean
-    (cross-head when it also stores a covariance and inputs are dropped)."""
+def _q_gemms(spec: BlockSpec, r: int, gemm: Callable[..., Gemm], bound: bool) -> tuple[tuple[Gemm, Weights], ...]:
+    """The block's q/k/v GEMMs at width r > 0 with their `Weights`: (fused qkv,) or (q, k, v), the q-producing
+    one under the score fit when its Linear stores one with a fit for width r."""
+    h = spec.num_heads
+    linears = (spec.qkv,) if spec.fused else (spec.q, spec.k, spec.v)
+    rows = 3 * h * r // len(linears)
+    if fitted(score_fit(q_linear(spec)), r):
+        first = _ScoreFit(spec, r, bound)
+        return ((first, first.weights), *((gemm(lin, k_out=rows), functools.partial(_own, lin)) for lin in linears[1:]))
+    return tuple((gemm(lin, k_out=rows), functools.partial(_own, lin)) for lin in linears)
+
+
+def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bool) -> tuple[Gemm, Weights]:
+    """The GEMM of an output projection or fc2 with its `Weights`: `gemm`'s, or the compensated one when `lin`
+    stores a mean (cross-head when it also stores a covariance and inputs are dropped)."""
     if input_mean(lin) is None:
-        return gemm(lin, k_in=k_in)
-    if input_cov(lin) is not None and k_in < lin.in_features:
-        return _CrossHead(lin, k_in, bound)
-    return _Compensated(lin, k_in, bound)
+        return gemm(lin, k_in=k_in), functools.partial(_own, lin)
+    g = _CrossHead(lin, k_in, bound) if input_cov(lin) is not None and k_in < lin.in_features \
+        else _Compensated(lin, k_in, bound)
+    return g, g.weights
 
 
 def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool) -> BlockPlan:
     h = spec.num_heads
-    qkv = proj = attention = fc1 = fc2 = None
+    qkv = proj = attention = fc1 = fc2 = head_major = None
     if r:
-        qkv = _q_gemms(spec, r, gemm, bound)
-        proj = _output_gemm(gemm, spec.proj, h * r, bound)
+        qkv, qkv_weights = zip(*_q_gemms(spec, r, gemm, bound), strict=True)
+        proj, proj_weights = _output_gemm(gemm, spec.proj, h * r, bound)
         weight = spec.qkv.weight if spec.fused else spec.q.weight
+        head_major = HeadMajor(qkv_weights, proj_weights, r, h, spec.fused, weight.device)
         if _runs_attention_op(spec, weight):
             attention = _bound_attention(spec, weight) if bound else functools.partial(
                 _public_attention if spec.fused else _public_separate, num_heads=h, scale=spec.scale)
     if m:
-        fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), _output_gemm(gemm, spec.fc2, m, bound)
-    return BlockPlan(r, m, qkv, proj, attention, fc1, fc2)
+        fc1, fc2 = gemm(spec.fc1, k_out=m, activation=spec.fused_act), _output_gemm(gemm, spec.fc2, m, bound)[0]
+    return BlockPlan(r, m, qkv, proj, attention, head_major, fc1, fc2)
 
 
 def _runs_attention_op(spec: BlockSpec, weight: torch.Tensor) -> bool:

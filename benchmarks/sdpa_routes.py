@@ -1,0 +1,133 @@
+"""ElasticViT's two SDPA routes side by side: head-major copies of the activations, or of the kept attention
+weights (skd/elastic/module.py, `_attention`).
+
+SDPA needs each head's dims contiguous; the rank-major layout keeps a width's heads interleaved. ElasticViT
+reorders whichever is smaller: the activations (2 copies a block, S*N*4*H*r elements) or the kept qkv rows and
+proj columns (4*H*r*D), i.e. the weights once the tokens S*N reach the width D. SDPA runs in training
+everywhere and at inference on CUDA (CPU inference runs skd_kernels.prefix_attention, which copies nothing).
+
+Per (model, batch, dtype, MACs fraction), both routes forced in turn, interleaved (medians): a training step's
+forward + backward, and on CUDA a no-grad forward, eager and captured as a CUDA graph (`ElasticViT.capture`:
+no host cost, so the routes' GPU time alone). Prints ms and weights/activations ratios (< 1: the weights route
+is faster).
+
+    python -m benchmarks.sdpa_routes [--models vit_small_patch16_224 ...] [--batches 8 64] [--dtypes fp32]
+        [--device cpu|cuda] [--repeats 5] [--threads N] [--cpu-time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+from collections.abc import Callable, Iterator
+
+import timm
+import torch
+
+import skd.digits  # noqa: F401  registers vit_digits with timm
+from skd import ElasticViT
+from skd.timing import add_cpu_time_option
+from skd.timing import clock as timing_clock
+
+ROUTES = ("copying_activations", "reordering_weights")
+FRACTIONS = (1.0, 1 / 2, 1 / 3, 1 / 4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def forced_route(route: str) -> Iterator[None]:
+    """ElasticViT's SDPA attention takes `route` (one of ROUTES) at every size while this is active."""
+    names = [f"_sdpa_{r}" for r in ROUTES]
+    saved = {name: ElasticViT.__dict__[name] for name in names}
+    try:
+        for name in names:
+            setattr(ElasticViT, name, saved[f"_sdpa_{route}"])
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(ElasticViT, name, fn)
+
+
+def _step(elastic: ElasticViT, x: torch.Tensor) -> None:
+    elastic.train()(x).float().square().mean().backward()
+    elastic.zero_grad(set_to_none=True)
+
+
+def _forward(elastic: ElasticViT, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        elastic.eval()(x)
+
+
+def _modes(elastic: ElasticViT, x: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
+    """{mode: {route: a call that runs it}}; on CUDA also the forward captured as a CUDA graph on each route
+    (the route is fixed when captured)."""
+    modes = {"train fwd+bwd": dict.fromkeys(ROUTES, functools.partial(_step, elastic, x))}
+    if x.is_cuda:
+        modes["no-grad fwd"] = dict.fromkeys(ROUTES, functools.partial(_forward, elastic, x))
+        captured = {}
+        with torch.no_grad():
+            for route in ROUTES:
+                with forced_route(route):
+                    captured[route] = functools.partial(elastic.eval().capture(x), x)
+        modes["captured fwd"] = captured
+    return modes
+
+
+def bench(name: str, batch: int, dtype: torch.dtype, device: str, repeats: int, clock) -> list[tuple]:
+    """Rows (f, mode, {route: median ms})."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).to(device, dtype)
+    elastic = ElasticViT(model)
+    x = torch.randn(batch, *model.pretrained_cfg.get("input_size", (3, 224, 224)), device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for f in FRACTIONS:
+        elastic.set_subnet(macs=f)
+        for mode, calls in _modes(elastic, x).items():
+            times: dict[str, list[float]] = {r: [] for r in ROUTES}
+            for rep in range(repeats + 1):  # repeat 0 warms up
+                for route, call in calls.items():
+                    with forced_route(route):
+                        sync()
+                        t0 = clock()
+                        call()
+                        sync()
+                        if rep:
+                            times[route].append((clock() - t0) * 1e3)
+            rows.append((f, mode, {r: statistics.median(t) for r, t in times.items()}))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224"], help="timm model names")
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 64])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    add_cpu_time_option(ap)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and (args.cpu_time or not torch.cuda.is_available()):
+        ap.error("--device cuda needs a CUDA device and wall time")
+    clock = timing_clock(ap, args, torch.get_num_threads() == 1)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, cpu"
+    print(f"ElasticViT's SDPA routes, {where}, {'process CPU' if args.cpu_time else 'wall'} time, "
+          f"medians of {args.repeats}")
+    print("| model | batch | dtype | f | mode | activations ms | weights ms | weights/activations |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for batch in args.batches:
+            for dt in args.dtypes:
+                for f, mode, ms in bench(name, batch, DTYPES[dt], args.device, args.repeats, clock):
+                    a, w = ms["copying_activations"], ms["reordering_weights"]
+                    print(f"| {name} | {batch} | {dt} | {f:.3f} | {mode} | {a:.2f} | {w:.2f} | {w / a:.3f} |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
