@@ -19,7 +19,8 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      tests even when the step is stopped at its limit;
   4. Elastic: benchmarks/elastic_latency.py on ViT-S and ViT-B, batch 64, bf16 (ELASTIC_ARGS, ELASTIC_EXTRA_ARGS);
      benchmarks/elastic_profile.py at ViT-S batch 64 (host vs GPU time per forward); benchmarks/column_major.py's
-     gemm table (F.linear on ElasticViT's weight views vs contiguous blocks, batch 1 and 64);
+     gemm table (F.linear on ElasticViT's weight views vs contiguous blocks, batch 1 and 64); benchmarks/sdpa_routes.py
+     (SDPA on head-major copies of the activations vs of the kept weights, ViT-S batch 64, bf16);
      benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs vs eager and vs the captured extracted model,
      batch 1 and 64); benchmarks/piad_step.py (a 1/3-MACs PIAD step vs a full one, ViT-S batch 64, bf16 autocast);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
@@ -71,10 +72,10 @@ SECTIONS = ("Environment", "Build", "Tests", "Elastic", "Profile", "Benchmarks",
 # was stopped at 45 s with 6 of 9 objects built (34 s more finished it), test_gpu.py alone on 16 workers took
 # 135 s, elastic_compile with 2 repeats ~50 s. The elastic section's steps share its limit; the sanitizer, last,
 # gets what is left.
-LIMITS = {"build": 90, "tests": 195, "elastic": 150, "profile": 15, "bench": 35, "sanitizer": 95}
+LIMITS = {"build": 90, "tests": 185, "elastic": 165, "profile": 15, "bench": 30, "sanitizer": 95}
 # within LIMITS["elastic"], in this order; a step gets what is left of the section's limit if less
-ELASTIC_LIMITS = {"elastic latency": 25, "elastic profile": 25, "gemm routes": 15, "elastic capture": 25,
-                  "piad step": 20, "elastic compile": 70}
+ELASTIC_LIMITS = {"elastic latency": 25, "elastic profile": 25, "gemm routes": 15, "sdpa routes": 15,
+                  "elastic capture": 25, "piad step": 20, "elastic compile": 70}
 # The whole call, well inside a 15-minute lease that also pays for the machine's start; a step never runs
 # past it (its limit shrinks to what is left, or it is skipped).
 TOTAL_LIMIT = 580
@@ -104,6 +105,9 @@ CAPTURE_ARGS = ["--models", "vit_small", "--batches", "1", "64", "--dtype", "bf1
 # Issue 14's PIAD target (a 1/3-MACs step <= 0.4x a full one, ViT-S) in PIAD's GPU setting, bf16 autocast
 PIAD_STEP_ARGS = ["--device", "cuda", "--amp", "--model", "vit_small_patch16_224", "--batch", "64", "--repeats", "5"]
 DRY_PIAD_STEP_ARGS = ["--model", "vit_digits", "--batch", "8", "--repeats", "1", "--threads", "1"]
+SDPA_ROUTES_ARGS = ["--device", "cuda", "--models", "vit_small_patch16_224", "--batches", "64", "--dtypes", "bf16",
+                    "--repeats", "5"]
+DRY_SDPA_ROUTES_ARGS = ["--models", "vit_digits", "--batches", "8", "--repeats", "1", "--threads", "1"]
 # Batch 1 under CUDA graphs (reduce-overhead): torch 2.11's Dynamo once broke it into 27 graphs (H200).
 COMPILE_ARGS = ["--device", "cuda", "--dtype", "bf16", "--batch", "1", "--mode", "reduce-overhead", "--repeats", "2"]
 DRY_COMPILE_ARGS = ["--model", "digits", "--batch", "1", "--repeats", "1", "--compile-backend", "eager"]
@@ -400,7 +404,8 @@ def _below_steps(markdown: str) -> str:
 def elastic(cuda: bool, budget: Budget) -> list[Step]:
     """ElasticViT against its extracted dense model: benchmarks/elastic_latency.py's table (ms per forward),
     benchmarks/elastic_profile.py (host ms to enqueue vs the GPU's kernel ms: is it host-bound?),
-    benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/elastic_capture.py (CUDA
+    benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/sdpa_routes.py (attention on
+    copied activations vs reordered weights, training and no-grad), benchmarks/elastic_capture.py (CUDA
     graphs), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one) and
     benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
@@ -409,6 +414,7 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
              [*DRY_ELASTIC_ARGS, *ELASTIC_EXTRA_ARGS]),
             ("elastic profile", "elastic_profile", PROFILE_ARGS, DRY_PROFILE_ARGS),
             ("gemm routes", "column_major", GEMM_ARGS, DRY_GEMM_ARGS),
+            ("sdpa routes", "sdpa_routes", SDPA_ROUTES_ARGS, DRY_SDPA_ROUTES_ARGS),
             ("elastic capture", "elastic_capture", CAPTURE_ARGS, None),
             ("piad step", "piad_step", PIAD_STEP_ARGS, DRY_PIAD_STEP_ARGS),
             ("elastic compile", "elastic_compile", COMPILE_ARGS, DRY_COMPILE_ARGS)):

@@ -558,11 +558,13 @@ GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 @pytest.mark.parametrize("family", ("timm_vit", "timm_swin", "hf_bert", "hf_vit"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 @pytest.mark.parametrize("mode", GRAD_MODES)
-def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, device: str) -> None:
+def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, device: str, sdpa_route: str) -> None:
     """ElasticViT in `dtype` under `mode`, the subnet set inside it: at full width equal to the original model
     and to the extract()ed one, at a narrow subnet (odd widths) to the extract()ed one. Without autograd the
     bound prefix_linear skips the op's autograd wrapper: on CUDA it once took the CPU oneDNN shortcut for CUDA
-    weights and raised (found on an H200 by elastic_latency.py). The CPU cases run the same checks in CI."""
+    weights and raised (found on an H200 by elastic_latency.py). On CUDA attention runs SDPA, on either route
+    (sdpa_route); on CPU the attention op (the route matters only where an op has no kernel). The CPU cases run
+    the same checks in CI."""
     import copy
 
     from elastic_oracle import rel_err
@@ -598,10 +600,11 @@ def test_elastic_without_autograd(family: str, dtype: torch.dtype, mode: str, de
 @on_cuda
 @pytest.mark.parametrize("family", ("timm_vit", "timm_swin", "hf_bert", "hf_vit"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
-def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype) -> None:
+def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype, sdpa_route: str) -> None:
     """ElasticViT.capture: a CUDA graph of the forward at one subnet equals the eager forward at that subnet, on
     the example and on new inputs of its shapes, and keeps its subnet after set_subnet moves on; a second
-    capture serves the other width. Calls that do not match the example raise ValueError."""
+    capture serves the other width. Calls that do not match the example raise ValueError. On either SDPA route
+    (the weights one reorders the weights inside the graph)."""
     from elastic_oracle import rel_err
 
     from skd import ElasticViT, Subnet

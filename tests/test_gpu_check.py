@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE_LONG_TIMEOUT
 
-from benchmarks import gpu_check, sanitizer_driver
+from benchmarks import gpu_check, sanitizer_driver, sdpa_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +58,9 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
                           section["Elastic"], flags=re.M)) == 12
     assert len(re.findall(r"^\| (0\.250|0\.500|1\.000) \| [\d.]+ \| \d+ \|", section["Elastic"], flags=re.M)) == 3
+    # the SDPA routes: a training step per MACs fraction, both routes and their ratio
+    assert len(re.findall(r"^\| vit_digits \| 8 \| fp32 \| [\d.]+ \| train fwd\+bwd( \| [\d.]+){3} \|$",
+                          section["Elastic"], flags=re.M)) == len(sdpa_routes.FRACTIONS)
     assert "driver ok" in section["Sanitizer"]  # the sanitizer's driver ran every op on the tail shapes
     assert "taylor_scores" in section["Benchmarks"]  # the benchmark table has rows
     assert "CUDA kernel times skipped" in section["Profile"]
@@ -194,9 +198,9 @@ def test_the_test_log_names_failures_and_times_as_tests_end(tmp_path: Path) -> N
         "@pytest.mark.parametrize('p', ['a b'])\n"
         "def test_fails(p):\n    assert False, 'first line\\n\\nafter a blank line'\n\n"
         "@pytest.mark.device_long\ndef test_long(request):\n"
-        "    assert request.node.get_closest_marker('timeout').args == (180,)\n")
+        f"    assert request.node.get_closest_marker('timeout').args == ({DEVICE_LONG_TIMEOUT},)\n")
     log = tmp_path / "tests.log"
-    env = {**os.environ, "SKD_TEST_LOG": str(log)}
+    env = {**os.environ, "SKD_TEST_LOG": str(log), "PYTHONPATH": str(ROOT)}  # the conftest imports benchmarks
     env.pop("PYTEST_XDIST_WORKER", None)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", "tests"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
