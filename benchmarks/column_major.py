@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import skd
 from skd.elastic.layout import store_columns_
 from skd.piad.recipe import build_optimizer
-from skd.timing import add_cpu_time_option
+from skd.timing import add_cpu_time_option, call_ms, synchronize
 from skd.timing import clock as timing_clock
 from skd_kernels.ops.prefix_linear import bind
 
@@ -51,23 +51,19 @@ FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
 CLOCK = [time.perf_counter]
 
 
-# torch.cuda.synchronize when the gemm table runs on a GPU: a sample ends when its kernels have run
-SYNC: list[Callable[[], object]] = [lambda: None]
+# the gemm table's device, synchronised around each sample: on a GPU a sample ends when its kernels have run
+DEVICE: list[torch.device | None] = [None]
 
 
 def _ms(fn: Callable[[], object], min_s: float = 0.02) -> float:
     """Milliseconds per call of fn, over enough back-to-back calls to last min_s."""
-    clock, sync = CLOCK[0], SYNC[0]
-    sync()
-    t0 = clock()
-    fn()
-    sync()
-    once = clock() - t0
+    clock, device = CLOCK[0], DEVICE[0]
+    once = call_ms(fn, device, clock) / 1e3
     n = max(1, round(min_s / max(once, 1e-7)))
     t0 = clock()
     for _ in range(n):
         fn()
-    sync()
+    synchronize(device)
     return (clock() - t0) / n * 1e3
 
 
@@ -201,7 +197,7 @@ def main() -> None:
             ap.error("--device cuda: no CUDA device here")
         if set(args.tables) != {"gemm"} or args.cpu_time:
             ap.error("--device cuda runs the gemm table alone, in wall time")
-        SYNC[0] = torch.cuda.synchronize
+        DEVICE[0] = device
     CLOCK[0] = timing_clock(ap, args, torch.get_num_threads() == 1)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{where}, {'process CPU' if args.cpu_time else 'wall'} time, medians of {args.repeats} interleaved repeats")

@@ -20,6 +20,7 @@ import torch
 
 from skd import ElasticViT
 from skd.elastic import CapturedForward
+from skd.timing import synchronize
 
 FRACTIONS = (1 / 4, 1 / 2, 1.0)
 MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
@@ -27,11 +28,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _ms(fn, x: torch.Tensor, calls: int) -> float:
-    torch.cuda.synchronize()
+    synchronize(x.device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn(x)
-    torch.cuda.synchronize()
+    synchronize(x.device)
     return (time.perf_counter() - t0) / calls * 1e3
 
 

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import timm
@@ -40,6 +39,7 @@ import torch._inductor.config
 from torch._dynamo.utils import counters
 
 from skd import ElasticViT
+from skd.timing import call_ms
 
 FRACTIONS = (1 / 4, 1 / 2, 1.0)
 MODELS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "digits": "vit_digits"}
@@ -66,13 +66,7 @@ def _grad_mode(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 
 
 def _ms(fn, x: torch.Tensor) -> float:
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
+    return call_ms(lambda: fn(x), x.device)
 
 
 def _graphs() -> int:

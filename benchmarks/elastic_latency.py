@@ -30,7 +30,7 @@ import torch
 import skd.digits  # noqa: F401  registers vit_digits with timm
 import skd_kernels
 from skd import ElasticViT
-from skd.timing import add_cpu_time_option
+from skd.timing import add_cpu_time_option, call_ms
 from skd.timing import clock as timing_clock
 
 FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
@@ -46,13 +46,7 @@ CLOCK = [time.perf_counter]
 
 
 def _time_ms(fn, x: torch.Tensor) -> float:
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    t0 = CLOCK[0]()
-    fn(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (CLOCK[0]() - t0) * 1e3
+    return call_ms(lambda: fn(x), x.device, CLOCK[0])
 
 
 def _switch_us(elastic: ElasticViT, n: int = 2000) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import time
 
@@ -24,10 +25,11 @@ from torch.profiler import ProfilerActivity, profile
 
 import skd.digits  # noqa: F401  registers vit_digits with timm
 from skd import ElasticViT
+from skd.timing import synchronize
 
 
 def table(fn, x: torch.Tensor, iters: int, rows: int) -> str:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = functools.partial(synchronize, x.device)
     for _ in range(3):
         fn(x)
     sync()

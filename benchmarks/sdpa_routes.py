@@ -28,7 +28,7 @@ import torch
 
 import skd.digits  # noqa: F401  registers vit_digits with timm
 from skd import ElasticViT
-from skd.timing import add_cpu_time_option
+from skd.timing import add_cpu_time_option, call_ms
 from skd.timing import clock as timing_clock
 
 ROUTES = ("copying_activations", "reordering_weights")
@@ -81,7 +81,6 @@ def bench(name: str, batch: int, dtype: torch.dtype, device: str, repeats: int, 
     model = timm.create_model(name).to(device, dtype)
     elastic = ElasticViT(model)
     x = torch.randn(batch, *model.pretrained_cfg.get("input_size", (3, 224, 224)), device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for f in FRACTIONS:
         elastic.set_subnet(macs=f)
@@ -90,12 +89,9 @@ def bench(name: str, batch: int, dtype: torch.dtype, device: str, repeats: int, 
             for rep in range(repeats + 1):  # repeat 0 warms up
                 for route, call in calls.items():
                     with forced_route(route):
-                        sync()
-                        t0 = clock()
-                        call()
-                        sync()
-                        if rep:
-                            times[route].append((clock() - t0) * 1e3)
+                        ms = call_ms(call, x.device, clock)
+                    if rep:
+                        times[route].append(ms)
             rows.append((f, mode, {r: statistics.median(t) for r, t in times.items()}))
     return rows
 

@@ -33,13 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import skd
+from skd.timing import synchronize
 
 MODEL = "vit_small_patch16_224"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _batches(n: int, batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,22 +51,22 @@ def _batches(n: int, batch: int, device: torch.device) -> Iterator[tuple[torch.T
 def plain_forward_backward(model: torch.nn.Module, data: list) -> float:
     """Seconds for one forward+backward (with weight gradients) over every batch."""
     device = next(model.parameters()).device
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for x, y in data:
         F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
 def wpac_seconds(model: torch.nn.Module, data: list, n: int) -> float:
     """Seconds of skd.wpac (calibration and transform) on `model`, in place."""
     device = next(model.parameters()).device
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     skd.wpac(model, data, num_samples=n, progress=False)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 

@@ -1,5 +1,5 @@
-"""Wall-clock timing of a callable, synchronising CUDA so GPU work is counted; and the benchmark scripts'
-`--cpu-time` option (process CPU time, stable on a shared machine)."""
+"""Timing a callable, synchronising CUDA so GPU work is counted (for skd and the benchmark scripts); and the
+benchmark scripts' `--cpu-time` option (process CPU time, stable on a shared machine)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,26 @@ from collections.abc import Callable
 import torch
 
 
+def synchronize(device: torch.device | None) -> None:
+    """Waits for the kernels queued on `device` when it is a CUDA device; nothing otherwise (None included)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def call_ms(fn: Callable[[], object], device: torch.device | None = None,
+            clock: Callable[[], float] = time.perf_counter) -> float:
+    """Milliseconds of one `fn()` by `clock` (seconds), `device` synchronised before and after: its kernels count."""
+    synchronize(device)
+    t0 = clock()
+    fn()
+    synchronize(device)
+    return (clock() - t0) * 1e3
+
+
 def time_ms(fn: Callable[[], object], repeats: int = 5, device: torch.device | None = None) -> float:
     """Median wall time of `fn()` in milliseconds over `repeats` runs after one warm-up run."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, device) for _ in range(repeats))
 
 
 def add_cpu_time_option(parser: argparse.ArgumentParser) -> None:
