@@ -24,8 +24,7 @@ import torch.nn.functional as F
 import skd
 import skd.digits  # registers vit_digits with timm
 from skd.piad.recipe import build_optimizer
-from skd.timing import add_cpu_time_option, call_ms
-from skd.timing import clock as timing_clock
+from skd.timing import add_device_options, call_ms, device_clock
 
 FRACTIONS = (1.0, 1 / 3)
 
@@ -43,16 +42,10 @@ def main() -> None:
     ap.add_argument("--model", default="vit_digits")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as PIAD trains on a GPU")
-    add_cpu_time_option(ap)
+    add_device_options(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and (args.cpu_time or not torch.cuda.is_available()):
-        ap.error("--device cuda needs a CUDA device and wall time")
-    clock = timing_clock(ap, args, torch.get_num_threads() == 1)
+    clock = device_clock(ap, args)
     torch.manual_seed(0)
     model = timm.create_model(args.model).to(args.device)
     elastic = skd.ElasticViT(model).train()

@@ -28,8 +28,7 @@ import torch
 
 import skd.digits  # noqa: F401  registers vit_digits with timm
 from skd import ElasticViT
-from skd.timing import add_cpu_time_option, call_ms
-from skd.timing import clock as timing_clock
+from skd.timing import add_device_options, call_ms, device_clock
 
 ROUTES = ("copying_activations", "reordering_weights")
 FRACTIONS = (1.0, 1 / 2, 1 / 3, 1 / 4)
@@ -101,16 +100,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224"], help="timm model names")
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    add_cpu_time_option(ap)
+    add_device_options(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and (args.cpu_time or not torch.cuda.is_available()):
-        ap.error("--device cuda needs a CUDA device and wall time")
-    clock = timing_clock(ap, args, torch.get_num_threads() == 1)
+    clock = device_clock(ap, args)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, cpu"
     print(f"ElasticViT's SDPA routes, {where}, {'process CPU' if args.cpu_time else 'wall'} time, "
           f"medians of {args.repeats}")

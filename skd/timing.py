@@ -48,3 +48,20 @@ def clock(parser: argparse.ArgumentParser, args: argparse.Namespace, single_thre
     if not single_thread:
         parser.error(f"--cpu-time needs {needs} (other threads' spin-waits count as CPU time)")
     return time.process_time
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """`--device cpu|cuda`, `--threads N` and `--cpu-time` for a benchmark script (`device_clock` reads them)."""
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    add_cpu_time_option(parser)
+
+
+def device_clock(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Callable[[], float]:
+    """`add_device_options`' arguments applied: the thread count set, `--device cuda` refused (a parser error)
+    without a CUDA device or with `--cpu-time`; returns `clock`'s choice."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and (args.cpu_time or not torch.cuda.is_available()):
+        parser.error("--device cuda needs a CUDA device and wall time")
+    return clock(parser, args, torch.get_num_threads() == 1)

@@ -33,3 +33,26 @@ def test_time_ms_is_the_median_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(timing, "call_ms", lambda fn, device: next(samples))
     assert timing.time_ms(lambda: calls.append(1), repeats=3) == 2.0
     assert calls == [1]  # the warm-up; the timed runs went through call_ms
+
+
+def test_device_options_set_threads_pick_the_clock_and_refuse_cuda_without_a_device_or_in_cpu_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser()
+    timing.add_device_options(parser)
+    threads = torch.get_num_threads()
+    try:
+        assert timing.device_clock(parser, parser.parse_args(["--threads", "1", "--cpu-time"])) is time.process_time
+        assert torch.get_num_threads() == 1
+        assert timing.device_clock(parser, parser.parse_args([])) is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        timing.device_clock(parser, parser.parse_args(["--device", "cuda"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert timing.device_clock(parser, parser.parse_args(["--device", "cuda"])) is time.perf_counter
+    with pytest.raises(SystemExit):
+        timing.device_clock(parser, parser.parse_args(["--device", "cuda", "--threads", "1", "--cpu-time"]))
