@@ -40,17 +40,18 @@ def qkv_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
     return head_major.permute(2, 0, 1).reshape(-1)  # enumerate in (rank, which, head) order
 
 
-def rank_major_permutation(num_heads: int, head_dim: int) -> torch.Tensor:
+def rank_major_permutation(num_heads: int, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
     """(H*hd,) int64: rank-major index n (= rank*H + head) holds head-major index perm[n] (of q/k/v rows
     or o columns)."""
-    return torch.arange(num_heads * head_dim).view(num_heads, head_dim).t().reshape(-1)
+    return torch.arange(num_heads * head_dim, device=device).view(num_heads, head_dim).t().reshape(-1)
 
 
 def head_major_order(r: int, cols: int, device: torch.device) -> torch.Tensor:
     """(r*cols,) int64 on `device`: head-major position c*r + rank holds rank-major index rank*cols + c, for the
     kept rows or columns of width r (c: which*H + head of fused qkv rows, cols = 3H; head of q/k/v rows and
-    o's columns, cols = H). `t.index_select(dim, order)` reorders them."""
-    return torch.arange(r * cols, device=device).view(r, cols).t().reshape(-1)
+    o's columns, cols = H). `t.index_select(dim, order)` reorders them. The inverse of
+    `rank_major_permutation(cols, r)`, which is that function with the grid's two sides swapped."""
+    return rank_major_permutation(r, cols, device)
 
 
 def q_rows(spec: BlockSpec, t: torch.Tensor, r: int) -> torch.Tensor:
