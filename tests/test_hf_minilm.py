@@ -105,6 +105,34 @@ def test_elastic_matches_masking_oracle_extract_and_save_load(minilm, held_out, 
     torch.testing.assert_close(loaded(**batch).last_hidden_state, small(**batch).last_hidden_state, rtol=0, atol=0)
 
 
+def test_training_forward_equals_the_oracle_and_both_sdpa_routes_give_the_same_gradients(minilm, held_out) -> None:
+    """With autograd on (PIAD's path: SDPA; eval mode, so no dropout), real weights and padding: 48 sentences of
+    up to 32 tokens are more tokens than the width 384, so the automatic choice reorders the kept weights; it
+    equals the masking oracle, and the activation-copying route gives the same loss and gradients."""
+    from benchmarks.sdpa_routes import ROUTES, forced_route
+
+    batch = held_out[0]
+    elastic = skd.ElasticViT(minilm).eval()
+    sub = skd.Subnet(attn=[8, 16, 0, 32, 4, 1], mlp=[384, 1536, 100, 0, 700, 3])
+    with elastic.standard_layout() as bare:
+        oracle = masked_copy(bare, sub).eval()(**batch).last_hidden_state.detach()
+    got = elastic(**batch, subnet=sub).last_hidden_state
+    assert batch["input_ids"].numel() >= 384 and got.grad_fn is not None
+    assert ((got - oracle).abs().max() / oracle.abs().max()).item() <= 1e-5
+    grads = {}
+    for route in ROUTES:
+        with forced_route(route):
+            loss = elastic(**batch, subnet=sub).last_hidden_state.square().mean()
+            loss.backward()
+        grads[route] = loss.detach(), {n: p.grad for n, p in elastic.named_parameters() if p.grad is not None}
+        elastic.zero_grad(set_to_none=True)
+    (loss_a, a), (loss_w, w) = grads.values()
+    torch.testing.assert_close(loss_w, loss_a, rtol=1e-6, atol=0)
+    assert a.keys() == w.keys() and len(a) > 50
+    for name in a:
+        torch.testing.assert_close(w[name], a[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_padding_carries_no_weight_in_statistics(minilm, calibration) -> None:
     """The same sentences padded to 7 more tokens give the same statistics (padding weight 0)."""
     batch = next(iter(calibration))
