@@ -18,6 +18,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import skd_kernels
+from benchmarks.sdpa_routes import ROUTES, forced_route
 from skd import ElasticViT, Subnet
 from skd.elastic.module import PLAN_CACHE_SIZE
 
@@ -355,3 +356,42 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
     (forward, backward), (weights_forward, weights_backward) = copies.values()
     assert forward >= 2 * blocks and backward >= 2 * blocks
     assert weights_forward == 0 and weights_backward < backward
+
+
+def _saved_bytes(elastic: ElasticViT, inputs: dict) -> int:
+    """Bytes of the storages autograd keeps for the backward of one forward, the Parameters' own excluded."""
+    params = {p.untyped_storage().data_ptr() for p in elastic.parameters()}
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _call(elastic, inputs)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_weights_route_keeps_no_more_for_the_backward_from_four_times_the_width_in_tokens() -> None:
+    """Autograd keeps the reordered weights (4*H*r*D elements a block) where the activations route keeps o's
+    rank-major copy (S*N*H*r): from S*N >= 4D tokens (batch 12 x 17 >= 4 x 48) the weights route keeps no more
+    for the backward; between D and 4D (batch 3) more, by at most 3*H*r*D elements a block (and the head-major
+    orders, 4*H*r int64, which index_select keeps)."""
+    elastic, _ = _family("vit")
+    elastic.train()
+    subnet = Subnet(attn=[5] * len(elastic.head_dims), mlp=elastic.hiddens)
+    elastic.set_subnet(subnet=subnet)
+    spec = elastic.adapter.blocks[0]
+    h, d = spec.num_heads, spec.qkv.in_features
+    for batch in (12, 3):
+        inputs = {"x": torch.randn(batch, 3, 32, 32)}
+        saved = {}
+        for route in ROUTES:
+            with forced_route(route):
+                saved[route] = _saved_bytes(elastic, inputs)
+        extra = saved["reordering_weights"] - saved["copying_activations"]
+        print(f"batch {batch}: {saved}")
+        if batch * 17 >= 4 * d:
+            assert extra <= 0, saved
+        else:
+            assert 0 < extra <= len(elastic.head_dims) * (3 * h * 5 * d * 4 + 4 * h * 5 * 8), saved
