@@ -1,9 +1,11 @@
 """Serving on a GPU: ElasticViT captured as CUDA graphs (`ElasticViT.capture`) vs eager, and vs its extract()ed
 dense model captured the same way (skd.elastic.CapturedForward).
 
-Per MACs fraction (1/4, 1/2, 1): capture time, then ms per call of eager elastic, captured elastic, eager
-extracted and captured extracted, timed back to back in every repeat (medians), and the ratios captured
-elastic / captured extracted (the issue-14 GPU target: <= 1.05) and captured / eager elastic.
+Per MACs fraction (1/4, 1/2, 1): capture time, then ms per call of eager elastic, captured elastic, captured
+elastic with frozen attention weights (`capture(frozen=True)`: head-major copies made at capture, no per-call
+reordering), eager extracted and captured extracted, timed back to back in every repeat (medians), and the
+ratios captured elastic / captured extracted, the same frozen (the issue-14 GPU target: <= 1.05) and captured /
+eager elastic.
 
     python -m benchmarks.elastic_capture [--models vit_small] [--batches 1 64] [--dtype bf16] [--repeats 5]
         [--calls 20]
@@ -49,7 +51,8 @@ def bench(name: str, batch: int, dtype: torch.dtype, repeats: int, calls: int) -
             t0 = time.perf_counter()
             captured = elastic.capture(x)
             seconds = time.perf_counter() - t0
-            columns = {"eager elastic": elastic, "captured elastic": captured, "eager extracted": dense,
+            columns = {"eager elastic": elastic, "captured elastic": captured,
+                       "captured frozen": elastic.capture(x, frozen=True), "eager extracted": dense,
                        "captured extracted": CapturedForward(dense, dense, (x,), {})}
             times: dict[str, list[float]] = {c: [] for c in columns}
             for rep in range(repeats + 1):  # repeat 0 warms up
@@ -60,14 +63,15 @@ def bench(name: str, batch: int, dtype: torch.dtype, repeats: int, calls: int) -
             med = {c: statistics.median(t) for c, t in times.items()}
             rows.append((f, subnet, seconds, med))
     print(f"\n{name}, batch {batch}, {dtype}: ms per call, medians of {repeats} x {calls} calls")
-    print("| f | widths (hd/hidden) | capture s | eager elastic | captured elastic | eager extracted | "
-          "captured extracted | captured elastic/captured extracted | captured/eager elastic |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| f | widths (hd/hidden) | capture s | eager elastic | captured elastic | captured frozen | "
+          "eager extracted | captured extracted | captured elastic/captured extracted | "
+          "captured frozen/captured extracted | captured/eager elastic |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f, subnet, seconds, med in rows:
-        ee, ce, ed, cd = (med[c] for c in ("eager elastic", "captured elastic", "eager extracted",
-                                           "captured extracted"))
-        print(f"| {f:.3f} | {subnet.attn[0]}/{subnet.mlp[0]} | {seconds:.3f} | {ee:.3f} | {ce:.3f} | {ed:.3f} | "
-              f"{cd:.3f} | {ce / cd:.3f} | {ce / ee:.3f} |", flush=True)
+        ee, ce, cf, ed, cd = (med[c] for c in ("eager elastic", "captured elastic", "captured frozen",
+                                               "eager extracted", "captured extracted"))
+        print(f"| {f:.3f} | {subnet.attn[0]}/{subnet.mlp[0]} | {seconds:.3f} | {ee:.3f} | {ce:.3f} | {cf:.3f} | "
+              f"{ed:.3f} | {cd:.3f} | {ce / cd:.3f} | {cf / cd:.3f} | {ce / ee:.3f} |", flush=True)
 
 
 def main() -> None:

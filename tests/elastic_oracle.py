@@ -91,3 +91,11 @@ def random_subnets(head_dims: tuple[int, ...], hiddens: tuple[int, ...], n: int,
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def frozen_forward(elastic: nn.Module, subnet: Subnet, *args: object, **kwargs: object) -> object:
+    """What `ElasticViT.capture(..., subnet=subnet, frozen=True)` records, run eagerly (CUDA graphs are GPU-only):
+    the forward through a frozen plan, built now (its attention weight copies made now)."""
+    from skd.elastic.plan import Plan
+
+    return elastic._run(Plan(elastic.adapter.blocks, subnet, bound=True, frozen=True), None, *args, **kwargs)

@@ -173,7 +173,7 @@ def test_stored_covariance_is_the_measured_one_and_the_function_is_kept(criterio
 @pytest.mark.parametrize(("arch", "compensate"), [("vit_tiny_patch16_224", "attn"),
                                                   ("deit_tiny_distilled_patch16_224", True), ("swin", "attn")])
 def test_elastic_equals_the_oracle_extract_and_full_width(arch: str, compensate: bool | str) -> None:
-    from tests.elastic_oracle import masked_copy, random_subnets
+    from tests.elastic_oracle import frozen_forward, masked_copy, random_subnets
     from tests.test_compensation import _swin
 
     model = _swin() if arch == "swin" else _model(arch, seed=2)
@@ -191,6 +191,7 @@ def test_elastic_equals_the_oracle_extract_and_full_width(arch: str, compensate:
         for subnet in uniform + random_subnets(elastic.head_dims, elastic.hiddens, n=4, seed=3):
             y = elastic(x, subnet=subnet)
             assert _rel(y, _oracle(bare, subnet, masked_copy)(x)) <= 1e-5
+            assert _rel(frozen_forward(elastic, subnet, x), y) <= 1e-5  # capture(frozen=True)'s compensated copies
             extracted = elastic.extract(subnet).eval()
             assert compensation.means(extracted) == {}  # folded: runs without skd
             assert _rel(extracted(x), y) <= 1e-5

@@ -29,3 +29,17 @@ def test_a_bad_subnet_is_refused_before_capturing() -> None:
     elastic = _elastic()
     with pytest.raises(ValueError, match="attn"):
         elastic.capture(torch.randn(2, 3, 32, 32), subnet=Subnet(attn=[999, 1], mlp=[4, 4]))
+
+
+def test_a_frozen_capture_refuses_cpu_inputs_autocast_and_the_standard_layout() -> None:
+    """capture(frozen=True) copies the attention weights in the model's dtype: under autocast it refuses (the
+    copies would not be in the dtype the replays compute in); CPU inputs and the standard layout are refused as
+    by the forward."""
+    elastic = _elastic()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="CUDA input tensors"):
+        elastic.capture(x, frozen=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
+        elastic.capture(x, frozen=True)
+    with elastic.standard_layout(), pytest.raises(RuntimeError, match="standard_layout"):
+        elastic.capture(x, frozen=True)

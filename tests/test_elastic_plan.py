@@ -21,6 +21,7 @@ import skd_kernels
 from benchmarks.sdpa_routes import ROUTES, forced_route
 from skd import ElasticViT, Subnet
 from skd.elastic.module import PLAN_CACHE_SIZE
+from skd.elastic.plan import Plan
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
 TINY_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 3),
@@ -395,3 +396,41 @@ def test_weights_route_keeps_no_more_for_the_backward_from_four_times_the_width_
             assert extra <= 0, saved
         else:
             assert 0 < extra <= len(elastic.head_dims) * (3 * h * 5 * d * 4 + 4 * h * 5 * 8), saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["vit", "swin", "BertModel"])
+def test_frozen_plan_runs_on_weight_copies_made_once(name: str, dtype: torch.dtype) -> None:
+    """A frozen plan (what capture(frozen=True) records): attention through SDPA on head-major copies of the kept
+    weights made when the plan is built, even below D tokens, where the forward copies activations (these
+    inputs); the forward's outputs at random subnets. The copies are its own: an in-place update of an attention
+    weight after the build is not seen (capture again), one of an MLP weight is."""
+    elastic, inputs = _family(name)
+    elastic.to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    args, kwargs = ((inputs["x"],), {}) if "x" in inputs else ((), inputs)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    params = {p.untyped_storage().data_ptr() for p in elastic.parameters()}
+    fixed = Subnet(attn=[d // 2 + 1 for d in elastic.head_dims], mlp=[h // 3 + 1 for h in elastic.hiddens])
+    with torch.no_grad():
+        for subnet in (*random_subnets(elastic.head_dims, elastic.hiddens, n=3, seed=5), fixed):
+            plan = Plan(elastic.adapter.blocks, subnet, bound=True, frozen=True)
+            # the q/k/v rows (weights, biases) and proj's columns; proj's bias is read where it is
+            copies = [t for b in plan.blocks if b.head_major
+                      for t in (*(t for pair in b.head_major.qkv() for t in pair), b.head_major.proj()[0])
+                      if t is not None]
+            assert len(copies) >= sum(map(bool, subnet.attn)) * 2
+            assert not {t.untyped_storage().data_ptr() for t in copies} & params
+            frozen = hf_helpers.main_output(elastic._run(plan, None, **kwargs)) if kwargs else \
+                elastic._run(plan, None, *args)
+            err = rel_err(frozen.float(), _call(elastic, inputs, subnet=subnet).float())
+            print(f"{name} {dtype} {subnet}: frozen vs forward {err:.2e}")
+            assert err <= tol
+        spec = elastic.adapter.blocks[0]  # the last plan is `fixed`'s: every width kept in part
+        for lin, seen in (((spec.qkv if spec.fused else spec.q), False), (spec.fc1, True)):
+            before = elastic._run(plan, None, *args, **kwargs)
+            lin.weight.mul_(1.5)
+            after = elastic._run(plan, None, *args, **kwargs)
+            lin.weight.div_(1.5)
+            before, after = (hf_helpers.main_output(y) if kwargs else y for y in (before, after))
+            assert (not torch.equal(before, after)) == seen, lin

@@ -8,6 +8,7 @@ cross-head compensation); files keep it and refuse bad ones; torch.compile and a
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import hf_helpers
 import pytest
 import timm
 import torch
-from elastic_oracle import compiled_counting, masked_copy, random_subnets, rel_err
+from elastic_oracle import compiled_counting, frozen_forward, masked_copy, random_subnets, rel_err
 from torch import nn
 
 import skd
@@ -140,10 +141,12 @@ def test_elastic_equals_the_hand_corrected_oracle_bound_and_recording(name: str)
         with torch.no_grad():
             expected = family.out(oracle, subnet=subnet)
             bound = family.out(elastic, subnet=subnet)
+            frozen = family.out(functools.partial(frozen_forward, elastic, subnet))
             without = family.out(plain, subnet=subnet)
         recording = family.out(elastic, subnet=subnet)  # grad mode on, weights require grad: per call
         assert recording.requires_grad
         assert rel_err(bound, expected) <= 1e-5, subnet
+        assert rel_err(frozen, expected) <= 1e-5, subnet  # capture(frozen=True)'s copies of the fitted rows
         assert rel_err(recording.detach(), expected) <= 1e-5, subnet
         fitted = [score_fit.fitted(score_fit.score_fit(score_fit.q_linear(s)), r)
                   for s, r in zip(elastic.adapter.blocks, subnet.attn, strict=True)]

@@ -643,6 +643,40 @@ def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype, sd
         elastic.train().capture(*example, **({} if example else inputs))
 
 
+@on_cuda
+@pytest.mark.parametrize("family", ("timm_vit", "timm_swin", "hf_bert", "hf_vit"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+def test_frozen_capture_replays_on_its_weight_copies(family: str, dtype: torch.dtype) -> None:
+    """capture(frozen=True): attention through SDPA on head-major copies of the kept weights made at capture.
+    Replays equal the eager forward at the capture's subnet (narrow and full), on new inputs too. After an
+    in-place update of a q/k/v weight they do not change (capture again), where a plain capture's do."""
+    from elastic_oracle import rel_err
+
+    from skd import ElasticViT, Subnet
+
+    model, inputs = _elastic_case(family)
+    elastic = ElasticViT(model).eval().to("cuda", dtype)
+    inputs = {k: v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda") for k, v in inputs.items()}
+    fresh = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in inputs.items()}
+    example, kwargs = ((inputs[""],), {}) if "" in inputs else ((), inputs)
+    narrow = Subnet(attn=[d // 2 + 1 for d in elastic.head_dims], mlp=[h // 3 + 1 for h in elastic.hiddens])
+    with torch.no_grad():
+        for s in (narrow, Subnet(attn=elastic.head_dims, mlp=elastic.hiddens)):
+            frozen = elastic.capture(*example, subnet=s, frozen=True, **kwargs)
+            for feed in (inputs, fresh):
+                got = _model_output(frozen, feed)
+                err = rel_err(got.float(), _model_output(functools.partial(elastic, subnet=s), feed).float())
+                print(f"{family} {dtype} {s}: frozen capture vs eager {err:.2e}")
+                assert got.dtype == dtype and err <= ELASTIC_TOL[dtype]
+        plain = elastic.capture(*example, subnet=narrow, **kwargs)
+        frozen = elastic.capture(*example, subnet=narrow, frozen=True, **kwargs)
+        before = [_model_output(c, inputs) for c in (plain, frozen)]
+        spec = elastic.adapter.blocks[0]
+        (spec.qkv if spec.fused else spec.q).weight.mul_(1.5)
+        after = [_model_output(c, inputs) for c in (plain, frozen)]
+    assert not torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
 WPAC_RECIPES = {
     "wpac": dict(criterion="wpac"),
     "wpac+ full": dict(criterion="wpac+", compensate=True, cross_head=True, joint_qk=True, score_fit=True),

@@ -52,6 +52,7 @@ class CapturedForward:
             self._inputs = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in flat]
         args, kwargs = pytree.tree_unflatten(self._inputs, self._spec)
         self._device = device
+        self._fn = fn  # what the graph reads that only fn holds (a frozen plan's weight copies) stays alive
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.device(device):
             side = torch.cuda.Stream()

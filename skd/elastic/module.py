@@ -275,18 +275,25 @@ class ElasticViT(nn.Module):
         MLP hidden units (e.g. channel dropout); absent keys mean no mask. Each subnet's ops are checked and
         bound once and kept for later calls (skd/elastic/plan.py); without grad they skip the autograd layer.
         """
-        if self._standard:
-            raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
+        self._check_rank_major()
         if subnet is None:  # compiling: the symbolic twin (one graph for every width); eager: plain ints, faster
             s = self._symbolic if torch.compiler.is_compiling() else self._subnet
         else:
             s = self._checked(subnet)
-        plan = self._plan(s)
+        return self._run(self._plan(s), masks, *args, **kwargs)
+
+    def _check_rank_major(self) -> None:
+        if self._standard:
+            raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
+
+    def _run(self, plan: Plan, masks: Masks | None, *args: Any, **kwargs: Any) -> Any:
+        """The forward through `plan`'s ops (`forward`'s, or a frozen capture's)."""
         masks = self._checked_masks(plan.subnet, masks)
         return self.adapter.run(args, kwargs, plan.subnet, functools.partial(self._attention, plan, masks),
                                 functools.partial(self._mlp, plan, masks))
 
-    def capture(self, *args: Any, subnet: Subnet | None = None, warmup: int = 3, **kwargs: Any) -> CapturedForward:
+    def capture(self, *args: Any, subnet: Subnet | None = None, warmup: int = 3, frozen: bool = False,
+                **kwargs: Any) -> CapturedForward:
         """The forward at `subnet` (default: the active one) and at these example inputs' shapes, captured as
         a CUDA graph for serving: `captured(*inputs)` replays it without Python or per-kernel launches.
 
@@ -294,9 +301,22 @@ class ElasticViT(nn.Module):
         (milliseconds, no compiler). Needs CUDA inputs and this module in eval mode on their device.
         Replays see in-place weight updates, not replaced weights (skd/elastic/capture.py). On CPU, use
         `torch.compile(elastic, dynamic=True)`: one graph serves every width.
+
+        frozen=True: the kept attention weights (q/k/v rows, proj columns) are copied once, now, in the
+        head-major order SDPA needs, and the graph reads the copies: no per-call reordering of weights or
+        activations at any batch size, for the memory of those copies (at most a third of the model's
+        weights, at full width). Replays then do not see later updates of the attention weights: capture again
+        after changing weights. Runs in the model's own dtype (not under autocast).
         """
         s = self.subnet if subnet is None else self._checked(subnet)
-        return CapturedForward(functools.partial(self, subnet=s), self, args, kwargs, warmup)
+        if not frozen:
+            return CapturedForward(functools.partial(self, subnet=s), self, args, kwargs, warmup)
+        self._check_rank_major()
+        if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+            raise ValueError("capture(frozen=True) copies the weights in the model's dtype: cast the model "
+                             "(e.g. elastic.to(torch.bfloat16)) instead of capturing under autocast")
+        plan = Plan(self.adapter.blocks, s, bound=True, frozen=True)
+        return CapturedForward(functools.partial(self._run, plan, None), self, args, kwargs, warmup)
 
     def _plan(self, s: Subnet) -> Plan:
         """The forward plan of subnet `s` (validated), cached per (subnet, forced backend, autocast)."""
@@ -348,7 +368,8 @@ class ElasticViT(nn.Module):
                 bias = bias.to(ys[0].dtype).expand(*bias.shape[:2], n, n)  # (stride 0 over queries: no copy)
             return p.proj(p.attention(*ys, bias))
         # the tokens S*N at least the model width D: fewer kept weights than activations to reorder
-        route = self._sdpa_reordering_weights if s * n >= x.shape[-1] else self._sdpa_copying_activations
+        reorders_weights = p.head_major.frozen is not None or s * n >= x.shape[-1]
+        route = self._sdpa_reordering_weights if reorders_weights else self._sdpa_copying_activations
         return route(plan, masks, i, x, bias, dropout)
 
     def _sdpa_copying_activations(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor,
@@ -382,8 +403,7 @@ class ElasticViT(nn.Module):
         spec, p = self.adapter.blocks[i], plan.blocks[i]
         h, r, heads = spec.num_heads, p.r, p.head_major
         s, n, _ = x.shape
-        order = heads.qkv_order
-        ys = [F.linear(x, *(None if t is None else t.index_select(0, order) for t in w())) for w in heads.qkv]
+        ys = [F.linear(x, weight, bias) for weight, bias in heads.qkv()]
         mask = masks.get((i, "attn"))
         if mask is not None:  # the last dim is a head's rank
             ys = [(y.view(s, n, -1, r) * mask.to(y)).view(y.shape) for y in ys]
@@ -393,8 +413,6 @@ class ElasticViT(nn.Module):
             q, k, v = (y.view(s, n, h, r).transpose(1, 2) for y in ys)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
         weight, out_bias = heads.proj()
-        # column-major, as proj weights are stored (skd/elastic/layout.py: MKL/oneDNN read it faster)
-        weight = weight.t().index_select(0, heads.proj_order).t()
         # SDPA's CPU and CUDA kernels write o as (S, N, H, r): then this reshape is a view
         return F.linear(o.transpose(1, 2).reshape(s, n, h * r), weight, out_bias)
 

@@ -40,25 +40,49 @@ Weights = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class HeadMajor:
-    """What SDPA attention on reordered weights reads (ElasticViT._sdpa_reordering_weights): the `Weights` of the
-    qkv GEMMs (`qkv`) and of proj (`proj`), and the head-major orders (skd.elastic.layout.head_major_order) of the
-    qkv GEMMs' kept rows (3*H*r fused, H*r each separate) and of proj's kept columns (H*r), built on first use
-    (a plan that never takes this route builds none)."""
+    """The kept attention weights in head-major order, for SDPA on reordered weights
+    (ElasticViT._sdpa_reordering_weights): the qkv GEMMs' kept rows (3*H*r fused, H*r each separate) and proj's
+    kept columns (H*r), selected from their `Weights` by head-major orders (skd.elastic.layout.head_major_order)
+    built on first use (a plan that never takes this route builds none).
+
+    Per call, or (frozen) once, now: then the copies are the plan's, and later updates of the weights are not
+    seen (ElasticViT.capture(frozen=True)).
+    """
 
     def __init__(self, qkv: tuple[Weights, ...], proj: Weights, r: int, num_heads: int, fused: bool,
-                 device: torch.device) -> None:
-        self.qkv, self.proj = qkv, proj
+                 device: torch.device, frozen: bool = False) -> None:
+        self._qkv, self._proj = qkv, proj
         self._shape = r, num_heads, fused, device
+        self.frozen = None
+        if frozen:
+            with torch.no_grad():
+                self.frozen = self.qkv(), self.proj()
 
     @functools.cached_property
-    def proj_order(self) -> torch.Tensor:
+    def _proj_order(self) -> torch.Tensor:
         r, h, _, device = self._shape
         return head_major_order(r, h, device)
 
     @functools.cached_property
-    def qkv_order(self) -> torch.Tensor:
+    def _qkv_order(self) -> torch.Tensor:
         r, h, fused, device = self._shape
-        return head_major_order(r, 3 * h, device) if fused else self.proj_order
+        return head_major_order(r, 3 * h, device) if fused else self._proj_order
+
+    def qkv(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """[(weight, bias)] of each qkv GEMM, kept rows only, head-major: (3*H*r or H*r, D), (rows,) | None."""
+        if self.frozen is not None:
+            return self.frozen[0]
+        order = self._qkv_order
+        return [(w.index_select(0, order), None if b is None else b.index_select(0, order))
+                for w, b in (weights() for weights in self._qkv)]
+
+    def proj(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (D_out, H*r), bias) of proj, kept columns only, head-major; column-major like the stored proj
+        (skd/elastic/layout.py: MKL/oneDNN read it faster)."""
+        if self.frozen is not None:
+            return self.frozen[1]
+        weight, bias = self._proj()
+        return weight.t().index_select(0, self._proj_order).t(), bias
 
 
 class BlockPlan(NamedTuple):
@@ -85,9 +109,11 @@ class Plan:
     bound=True: GEMMs from `skd_kernels.ops.prefix_linear.bind` and prefix_attention below the autograd
     layer when no gradient is needed — outside torch.autocast only. bound=False: partials of the public ops
     (inside autocast, and while torch.compile traces: nothing is sliced or cached outside the graph).
+    frozen=True (bound only; ElasticViT.capture(frozen=True)): attention always through SDPA on head-major
+    weight copies made now (`HeadMajor`), which later weight updates do not reach.
     """
 
-    def __init__(self, blocks: Sequence[BlockSpec], subnet: Subnet, bound: bool) -> None:
+    def __init__(self, blocks: Sequence[BlockSpec], subnet: Subnet, bound: bool, frozen: bool = False) -> None:
         self.subnet = subnet
         linears = [lin for spec in blocks for lin in
                    ((spec.qkv,) if spec.fused else (spec.q, spec.k, spec.v)) + (spec.proj, spec.fc1, spec.fc2)]
@@ -100,9 +126,11 @@ class Plan:
         # bias compensation's means and covariances, the score fits, stored or removed
         self._means = [(lin, input_mean(lin), input_cov(lin)) for lin in linears]
         self._fits = [(lin, score_fit(lin)) for lin in map(q_linear, blocks)]
+        if frozen and not bound:
+            raise ValueError("a frozen plan is a bound one (no autocast, not compiling)")
         gemm = _bind if bound else _partial
-        self.blocks = tuple(_block(spec, r, m, gemm, bound) for spec, r, m in zip(blocks, subnet.attn, subnet.mlp,
-                                                                                  strict=True))
+        self.blocks = tuple(_block(spec, r, m, gemm, bound, frozen)
+                            for spec, r, m in zip(blocks, subnet.attn, subnet.mlp, strict=True))
         # Cross-head compensation's and the score fit's bound GEMMs hold a corrected copy of the kept weight
         # columns or rows: an in-place update of the weight, bias, statistics or fit (an optimizer step) must
         # rebuild them.
@@ -289,15 +317,15 @@ def _output_gemm(gemm: Callable[..., Gemm], lin: nn.Linear, k_in: int, bound: bo
     return g, g.weights
 
 
-def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool) -> BlockPlan:
+def _block(spec: BlockSpec, r: int, m: int, gemm: Callable[..., Gemm], bound: bool, frozen: bool) -> BlockPlan:
     h = spec.num_heads
     qkv = proj = attention = fc1 = fc2 = head_major = None
     if r:
         qkv, qkv_weights = zip(*_q_gemms(spec, r, gemm, bound), strict=True)
         proj, proj_weights = _output_gemm(gemm, spec.proj, h * r, bound)
         weight = spec.qkv.weight if spec.fused else spec.q.weight
-        head_major = HeadMajor(qkv_weights, proj_weights, r, h, spec.fused, weight.device)
-        if _runs_attention_op(spec, weight):
+        head_major = HeadMajor(qkv_weights, proj_weights, r, h, spec.fused, weight.device, frozen)
+        if not frozen and _runs_attention_op(spec, weight):
             attention = _bound_attention(spec, weight) if bound else functools.partial(
                 _public_attention if spec.fused else _public_separate, num_heads=h, scale=spec.scale)
     if m:
