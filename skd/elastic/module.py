@@ -367,7 +367,7 @@ class ElasticViT(nn.Module):
             if bias is not None:  # the ops take (S or 1, H or 1, N, N): a padding mask's (S, 1, 1, N) is expanded
                 bias = bias.to(ys[0].dtype).expand(*bias.shape[:2], n, n)  # (stride 0 over queries: no copy)
             return p.proj(p.attention(*ys, bias))
-        # the tokens S*N at least the model width D: fewer kept weights than activations to reorder
+        # a frozen plan's copies are made; otherwise from S*N >= D tokens the kept weights are fewer to reorder
         reorders_weights = p.head_major.frozen is not None or s * n >= x.shape[-1]
         route = self._sdpa_reordering_weights if reorders_weights else self._sdpa_copying_activations
         return route(plan, masks, i, x, bias, dropout)
