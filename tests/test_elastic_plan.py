@@ -325,8 +325,6 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
     as many (batch 3 / 4) reorder the kept weights instead: the forward copies no activation-sized tensor and
     the backward fewer (ViT: one a block, SDPA's q, k, v gradients into the fused GEMM output's order).
     Activation sizes: S*N*3*H*r (fused qkv), S*N*H*r (q, k, v, o); r = 5 keeps them apart from the weights'."""
-    from skd.elastic.module import ElasticViT as Module
-
     elastic, _ = _family(name)
     blocks = len(elastic.head_dims)
     subnet = Subnet(attn=[5] * blocks, mlp=elastic.hiddens)
@@ -334,7 +332,7 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
     taken, copies = [], {}
 
     def spying(route: str):
-        original = getattr(Module, route)
+        original = getattr(ElasticViT, route)
 
         def spy(self, *args):
             taken.append(route)
@@ -342,13 +340,13 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
         return spy
 
     for route in ("_sdpa_copying_activations", "_sdpa_reordering_weights"):
-        monkeypatch.setattr(Module, route, spying(route))
+        monkeypatch.setattr(ElasticViT, route, spying(route))
     for batch, route in ((2, "_sdpa_copying_activations"), (3 if name == "vit" else 4, "_sdpa_reordering_weights")):
         inputs = {"x": torch.randn(batch, 3, 32, 32)} if name == "vit" else hf_helpers.inputs(name, batch)
         tokens = batch * (17 if name == "vit" else 9)
         taken.clear()
         loss = []
-        forward = _copied_sizes(lambda batch=inputs, loss=loss: loss.append(_call(elastic, batch, subnet=subnet).sum()))
+        forward = _copied_sizes(lambda feed=inputs, loss=loss: loss.append(_call(elastic, feed, subnet=subnet).sum()))
         backward = _copied_sizes(loss[0].backward)
         assert taken == [route] * blocks, (batch, taken)
         activation = (tokens * 3 * heads * 5, tokens * heads * 5)
