@@ -21,8 +21,9 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      benchmarks/elastic_profile.py at ViT-S batch 64 (host vs GPU time per forward); benchmarks/column_major.py's
      gemm table (F.linear on ElasticViT's weight views vs contiguous blocks, batch 1 and 64); benchmarks/sdpa_routes.py
      (SDPA on head-major copies of the activations vs of the kept weights, ViT-S batch 64, bf16);
-     benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs vs eager and vs the captured extracted model,
-     batch 1 and 64); benchmarks/piad_step.py (a 1/3-MACs PIAD step vs a full one, ViT-S batch 64, bf16 autocast);
+     benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs, plain and frozen, vs eager and vs the captured
+     extracted model, batch 1 and 64); benchmarks/piad_step.py (a 1/3-MACs PIAD step vs a full one, ViT-S batch 64,
+     bf16 autocast);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
      compiled extracted model);
   5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
@@ -405,8 +406,8 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
     """ElasticViT against its extracted dense model: benchmarks/elastic_latency.py's table (ms per forward),
     benchmarks/elastic_profile.py (host ms to enqueue vs the GPU's kernel ms: is it host-bound?),
     benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/sdpa_routes.py (attention on
-    copied activations vs reordered weights, training and no-grad), benchmarks/elastic_capture.py (CUDA
-    graphs), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one) and
+    copied activations vs reordered weights: training, no-grad and captured), benchmarks/elastic_capture.py (CUDA
+    graphs, plain and frozen), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one) and
     benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
     for name, module, args, dry_args in (
