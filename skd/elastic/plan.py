@@ -9,6 +9,7 @@ weights were replaced (`current`).
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -135,7 +136,7 @@ class Plan:
         # columns or rows: an in-place update of the weight, bias, statistics or fit (an optimizer step) must
         # rebuild them.
         self._copied = [(t, t._version) for b in self.blocks for g in (b.proj, b.fc2, *(b.qkv or ()))
-                        if isinstance(g, (_CrossHead, _ScoreFit)) and g.fast is not None
+                        if isinstance(g, _CorrectedCopy) and g.fast is not None
                         for t in g.sources() if t is not None]
 
     def current(self) -> bool:
@@ -211,88 +212,87 @@ class _Weights(NamedTuple):
     bias: torch.Tensor | None
 
 
-class _CrossHead:
-    """prefix_linear of `lin`'s cross-head compensated weight and bias (skd.compensation.compensated_linear)
-    through its first k_in inputs, 0 < k_in < in_features.
+class _CorrectedCopy(abc.ABC):
+    """A GEMM of `lin` by a corrected weight and bias (`_computed`, differentiable in `lin`'s). Bound (no grad):
+    computed once, when the plan is built, and bound (`copy`, `fast`: an O(rows * cols) copy; `Plan.current`
+    rebuilds the plan after an in-place update of its `sources`). When autograd must record, or unbound
+    (autocast, torch.compile): computed per call through the public op, so the gradient reaches W and b."""
 
-    Bound (no grad): the corrected (D_out, k_in) weight and bias are computed once, when the plan is built,
-    and bound (the one plan feature that holds an O(D_out * k_in) copy; `Plan.current` rebuilds it after an
-    in-place update). When autograd must record: computed per call from W and b with the plan's B (a
-    constant), through the public op, so the gradient reaches W and b. Unbound (autocast, torch.compile):
-    everything per call, B included, so nothing computed outside the graph is baked into it.
-    """
+    lin: nn.Linear
 
-    def __init__(self, lin: nn.Linear, k_in: int, bound: bool) -> None:
-        self.lin, self.k_in = lin, k_in
-        self.b_map = self.fast = self.copy = None
+    def _bind_copy(self, bound: bool) -> None:
+        self.copy = self.fast = None
         if bound:
             with torch.no_grad():
-                self.b_map = cross_head_map(lin, k_in)
-                weight, bias = compensated_linear(lin, k_in, self.b_map)
-            self.copy = _Weights(weight.contiguous(), bias.contiguous())
+                self.copy = _Weights(*(None if t is None else t.contiguous() for t in self._computed()))
             self.fast = _bind(self.copy)
 
-    def sources(self) -> tuple[torch.Tensor, ...]:
-        """What the bound copy was computed from."""
-        lin = self.lin
-        return lin.weight, lin.bias, input_mean(lin), input_cov(lin)
+    @abc.abstractmethod
+    def _computed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias | None): the corrected kept block, computed now."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lin = self.lin
-        if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
-            return skd_kernels.prefix_linear(x, *compensated_linear(lin, self.k_in, self.b_map))
-        return self.fast(x)
-
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`Weights`: the bound copy, or computed now when autograd records (or unbound)."""
-        lin = self.lin
-        if self.copy is None or _dispatch.needs_grad(lin.weight, lin.bias):
-            return compensated_linear(lin, self.k_in, self.b_map)
-        return self.copy
-
-
-class _ScoreFit:
-    """The q-producing GEMM of `spec` at width r (1 <= r <= R: a width with a score fit, skd.score_fit): its
-    kept rows (fused qkv: the 3*H*r-row prefix; separate q: H*r rows) with the q rows and bias replaced by
-    `corrected_q`'s. Mirrors `_CrossHead`: bound (no grad), the corrected (rows, D) block and bias are
-    computed once and bound (`Plan.current` rebuilds them after an in-place update of the weight, bias or
-    fit); when autograd must record, computed per call from W and b (the fit constant) through the public
-    op, so the gradient reaches W and b; unbound (autocast, torch.compile), everything per call.
-    """
-
-    def __init__(self, spec: BlockSpec, r: int, bound: bool) -> None:
-        self.spec, self.lin, self.r = spec, q_linear(spec), r
-        self.fast = self.copy = None
-        if bound:
-            with torch.no_grad():
-                self.copy = _Weights(*self._corrected())
-            self.fast = _bind(self.copy)
-
+    @abc.abstractmethod
     def sources(self) -> tuple[torch.Tensor | None, ...]:
         """What the bound copy was computed from."""
-        lin = self.lin
-        return lin.weight, lin.bias, score_fit(lin)
-
-    def _corrected(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight (rows, D), bias (rows,) | None): the kept rows, q rows corrected, new contiguous tensors."""
-        spec, lin, r = self.spec, self.lin, self.r
-        q_bias = None if lin.bias is None else q_rows(spec, lin.bias, r)
-        q_weight, q_bias = corrected_q(q_rows(spec, lin.weight, r), q_bias, score_fit(lin), r)
-        return (with_q_rows(spec, lin.weight, r, q_weight),
-                None if q_bias is None else with_q_rows(spec, lin.bias, r, q_bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.lin
         if self.fast is None or _dispatch.needs_grad(x, lin.weight, lin.bias):
-            return skd_kernels.prefix_linear(x, *self._corrected())
+            return skd_kernels.prefix_linear(x, *self._computed())
         return self.fast(x)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`Weights`: the bound copy, or computed now when autograd records (or unbound)."""
         lin = self.lin
         if self.copy is None or _dispatch.needs_grad(lin.weight, lin.bias):
-            return self._corrected()
+            return self._computed()
         return self.copy
+
+
+class _CrossHead(_CorrectedCopy):
+    """prefix_linear of `lin`'s cross-head compensated weight and bias (skd.compensation.compensated_linear)
+    through its first k_in inputs, 0 < k_in < in_features: the corrected (D_out, k_in) block. Bound, with the
+    plan's B (a constant also when autograd records); unbound, B too is computed per call, so nothing computed
+    outside the graph is baked into it.
+    """
+
+    def __init__(self, lin: nn.Linear, k_in: int, bound: bool) -> None:
+        self.lin, self.k_in = lin, k_in
+        self.b_map = None
+        if bound:
+            with torch.no_grad():
+                self.b_map = cross_head_map(lin, k_in)
+        self._bind_copy(bound)
+
+    def sources(self) -> tuple[torch.Tensor, ...]:
+        lin = self.lin
+        return lin.weight, lin.bias, input_mean(lin), input_cov(lin)
+
+    def _computed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return compensated_linear(self.lin, self.k_in, self.b_map)
+
+
+class _ScoreFit(_CorrectedCopy):
+    """The q-producing GEMM of `spec` at width r (1 <= r <= R: a width with a score fit, skd.score_fit): its
+    kept rows (fused qkv: the 3*H*r-row prefix; separate q: H*r rows) with the q rows and bias replaced by
+    `corrected_q`'s (the fit a constant when autograd records).
+    """
+
+    def __init__(self, spec: BlockSpec, r: int, bound: bool) -> None:
+        self.spec, self.lin, self.r = spec, q_linear(spec), r
+        self._bind_copy(bound)
+
+    def sources(self) -> tuple[torch.Tensor | None, ...]:
+        lin = self.lin
+        return lin.weight, lin.bias, score_fit(lin)
+
+    def _computed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (rows, D), bias (rows,) | None): the kept rows, q rows corrected, new contiguous tensors."""
+        spec, lin, r = self.spec, self.lin, self.r
+        q_bias = None if lin.bias is None else q_rows(spec, lin.bias, r)
+        q_weight, q_bias = corrected_q(q_rows(spec, lin.weight, r), q_bias, score_fit(lin), r)
+        return (with_q_rows(spec, lin.weight, r, q_weight),
+                None if q_bias is None else with_q_rows(spec, lin.bias, r, q_bias))
 
 
 def _q_gemms(spec: BlockSpec, r: int, gemm: Callable[..., Gemm], bound: bool) -> tuple[tuple[Gemm, Weights], ...]:
