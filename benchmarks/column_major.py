@@ -36,8 +36,7 @@ import torch.nn.functional as F
 import skd
 from skd.elastic.layout import store_columns_
 from skd.piad.recipe import build_optimizer
-from skd.timing import add_cpu_time_option, call_ms, synchronize
-from skd.timing import clock as timing_clock
+from skd.timing import add_device_options, call_ms, device_clock, synchronize
 from skd_kernels.ops.prefix_linear import bind
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -181,24 +180,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tables", nargs="+", choices=("gemm", "elastic", "piad"), default=["gemm", "elastic", "piad"])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--piad-batch", type=int, default=16)
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the gemm table's device")
     ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES), help="the gemm table's")
-    add_cpu_time_option(ap)
+    add_device_options(ap)  # --device: the gemm table's
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    CLOCK[0] = device_clock(ap, args)
     device = torch.device(args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda: no CUDA device here")
-        if set(args.tables) != {"gemm"} or args.cpu_time:
-            ap.error("--device cuda runs the gemm table alone, in wall time")
+        if set(args.tables) != {"gemm"}:
+            ap.error("--device cuda runs the gemm table alone")
         DEVICE[0] = device
-    CLOCK[0] = timing_clock(ap, args, torch.get_num_threads() == 1)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{where}, {'process CPU' if args.cpu_time else 'wall'} time, medians of {args.repeats} interleaved repeats")
     if "gemm" in args.tables:
