@@ -150,8 +150,35 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[st
     clash = sorted(record.keys() & metadata.keys())
     if clash:
         raise ValueError(f"{type(adapter).__name__}.record() uses reserved keys {clash}")
-    save_tensors(path, {**model.state_dict(), **compensation.means(model), **score_fit.fits(model)},
-                 {**metadata, **record})
+    state = model.state_dict()
+    with torch.device("meta"):  # what load will rebuild, shapes only: a file that would not load is not written
+        try:
+            problem = _mismatch(_rebuilt({**metadata, **record}).state_dict(), state)
+        except ValueError as e:  # e.g. an extract's subnet that does not fit the rebuilt depth
+            problem = str(e)
+    if problem:
+        raise ValueError(f"{type(adapter).__name__} cannot record how to rebuild this model: its record {record} "
+                         f"rebuilds another ({problem})")
+    save_tensors(path, {**state, **compensation.means(model), **score_fit.fits(model)}, {**metadata, **record})
+
+
+def _rebuilt(meta: dict[str, Any]) -> nn.Module:
+    """The model a file's metadata describes, before its tensors are loaded: rebuilt from its adapter's record,
+    and for a saved extract() shrunk to its subnet (ValueError from the record)."""
+    model = rebuild(meta)
+    if meta["kind"] == "extracted":
+        model = ElasticViT(model).extract(Subnet.from_dict(meta["subnet"]))
+    return model
+
+
+def _mismatch(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:
+    """How the names and shapes of `tensors` differ from the state dict `expected`, or None where they agree."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)
+    if not (missing or unexpected or shapes):
+        return None
+    return f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {shapes[:5]}"
 
 
 def _restore_buffers(path: str | os.PathLike, model: nn.Module, means: dict[str, torch.Tensor],
@@ -181,18 +208,12 @@ def load(path: str | os.PathLike) -> ElasticViT | nn.Module:
         raise ValueError(f"{path} has weight layout {meta.get('layout')!r}; this skd reads {LAYOUT_VERSION} and "
                          f"{STANDARD_LAYOUT!r}")
     try:
-        model = rebuild(meta)
+        model = _rebuilt(meta)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    if meta["kind"] == "extracted":  # rebuild the smaller shape from the full one, then load its weights
-        model = ElasticViT(model).extract(Subnet.from_dict(meta["subnet"]))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: tensors do not match the rebuilt {type(model).__name__}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(shapes)[:5]}")
+    problem = _mismatch(model.state_dict(), tensors)
+    if problem:
+        raise ValueError(f"{path}: tensors do not match the rebuilt {type(model).__name__}: {problem}")
     # assign=True everywhere: the model takes the file's tensors themselves, so their dtypes (a bf16 model
     # stays bf16) come back as saved instead of being copied into the freshly built fp32 parameters.
     if meta["kind"] == "extracted":

@@ -218,3 +218,58 @@ def test_extra_metadata_round_trip_and_malformed_metadata(tmp_path: Path) -> Non
     save_tensors(path, {"a": torch.ones(1)}, [1, 2])
     with pytest.raises(ValueError, match="metadata must be a JSON object, got list"):
         load_tensors(path)
+
+
+OLD_TIMM_CASES = [("vit_digits", {}), ("deit_tiny_patch16_224", dict(img_size=64, num_classes=3, global_pool="avg"))]
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), OLD_TIMM_CASES)
+def test_older_timm_records_what_the_model_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str,
+                                                 kwargs: dict) -> None:
+    """A timm without get_model_args (1.0.29, as on the lent GPU): skd records the arguments the model shows, the
+    same ones get_model_args gives for a model built with only those, and the super-network and an extract
+    load back to the same outputs (the extract once failed skd's own rebuild check: the device's CLI test)."""
+    import timm.models
+
+    import skd.digits  # registers vit_digits
+
+    elastic = ElasticViT(timm.create_model(arch, **kwargs).eval()).eval()
+    expected = timm.models.get_model_args(elastic.model)
+    small = elastic.set_subnet(macs=0.5).extract()
+    monkeypatch.delattr(timm.models, "get_model_args")
+    x = torch.randn(2, 3, *expected["img_size"])
+    for obj in (elastic, small):
+        path = tmp_path / f"{type(obj).__name__}.safetensors"
+        with pytest.warns(UserWarning, match="keeps no record"):
+            skd.save(obj, path)
+        _, meta = load_tensors(path)
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_args"].items()} == expected
+        with torch.no_grad():
+            torch.testing.assert_close(skd.load(path).eval()(x), obj(x), rtol=1e-5, atol=1e-5)
+
+
+def test_older_timm_refuses_arguments_it_cannot_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model built with arguments it does not show (embed_dim, depth): the architecture's defaults would not
+    rebuild it, so neither it nor its extract is saved."""
+    import timm.models
+
+    monkeypatch.delattr(timm.models, "get_model_args")
+    elastic = _elastic()
+    for obj in (elastic, elastic.extract()):
+        with pytest.warns(UserWarning, match="upgrade timm"), pytest.raises(ValueError, match="rebuilds another"):
+            skd.save(obj, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_save_refuses_a_record_that_does_not_rebuild_the_model(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the adapter: a record load would rebuild into other shapes is refused before anything is written
+    (here the record names another depth)."""
+    from skd.models.timm_vit import ViTAdapter
+
+    record = ViTAdapter.record
+    monkeypatch.setattr(ViTAdapter, "record", lambda self: {**record(self), "model_args": {
+        **record(self)["model_args"], "depth": 2}})
+    with pytest.raises(ValueError, match=r"rebuilds another \(missing \[\], unexpected \['blocks\.2\."):
+        skd.save(_elastic(), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,13 +81,11 @@ class TimmAdapter(ModelAdapter):
         return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
 
     def record(self) -> dict[str, Any]:
-        from timm.models import get_model_args
-
         arch = (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
         if arch is None:
             raise ValueError("the model was not built with timm.create_model, so skd cannot record how to rebuild "
                              "it; create it with timm.create_model(name, **kwargs)")
-        args = get_model_args(self.model)
+        args = _model_args(self.model)
         for k, v in args.items():
             try:
                 json.dumps(v)
@@ -106,6 +105,31 @@ class TimmAdapter(ModelAdapter):
         except Exception as e:
             raise ValueError(f"cannot rebuild timm model {record.get('architecture')!r} with "
                              f"{record.get('model_args')}: {e}") from e
+
+
+def _model_args(model: nn.Module) -> dict[str, Any]:
+    """timm.create_model's keyword arguments that rebuild `model`'s architecture (no weights)."""
+    try:
+        from timm.models import get_model_args
+    except ImportError:  # an older timm (1.0.29) keeps no record of create_model's arguments
+        return _shown_args(model)
+    return get_model_args(model)
+
+
+def _shown_args(model: nn.Module) -> dict[str, Any]:
+    """The create_model arguments an older timm's model still shows: those get_model_args adds to the recorded
+    ones. Others (a custom embed_dim, depth, window_size, ...) cannot be read back: skd.save then refuses,
+    since the architecture's defaults would not rebuild the model."""
+    import timm
+
+    embed = model.patch_embed
+    args = {"num_classes": model.num_classes, "in_chans": embed.proj.in_channels, "img_size": tuple(embed.img_size)}
+    if isinstance(getattr(model, "global_pool", None), str):
+        args["global_pool"] = model.global_pool
+    warnings.warn(f"timm {timm.__version__} keeps no record of timm.create_model's arguments: skd records only "
+                  f"{sorted(args)}; upgrade timm (1.0.31 records them all) to save models built with others",
+                  stacklevel=4)
+    return args
 
 
 def _shrunk_mlp(spec: BlockSpec, h: int) -> nn.Module:
