@@ -8,12 +8,22 @@ another capture, which takes milliseconds and no compiler.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+
+_CAPTURING = contextvars.ContextVar("skd_capturing", default=False)
+
+
+def capturing() -> bool:
+    """True while a CapturedForward runs its warm-up or records its graph. Code that picks its kernels by host
+    cost picks the GPU-time ones instead, and the same ones in both, so that nothing it builds and caches on
+    first use is first built inside the capture (recorded, not run: its values would come only at a replay)."""
+    return _CAPTURING.get()
 
 
 class CapturedForward:
@@ -54,15 +64,19 @@ class CapturedForward:
         self._device = device
         self._fn = fn  # what the graph reads that only fn holds (a frozen plan's weight copies) stays alive
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.device(device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    fn(*args, **kwargs)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph):
-                self._output = fn(*args, **kwargs)
+        token = _CAPTURING.set(True)
+        try:
+            with torch.no_grad(), torch.cuda.device(device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(warmup):
+                        fn(*args, **kwargs)
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(self.graph):
+                    self._output = fn(*args, **kwargs)
+        finally:
+            _CAPTURING.reset(token)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = _flatten(args, kwargs)

@@ -23,7 +23,7 @@ from ..models.inert import through
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
 from .budget import Budgets, LatencyTable, multiple_of_for
-from .capture import CapturedForward
+from .capture import CapturedForward, capturing
 from .layout import RankMajorLayout, store_columns_
 from .plan import Plan
 from .symbolic import symbolic_widths
@@ -351,7 +351,8 @@ class ElasticViT(nn.Module):
 
         Without autograd, where the attention op has a kernel (CPU), the op on the rank-major GEMM outputs;
         otherwise SDPA, which needs each head's dims contiguous: whichever of the activations or the kept
-        attention weights is smaller is reordered head-major for it."""
+        attention weights is smaller is reordered head-major for it (the activations in an eager CUDA forward
+        without autograd, where host time rules)."""
         spec, p = self.adapter.blocks[i], plan.blocks[i]
         r = p.r
         s, n, _ = x.shape
@@ -367,8 +368,13 @@ class ElasticViT(nn.Module):
             if bias is not None:  # the ops take (S or 1, H or 1, N, N): a padding mask's (S, 1, 1, N) is expanded
                 bias = bias.to(ys[0].dtype).expand(*bias.shape[:2], n, n)  # (stride 0 over queries: no copy)
             return p.proj(p.attention(*ys, bias))
-        # a frozen plan's copies are made; otherwise from S*N >= D tokens the kept weights are fewer to reorder
-        reorders_weights = p.head_major.frozen is not None or s * n >= x.shape[-1]
+        # A frozen plan's copies are made. Otherwise, from S*N >= D tokens the kept weights are fewer to reorder,
+        # except in an eager CUDA forward without autograd: host-bound there, the weight gathers' extra launches
+        # cost more than the copies they save (H200, ViT-S batch 64 bf16: 1.03-1.08x), which win in `capture`'s
+        # graphs (its warm-up too, which builds the plan's orders), compiled, and in training (0.88-0.96x).
+        eager_cuda_inference = (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                                and not capturing())
+        reorders_weights = p.head_major.frozen is not None or (s * n >= x.shape[-1] and not eager_cuda_inference)
         route = self._sdpa_reordering_weights if reorders_weights else self._sdpa_copying_activations
         return route(plan, masks, i, x, bias, dropout)
 
