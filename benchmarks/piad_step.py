@@ -4,17 +4,20 @@ Target (docs/design.md, issue 14): ≤ 0.4 × a full step on ViT-S, because the 
 through prefix views (masking would cost 1.0 ×). The two widths are timed interleaved (full, 1/3, full, ...)
 so load from other processes hits both alike; medians.
 
-    python -m benchmarks.piad_step [--model vit_digits] [--batch 64] [--repeats 7] [--threads N] [--cpu-time]
-        [--device cpu|cuda] [--amp]
+    python -m benchmarks.piad_step [--model vit_digits] [--batch 64 [256 ...]] [--repeats 7] [--threads N]
+        [--cpu-time] [--device cpu|cuda] [--amp]
     python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
 
 On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a step's time includes its kernels.
+There a small batch is host-bound (ViT-S at 64 on an H200: the 1/3 step took 1.03x the full one), and the MACs
+saved show only once the GPU's work outlasts the host's: give several batches to see where.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 
 import timm
@@ -40,7 +43,7 @@ def step(elastic: skd.ElasticViT, opt: torch.optim.Optimizer, x: torch.Tensor, y
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="vit_digits")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as PIAD trains on a GPU")
     add_device_options(ap)
@@ -50,25 +53,27 @@ def main() -> None:
     model = timm.create_model(args.model).to(args.device)
     elastic = skd.ElasticViT(model).train()
     cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    x = torch.randn(args.batch, *cfg, device=args.device)
-    y = torch.randint(0, model.num_classes, (args.batch,), device=args.device)
     opt = build_optimizer(elastic, "adamw", lr=1e-4, weight_decay=0.05)  # PIAD's optimizer
     subnets = [elastic.set_subnet(macs=f).subnet for f in FRACTIONS]
-    times: list[list[float]] = [[] for _ in FRACTIONS]
-    for i in range(args.repeats + 1):  # round 0 warms up
-        for j, s in enumerate(subnets):
-            elastic.set_subnet(subnet=s)
-            ms = call_ms(lambda: step(elastic, opt, x, y, args.amp), x.device, clock)
-            if i:
-                times[j].append(ms)
-    full = statistics.median(times[0])
-    where = torch.cuda.get_device_name() if x.is_cuda else f"{torch.get_num_threads()} threads, cpu"
-    print(f"{args.model}, batch {args.batch}, {where}, {'bf16 autocast' if args.amp else 'fp32'}, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, cpu"
+    print(f"{args.model}, {where}, {'bf16 autocast' if args.amp else 'fp32'}, "
           f"{'process CPU' if args.cpu_time else 'wall'} time")
-    print("| budget | MACs fraction | step ms | / full |\n|---|---|---|---|")
-    for f, s, t in zip(FRACTIONS, subnets, times, strict=True):
-        ms = statistics.median(t)
-        print(f"| {f:.3f} | {elastic.macs(s) / elastic.full_macs:.3f} | {ms:.1f} | {ms / full:.2f} |")
+    print("| batch | budget | MACs fraction | step ms | / full |\n|---|---|---|---|---|")
+    for batch in args.batch:
+        x = torch.randn(batch, *cfg, device=args.device)
+        y = torch.randint(0, model.num_classes, (batch,), device=args.device)
+        times: list[list[float]] = [[] for _ in FRACTIONS]
+        for i in range(args.repeats + 1):  # round 0 warms up
+            for j, s in enumerate(subnets):
+                elastic.set_subnet(subnet=s)
+                ms = call_ms(functools.partial(step, elastic, opt, x, y, args.amp), x.device, clock)
+                if i:
+                    times[j].append(ms)
+        full = statistics.median(times[0])
+        for f, s, t in zip(FRACTIONS, subnets, times, strict=True):
+            ms = statistics.median(t)
+            print(f"| {batch} | {f:.3f} | {elastic.macs(s) / elastic.full_macs:.3f} | {ms:.1f} | {ms / full:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 DEVICE_LONG_TIMEOUT = 180
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("SKD_DEVICE_ONLY"):  # set by benchmarks/gpu_check.py: the device="cpu" cases run in CI
+        on_cpu = [item for item in items if getattr(item, "callspec", None) and
+                  item.callspec.params.get("device") == "cpu"]
+        if on_cpu:
+            config.hook.pytest_deselected(items=on_cpu)
+            items[:] = [item for item in items if item not in on_cpu]
     # The device_long tests first: xdist hands tests out in this order, so they do not end the run alone.
     items.sort(key=lambda item: item.get_closest_marker("device_long") is None)
     for item in items:

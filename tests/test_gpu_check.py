@@ -53,7 +53,9 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert len(rows) == 5 * granularities
     # the profile's op tables of both models, and the compile table: a graph count per MACs fraction
     assert section["Elastic"].count("| op | self µs/forward |") == 2
-    assert re.search(r"^\| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \|$", section["Elastic"], flags=re.M)  # the PIAD step
+    assert section["Elastic"].count("| op | self µs/step |") == 2  # the training step's profile
+    piad = r"^\| 8 \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \|$"  # the PIAD step at batch 8, 1/3 of the MACs
+    assert re.search(piad, section["Elastic"], flags=re.M)
     # the gemm routes: one row per layer shape and fraction, each route a ratio to the contiguous block
     assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
                           section["Elastic"], flags=re.M)) == 12
@@ -122,6 +124,20 @@ def test_tests_past_the_deadline_are_skipped_and_counted(tmp_path: Path) -> None
     assert p.returncode == 0, p.stdout + p.stderr
     assert gpu_check.junit_summary(junit) == "1 tests: 0 passed, 0 failed, 0 errors, 1 skipped (1 of them: the " \
                                              "step's time spent)"
+
+
+def test_device_only_leaves_out_the_cpu_cases() -> None:
+    """SKD_DEVICE_ONLY (the device check's tests): the device="cpu" cases of test_gpu.py are deselected, the others
+    kept (collected here even without CUDA: the cuda cases skip only when they run)."""
+    def collected(**env: str) -> list[str]:
+        p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            "tests/test_gpu.py", "-k", "wpac_on_the_device"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+        return [line for line in p.stdout.splitlines() if "::" in line]
+
+    every, device_only = collected(), collected(SKD_DEVICE_ONLY="1")
+    assert any(t.endswith("-cpu]") for t in every) and device_only
+    assert device_only == [t for t in every if not t.endswith("-cpu]")]
 
 
 def test_sanitizer_runs_triton_in_one_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
