@@ -128,7 +128,7 @@ def _shown_args(model: nn.Module) -> dict[str, Any]:
         args["global_pool"] = model.global_pool
     warnings.warn(f"timm {timm.__version__} keeps no record of timm.create_model's arguments: skd records only "
                   f"{sorted(args)}; upgrade timm (1.0.31 records them all) to save models built with others",
-                  stacklevel=4)
+                  stacklevel=5)  # the caller of skd.save
     return args
 
 
