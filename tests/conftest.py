@@ -90,6 +90,27 @@ def digits_vit(_digits_vit_trained):
 
 
 
+@pytest.fixture
+def routes_taken(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SDPA routes ElasticViT takes while the test runs, one name a block's attention
+    ("_sdpa_copying_activations" or "_sdpa_reordering_weights"), in order; the test may clear it."""
+    from skd import ElasticViT
+
+    taken = []
+
+    def spying(route: str):
+        original = getattr(ElasticViT, route)
+
+        def spy(self, *args):
+            taken.append(route)
+            return original(self, *args)
+        return spy
+
+    for route in ROUTES:
+        monkeypatch.setattr(ElasticViT, f"_sdpa_{route}", spying(f"_sdpa_{route}"))
+    return taken
+
+
 @pytest.fixture(params=ROUTES)
 def sdpa_route(request: pytest.FixtureRequest) -> Iterator[str]:
     """ElasticViT's SDPA attention takes this route at every size (it picks by size otherwise: head-major copies

@@ -319,7 +319,7 @@ def _copied_sizes(fn) -> list[int]:
 
 @pytest.mark.parametrize("name", ["vit", "BertModel"])
 def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
-        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        name: str, routes_taken: list[str]) -> None:
     """With autograd on, fewer tokens than the model width (batch 2 x 17 patches < 48; BERT 2 x 9 < 32) copy
     the activations to head-major and back, forward and backward (at least 2 copies a block each way); at least
     as many (batch 3 / 4) reorder the kept weights instead: the forward copies no activation-sized tensor and
@@ -329,18 +329,7 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
     blocks = len(elastic.head_dims)
     subnet = Subnet(attn=[5] * blocks, mlp=elastic.hiddens)
     heads = elastic.adapter.blocks[0].num_heads
-    taken, copies = [], {}
-
-    def spying(route: str):
-        original = getattr(ElasticViT, route)
-
-        def spy(self, *args):
-            taken.append(route)
-            return original(self, *args)
-        return spy
-
-    for route in ("_sdpa_copying_activations", "_sdpa_reordering_weights"):
-        monkeypatch.setattr(ElasticViT, route, spying(route))
+    taken, copies = routes_taken, {}
     for batch, route in ((2, "_sdpa_copying_activations"), (3 if name == "vit" else 4, "_sdpa_reordering_weights")):
         inputs = {"x": torch.randn(batch, 3, 32, 32)} if name == "vit" else hf_helpers.inputs(name, batch)
         tokens = batch * (17 if name == "vit" else 9)

@@ -647,7 +647,7 @@ def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype, sd
 
 
 @on_cuda
-def test_sdpa_route_on_cuda_follows_host_and_device_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sdpa_route_on_cuda_follows_host_and_device_time(routes_taken: list[str]) -> None:
     """From S*N >= D tokens (16 x 17 >= 192): the eager CUDA forward without autograd copies the activations
     (host-bound, it launches fewer kernels that way); capture's warm-up and graph, and training, reorder the
     weights."""
@@ -656,18 +656,7 @@ def test_sdpa_route_on_cuda_follows_host_and_device_time(monkeypatch: pytest.Mon
     model, inputs = _elastic_case("timm_vit")
     elastic = ElasticViT(model).eval().to("cuda")
     x = inputs[""].to("cuda").repeat(16, 1, 1, 1)
-    taken = []
-
-    def spying(route: str):
-        original = getattr(ElasticViT, route)
-
-        def spy(self, *args):
-            taken.append(route)
-            return original(self, *args)
-        return spy
-
-    for route in ("_sdpa_copying_activations", "_sdpa_reordering_weights"):
-        monkeypatch.setattr(ElasticViT, route, spying(route))
+    taken = routes_taken
     blocks = len(elastic.head_dims)
     with torch.no_grad():
         elastic(x)
