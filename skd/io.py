@@ -157,8 +157,8 @@ def save(obj: ElasticViT | nn.Module, path: str | os.PathLike, *, extra: dict[st
         except ValueError as e:  # e.g. an extract's subnet that does not fit the rebuilt depth
             problem = str(e)
     if problem:
-        raise ValueError(f"{type(adapter).__name__} cannot record how to rebuild this model: its record {record} "
-                         f"rebuilds another ({problem})")
+        raise ValueError(f"{type(adapter).__name__} cannot record how to rebuild this model: from its record, "
+                         f"load rebuilds another ({problem})")
     save_tensors(path, {**state, **compensation.means(model), **score_fit.fits(model)}, {**metadata, **record})
 
 
