@@ -409,7 +409,7 @@ class ElasticViT(nn.Module):
         spec, p = self.adapter.blocks[i], plan.blocks[i]
         h, r, heads = spec.num_heads, p.r, p.head_major
         s, n, _ = x.shape
-        ys = [F.linear(x, weight, bias) for weight, bias in heads.qkv()]
+        ys = [F.linear(x, w, b) for w, b in heads.qkv()]
         mask = masks.get((i, "attn"))
         if mask is not None:  # the last dim is a head's rank
             ys = [(y.view(s, n, -1, r) * mask.to(y)).view(y.shape) for y in ys]
