@@ -126,12 +126,15 @@ def test_subnet_per_call_compiles_at_most_two_graphs() -> None:
 
 
 
-def test_training_compiles_at_most_two_graphs_with_eager_gradients() -> None:
-    """Forward and backward (AOTAutograd traces the ops' backward with symbolic widths): gradients equal
-    eager's. Full width takes a second graph in training (a contiguity check on the full-size views guards
-    `width != full`), so four widths need two."""
+@pytest.mark.parametrize(("batch", "route"), [(2, "_sdpa_copying_activations"), (12, "_sdpa_reordering_weights")])
+def test_training_compiles_at_most_two_graphs_with_eager_gradients(batch: int, route: str,
+                                                                    request: pytest.FixtureRequest) -> None:
+    """Forward and backward (AOTAutograd traces the ops' backward with symbolic widths), on each SDPA route (the
+    kept weights are reordered from S*N >= D tokens: 12 * 17 >= 192): gradients equal eager's, in one graph
+    (fullgraph) per call. Full width takes a second graph in training (a contiguity check on the full-size views
+    guards `width != full`), so four widths need two."""
     elastic = _elastic().train()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32)
     compiled, counter = compiled_counting(elastic, "aot_eager", fullgraph=True)
     for keep in KEEPS:
         elastic.set_subnet(keep=keep)
@@ -147,6 +150,9 @@ def test_training_compiles_at_most_two_graphs_with_eager_gradients() -> None:
             else:  # outside the subnet's blocks
                 assert not got.any()
     assert counter.frame_count <= 2
+    routes_taken = request.getfixturevalue("routes_taken")  # only now: Dynamo would guard on the spy's list
+    elastic(x)
+    assert set(routes_taken) == {route}
 
 def test_inductor_compiles_once_for_four_widths() -> None:
     """The real compiler (inductor, C++ codegen on CPU) with symbolic widths: one graph, eager's outputs."""

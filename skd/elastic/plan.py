@@ -54,26 +54,27 @@ class HeadMajor:
                  device: torch.device, frozen: bool = False) -> None:
         self._qkv, self._proj = qkv, proj
         self._shape = r, num_heads, fused, device
+        self._built: tuple[torch.Tensor, torch.Tensor] | None = None
         self.frozen = None
         if frozen:
             with torch.no_grad():
                 self.frozen = self.qkv(), self.proj()
 
-    @functools.cached_property
-    def _proj_order(self) -> torch.Tensor:
-        r, h, _, device = self._shape
-        return head_major_order(r, h, device)
-
-    @functools.cached_property
-    def _qkv_order(self) -> torch.Tensor:
-        r, h, fused, device = self._shape
-        return head_major_order(r, 3 * h, device) if fused else self._proj_order
+    def _orders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the qkv rows' head-major order, proj columns'), built on first use. Not functools.cached_property:
+        before Python 3.12 it takes an RLock, which Dynamo cannot trace (a graph break per block when
+        torch.compile traces a training step)."""
+        if self._built is None:
+            r, h, fused, device = self._shape
+            proj = head_major_order(r, h, device)
+            self._built = (head_major_order(r, 3 * h, device) if fused else proj), proj
+        return self._built
 
     def qkv(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """[(weight, bias)] of each qkv GEMM, kept rows only, head-major: (3*H*r or H*r, D), (rows,) | None."""
         if self.frozen is not None:
             return self.frozen[0]
-        order = self._qkv_order
+        order = self._orders()[0]
         return [(w.index_select(0, order), None if b is None else b.index_select(0, order))
                 for w, b in (weights() for weights in self._qkv)]
 
@@ -83,7 +84,7 @@ class HeadMajor:
         if self.frozen is not None:
             return self.frozen[1]
         weight, bias = self._proj()
-        return weight.t().index_select(0, self._proj_order).t(), bias
+        return weight.t().index_select(0, self._orders()[1]).t(), bias
 
 
 class BlockPlan(NamedTuple):
