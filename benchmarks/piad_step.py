@@ -5,12 +5,14 @@ through prefix views (masking would cost 1.0 ×). The two widths are timed inter
 so load from other processes hits both alike; medians.
 
     python -m benchmarks.piad_step [--model vit_digits] [--batch 64 [256 ...]] [--repeats 7] [--threads N]
-        [--cpu-time] [--device cpu|cuda] [--amp]
+        [--cpu-time] [--device cpu|cuda] [--amp] [--compile]
     python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
 
 On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a step's time includes its kernels.
 There a small batch is host-bound (ViT-S at 64 on an H200: the 1/3 step took 1.03x the full one), and the MACs
-saved show only once the GPU's work outlasts the host's: give several batches to see where.
+saved show only once the GPU's work outlasts the host's: give several batches to see where. `--compile` also
+times the step through `torch.compile(elastic, dynamic=True)` (PIADTrainer(compile=True)): one graph serves every
+narrower width, and inductor's fused kernels take most of the host's per-op work away.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from skd.timing import add_device_options, call_ms, device_clock
 FRACTIONS = (1.0, 1 / 3)
 
 
-def step(elastic: skd.ElasticViT, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
+def step(elastic: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
     with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
         loss = F.cross_entropy(elastic(x), y)
     opt.zero_grad(set_to_none=True)
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as PIAD trains on a GPU")
+    ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
     add_device_options(ap)
     args = ap.parse_args()
     clock = device_clock(ap, args)
@@ -58,22 +61,22 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, cpu"
     print(f"{args.model}, {where}, {'bf16 autocast' if args.amp else 'fp32'}, "
           f"{'process CPU' if args.cpu_time else 'wall'} time")
-    print("| batch | budget | MACs fraction | step ms | / full |\n|---|---|---|---|---|")
+    modes = {"eager": elastic} | ({"compiled": torch.compile(elastic, dynamic=True)} if args.compile else {})
+    print("| batch | mode | budget | MACs fraction | step ms | / full | / eager |\n|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, *cfg, device=args.device)
         y = torch.randint(0, model.num_classes, (batch,), device=args.device)
-        times: list[list[float]] = [[] for _ in FRACTIONS]
-        for i in range(args.repeats + 1):  # round 0 warms up
-            for j, s in enumerate(subnets):
-                elastic.set_subnet(subnet=s)
-                ms = call_ms(functools.partial(step, elastic, opt, x, y, args.amp), x.device, clock)
+        times = {(mode, j): [] for mode in modes for j in range(len(FRACTIONS))}
+        for i in range(args.repeats + 1):  # round 0 warms up (and compiles)
+            for (mode, j), t in times.items():
+                elastic.set_subnet(subnet=subnets[j])
+                ms = call_ms(functools.partial(step, modes[mode], opt, x, y, args.amp), x.device, clock)
                 if i:
-                    times[j].append(ms)
-        full = statistics.median(times[0])
-        for f, s, t in zip(FRACTIONS, subnets, times, strict=True):
-            ms = statistics.median(t)
-            print(f"| {batch} | {f:.3f} | {elastic.macs(s) / elastic.full_macs:.3f} | {ms:.1f} | {ms / full:.2f} |",
-                  flush=True)
+                    t.append(ms)
+        ms = {key: statistics.median(t) for key, t in times.items()}
+        for (mode, j), t in ms.items():
+            print(f"| {batch} | {mode} | {FRACTIONS[j]:.3f} | {elastic.macs(subnets[j]) / elastic.full_macs:.3f} "
+                  f"| {t:.1f} | {t / ms[mode, 0]:.2f} | {t / ms['eager', j]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -397,6 +397,26 @@ def test_train_reports_itself(tmp_path, image_folder, model_file):
     assert r.returncode == 0 and r.stdout.count("epoch:        epoch") == 2, (r.stdout, r.stderr)
 
 
+def test_train_compile_logs_the_eager_losses(tmp_path, image_folder):
+    """`skd train --compile`: the steps run through compiled graphs (in this process: Dynamo's counters) and log
+    the eager run's losses."""
+    from torch._dynamo.utils import counters
+
+    names = sorted(p.name for p in image_folder.iterdir())
+    model = _save_model(tmp_path / "m.safetensors", names, depth=1)  # one block: compiled in seconds
+    losses = {}
+    for flags in ((), ("--compile",)):
+        log, before = tmp_path / f"log{len(flags)}.jsonl", counters["stats"]["unique_graphs"]
+        r = skd("train", str(model), "--data", str(image_folder), "--epochs", "2", "--progressive-epochs", "1",
+                "--batch-size", "16", "--log", str(log), *flags, "--out", str(tmp_path / f"t{len(flags)}.st"))
+        assert r.returncode == 0, r.stderr
+        assert (counters["stats"]["unique_graphs"] > before) == bool(flags)
+        losses[flags] = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert len(losses[()]) == 2
+    for a, b in zip(losses[()], losses["--compile",], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
 def test_hf_text_model_trains_with_distillation(tmp_path, minilm_folder):
     """PIAD on the real MiniLM from a text file, distilling the full model's embeddings (no labels)."""
     from skd.text import calibration_sentences

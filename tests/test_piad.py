@@ -374,3 +374,33 @@ def test_amp_trains_in_bf16_autocast_on_cpu(digits_vit, digits_data):
     assert all(v.dtype == torch.float32 for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert trainer.evaluate(budgets=(0.5, 1.0))[1.0]["accuracy"] > 0.5
+
+
+def test_compiled_steps_train_like_eager_ones():
+    """compile=True (`skd train --compile`): the steps run through inductor's graphs (widths symbolic: one for the
+    narrower widths, one for full) and give the eager run's losses, dropout list and weights (fp32)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_digits", depth=1)  # one block: inductor compiles it in seconds
+    data = TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+    kw = dict(epochs=2, progressive_epochs=1, target_macs=0.4, mixup=0, cutmix=0, **{**FAST, "batch_size": 16})
+    eager = PIADTrainer(copy.deepcopy(model), data, **kw)
+    eager.fit()
+    before = counters["stats"]["unique_graphs"]
+    compiled = PIADTrainer(copy.deepcopy(model), data, compile=True, **kw)
+    compiled.fit()
+    assert 1 <= counters["stats"]["unique_graphs"] - before <= 2
+    assert compiled.dropout_list == eager.dropout_list and len(eager.dropout_list) > 0
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    # AdamW turns rounding-level gradient differences into whole steps where a gradient is ~0: compare the moves
+    start = _params(model)
+    with eager.elastic.standard_layout() as e, compiled.elastic.standard_layout() as c:
+        want, got = _params(e), _params(c)
+    moved = torch.cat([(want[k] - start[k]).flatten() for k in start])
+    apart = torch.cat([(got[k] - want[k]).flatten() for k in start])
+    print(f"weights apart / moved: {apart.norm() / moved.norm():.1e}")
+    assert apart.norm() <= 1e-3 * moved.norm()

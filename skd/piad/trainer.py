@@ -64,6 +64,12 @@ class PIADTrainer:
     label_smoothing 0.1, mixup / cutmix alphas (image classifiers; off by default, DeiT's 0.8 / 1.0
     suit long runs from scratch; batch size must then be even), clip_grad None (max grad norm),
     amp None (= bf16 autocast on CUDA, off on CPU).
+    compile: run the training steps' forwards (the model's, with its backward, and the teacher's) through
+    `torch.compile(..., dynamic=True)`: the widths are symbolic (skd/elastic/symbolic.py), so one graph serves
+    every width that keeps both branches of every block, one more serves full width, and each pattern of
+    skipped branches (a width of 0, layerdrop) compiles its own, up to Dynamo's recompile limit (then eager).
+    Compiling costs a minute or more up front; it pays where an eager step is host-bound, on a GPU
+    (benchmarks/piad_step.py --compile). Evaluation and importance passes stay eager.
     Reporting (`skd.piad.report`): progress bars (training and importance passes) that keep their final
     state when `progress`; one line per epoch when `verbose` (default: as `progress`; loss, lr, list
     MACs, val top-1 at the list target and at full when val_data has labels), both on rank 0 only;
@@ -103,6 +109,7 @@ class PIADTrainer:
         cutmix: float = 0.0,
         clip_grad: float | None = None,
         amp: bool | None = None,
+        compile: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         seed: int = 0,
@@ -152,6 +159,9 @@ class PIADTrainer:
             raise ValueError(f"the teacher is on {next(teacher.parameters()).device}, the model on {self.device}: "
                              "move both to one device")
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        # what the steps call: the modules themselves, or compiled wrappers sharing their parameters
+        self._student = torch.compile(self.elastic, dynamic=True) if compile else self.elastic
+        self._teacher = torch.compile(self.teacher, dynamic=True) if compile and teacher is not None else self.teacher
         floor = self.elastic.macs(Subnet(attn=[0] * len(self.elastic.head_dims), mlp=[0] * len(self.elastic.hiddens)))
         if floor >= self.target_macs * self.elastic.full_macs:
             raise ValueError(f"target_macs={target_macs} is unreachable: the layers outside attention and MLP "
@@ -270,7 +280,7 @@ class PIADTrainer:
             batch = type(batch)(self.mixup(batch[0], batch[1]))  # (images, soft targets)
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext():
             args, kwargs = batches.model_inputs(batch)
-            output = self.elastic(*args, masks=draw.masks or None, **kwargs)
+            output = self._student(*args, masks=draw.masks or None, **kwargs)
             loss = self._loss(output, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,7 +301,7 @@ class PIADTrainer:
             loss = loss + (1 - w) * self._task_loss(output, batch)
         if w > 0:
             with torch.no_grad():
-                target = batches.call(self.teacher, batch)
+                target = batches.call(self._teacher, batch)
             loss = loss + w * distillation_loss(output, target, self.adapter.token_weights(batch))
         return loss
 
