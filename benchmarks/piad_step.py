@@ -25,6 +25,7 @@ import statistics
 import timm
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import skd
 import skd.digits  # registers vit_digits with timm
@@ -67,16 +68,22 @@ def main() -> None:
         x = torch.randn(batch, *cfg, device=args.device)
         y = torch.randint(0, model.num_classes, (batch,), device=args.device)
         times = {(mode, j): [] for mode in modes for j in range(len(FRACTIONS))}
+        compiling = 0.0
         for i in range(args.repeats + 1):  # round 0 warms up (and compiles)
             for (mode, j), t in times.items():
                 elastic.set_subnet(subnet=subnets[j])
                 ms = call_ms(functools.partial(step, modes[mode], opt, x, y, args.amp), x.device, clock)
                 if i:
                     t.append(ms)
+                elif mode == "compiled":
+                    compiling += ms / 1e3
         ms = {key: statistics.median(t) for key, t in times.items()}
         for (mode, j), t in ms.items():
             print(f"| {batch} | {mode} | {FRACTIONS[j]:.3f} | {elastic.macs(subnets[j]) / elastic.full_macs:.3f} "
                   f"| {t:.1f} | {t / ms[mode, 0]:.2f} | {t / ms['eager', j]:.2f} |", flush=True)
+        if args.compile:
+            print(f"(batch {batch}: the compiled steps' first calls took {compiling:.1f} s; "
+                  f"Dynamo graphs so far: {counters['stats']['unique_graphs']})", flush=True)
 
 
 if __name__ == "__main__":

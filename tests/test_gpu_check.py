@@ -54,7 +54,8 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     # the profile's op tables of both models, and the compile table: a graph count per MACs fraction
     assert section["Elastic"].count("| op | self µs/forward |") == 2
     assert section["Elastic"].count("| op | self µs/step |") == 2  # the training step's profile
-    piad = r"^\| 8 \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \|$"  # the PIAD step at batch 8, 1/3 of the MACs
+    # the PIAD step at batch 8, eager, 1/3 of the MACs
+    piad = r"^\| 8 \| eager \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \| 1\.00 \|$"
     assert re.search(piad, section["Elastic"], flags=re.M)
     # the gemm routes: one row per layer shape and fraction, each route a ratio to the contiguous block
     assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
