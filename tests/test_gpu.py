@@ -392,6 +392,35 @@ def test_prefix_linear_grads_vit_b(backend: str) -> None:
         _close(a, b, torch.float32, relative_to_max=True)
 
 
+@on_cuda
+@pytest.mark.parametrize("autocast", (False, True), ids=("fp32", "bf16-autocast"))
+def test_prefix_linear_records_torch_autograd_on_cuda(autocast: bool) -> None:
+    """Under the automatic choice a recorded CUDA call runs PyTorch's own autograd (no Python autograd layer: PIAD's
+    step is host-bound), the public op and a bound one alike, with the reference's gradients; forced, the CUDA
+    kernel's own op is recorded."""
+    from skd_kernels.ops.prefix_linear import bind
+
+    x = torch.randn(4, 197, 768, device="cuda", requires_grad=True)
+    weight = (torch.randn(3072, 768, device="cuda") / 768**0.5).requires_grad_(True)
+    bias = torch.randn(3072, device="cuda", requires_grad=True)
+    g = torch.randn(4, 197, 1000, device="cuda")
+    calls = {"public": lambda: skd_kernels.prefix_linear(x, weight, bias, 384, 1000, "gelu"),
+             "bound": lambda: bind(weight, bias, 384, 1000, "gelu")(x)}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        want = torch.autograd.grad(reference.prefix_linear(x, weight, bias, 384, 1000, "gelu").float(),
+                                   (x, weight, bias), g)
+        for name, call in calls.items():
+            if autocast and name == "bound":
+                continue  # bind is for use outside autocast
+            y = call()
+            assert "prefix_linear" not in type(y.grad_fn).__name__, name
+            for a, b in zip(torch.autograd.grad(y.float(), (x, weight, bias), g), want, strict=True):
+                _close(a, b, torch.bfloat16 if autocast else torch.float32, relative_to_max=True)
+        if "cuda" in skd_kernels.available_backends("cuda"):
+            with skd_kernels.use_backend("cuda"):
+                assert "prefix_linear" in type(calls["public"]().grad_fn).__name__
+
+
 # (S, N, H, r): ViT-B at full head width, Swin windows (49 tokens) at 1/2, odd N and r, one token. Two head
 # tiles (BLOCK_D 64 and 16) only: every (dtype, BLOCK_D, bias) compiles each autotune config, and
 # `make gpu-check` gives all its GPU tests 160 s on a fresh machine.

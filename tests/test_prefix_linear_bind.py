@@ -202,3 +202,19 @@ def test_no_grad_runs_on_views_on_cpu_and_cuda_but_onednn_only_on_cpu() -> None:
     assert not prefix_linear_op._views_run(reference.prefix_linear, torch.device("cpu"))
     block = torch.empty(48, 40, dtype=torch.bfloat16, device="meta")
     assert not prefix_linear_op._onednn_runs(block, 40, 48)
+
+
+def test_recorded_calls_run_torch_autograd_on_cuda_only_unforced_and_eager() -> None:
+    """Where autograd records, CUDA calls under the automatic choice run `reference` (PyTorch's C++ autograd, not
+    the op's Python one); CPU calls, a forced backend and a torch.compile trace keep the op. The CUDA device is
+    only named here (no tensor on it); tests/test_gpu.py runs the path."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert prefix_linear_op._torch_autograd(cuda) and not prefix_linear_op._torch_autograd(cpu)
+    with skd_kernels.use_backend("reference"):
+        assert not prefix_linear_op._torch_autograd(cuda)
+    seen = []
+    torch.compile(lambda x: seen.append(prefix_linear_op._torch_autograd(cuda)) or x, backend="eager")(torch.ones(1))
+    assert seen == [False]
+    if prefix_linear_op._CPU_KERNEL is not None:  # CPU: the compiled op records its own node
+        x, weight, bias = _inputs((3,), 7, (9, 7), torch.float32, grad=True)
+        assert "prefix_linear" in type(skd_kernels.prefix_linear(x, weight, bias, 5, 4).grad_fn).__name__

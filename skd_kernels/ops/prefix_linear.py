@@ -40,6 +40,7 @@ def prefix_linear(
     Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
     Differentiable in x, weight (gradient zero outside the block) and bias. Inside `torch.autocast` it
     computes in the autocast dtype, like F.linear (the leading block of weight is cast, not all of it).
+    On CUDA, where autograd records and no backend is forced, it runs the equivalent below (`_torch_autograd`).
 
     Equivalent to::
 
@@ -52,6 +53,8 @@ def prefix_linear(
     check(x, weight, bias, k_in, k_out, activation)
     fn = _dispatch.kernel(OP, x.device, x.dtype)
     if _dispatch.needs_grad(x, weight, bias):
+        if _torch_autograd(x.device):
+            return reference(x, weight, bias, k_in, k_out, activation)
         return fn(x, weight, bias, k_in, k_out, activation)
     if _views_run(fn, x.device):  # needs_grad is True while torch.compile traces: the graph keeps the op
         w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
@@ -88,18 +91,34 @@ def bind(
         w_blk, b_blk = weight[:k_out, :k_in], None if bias is None else bias[:k_out]
     on_views = _views_run(fn, device)
     onednn = on_views and _onednn_runs(w_blk, k_in, k_out)
+    torch_autograd = _torch_autograd(device)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.device != device or not x.dim() \
                 or x.shape[-1] < k_in:
             check(x, weight, bias, k_in, k_out, activation)  # raises prefix_linear's error for this x
         if _dispatch.needs_grad(x, weight, bias):
+            if torch_autograd and not torch.compiler.is_compiling():
+                return reference(x, weight, bias, k_in, k_out, activation)
             return fn(x, weight, bias, k_in, k_out, activation)
         if not on_views:
             return _dispatch.below_autograd(fn, x, weight, bias, k_in, k_out, activation)
         return _on_views(x, w_blk, b_blk, k_in, activation, onednn)
 
     return call
+
+
+def _torch_autograd(device: torch.device) -> bool:
+    """Whether a call that autograd records runs `reference` (F.linear on the views, GELU; PyTorch's own C++
+    autograd nodes) instead of the op: on CUDA under the automatic choice, eagerly. There the compiled kernel is
+    the same cuBLAS GEMM on the same views (csrc/cuda/prefix_linear.cu), while the op adds a Python autograd
+    layer (custom-op wrapper, setup_context, `backward`; ~40 Python calls a GEMM's forward and backward) and its
+    backward recomputes a GELU GEMM's pre-activation, which F.gelu's node keeps (as a dense MLP does). PIAD's
+    training step is host-bound on an H200 and was 1.17x its extracted model's (ViT-S batch 64, bf16 autocast:
+    4508 vs 2040 Python calls a step; benchmarks/RESULTS.md, "session 14"). Not on CPU, where the op's bf16
+    oneDNN path beats F.linear in training (ViT-S bf16 1.05x slower on the views), not for a forced backend
+    (that kernel is asked for), and not while torch.compile traces (the graph keeps the op)."""
+    return device.type == "cuda" and not _dispatch._forced_name() and not torch.compiler.is_compiling()
 
 
 def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
