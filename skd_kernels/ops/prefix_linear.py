@@ -118,7 +118,7 @@ def _torch_autograd(device: torch.device) -> bool:
     4508 vs 2040 Python calls a step; benchmarks/RESULTS.md, "session 14"). Not on CPU, where the op's bf16
     oneDNN path beats F.linear in training (ViT-S bf16 1.05x slower on the views), not for a forced backend
     (that kernel is asked for), and not while torch.compile traces (the graph keeps the op)."""
-    return device.type == "cuda" and not _dispatch._forced_name() and not torch.compiler.is_compiling()
+    return device.type == "cuda" and not torch.compiler.is_compiling() and not _dispatch._forced_name()
 
 
 def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
