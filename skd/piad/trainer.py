@@ -67,9 +67,10 @@ class PIADTrainer:
     compile: run the training steps' forwards (the model's, with its backward, and the teacher's) through
     `torch.compile(..., dynamic=True)`: the widths are symbolic (skd/elastic/symbolic.py), so one graph serves
     every width that keeps both branches of every block, one more serves full width, and each pattern of
-    skipped branches (a width of 0, layerdrop) compiles its own, up to Dynamo's recompile limit (then eager).
-    Compiling costs a minute or more up front; it pays where an eager step is host-bound, on a GPU
-    (benchmarks/piad_step.py --compile). Evaluation and importance passes stay eager.
+    skipped branches compiles its own (a width of 0: a Dropout List at a low target drops whole modules, nested,
+    so at most one pattern per module; layerdrop any). Each graph costs seconds to a minute of compiling (ViT-S on
+    an H200: ~50 s); it pays where an eager step is host-bound, on a GPU (benchmarks/piad_step.py --compile).
+    Evaluation and importance passes stay eager.
     Reporting (`skd.piad.report`): progress bars (training and importance passes) that keep their final
     state when `progress`; one line per epoch when `verbose` (default: as `progress`; loss, lr, list
     MACs, val top-1 at the list target and at full when val_data has labels), both on rank 0 only;
