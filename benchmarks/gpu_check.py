@@ -23,7 +23,8 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      (SDPA on head-major copies of the activations vs of the kept weights, ViT-S batch 64, bf16);
      benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs, plain and frozen, vs eager and vs the captured
      extracted model, batch 1 and 64); benchmarks/piad_step.py (a 1/3-MACs PIAD step vs a full one, ViT-S batch 64
-     and 256, bf16 autocast); benchmarks/elastic_profile.py --train (a training step's host vs GPU time);
+     and 256, bf16 autocast, and its kernel time by kind of work); benchmarks/elastic_profile.py --train (a
+     training step's host vs GPU time);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
      compiled extracted model);
   5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
@@ -113,8 +114,8 @@ CAPTURE_ARGS = ["--models", "vit_small", "--batches", "1", "64", "--dtype", "bf1
 # (host-bound on the H200: 0.98x at batch 64, 0.85x at 256, session 14). Its --compile (PIADTrainer(compile=True))
 # compiles for minutes there, more than this check has: run it on its own.
 PIAD_STEP_ARGS = ["--device", "cuda", "--amp", "--model", "vit_small_patch16_224", "--batch", "64", "256",
-                  "--repeats", "3"]
-DRY_PIAD_STEP_ARGS = ["--model", "vit_digits", "--batch", "8", "--repeats", "1", "--threads", "1"]
+                  "--repeats", "3", "--kernels"]
+DRY_PIAD_STEP_ARGS = ["--model", "vit_digits", "--batch", "8", "--repeats", "1", "--threads", "1", "--kernels"]
 SDPA_ROUTES_ARGS = ["--device", "cuda", "--models", "vit_small_patch16_224", "--batches", "64", "--dtypes", "bf16",
                     "--repeats", "5"]
 DRY_SDPA_ROUTES_ARGS = ["--models", "vit_digits", "--batches", "8", "--repeats", "1", "--threads", "1"]
@@ -420,7 +421,8 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
     benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/sdpa_routes.py (attention on
     copied activations vs reordered weights: training, no-grad and captured), benchmarks/elastic_capture.py (CUDA
     graphs, plain and frozen), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one, batch 64
-    and 256), elastic_profile.py --train (a training step's host vs GPU time) and benchmarks/elastic_compile.py
+    and 256, and what kind of kernels each spends its time in), elastic_profile.py --train (a training step's
+    host vs GPU time) and benchmarks/elastic_compile.py
     (graphs for three widths, the compiled and CUDA-graph speeds)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
     for name, module, args, dry_args in (

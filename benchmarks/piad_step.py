@@ -5,14 +5,16 @@ through prefix views (masking would cost 1.0 ×). The two widths are timed inter
 so load from other processes hits both alike; medians.
 
     python -m benchmarks.piad_step [--model vit_digits] [--batch 64 [256 ...]] [--repeats 7] [--threads N]
-        [--cpu-time] [--device cpu|cuda] [--amp] [--compile]
+        [--cpu-time] [--device cpu|cuda] [--amp] [--compile] [--kernels]
     python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
 
 On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a step's time includes its kernels.
 There a small batch is host-bound (ViT-S at 64 on an H200: the 1/3 step took 1.03x the full one), and the MACs
 saved show only once the GPU's work outlasts the host's: give several batches to see where. `--compile` also
 times the step through `torch.compile(elastic, dynamic=True)` (PIADTrainer(compile=True)): one graph serves every
-narrower width, and inductor's fused kernels take most of the host's per-op work away.
+narrower width, and inductor's fused kernels take most of the host's per-op work away. `--kernels` then profiles
+one more step of each and splits its time by kind of work (GPU: kernel time; CPU: the ops' self time), to show
+what a narrower subnet shrinks (GEMMs, attention) and what it does not (norms, the optimizer, copies and casts).
 """
 
 from __future__ import annotations
@@ -21,18 +23,30 @@ import argparse
 import contextlib
 import functools
 import statistics
+from collections.abc import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
 
 import skd
 import skd.digits  # registers vit_digits with timm
 from skd.piad.recipe import build_optimizer
-from skd.timing import add_device_options, call_ms, device_clock
+from skd.timing import add_device_options, call_ms, device_clock, synchronize
 
 FRACTIONS = (1.0, 1 / 3)
+# (kind, substrings of a kernel's or op's lower-cased name), first match wins: inductor names fused kernels after
+# their ops (`triton_per_fused__to_copy_native_layer_norm_...` is a norm), cuBLAS and CUTLASS after their tiles.
+KIND_PATTERNS = (
+    ("optimizer", ("adam", "multi_tensor")),
+    ("attention", ("attention", "flash", "fmha", "softmax")),
+    ("norm", ("layer_norm", "layernorm")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "prefix_linear")),
+    ("copy/fill", ("copy", "fill", "zero", "memset", "memcpy", "index", "scatter", "slice", "cat")),
+)
+KINDS = (*(kind for kind, _ in KIND_PATTERNS), "other")
 
 
 def step(elastic: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
@@ -43,6 +57,44 @@ def step(elastic: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, 
     opt.step()
 
 
+def kind(name: str) -> str:
+    """The kind of work (one of KINDS) a profiled kernel or op does, by its name."""
+    low = name.lower()
+    return next((k for k, patterns in KIND_PATTERNS if any(p in low for p in patterns)), "other")
+
+
+def kinds_ms(fn: Callable[[], object], device: torch.device, steps: int = 2) -> dict[str, float]:
+    """{kind: ms per call of `fn`} over `steps` profiled calls: kernel time on CUDA, the ops' self CPU time on CPU."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    target = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    out = dict.fromkeys(KINDS, 0.0)
+    for e in prof.key_averages():
+        if e.device_type == target:
+            out[kind(e.key)] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps / 1e3
+    return out
+
+
+def kinds_table(batch: int, device: torch.device, rows: dict[tuple[str, int], dict[str, float]]) -> str:
+    """`kinds_ms` of each (mode, fraction index) as a table, with each narrower row over its mode's full one."""
+    what = "GPU ms of kernels" if device.type == "cuda" else "self CPU ms of ops"
+    lines = [f"batch {batch}: {what} per step by kind (--kernels)",
+             "| mode | budget | " + " | ".join(KINDS) + " | total |", "|---|---|" + "---|" * (len(KINDS) + 1)]
+    for (mode, j), ms in rows.items():
+        cells = [ms[k] for k in KINDS] + [sum(ms.values())]
+        lines.append(f"| {mode} | {FRACTIONS[j]:.3f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        if j:
+            full = rows[mode, 0]
+            ratios = [ms[k] / full[k] if full[k] else float("nan") for k in KINDS] + \
+                [sum(ms.values()) / sum(full.values())]
+            lines.append(f"| {mode} | / full | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="vit_digits")
@@ -50,6 +102,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as PIAD trains on a GPU")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
+    ap.add_argument("--kernels", action="store_true", help="then split a profiled step's time by kind of work")
     add_device_options(ap)
     args = ap.parse_args()
     clock = device_clock(ap, args)
@@ -84,6 +137,12 @@ def main() -> None:
         if args.compile:
             print(f"(batch {batch}: the compiled steps' first calls took {compiling:.1f} s; "
                   f"Dynamo graphs so far: {counters['stats']['unique_graphs']})", flush=True)
+        if args.kernels:
+            rows = {}
+            for mode, j in times:
+                elastic.set_subnet(subnet=subnets[j])
+                rows[mode, j] = kinds_ms(functools.partial(step, modes[mode], opt, x, y, args.amp), x.device)
+            print(kinds_table(batch, x.device, rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import DEVICE_LONG_TIMEOUT
 
-from benchmarks import gpu_check, sanitizer_driver, sdpa_routes
+from benchmarks import gpu_check, piad_step, sanitizer_driver, sdpa_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,10 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     # the PIAD step at batch 8, eager, 1/3 of the MACs
     piad = r"^\| 8 \| eager \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \| 1\.00 \|$"
     assert re.search(piad, section["Elastic"], flags=re.M)
+    # and its time by kind of work: both widths, and the narrower one over the full one
+    cells = len(piad_step.KINDS) + 1
+    kinds = rf"^\| eager \| (1\.000|0\.333|/ full)( \| [\d.]+){{{cells}}} \|$"
+    assert len(re.findall(kinds, section["Elastic"], flags=re.M)) == 3
     # the gemm routes: one row per layer shape and fraction, each route a ratio to the contiguous block
     assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
                           section["Elastic"], flags=re.M)) == 12
@@ -67,6 +71,23 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert "driver ok" in section["Sanitizer"]  # the sanitizer's driver ran every op on the tail shapes
     assert "taylor_scores" in section["Benchmarks"]  # the benchmark table has rows
     assert "CUDA kernel times skipped" in section["Profile"]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coo", "gemm"),  # cuBLAS's GEMMs on an H200 (the report's profile)
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_native_layer_norm_backward_7", "norm"),  # inductor's
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("aten::_fused_adamw_", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "copy/fill"),
+    ("triton_poi_fused__to_copy_3", "copy/fill"),
+    ("triton_poi_fused_add_gelu_gelu_backward_12", "other"),
+])
+def test_piad_step_kinds_name_the_work(name: str, expected: str) -> None:
+    assert piad_step.kind(name) == expected
 
 
 def test_limits_fit_the_lease() -> None:
