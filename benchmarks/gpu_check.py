@@ -26,7 +26,8 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      and 256, bf16 autocast, and its kernel time by kind of work); benchmarks/elastic_profile.py --train (a
      training step's host vs GPU time);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
-     compiled extracted model);
+     compiled extracted model); benchmarks/wpac_cost.py (WPAC on 1024 samples vs a plain forward+backward, ViT-S,
+     and its peak memory at 1024 vs 256 samples);
   5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
      host overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear, the attention
      ops: prefix_attention on the fused qkv and prefix_attention_separate, both Triton's one kernel);
@@ -75,11 +76,14 @@ SECTIONS = ("Environment", "Build", "Tests", "Elastic", "Profile", "Benchmarks",
 # 135 s, elastic_compile with 2 repeats ~50 s. Session 13 (H200, a fresh machine): build 42 s; the tests stopped
 # at 185 s with 136 not started (the device="cpu" twins, 18-48 s each, are now left to CI); elastic steps 11-16 s
 # each (gemm and sdpa routes ~20 s), compile 57 s; memcheck 70 s and racecheck 77 s side by side. The elastic
-# section's steps share its limit; the sanitizer, last, gets what is left.
-LIMITS = {"build": 80, "tests": 170, "elastic": 190, "profile": 15, "bench": 30, "sanitizer": 95}
+# section's steps share its limit; the sanitizer, last, gets what is left. Session 15 (H200): build 41 s, tests
+# 159 s, the elastic steps 146 s in all, memcheck 63 s and racecheck 72 s side by side (the sanitizer's limit gave
+# 10 s to the elastic section's new WPAC cost step).
+LIMITS = {"build": 80, "tests": 170, "elastic": 200, "profile": 15, "bench": 30, "sanitizer": 85}
 # within LIMITS["elastic"], in this order; a step gets what is left of the section's limit if less
 ELASTIC_LIMITS = {"elastic latency": 25, "elastic profile": 25, "gemm routes": 25, "sdpa routes": 25,
-                  "elastic capture": 25, "piad step": 25, "train profile": 30, "elastic compile": 70}
+                  "elastic capture": 25, "piad step": 25, "train profile": 30, "elastic compile": 70,
+                  "wpac cost": 40}
 # The whole call, well inside a 15-minute lease that also pays for the machine's start; a step never runs
 # past it (its limit shrinks to what is left, or it is skipped).
 TOTAL_LIMIT = 580
@@ -121,6 +125,11 @@ SDPA_ROUTES_ARGS = ["--device", "cuda", "--models", "vit_small_patch16_224", "--
 DRY_SDPA_ROUTES_ARGS = ["--models", "vit_digits", "--batches", "8", "--repeats", "1", "--threads", "1"]
 # Batch 1 under CUDA graphs (reduce-overhead): torch 2.11's Dynamo once broke it into 27 graphs (H200).
 COMPILE_ARGS = ["--device", "cuda", "--dtype", "bf16", "--batch", "1", "--mode", "reduce-overhead", "--repeats", "2"]
+# WPAC's cost on the design's sizes (1024 samples vs a plain forward+backward; peak memory 4x256 vs 256 samples),
+# last in the section: it gets what the others leave (session 15: 146 s of them)
+WPAC_COST_ARGS = ["--device", "cuda", "--samples", "1024", "--memory-samples", "256", "--batch", "64", "--repeats", "2"]
+DRY_WPAC_COST_ARGS = ["--device", "cpu", "--model", "vit_digits", "--samples", "32", "--memory-samples", "16",
+                      "--batch", "8", "--repeats", "1", "--threads", "1"]
 DRY_COMPILE_ARGS = ["--model", "digits", "--batch", "1", "--repeats", "1", "--compile-backend", "eager"]
 # Further elastic_latency.py arguments for both runs: the budget widths unaligned (1, floor-uniform) and in multiples
 # of 8 side by side, the comparison the H200's slow odd-width dense models asked for (RESULTS.md, "GPU").
@@ -422,8 +431,8 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
     copied activations vs reordered weights: training, no-grad and captured), benchmarks/elastic_capture.py (CUDA
     graphs, plain and frozen), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one, batch 64
     and 256, and what kind of kernels each spends its time in), elastic_profile.py --train (a training step's
-    host vs GPU time) and benchmarks/elastic_compile.py
-    (graphs for three widths, the compiled and CUDA-graph speeds)."""
+    host vs GPU time), benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)
+    and benchmarks/wpac_cost.py (WPAC's time vs a plain forward+backward, its peak memory vs samples)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
     for name, module, args, dry_args in (
             ("elastic latency", "elastic_latency", [*ELASTIC_ARGS, *ELASTIC_EXTRA_ARGS],
@@ -434,7 +443,8 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
             ("elastic capture", "elastic_capture", CAPTURE_ARGS, None),
             ("piad step", "piad_step", PIAD_STEP_ARGS, DRY_PIAD_STEP_ARGS),
             ("train profile", "elastic_profile", TRAIN_PROFILE_ARGS, DRY_TRAIN_PROFILE_ARGS),
-            ("elastic compile", "elastic_compile", COMPILE_ARGS, DRY_COMPILE_ARGS)):
+            ("elastic compile", "elastic_compile", COMPILE_ARGS, DRY_COMPILE_ARGS),
+            ("wpac cost", "wpac_cost", WPAC_COST_ARGS, DRY_WPAC_COST_ARGS)):
         limit = min(ELASTIC_LIMITS[name], section_end - budget.elapsed())
         if not cuda and dry_args is None:
             steps.append(skipped(name, "CUDA graphs need a CUDA device (dry run)"))

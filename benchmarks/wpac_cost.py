@@ -2,7 +2,8 @@
 
 Targets (docs/design.md): WPAC on 1024 samples <= 1.5x the time of one plain forward+backward (loss.backward()
 with weight gradients, as a training step computes) over them; peak memory at 1024 samples <= 1.15x
-that at 256. Model: vit_small_patch16_224, random init, 224 px, random images and labels.
+that at 256. Model: vit_small_patch16_224 (--model: any timm model skd.wpac takes), random init, random images
+of its input size and random labels.
 
 Time: every repeat runs the plain pass and WPAC back to back on one copy of the model, so load from other
 processes hits both alike; the median ratio and the ratio of the best times are printed.
@@ -13,7 +14,7 @@ The default sizes are the targets'; this 2-core CPU needs smaller ones (say --sa
 --memory-samples 32), and the report says what ran.
 
     python -m benchmarks.wpac_cost [--samples 1024] [--memory-samples 256] [--batch 32] [--repeats 3]
-                                   [--device cpu|cuda] [--threads N]
+                                   [--device cpu|cuda] [--threads N] [--model vit_small_patch16_224]
 """
 
 from __future__ import annotations
@@ -33,19 +34,26 @@ import torch
 import torch.nn.functional as F
 
 import skd
+import skd.digits  # registers vit_digits with timm
 from skd.timing import synchronize
 
 MODEL = "vit_small_patch16_224"
 
 
-def _batches(n: int, batch: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """n random 224 px images and labels in batches, each made on the fly (a loader streaming from disk
-    holds one batch at a time too), the same on every call."""
+def _model(name: str, device: torch.device) -> torch.nn.Module:
+    return timm.create_model(name, pretrained=False).to(device).eval()
+
+
+def _batches(model: torch.nn.Module, n: int, batch: int,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """n random images of `model`'s input size and labels of its classes in batches, each made on the fly (a
+    loader streaming from disk holds one batch at a time too), the same on every call."""
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     for i in range(0, n, batch):
         gen = torch.Generator().manual_seed(i)
         b = min(batch, n - i)
-        yield (torch.randn(b, 3, 224, 224, generator=gen).to(device),
-               torch.randint(0, 1000, (b,), generator=gen).to(device))
+        yield (torch.randn(b, *size, generator=gen).to(device),
+               torch.randint(0, model.num_classes, (b,), generator=gen).to(device))
 
 
 def plain_forward_backward(model: torch.nn.Module, data: list) -> float:
@@ -70,9 +78,9 @@ def wpac_seconds(model: torch.nn.Module, data: list, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_ratio(n: int, batch: int, repeats: int, device: torch.device) -> None:
-    base = timm.create_model(MODEL, pretrained=False).to(device).eval()
-    data = list(_batches(n, batch, device))  # made before timing
+def time_ratio(name: str, n: int, batch: int, repeats: int, device: torch.device) -> None:
+    base = _model(name, device)
+    data = list(_batches(base, n, batch, device))  # made before timing
     plain_forward_backward(base, data[:1])  # warm-up: allocator, kernels, thread pool
     ratios, plains, wpacs = [], [], []
     for _ in range(repeats):
@@ -88,9 +96,9 @@ def time_ratio(n: int, batch: int, repeats: int, device: torch.device) -> None:
           f"best-of-each {min(wpacs) / min(plains):.3f} (target <= 1.5)")
 
 
-def _child(n: int, batch: int, device: torch.device) -> None:
+def _child(name: str, n: int, batch: int, device: torch.device) -> None:
     """Runs in a fresh process: prints JSON {before, after} peak memory in MiB around WPAC on n samples."""
-    model = timm.create_model(MODEL, pretrained=False).to(device).eval()
+    model = _model(name, device)
 
     def peak() -> float:
         if device.type == "cuda":
@@ -100,15 +108,15 @@ def _child(n: int, batch: int, device: torch.device) -> None:
             return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 1024
 
     before = peak()
-    skd.wpac(model, _batches(n, batch, device), num_samples=n, progress=False)
+    skd.wpac(model, _batches(model, n, batch, device), num_samples=n, progress=False)
     print(json.dumps({"before": before, "after": peak()}))
 
 
-def memory_ratio(n: int, batch: int, device: torch.device, threads: int | None) -> None:
+def memory_ratio(name: str, n: int, batch: int, device: torch.device, threads: int | None) -> None:
     peaks = {}
     for m in (n, 4 * n):
         cmd = [sys.executable, "-m", "benchmarks.wpac_cost", "--child", str(m), "--batch", str(batch),
-               "--device", str(device)] + (["--threads", str(threads)] if threads else [])
+               "--device", str(device), "--model", name] + (["--threads", str(threads)] if threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  {m:5d} samples: peak {peaks[m]['after']:8.1f} MiB (model loaded: "
@@ -129,19 +137,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.child is not None:
-        _child(args.child, args.batch, device)
+        _child(args.model, args.child, args.batch, device)
         return
-    print(f"{MODEL}, random init, 224 px, {device}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.model}, random init, {where}, {torch.get_num_threads()} threads")
     if args.samples:
-        time_ratio(args.samples, args.batch, args.repeats, device)
+        time_ratio(args.model, args.samples, args.batch, args.repeats, device)
     if args.memory_samples:
-        memory_ratio(args.memory_samples, args.batch, device, args.threads)
+        memory_ratio(args.model, args.memory_samples, args.batch, device, args.threads)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     cells = len(piad_step.KINDS) + 1
     kinds = rf"^\| eager \| (1\.000|0\.333|/ full)( \| [\d.]+){{{cells}}} \|$"
     assert len(re.findall(kinds, section["Elastic"], flags=re.M)) == 3
+    # WPAC's cost: its time over a plain forward+backward, and its peak memory at 4x the samples
+    assert re.search(r"^time, 32 samples .* ratio median [\d.]+, best-of-each [\d.]+ \(target <= 1\.5\)$",
+                     section["Elastic"], flags=re.M)
+    assert re.search(r"^peak memory, 64 vs 16 samples .* \(ratio [\d.]+\); target <= 1\.15$", section["Elastic"],
+                     flags=re.M)
     # the gemm routes: one row per layer shape and fraction, each route a ratio to the contiguous block
     assert len(re.findall(r"^\| vit_[sb]\.(proj|fc2) \(\d+, \d+\) \| fp32 \| 197 \| [\d.]+ \|( [\d.]+ \|){6}$",
                           section["Elastic"], flags=re.M)) == 12
