@@ -43,10 +43,11 @@ gpu-check:
 # PIAD's compiled training step on a lent GPU, on its own: compiling ViT-S's graphs takes minutes there (about 50 s a
 # graph on an H200), more than gpu-check has. Builds for the present GPU, then times eager and compiled steps at
 # batch 256, and a profiled step's kernel time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with
-# Dynamo's recompile reasons in piad-compiled.log.
+# Dynamo's recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
 GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks)
+PIAD_MODEL ?= vit_small_patch16_224
 gpu-piad-compiled:
 	MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=$$($(GPU_PY) -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
 		$(GPU_PY) setup.py -q build_ext --inplace
 	TORCH_LOGS=recompiles $(GPU_PY) -m benchmarks.piad_step --device cuda --amp --compile \
-		--model vit_small_patch16_224 --batch 256 --repeats 3 --kernels > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
+		--model $(PIAD_MODEL) --batch 256 --repeats 3 --kernels > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
