@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 import skd_kernels
 from benchmarks.sdpa_routes import ROUTES, forced_route
 from skd import ElasticViT, Subnet
+from skd.elastic import plan as plan_module
 from skd.elastic.module import PLAN_CACHE_SIZE
 from skd.elastic.plan import Plan
 
@@ -344,6 +345,53 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
     (forward, backward), (weights_forward, weights_backward) = copies.values()
     assert forward >= 2 * blocks and backward >= 2 * blocks
     assert weights_forward == 0 and weights_backward < backward
+
+
+def _gathers(fn) -> int:
+    """How many index_select calls fn() makes (the weights route's head-major gathers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            count += func is torch.ops.aten.index_select.default
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return count
+
+
+@pytest.mark.parametrize("name", ["vit", "BertModel"])
+def test_weights_route_reorders_the_qkv_bias_once_until_it_changes(name: str, monkeypatch) -> None:
+    """Without autograd the weights route gathers the kept qkv bias rows once, then only the qkv weights' and
+    proj's (as many kernels a block as the activations route's two copies), and again after an in-place update
+    of the bias; with autograd, on every call (the bias gets its gradient)."""
+    monkeypatch.setattr(plan_module, "_runs_attention_op", lambda spec, weight: False)  # SDPA at inference (CUDA)
+    elastic, inputs = _family(name)
+    blocks, spec = len(elastic.head_dims), elastic.adapter.blocks[0]
+    gemms = 1 if spec.fused else 3  # qkv GEMMs a block, each with a bias
+    bias = spec.qkv.bias if spec.fused else spec.q.bias
+    elastic.set_subnet(subnet=Subnet(attn=[5] * blocks, mlp=elastic.hiddens))
+    with torch.no_grad():
+        with forced_route("reordering_weights"):
+            assert _gathers(lambda: _call(elastic, inputs)) == blocks * (2 * gemms + 1)  # the biases too, once
+            before = _call(elastic, inputs)
+            assert _gathers(lambda: _call(elastic, inputs)) == blocks * (gemms + 1)
+            bias.add_(0.5 * torch.randn_like(bias))  # in place, as an optimizer step
+            assert _gathers(lambda: _call(elastic, inputs)) == blocks * (gemms + 1) + 1  # block 0's bias again
+            after = _call(elastic, inputs)
+        with forced_route("copying_activations"):  # reads the live bias
+            expected = _call(elastic, inputs)
+    assert rel_err(after, before) > 1e-3
+    assert rel_err(after, expected) <= 1e-5
+    with forced_route("reordering_weights"):
+        loss = []
+        assert _gathers(lambda: loss.append(_call(elastic, inputs).square().sum())) == blocks * (2 * gemms + 1)
+        loss[0].backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
 def _saved_bytes(elastic: ElasticViT, inputs: dict) -> int:

@@ -370,7 +370,9 @@ class ElasticViT(nn.Module):
             return p.proj(p.attention(*ys, bias))
         # A frozen plan's copies are made. Otherwise, from S*N >= D tokens the kept weights are fewer to reorder,
         # except in an eager CUDA forward without autograd: host-bound there, the weight gathers' extra launches
-        # cost more than the copies they save (H200, ViT-S batch 64 bf16: 1.03-1.08x), which win in `capture`'s
+        # cost more than the copies they save (H200, ViT-S batch 64 bf16: 1.03-1.08x, with the qkv bias gathered
+        # per call; since session 15 it is kept, `HeadMajor._bias`, and both routes launch two kernels a block:
+        # benchmarks/sdpa_routes.py's no-grad rows on ViT-S and ViT-B re-measure it), which win in `capture`'s
         # graphs (its warm-up too, which builds the plan's orders), compiled, and in training (0.88-0.96x).
         eager_cuda_inference = (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                                 and not capturing())

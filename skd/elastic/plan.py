@@ -27,6 +27,7 @@ from ..compensation import compensated_bias, compensated_linear, cross_head_map,
 from ..models import BlockSpec
 from ..score_fit import corrected_q, fitted, q_linear, score_fit
 from ..subnet import Subnet
+from .capture import capturing
 from .layout import head_major_order, q_rows, with_q_rows
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
@@ -47,7 +48,10 @@ class HeadMajor:
     built on first use (a plan that never takes this route builds none).
 
     Per call, or (frozen) once, now: then the copies are the plan's, and later updates of the weights are not
-    seen (ElasticViT.capture(frozen=True)).
+    seen (ElasticViT.capture(frozen=True)). The qkv biases' kept rows (3*H*r elements) are reordered once and
+    kept while their tensor and its version stay the same, where nothing records autograd and nothing captures
+    or compiles the call (`_bias`): one gather a call fewer, and as many kernels per block as the activations
+    route's two copies (the qkv weight's and proj's gathers).
     """
 
     def __init__(self, qkv: tuple[Weights, ...], proj: Weights, r: int, num_heads: int, fused: bool,
@@ -55,6 +59,8 @@ class HeadMajor:
         self._qkv, self._proj = qkv, proj
         self._shape = r, num_heads, fused, device
         self._built: tuple[torch.Tensor, torch.Tensor] | None = None
+        # per qkv GEMM: (the bias read, its version, its kept rows head-major)
+        self._biases: list[tuple[torch.Tensor, int, torch.Tensor] | None] = [None] * len(qkv)
         self.frozen = None
         if frozen:
             with torch.no_grad():
@@ -75,8 +81,19 @@ class HeadMajor:
         if self.frozen is not None:
             return self.frozen[0]
         order = self._orders()[0]
-        return [(w.index_select(0, order), None if b is None else b.index_select(0, order))
-                for w, b in (weights() for weights in self._qkv)]
+        return [(w.index_select(0, order), self._bias(i, b, order))
+                for i, (w, b) in enumerate(weights() for weights in self._qkv)]
+
+    def _bias(self, i: int, bias: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
+        """The kept rows of qkv GEMM i's bias, head-major: gathered per call where autograd records, torch.compile
+        traces or a CUDA graph is recorded (a replay must read the live bias); else kept until the bias is
+        another tensor or updated in place (its version counter: writes through `.data` are not seen)."""
+        if bias is None or _dispatch.needs_grad(bias) or capturing():
+            return None if bias is None else bias.index_select(0, order)
+        kept = self._biases[i]
+        if kept is None or kept[0] is not bias or kept[1] != bias._version:
+            kept = self._biases[i] = (bias, bias._version, bias.index_select(0, order))
+        return kept[2]
 
     def proj(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (D_out, H*r), bias) of proj, kept columns only, head-major; column-major like the stored proj
