@@ -704,7 +704,8 @@ def test_sdpa_route_on_cuda_follows_host_and_device_time(routes_taken: list[str]
 def test_frozen_capture_replays_on_its_weight_copies(family: str, dtype: torch.dtype) -> None:
     """capture(frozen=True): attention through SDPA on head-major copies of the kept weights made at capture.
     Replays equal the eager forward at the capture's subnet (narrow and full), on new inputs too. After an
-    in-place update of a q/k/v weight they do not change (capture again), where a plain capture's do."""
+    in-place update of a q/k/v weight they do not change (capture again), where a plain capture's do (and after
+    one of its bias)."""
     from elastic_oracle import rel_err
 
     from skd import ElasticViT, Subnet
@@ -727,9 +728,14 @@ def test_frozen_capture_replays_on_its_weight_copies(family: str, dtype: torch.d
         frozen = elastic.capture(*example, subnet=narrow, frozen=True, **kwargs)
         before = [_model_output(c, inputs) for c in (plain, frozen)]
         spec = elastic.adapter.blocks[0]
-        (spec.qkv if spec.fused else spec.q).weight.mul_(1.5)
+        q_linear = spec.qkv if spec.fused else spec.q
+        q_linear.weight.mul_(1.5)
         after = [_model_output(c, inputs) for c in (plain, frozen)]
+        # a plain capture's graph gathers the bias on every replay (never the eager plan's kept reordering)
+        q_linear.bias.add_(0.5 * torch.randn_like(q_linear.bias))
+        moved = _model_output(plain, inputs)
     assert not torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert not torch.equal(after[0], moved)
 
 
 WPAC_RECIPES = {
