@@ -218,3 +218,43 @@ def test_recorded_calls_run_torch_autograd_on_cuda_only_unforced_and_eager() -> 
     if prefix_linear_op._CPU_KERNEL is not None:  # CPU: the compiled op records its own node
         x, weight, bias = _inputs((3,), 7, (9, 7), torch.float32, grad=True)
         assert "prefix_linear" in type(skd_kernels.prefix_linear(x, weight, bias, 5, 4).grad_fn).__name__
+
+
+def _nodes(grad_fn: object) -> list[str]:
+    """The names of every autograd node behind grad_fn."""
+    seen, todo, names = set(), [grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(("k_in", "k_out", "slices"), [(17, 13, 0), (11, 13, 1), (17, 6, 2), (11, 6, 3)])
+def test_recorded_composite_slices_only_what_it_drops(monkeypatch, k_in: int, k_out: int, slices: int) -> None:
+    """The composite a recorded CUDA call runs (`reference`, here forced on CPU), in fp32 and under bf16 autocast:
+    autograd nodes only for the dims it cuts (the weight's rows, its columns, the bias's rows), none for full
+    ones (an identity slice's backward writes a zero-filled copy, a kernel pair per step on a GPU) and no
+    aliases; the same values and gradients as the op."""
+    monkeypatch.setattr(prefix_linear_op, "_torch_autograd", lambda device: True)
+    x, weight, bias = _inputs((2, 3), 17, (13, 17), torch.float32, grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, "gelu")
+        names = _nodes(y.grad_fn)
+        assert names.count("SliceBackward0") == slices and "AliasBackward0" not in names, names
+        y.float().square().sum().backward()
+        grads = weight.grad.clone(), bias.grad.clone()
+        weight.grad = bias.grad = None
+        with monkeypatch.context() as m, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            m.setattr(prefix_linear_op, "_torch_autograd", lambda device: False)
+            expected = skd_kernels.prefix_linear(x, weight, bias, k_in, k_out, "gelu")
+        expected.float().square().sum().backward()
+        rtol, atol = OUTPUT_TOL[torch.bfloat16 if autocast else torch.float32]
+        for name, got, want in (("y", y, expected), ("weight grad", grads[0], weight.grad),
+                                ("bias grad", grads[1], bias.grad)):
+            assert_close(name, got.detach(), want.detach(), rtol, atol * scale(want.detach()))
+        weight.grad = bias.grad = None

@@ -182,7 +182,19 @@ def _autocast(
     sizes = ((k_out, weight.shape[0]), (k_in, weight.shape[-1]))
     if weight.dim() != 2 or not all(isinstance(k, WIDTH_TYPES) and 0 <= k <= n for k, n in sizes):
         return x, weight, bias  # `check` names the bad argument
-    return x.to(dtype), weight[:k_out, :k_in].to(dtype), None if bias is None else bias[:k_out].to(dtype)
+    bias = None if bias is None else _leading(bias, 0, k_out).to(dtype)
+    return x.to(dtype), _block(weight, k_out, k_in).to(dtype), bias
+
+
+def _leading(t: torch.Tensor, dim: int, k: int | torch.SymInt) -> torch.Tensor:
+    """t's first k entries along dim: t itself where that is all of it (an int k), else a view. Not `t[:k]`, which
+    is a view op even then: one more autograd node, and an identity slice's backward writes a zero-filled copy."""
+    return t if isinstance(k, int) and k == t.shape[dim] else t.narrow(dim, 0, k)
+
+
+def _block(weight: torch.Tensor, k_out: int | torch.SymInt, k_in: int | torch.SymInt) -> torch.Tensor:
+    """weight[:k_out, :k_in] (`_leading` in each dim)."""
+    return _leading(_leading(weight, 0, k_out), 1, k_in)
 
 
 def check(
@@ -228,7 +240,7 @@ def reference(
 
     x: (..., >= k_in), weight: (out, in), bias: (out,) or None. Returns (..., k_out) in x's dtype.
     """
-    y = F.linear(x[..., :k_in], weight[:k_out, :k_in], None if bias is None else bias[:k_out])
+    y = F.linear(_leading(x, -1, k_in), _block(weight, k_out, k_in), None if bias is None else _leading(bias, 0, k_out))
     if activation == "gelu":
         y = F.gelu(y)
     elif activation == "gelu_tanh":
