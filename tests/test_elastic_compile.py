@@ -154,6 +154,34 @@ def test_training_compiles_at_most_two_graphs_with_eager_gradients(batch: int, r
     elastic(x)
     assert set(routes_taken) == {route}
 
+def test_autocast_training_compiles_one_inductor_graph_for_full_narrow_and_mixed_widths() -> None:
+    """PIAD's compiled step on a GPU (inductor, bf16 autocast, forward and backward), here on CPU: full width,
+    narrower ones and subnets mixing full-width and narrower MLPs share one graph. prefix_linear's autocast cast
+    slices a column-major weight (fc2) through its transpose, so the backward's zero-filled buffer holds a dense
+    block at every width and inductor does not guard on the width being full (it did: a graph per pattern of
+    full-width MLPs, the full width's own on the H200). The gradients equal eager's."""
+    elastic = _elastic().train()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(elastic, backend="inductor", dynamic=True)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    full, (r, m) = Subnet(attn=elastic.head_dims, mlp=elastic.hiddens), (elastic.head_dims[0], elastic.hiddens[0])
+    for subnet in (full, Subnet(attn=[r // 4] * 2, mlp=[m // 3] * 2), Subnet(attn=[r // 4, r], mlp=[m, m // 3]),
+                   Subnet(attn=[r, r // 2], mlp=[m // 2, m])):
+        elastic.set_subnet(subnet=subnet)
+        grads = []
+        for model in (compiled, elastic):
+            elastic.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x).float().square().sum()
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in elastic.parameters() if p.grad is not None]))
+        err = rel_err(*grads)
+        print(f"{subnet}: gradients rel err {err:.1e}")
+        assert err <= 2e-2  # bf16 GEMMs, fused differently
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_inductor_compiles_once_for_four_widths() -> None:
     """The real compiler (inductor, C++ codegen on CPU) with symbolic widths: one graph, eager's outputs."""
     elastic = _elastic()

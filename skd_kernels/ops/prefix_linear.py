@@ -187,13 +187,24 @@ def _autocast(
 
 
 def _leading(t: torch.Tensor, dim: int, k: int | torch.SymInt) -> torch.Tensor:
-    """t's first k entries along dim: t itself where that is all of it (an int k), else a view. Not `t[:k]`, which
-    is a view op even then: one more autograd node, and an identity slice's backward writes a zero-filled copy."""
-    return t if isinstance(k, int) and k == t.shape[dim] else t.narrow(dim, 0, k)
+    """t's first k entries along dim: t itself where that is all of it, else a view. Not `t[:k]`, which is a view op
+    even then: one more autograd node, and an identity slice's backward writes a zero-filled copy. Always a view
+    while torch.compile traces: comparing a symbolic width with the full one would guard on it (Dynamo traces the
+    widths as ints), a graph per pattern of full-width blocks; the compiled graph drops identity views anyway."""
+    return t if not torch.compiler.is_compiling() and k == t.shape[dim] else t.narrow(dim, 0, k)
 
 
 def _block(weight: torch.Tensor, k_out: int | torch.SymInt, k_in: int | torch.SymInt) -> torch.Tensor:
-    """weight[:k_out, :k_in] (`_leading` in each dim)."""
+    """weight[:k_out, :k_in] (`_leading` in each dim); a column-major weight's (skd's stored proj and fc2) through
+    its transpose. A slice's backward writes the block into a zero-filled row-major buffer: through the transpose
+    that buffer is laid out like the weight, so its gradient needs no copy into the weight's layout, and the block
+    is dense at every width, so torch.compile does not guard on the width being full (a graph per pattern of
+    full-width MLPs in training, H200 and CPU, under autocast)."""
+    out_f, in_f = weight.shape
+    if not torch.compiler.is_compiling() and k_out == out_f and k_in == in_f:
+        return weight
+    if out_f > 1 and weight.stride() == (1, out_f):  # column-major
+        return _leading(_leading(weight.t(), 0, k_in), 1, k_out).t()
     return _leading(_leading(weight, 0, k_out), 1, k_in)
 
 
