@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
     t.add_argument("--compile", action="store_true",
-                   help="torch.compile the training steps (one graph serves the narrower widths): a minute or more "
-                        "up front, then faster steps where eager ones are host-bound (a GPU)")
+                   help="torch.compile the training steps (one graph serves every width that skips no module): a "
+                        "minute or more up front, then faster steps where eager ones are host-bound (a GPU)")
     t.add_argument("--distill", action="store_true",
                    help="distil the input model's full-width outputs (logits or embeddings) into every subnet: "
                         "what an unlabelled text encoder needs")

@@ -66,7 +66,7 @@ class PIADTrainer:
     amp None (= bf16 autocast on CUDA, off on CPU).
     compile: run the training steps' forwards (the model's, with its backward, and the teacher's) through
     `torch.compile(..., dynamic=True)`: the widths are symbolic (skd/elastic/symbolic.py), so one graph serves
-    every width that keeps both branches of every block, one more serves full width, and each pattern of
+    every width that keeps both branches of every block (full, narrower or mixed), and each pattern of
     skipped branches compiles its own (a width of 0: a Dropout List at a low target drops whole modules, nested,
     so at most one pattern per module; layerdrop any). Each graph costs seconds to a minute of compiling (ViT-S on
     an H200: ~50 s); it pays where an eager step is host-bound, on a GPU (benchmarks/piad_step.py --compile).
