@@ -40,8 +40,8 @@ GPU_REPORT ?= $(if $(OUT),$(OUT)/gpu-check-report.md,benchmarks/gpu-check-report
 gpu-check:
 	$(GPU_PY) -m benchmarks.gpu_check --out $(GPU_REPORT)
 
-# PIAD's compiled training step on a lent GPU, on its own: compiling ViT-S's graphs takes minutes there (about 50 s a
-# graph on an H200), more than gpu-check has. Builds for the present GPU, then times eager and compiled steps at
+# PIAD's compiled training step on a lent GPU, on its own: compiling ViT-S takes minutes there (161 s for two graphs
+# on an H200 in session 15; one graph since), more than gpu-check has. Builds for the present GPU, then times eager and compiled steps at
 # batch 256, and a profiled step's kernel time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with
 # Dynamo's recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
 GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks)

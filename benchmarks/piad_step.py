@@ -12,9 +12,10 @@ On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a s
 There a small batch is host-bound (ViT-S at 64 on an H200: the 1/3 step took 1.03x the full one), and the MACs
 saved show only once the GPU's work outlasts the host's: give several batches to see where. `--compile` also
 times the step through `torch.compile(elastic, dynamic=True)` (PIADTrainer(compile=True)): one graph serves every
-narrower width, and inductor's fused kernels take most of the host's per-op work away. `--kernels` then profiles
-one more step of each and splits its time by kind of work (GPU: kernel time; CPU: the ops' self time), to show
-what a narrower subnet shrinks (GEMMs, attention) and what it does not (norms, the optimizer, copies and casts).
+width (full too, since session 15), and inductor's fused kernels take most of the host's per-op work away.
+`--kernels` then profiles one more step of each and splits its time by kind of work (GPU: kernel time; CPU: the
+ops' self time), to show what a narrower subnet shrinks (GEMMs, attention) and what it does not (norms, the
+optimizer, copies and casts).
 """
 
 from __future__ import annotations
