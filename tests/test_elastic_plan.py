@@ -299,23 +299,28 @@ def test_sdpa_gets_unit_stride_heads_at_width_one(name: str, monkeypatch: pytest
     assert rel_err(y.detach(), want.detach()) <= 1e-5
 
 
-def _copied_sizes(fn) -> list[int]:
-    """The numel of every tensor a copy op (clone, copy_, _to_copy) writes while fn() runs."""
+def _outputs_of(ops: set, fn) -> list[torch.Tensor]:
+    """The output of every call of one of `ops` (aten overloads) while fn() runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    copies = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
-    sizes = []
+    outputs = []
 
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func in copies:
-                sizes.append(out.numel())
+            if func in ops:
+                outputs.append(out)
             return out
 
     with Spy():
         fn()
-    return sizes
+    return outputs
+
+
+def _copied_sizes(fn) -> list[int]:
+    """The numel of every tensor a copy op (clone, copy_, _to_copy) writes while fn() runs."""
+    copies = {torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+    return [out.numel() for out in _outputs_of(copies, fn)]
 
 
 @pytest.mark.parametrize("name", ["vit", "BertModel"])
@@ -349,19 +354,7 @@ def test_sdpa_reorders_the_weights_where_they_are_smaller_than_the_activations(
 
 def _gathers(fn) -> int:
     """How many index_select calls fn() makes (the weights route's head-major gathers)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    count = 0
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal count
-            count += func is torch.ops.aten.index_select.default
-            return func(*args, **(kwargs or {}))
-
-    with Spy():
-        fn()
-    return count
+    return len(_outputs_of({torch.ops.aten.index_select.default}, fn))
 
 
 @pytest.mark.parametrize("name", ["vit", "BertModel"])
