@@ -126,12 +126,12 @@ SDPA_ROUTES_ARGS = ["--device", "cuda", "--models", "vit_small_patch16_224", "vi
 DRY_SDPA_ROUTES_ARGS = ["--models", "vit_digits", "--batches", "8", "--repeats", "1", "--threads", "1"]
 # Batch 1 under CUDA graphs (reduce-overhead): torch 2.11's Dynamo once broke it into 27 graphs (H200).
 COMPILE_ARGS = ["--device", "cuda", "--dtype", "bf16", "--batch", "1", "--mode", "reduce-overhead", "--repeats", "2"]
+DRY_COMPILE_ARGS = ["--model", "digits", "--batch", "1", "--repeats", "1", "--compile-backend", "eager"]
 # WPAC's cost on the design's sizes (1024 samples vs a plain forward+backward; peak memory 4x256 vs 256 samples),
 # last in the section: it gets what the others leave (session 15: 146 s of them)
 WPAC_COST_ARGS = ["--device", "cuda", "--samples", "1024", "--memory-samples", "256", "--batch", "64", "--repeats", "2"]
 DRY_WPAC_COST_ARGS = ["--device", "cpu", "--model", "vit_digits", "--samples", "32", "--memory-samples", "16",
                       "--batch", "8", "--repeats", "1", "--threads", "1"]
-DRY_COMPILE_ARGS = ["--model", "digits", "--batch", "1", "--repeats", "1", "--compile-backend", "eager"]
 # Further elastic_latency.py arguments for both runs: the budget widths unaligned (1, floor-uniform) and in multiples
 # of 8 side by side, the comparison the H200's slow odd-width dense models asked for (RESULTS.md, "GPU").
 ELASTIC_EXTRA_ARGS: list[str] = ["--multiple-of", "1", "8"]
