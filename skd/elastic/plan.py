@@ -88,8 +88,10 @@ class HeadMajor:
         """The kept rows of qkv GEMM i's bias, head-major: gathered per call where autograd records, torch.compile
         traces or a CUDA graph is recorded (a replay must read the live bias); else kept until the bias is
         another tensor or updated in place (its version counter: writes through `.data` are not seen)."""
-        if bias is None or _dispatch.needs_grad(bias) or capturing():
-            return None if bias is None else bias.index_select(0, order)
+        if bias is None:
+            return None
+        if _dispatch.needs_grad(bias) or capturing():
+            return bias.index_select(0, order)
         kept = self._biases[i]
         if kept is None or kept[0] is not bias or kept[1] != bias._version:
             kept = self._biases[i] = (bias, bias._version, bias.index_select(0, order))
