@@ -22,23 +22,20 @@ import types
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from skd import ElasticViT
 from skd.elastic.plan import Plan
+from skd_kernels.ops import prefix_attention_separate as separate_op
 
 from .prefix_attention import side_by_side
 
 
 def before_attention(self: ElasticViT, plan: Plan, masks: dict, i: int, x: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """ElasticViT._attention's separate-q/k/v inference path before prefix_attention_separate (no masks)."""
+    """ElasticViT._attention's separate-q/k/v inference path before prefix_attention_separate (no masks): the
+    op's `via_sdpa`."""
     spec, p = self.adapter.blocks[i], plan.blocks[i]
-    h, r = spec.num_heads, p.r
-    s, n, _ = x.shape
-    q, k, v = (self._head_major(gemm(x), h, r, None) for gemm in p.qkv)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec.scale)
-    return p.proj(o.permute(0, 2, 3, 1).reshape(s, n, r * h))
+    return p.proj(separate_op.via_sdpa(*(gemm(x) for gemm in p.qkv), spec.num_heads, spec.scale, bias))
 
 
 def forwards(elastic: ElasticViT, dense: torch.nn.Module, ids: torch.Tensor,

@@ -30,7 +30,8 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      and its peak memory at 1024 vs 256 samples);
   5. Profile: torch.profiler per op at ViT-B sizes: kernel time vs the call's wall time (the gap is launch and
      host overhead), achieved GB/s (taylor_scores) or TFLOP/s (weighted_covariance, prefix_linear, the attention
-     ops: prefix_attention on the fused qkv and prefix_attention_separate, both Triton's one kernel);
+     ops: prefix_attention on the fused qkv and prefix_attention_separate, on Triton's one kernel and on the
+     automatic choice, copies + SDPA);
   6. Benchmarks: the table of benchmarks/kernels.py (ratios to copy bandwidth and cuBLAS, and the attention ops'
      to the copy + SDPA path);
   7. Sanitizer: compute-sanitizer memcheck and racecheck side by side over benchmarks/sanitizer_driver.py (tail
@@ -505,6 +506,8 @@ def sanitizer(cuda: bool, budget: Budget) -> list[Step]:
 def _profile_cases(device: str, dry: bool) -> list[tuple[str, Callable[[], object], float, str]]:
     """(name, call, work, unit): work is bytes that must move (GB/s) or floating-point operations (TFLOP/s)."""
     import skd_kernels  # after the build step
+    from benchmarks import kernels
+    from skd_kernels import _dispatch
 
     b, t, c, n, d, heads = (1, 17, 48, 64, 48, 3) if dry else (64, 197, 3072, 64 * 197, 768, 12)
     dtype = torch.bfloat16
@@ -527,10 +530,12 @@ def _profile_cases(device: str, dry: bool) -> list[tuple[str, Callable[[], objec
         ("weighted_covariance bf16 G=1", lambda: skd_kernels.weighted_covariance(x, w, 1), 2 * n * d * d, "TFLOP/s"),
         ("prefix_linear bf16 gelu", lambda: skd_kernels.prefix_linear(x, weight, bias, d, k_out, "gelu"),
          2 * n * d * k_out, "TFLOP/s"),
-        (f"prefix_attention bf16 H={heads}", lambda: skd_kernels.prefix_attention(qkv, heads, r**-0.5),
-         attention_flops, "TFLOP/s"),
-        (f"prefix_attention_separate bf16 H={heads}",
-         lambda: skd_kernels.prefix_attention_separate(q, k, v, heads, r**-0.5), attention_flops, "TFLOP/s"),
+    ] + [
+        # on CUDA Triton's kernel (forced) and the automatic choice, copies + SDPA (`via_sdpa`)
+        (f"{op} bf16 H={heads} ({backend})", kernels._with_backend(backend, getattr(skd_kernels, op), *inputs, heads,
+                                                                    r**-0.5), attention_flops, "TFLOP/s")
+        for op, inputs in (("prefix_attention", (qkv,)), ("prefix_attention_separate", (q, k, v)))
+        for backend in (_dispatch.select(qkv.device, dtype, op).name,) + (() if dry else ("triton",))
     ]
 
 

@@ -12,8 +12,9 @@ public op, so input validation costs both sides alike (taylor_scores, weighted_c
 the weight block already extracted as a contiguous tensor (prefix_linear); on CUDA cuBLAS's F.linear on the
 extracted block, cuBLAS's X^T X of the same x (the covariance's GEMM throughput), and a copy moving the
 bytes taylor_scores reads (copy bandwidth). The attention ops (prefix_attention on the fused qkv,
-prefix_attention_separate on q, k, v; on CUDA both Triton's one kernel) are timed against the path the
-elastic forward takes without them: a copy to head-major order, SDPA, and the permute back. Each timing is
+prefix_attention_separate on q, k, v; on CUDA Triton's one kernel) are timed against the path the elastic
+forward takes without them (the ops' `via_sdpa`, also their CUDA backend): a copy to head-major order, SDPA,
+and the copy back. Each timing is
 appended to benchmarks/results.csv as (op, backend, shape, dtype, p20, p50, p80 in ms, device, commit).
 
 A second table, "wrapper overhead per op", times each public op against the raw `torch.ops.skd_kernels.*`
@@ -39,10 +40,9 @@ import torch.nn.functional as F
 
 import skd_kernels
 from skd.elastic.layout import store_order_
-from skd.elastic.module import ElasticViT
 from skd_kernels import _dispatch, reference
-
-from .prefix_attention import todays_path
+from skd_kernels.ops import prefix_attention as prefix_attention_op
+from skd_kernels.ops import prefix_attention_separate as separate_op
 
 RESULTS_CSV = Path(__file__).with_name("results.csv")
 CSV_FIELDS = ("op", "backend", "shape", "dtype", "p20", "p50", "p80", "device", "commit")
@@ -261,20 +261,11 @@ def taylor_cases(device: torch.device, backends: list[str], models: list[str], d
     return cases
 
 
-def _separate_copy_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                        scale: float) -> torch.Tensor:
-    """q, k, v (S, N, r*H) rank-major -> each copied to head-major -> SDPA -> (S, N, r*H) rank-major (the
-    elastic forward's separate-q/k/v path without prefix_attention_separate)."""
-    s, n, c = q.shape
-    r = c // num_heads
-    heads = [ElasticViT._head_major(t, num_heads, r, None) for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*heads, scale=scale).permute(0, 2, 3, 1).reshape(s, n, c)
-
-
 def attention_cases(device: torch.device, backends: list[str], models: list[str], fractions: tuple[float, ...],
                     dtypes: list[torch.dtype], batch: int) -> list[Case]:
     """Both attention ops on (batch, 197 tokens) at head widths r = f·64, against the copy + SDPA path on the
-    same rank-major activations (the backends that have the op: not the CUDA C++ one)."""
+    same rank-major activations (`via_sdpa`), on the backends that have a kernel other than that path (on CUDA
+    the op's CUDA backend is `via_sdpa` itself: no row)."""
     cases = []
     for model in models:
         d, heads, _ = MODELS[model]
@@ -285,10 +276,11 @@ def attention_cases(device: torch.device, backends: list[str], models: list[str]
                 qkv = torch.randn(batch, TOKENS, 3 * heads * r, device=device, dtype=dtype)
                 q, k, v = (torch.randn(batch, TOKENS, heads * r, device=device, dtype=dtype) for _ in range(3))
                 shape = f"{model} f={frac:g} ({batch},{TOKENS}) H={heads} r={r}"
-                for op, inputs, base in (("prefix_attention", (qkv,), todays_path),
-                                         ("prefix_attention_separate", (q, k, v), _separate_copy_path)):
+                for module, inputs in ((prefix_attention_op, (qkv,)), (separate_op, (q, k, v))):
+                    op, base = module.OP, module.via_sdpa
                     for name in backends:
-                        if _dispatch._REGISTRY[name].usable(device, dtype, op):
+                        backend = _dispatch._REGISTRY[name]
+                        if backend.usable(device, dtype, op) and backend.kernels[op].fn is not base:
                             cases.append(Case(
                                 op, shape, dtype, name,
                                 _with_backend(name, getattr(skd_kernels, op), *inputs, heads, scale),

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import skd_kernels
 from skd.timing import add_cpu_time_option
 from skd.timing import clock as timing_clock
+from skd_kernels.ops import prefix_attention as prefix_attention_op
 
 TOKENS = 197
 HEAD_DIM = 64
@@ -40,12 +41,8 @@ MODELS = {"vit_ti": 3, "vit_s": 6, "vit_b": 12}  # heads (head_dim 64)
 
 
 def todays_path(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """(S, N, r*3H) rank-major -> copy to head-major -> SDPA -> (S, N, r*H) rank-major."""
-    s, n, c = qkv.shape
-    h, r = num_heads, c // (3 * num_heads)
-    q, k, v = qkv.view(s * n, r, 3 * h).transpose(1, 2).contiguous().view(s, n, 3, h, r).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return o.permute(0, 2, 3, 1).reshape(s, n, r * h)
+    """(S, N, r*3H) rank-major -> copy to head-major -> SDPA -> (S, N, r*H) rank-major (the op's `via_sdpa`)."""
+    return prefix_attention_op.via_sdpa(qkv, num_heads, scale)
 
 
 def dense_path(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:

@@ -6,8 +6,8 @@
 Tail shapes: T = 197 tokens (not a multiple of any tile), C in {3, 129} channels (narrower than a vector
 load, and one past a multiple of it), a vector-loadable C = 264 whose last token tile is partial, groups of
 r = 48 (a partial 64-wide covariance tile) with N = 1 and N = 197 rows, prefix widths k = 0 and k = 1; the
-attention ops (on the backends that have them: not the CUDA C++ one) at N = 1 and 197 tokens, head widths
-r = 0, 1, 5 and 48, with a broadcast bias.
+attention ops (on the backends with a kernel of their own for them: not the CUDA backend's copies + SDPA) at
+N = 1 and 197 tokens, head widths r = 0, 1, 5 and 48, with a broadcast bias.
 Each result is compared with skd_kernels.reference, so a kernel that reads or writes the wrong memory
 fails here even where the sanitizer has nothing to say. Prints one line per call and "driver ok" last.
 `--backend NAME:DTYPE,...` narrows a backend to some dtypes (the device check runs Triton, whose autotuning
@@ -22,6 +22,8 @@ import torch
 
 import skd_kernels
 from skd_kernels import _dispatch, reference
+from skd_kernels.ops import prefix_attention as prefix_attention_op
+from skd_kernels.ops import prefix_attention_separate as separate_op
 
 TOKENS = 197
 CHANNELS = (3, 129, 264)
@@ -113,14 +115,16 @@ def _run_ops(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> None:
 
 def _run_attention(device: torch.device, dtype: torch.dtype, tol: float) -> None:
     """prefix_attention (fused qkv) and prefix_attention_separate on the tail shapes, if the backend in force
-    has them."""
+    has a kernel of its own for them (not `via_sdpa`, the CUDA backend's copies + torch's SDPA: torch's kernels,
+    not skd's, to sanitize)."""
     tag = str(dtype).removeprefix("torch.")
     for n, h, r in ATTENTION_SHAPES:
         bias = torch.randn(1, h, n, n, device=device, dtype=dtype)
         qkv = torch.randn(2, n, 3 * h * r, device=device, dtype=dtype)
         separate = tuple(qkv[..., i * h * r : (i + 1) * h * r] for i in range(3))  # views with qkv's strides
-        for op, inputs in (("prefix_attention", (qkv,)), ("prefix_attention_separate", separate)):
-            if _dispatch.has_kernel(op, device, dtype):  # the backend in force has the op
+        for module, inputs in ((prefix_attention_op, (qkv,)), (separate_op, separate)):
+            op = module.OP
+            if _dispatch.has_kernel(op, device, dtype) and _dispatch.kernel(op, device, dtype) is not module.via_sdpa:
                 got = getattr(skd_kernels, op)(*inputs, h, 0.125, bias)
                 _check(f"{op} {tag} N={n} H={h} r={r}", got, getattr(reference, op)(*inputs, h, 0.125, bias), tol)
 

@@ -2,7 +2,8 @@
 residual add + LayerNorm.
 
 One module per op in skd_kernels/ops/. Every op dispatches CUDA ext → Triton → CPU ext → reference by
-device, dtype and availability; `available_backends(device)` lists the usable ones and `use_backend(name)`
+device, dtype and availability (the attention ops' CUDA backend is copies + torch's SDPA, faster there than
+their Triton kernel); `available_backends(device)` lists the usable ones and `use_backend(name)`
 forces one. Nothing here knows about models.
 """
 

@@ -157,10 +157,10 @@ def test_separate_qkv_inference_runs_prefix_attention_separate() -> None:
 @pytest.mark.skipif("triton" not in skd_kernels.available_backends("cpu"),
                     reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 def test_separate_qkv_runs_the_triton_kernel_and_sdpa_where_no_kernel() -> None:
-    """What CUDA tensors get (Triton is their prefix_attention_separate backend), here through Triton's CPU
-    interpreter: no-grad inference of separate q, k, v (HF BERT, with its padding mask) runs the Triton op
-    instead of the head-major copies + SDPA, with the automatic backend's values; where the op has only its
-    reference (forced here; on CUDA: no Triton, or fp64), the plan keeps copies + SDPA."""
+    """What CUDA tensors get with the triton backend forced, here through Triton's CPU interpreter: no-grad
+    inference of separate q, k, v (HF BERT, with its padding mask) runs the Triton op instead of the head-major
+    copies + SDPA, with the automatic backend's values; where the op has only its reference (forced), the plan
+    keeps copies + SDPA."""
     elastic, inputs = _family("BertModel")
     elastic.set_subnet(keep=0.5)
     sdpa = "aten::scaled_dot_product_attention"

@@ -3,8 +3,9 @@
 On a CUDA device (marked gpu): every public op, on the cuda and triton backends, against the reference —
 fp32/fp16/bf16, ViT-B sizes (197 tokens, width 768, 12 heads of 64, MLP 3072) and odd ones, strided and
 misaligned layouts, extreme covariance weights; no host syncs; the device guard (2 devices). The attention
-ops (prefix_attention, prefix_attention_separate) have no CUDA C++ kernel: their CUDA backend is Triton's
-one kernel, tested here through both ops and through an elastic HF BERT on CUDA. ElasticViT (a timm ViT, an
+ops (prefix_attention, prefix_attention_separate) have no CUDA C++ kernel: their CUDA backend is copies +
+torch's SDPA (`via_sdpa`), and Triton's one kernel runs when forced, tested here through both ops and through
+an elastic HF BERT on CUDA. ElasticViT (a timm ViT, an
 HF BERT) without autograd (no_grad, inference_mode), fp32 and bf16, against extract() and the original model,
 on CUDA and (the same checks, in CI) on CPU.
 The sweeps' Triton combinations that autotuning makes costly and that others already cover are marked gpu_sweep
@@ -448,40 +449,53 @@ def _attention_biases(s: int, n: int, h: int, dtype: torch.dtype) -> list[torch.
             padding.to(dtype).expand(s, 1, n, n)]
 
 
+# the attention ops' backends on CUDA: Triton's kernel (forced), and the automatic choice (`via_sdpa`)
+ATTENTION_BACKENDS = ("triton", None)
+
+
+def _attention_backend(name: str | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if name is None else skd_kernels.use_backend(name)
+
+
 @on_cuda
 @pytest.mark.parametrize("op", ATTENTION_OPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_prefix_attention_ops(op: str, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
-    """Both attention ops on the Triton kernel (forced and automatic: the same kernel) against the reference."""
+    """Both attention ops on the Triton kernel (forced) and on the automatic CUDA kernel (copies + SDPA)
+    against the reference."""
     _require("triton")
     s, n, h, r = shape
     fn, ref = getattr(skd_kernels, op), getattr(reference, op)
     inputs = _attention_inputs(op, s, n, h, r, dtype)
     for bias in _attention_biases(s, n, h, dtype):
-        with skd_kernels.use_backend("triton"):
-            got = fn(*inputs, h, 0.125, bias)
-        assert got.shape == (s, n, r * h) and got.dtype == dtype and torch.isfinite(got).all()
-        assert torch.equal(fn(*inputs, h, 0.125, bias), got)  # CUDA's automatic backend is Triton
-        _close(got, ref(*inputs, h, 0.125, bias), dtype, relative_to_max=True)
+        want = ref(*inputs, h, 0.125, bias)
+        for backend in ATTENTION_BACKENDS:
+            with _attention_backend(backend):
+                got = fn(*inputs, h, 0.125, bias)
+            assert got.shape == (s, n, r * h) and got.dtype == dtype and torch.isfinite(got).all()
+            _close(got, want, dtype, relative_to_max=True)
 
 
 @on_cuda
 @pytest.mark.parametrize("op", ATTENTION_OPS)
-def test_prefix_attention_ops_zero_width_and_grads(op: str) -> None:
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_prefix_attention_ops_zero_width_and_grads(op: str, backend: str | None) -> None:
     """r = 0 gives an empty output; fp32 gradients in the inputs and a broadcast bias through the Triton op
-    (its plain-PyTorch backward) equal autograd through the reference."""
+    (its plain-PyTorch backward) and through the automatic kernel (SDPA's backward) equal autograd through the
+    reference."""
     _require("triton")
     fn, ref = getattr(skd_kernels, op), getattr(reference, op)
     empty = _attention_inputs(op, 2, 7, 3, 0, torch.float32)
-    assert fn(*empty, 3, 0.125, None).shape == (2, 7, 0)
+    with _attention_backend(backend):
+        assert fn(*empty, 3, 0.125, None).shape == (2, 7, 0)
     s, n, h, r = 3, 37, 4, 8
     inputs = [*_attention_inputs(op, s, n, h, r, torch.float32), torch.randn(1, h, n, n, device="cuda")]
     grad_out = torch.randn(s, n, r * h, device="cuda")
     grads = []
     for f in (fn, ref):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        with skd_kernels.use_backend("triton"):
+        with _attention_backend(backend):
             f(*leaves[:-1], h, 0.125, leaves[-1]).backward(grad_out)
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads, strict=True):
@@ -490,18 +504,20 @@ def test_prefix_attention_ops_zero_width_and_grads(op: str) -> None:
 
 @on_cuda
 @pytest.mark.parametrize("op", ATTENTION_OPS)
-def test_prefix_attention_ops_never_sync(op: str) -> None:
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_prefix_attention_ops_never_sync(op: str, backend: str | None) -> None:
     _require("triton")
     fn = getattr(skd_kernels, op)
     inputs = _attention_inputs(op, 8, 197, 12, 16, torch.bfloat16)
     bias = _attention_biases(8, 197, 12, torch.bfloat16)[2]
-    fn(*inputs, 12, 0.125, bias)  # warm-up: autotuning may sync once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn(*inputs, 12, 0.125, bias)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with _attention_backend(backend):
+        fn(*inputs, 12, 0.125, bias)  # warm-up: autotuning may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn(*inputs, 12, 0.125, bias)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 
 

@@ -1,6 +1,7 @@
 """prefix_attention on every CPU-usable backend against skd_kernels.reference: forward over dtypes and odd
 sizes, with and without bias, non-contiguous inputs, r = 0, gradients (gradcheck in float64), opcheck, no
-activation copy and bad input. The reference itself is checked against today's copy + SDPA + permute path."""
+activation copy and bad input; and `via_sdpa` (copies + SDPA: the CUDA kernel, and ElasticViT's attention
+where it copies activations) against the same reference."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from kernel_helpers import (
     BACKENDS,
     LOW_PRECISION,
@@ -21,7 +21,8 @@ from kernel_helpers import (
 )
 
 import skd_kernels
-from skd_kernels import reference
+from skd_kernels import _dispatch, reference
+from skd_kernels.ops import prefix_attention as prefix_attention_op
 
 # (S, N, H, r, big): every r in {1, 3, 8, 32} x N in {1, 5, 197} x H in {1, 3, 6}; N = 197 is big (the
 # Triton interpreter runs the same code paths on the small N).
@@ -48,14 +49,56 @@ def _run(backend: str, qkv: torch.Tensor, h: int, bias: torch.Tensor | None) -> 
         return skd_kernels.prefix_attention(qkv, h, SCALE, bias)
 
 
-def test_reference_is_todays_sdpa_path() -> None:
-    """The oracle equals the path it replaces: per-token (r, 3H) -> (3H, r) copy, SDPA, permute back."""
-    s, n, h, r = 3, 11, 4, 5
-    qkv = _qkv(s, n, h, r, torch.float64)
-    bias = _bias(s, n, h, torch.float64)
-    q, k, v = qkv.view(s * n, r, 3 * h).transpose(1, 2).contiguous().view(s, n, 3, h, r).permute(2, 0, 3, 1, 4)
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=SCALE).permute(0, 2, 3, 1).reshape(s, n, -1)
-    assert_close("reference vs sdpa", reference.prefix_attention(qkv, h, SCALE, bias), sdpa, rtol=1e-12, atol=1e-12)
+def _padding(s: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(S, 1, N, N) stride 0 over queries: each sequence's last keys at -inf (as ElasticViT expands a padding
+    mask), the first key kept."""
+    keep = torch.rand(s, 1, 1, n) < 0.6
+    keep[..., 0] = True
+    return torch.zeros(s, 1, 1, n).masked_fill(~keep, float("-inf")).to(dtype).expand(s, 1, n, n)
+
+
+# (S, N, H, r): one token and r = 1, odd N and r, ViT-S heads at N = 197, r = 32
+VIA_SDPA_SHAPES = [(2, 1, 1, 1), (3, 11, 4, 5), (2, 197, 6, 8), (1, 65, 3, 32)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION, torch.float64))
+@pytest.mark.parametrize(("s", "n", "h", "r"), VIA_SDPA_SHAPES)
+def test_via_sdpa_matches_reference(dtype: torch.dtype, s: int, n: int, h: int, r: int) -> None:
+    """`via_sdpa` (the op's CUDA kernel; ElasticViT's attention where it copies activations) on CPU: contiguous
+    and strided qkv, without bias, with a per-head one and with a padding mask, equal the reference."""
+    c = 3 * h * r
+    for qkv in (_qkv(s, n, h, r, dtype), torch.randn(s, n, c + 5).to(dtype)[..., :c]):
+        for bias in (None, _bias(s, n, h, dtype), _padding(s, n, dtype)):
+            out = prefix_attention_op.via_sdpa(qkv, h, SCALE, bias)
+            assert out.shape == (s, n, r * h) and out.dtype == dtype
+            _check(out, qkv, h, bias, f"via_sdpa {dtype} qkv{tuple(qkv.stride())} bias={bias is not None}")
+
+
+def test_via_sdpa_rank_mask_zero_width_and_gradients() -> None:
+    """`via_sdpa`'s rank mask multiplies every head's q, k and v at each rank (the reference on masked qkv);
+    r = 0 gives (S, N, 0); fp32 gradients in qkv and a broadcast bias equal autograd through the reference."""
+    s, n, h, r = 3, 9, 4, 5
+    qkv, bias = _qkv(s, n, h, r, torch.float32), torch.randn(1, h, n, n)
+    mask = torch.rand(r) + 0.5
+    masked = (qkv.view(s, n, r, 3 * h) * mask[:, None]).view(s, n, -1)  # rank-major: column j*3H + c is rank j
+    _check(prefix_attention_op.via_sdpa(qkv, h, SCALE, bias, 0.0, mask), masked, h, bias, "via_sdpa masked")
+    assert prefix_attention_op.via_sdpa(torch.randn(2, 7, 0), 3, SCALE).shape == (2, 7, 0)
+    grads = []
+    for fn in (prefix_attention_op.via_sdpa, reference.prefix_attention):
+        leaves = [t.clone().requires_grad_() for t in (qkv, bias)]
+        out = fn(leaves[0], h, SCALE, leaves[1])
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        grads.append([t.grad for t in leaves])
+    for label, got, want in zip(("qkv", "bias"), *grads, strict=True):
+        assert_close(f"via_sdpa grad {label}", got, want, rtol=1e-4, atol=1e-5 * scale(want))
+
+
+def test_cuda_runs_via_sdpa_and_triton_only_when_forced() -> None:
+    """CUDA tensors of every dtype get `via_sdpa` (faster on an H200 than the Triton kernel, which stays
+    registered for `use_backend("triton")`)."""
+    for dtype in (torch.float32, *LOW_PRECISION, torch.float64):
+        assert _dispatch._AUTO[prefix_attention_op.OP, "cuda", dtype] is prefix_attention_op.via_sdpa, dtype
+    assert prefix_attention_op.OP in _dispatch._REGISTRY["triton"].kernels
 
 
 @pytest.mark.parametrize(("backend", "dtype", "s", "n", "h", "r", "big"),

@@ -1,9 +1,8 @@
 """prefix_attention_separate (separate rank-major q, k, v) on every backend that implements it (Triton too,
 under TRITON_INTERPRET=1 on CPU), against skd_kernels.reference: forward over dtypes, odd N, r = 1..64, with
 and without bias, per-tensor strides, r = 0, gradients, opcheck (compiled and Triton ops), one compiled graph
-for every width, no activation copy, bad input and the backend table (CUDA runs the Triton kernel). The
-reference is checked against today's head-major copy + SDPA path and against the fused op on the same
-values."""
+for every width, no activation copy, bad input and the backend table (CUDA runs `via_sdpa`, copies + SDPA,
+itself checked against the reference). The reference is checked against the fused op on the same values."""
 
 from __future__ import annotations
 
@@ -11,11 +10,11 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from kernel_helpers import CPU, OUTPUT_TOL, assert_close, largest_cpu_allocation, scale
 
 import skd_kernels
 from skd_kernels import _dispatch, reference
+from skd_kernels.ops import prefix_attention_separate as separate_op
 from skd_kernels.ops.prefix_attention_separate import OP
 
 BACKENDS = [b for b in skd_kernels.available_backends(CPU) if _dispatch._REGISTRY[b].usable(CPU, op=OP)]
@@ -54,18 +53,53 @@ def _run(backend: str, qkv: list[torch.Tensor], h: int, bias: torch.Tensor | Non
         return skd_kernels.prefix_attention_separate(*qkv, h, SCALE, bias)
 
 
-def test_reference_is_todays_sdpa_path() -> None:
-    """The oracle equals the path it replaces (ElasticViT._head_major: per-token (r, H) -> (H, r) copies,
-    SDPA, permute back), and the fused op's reference on the same values interleaved into one qkv."""
+def test_reference_is_the_fused_ops_on_interleaved_values() -> None:
+    """The oracle equals the fused op's reference on the same values interleaved into one qkv."""
     s, n, h, r = 3, 11, 4, 5
     qkv = _qkv(s, n, h, r, torch.float64)
     bias = _bias(s, n, h, torch.float64)
-    heads = [t.view(s * n, r, h).transpose(1, 2).contiguous().view(s, n, h, r).transpose(1, 2) for t in qkv]
-    sdpa = F.scaled_dot_product_attention(*heads, attn_mask=bias, scale=SCALE).permute(0, 2, 3, 1).reshape(s, n, -1)
     got = reference.prefix_attention_separate(*qkv, h, SCALE, bias)
-    assert_close("reference vs sdpa", got, sdpa, rtol=1e-12, atol=1e-12)
     fused = torch.stack([t.view(s, n, r, h) for t in qkv], dim=3).reshape(s, n, 3 * h * r)  # column j*3H + w*H + h
     assert_close("reference vs fused", got, reference.prefix_attention(fused, h, SCALE, bias), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1), (3, 11, 4, 5), (2, 197, 12, 8)], ids=str)
+def test_via_sdpa_matches_reference(dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
+    """`via_sdpa` (the op's CUDA kernel; ElasticViT's attention where it copies activations) on CPU, with q, k
+    and v of different strides, without bias, with a per-head one and with a padding mask (stride 0 over
+    queries, the last keys at -inf), equals the reference."""
+    s, n, h, r = shape
+    c = h * r
+    strided = [torch.randn(s, n, c + 3).to(dtype)[..., :c], torch.randn(n, s, c).to(dtype).transpose(0, 1),
+               torch.randn(s, n, 2 * c).to(dtype)[..., ::2]]
+    padding = torch.zeros(s, 1, 1, n)
+    padding[..., n - n // 3:] = float("-inf")
+    for qkv in (_qkv(s, n, h, r, dtype), strided):
+        for bias in (None, _bias(s, n, h, dtype), padding.to(dtype).expand(s, 1, n, n)):
+            out = separate_op.via_sdpa(*qkv, h, SCALE, bias)
+            assert out.shape == (s, n, c) and out.dtype == dtype
+            _check(out, qkv, h, bias, f"via_sdpa {dtype} strides {[t.stride() for t in qkv]} bias={bias is not None}")
+
+
+def test_via_sdpa_rank_mask_zero_width_and_gradients() -> None:
+    """The rank mask multiplies every head's q, k and v at each rank (the reference on masked inputs); r = 0
+    gives (S, N, 0); fp32 gradients in q, k, v and a broadcast bias equal autograd through the reference."""
+    s, n, h, r = 3, 9, 4, 5
+    qkv, bias = _qkv(s, n, h, r, torch.float32), torch.randn(1, h, n, n)
+    mask = torch.rand(r) + 0.5
+    masked = [(t.view(s, n, r, h) * mask[:, None]).view(s, n, -1) for t in qkv]  # column j*H + h is rank j
+    _check(separate_op.via_sdpa(*qkv, h, SCALE, bias, 0.0, mask), masked, h, bias, "via_sdpa masked")
+    empty = torch.randn(2, 7, 0)
+    assert separate_op.via_sdpa(empty, empty, empty, 3, SCALE).shape == (2, 7, 0)
+    grads = []
+    for fn in (separate_op.via_sdpa, reference.prefix_attention_separate):
+        leaves = [t.clone().requires_grad_() for t in (*qkv, bias)]
+        out = fn(*leaves[:3], h, SCALE, leaves[3])
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        grads.append([t.grad for t in leaves])
+    for label, got, want in zip("qkvb", *grads, strict=True):
+        assert_close(f"via_sdpa grad {label}", got, want, rtol=1e-4, atol=1e-5 * scale(want))
 
 
 @pytest.mark.parametrize(("backend", "dtype", "shape"),
@@ -256,12 +290,10 @@ def test_triton_kernel_is_the_fused_ops_on_rank_stride_h(dtype: torch.dtype) -> 
     _check(got, qkv, h, bias, f"triton {dtype} masked")
 
 
-def test_backend_table_cuda_runs_the_triton_kernel() -> None:
-    """No CUDA C++ kernel: the table says Triton serves CUDA, and CUDA tensors get the Triton kernel where
-    it takes the dtype (fp32/fp16/bf16) and the reference otherwise (fp64)."""
-    assert "Triton" in _dispatch._REGISTRY["cuda"].missing[OP]
-    triton_fn = _dispatch._REGISTRY["triton"].kernels[OP]
+def test_backend_table_cuda_runs_via_sdpa() -> None:
+    """CUDA tensors of every dtype get `via_sdpa` (faster on an H200 than the Triton kernel, which runs on
+    fp32/fp16/bf16 when forced)."""
     for dtype in DTYPES:
-        want = triton_fn.fn if dtype in triton_fn.dtypes else reference.prefix_attention_separate
-        assert _dispatch._AUTO[OP, "cuda", dtype] is want, dtype
+        assert _dispatch._AUTO[OP, "cuda", dtype] is separate_op.via_sdpa, dtype
+    triton_fn = _dispatch._REGISTRY["triton"].kernels[OP]
     assert set(triton_fn.dtypes) == {torch.float32, torch.float16, torch.bfloat16}

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import skd_kernels
+from skd_kernels.ops import prefix_attention as prefix_attention_op
+from skd_kernels.ops import prefix_attention_separate as separate_op
 
 from .. import batches, score_fit
 from .._checks import check_fraction, check_int, check_positive
@@ -383,24 +385,13 @@ class ElasticViT(nn.Module):
     def _sdpa_copying_activations(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor,
                                   bias: torch.Tensor | None, dropout: float) -> torch.Tensor:
         """`_attention` through SDPA on head-major copies of the rank-major q/k/v GEMM outputs, and o copied back
-        to the rank-major proj columns: two activation copies, no weight moved."""
+        to the rank-major proj columns (the attention ops' `via_sdpa`): two activation copies, no weight moved."""
         spec, p = self.adapter.blocks[i], plan.blocks[i]
-        h, r = spec.num_heads, p.r
-        s, n, _ = x.shape
+        ys = [gemm(x) for gemm in p.qkv]
         mask = masks.get((i, "attn"))
-        if spec.fused:
-            # One activation copy: each token's (r, 3H) block transposed to (3H, r), i.e. head-major order.
-            # SDPA needs each head's dims contiguous for its fast CPU path, and a per-token transpose is
-            # cache-local (2.5x cheaper on ViT-B than gathering straight into (3, S, H, N, r)).
-            qkv = self._rank_to_head_major(p.qkv[0](x), s * n, r, 3 * h)
-            if mask is not None:
-                qkv = qkv * mask.to(qkv)
-            q, k, v = qkv.view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views
-        else:
-            q, k, v = (self._head_major(gemm(x), h, r, mask) for gemm in p.qkv)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=spec.scale)
-        o = o.permute(0, 2, 3, 1).reshape(s, n, r * h)  # (S, N, r, H): rank-major proj columns
-        return p.proj(o)
+        mask = None if mask is None else mask.to(ys[0])
+        op = prefix_attention_op if spec.fused else separate_op
+        return p.proj(op.via_sdpa(*ys, spec.num_heads, spec.scale, bias, dropout, mask))
 
     def _sdpa_reordering_weights(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor,
                                  bias: torch.Tensor | None, dropout: float) -> torch.Tensor:
@@ -423,22 +414,6 @@ class ElasticViT(nn.Module):
         weight, out_bias = heads.proj()
         # SDPA's CPU and CUDA kernels write o as (S, N, H, r): then this reshape is a view
         return F.linear(o.transpose(1, 2).reshape(s, n, h * r), weight, out_bias)
-
-    @staticmethod
-    def _rank_to_head_major(y: torch.Tensor, rows: int, r: int, cols: int) -> torch.Tensor:
-        """y: `rows` rows of r*cols rank-major columns (any leading shape) -> (rows, cols, r), dense, in one copy.
-        Not `.contiguous()`: at r = 1 the transpose already counts as contiguous and keeps a last-dim stride of
-        `cols`, which CUDA's SDPA rejects ("Input tensor must have contiguous last dimension", on an H200)."""
-        return y.view(rows, r, cols).transpose(1, 2).clone(memory_format=torch.contiguous_format)
-
-    @staticmethod
-    def _head_major(y: torch.Tensor, h: int, r: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """(S, N, r*H) rank-major -> (S, H, N, r) with each head's dims contiguous (one copy), masked."""
-        s, n, _ = y.shape
-        y = ElasticViT._rank_to_head_major(y, s * n, r, h)
-        if mask is not None:
-            y = y * mask.to(y)
-        return y.view(s, n, h, r).transpose(1, 2)
 
     def _mlp(self, plan: Plan, masks: Masks, i: int, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D) through the first h hidden units."""

@@ -357,11 +357,11 @@ def _runs_attention_op(spec: BlockSpec, weight: torch.Tensor) -> bool:
     """Whether the block's no-grad attention runs prefix_attention / prefix_attention_separate on the rank-major
     GEMM outputs (no activation copy) rather than the copies + SDPA (the plan's attention None).
 
-    On CPU the ops' C++ kernel beats copies + SDPA. On CUDA their backend is Triton's one kernel, which on an
-    H200 ran at 0.26-0.45x of copy + SDPA's flash kernel at ViT-B sizes (benchmarks/RESULTS.md, "H200, session
-    5"), so CUDA keeps SDPA unless a backend is forced (use_backend). Where prefix_attention_separate has no
-    kernel (a forced backend without one, fp64 on CUDA) its reference would materialise the (S, H, N, N) scores,
-    so separate q, k, v keep the copies + SDPA there too.
+    On CPU the ops' C++ kernel beats copies + SDPA. On CUDA their automatic kernel is those copies + SDPA
+    (`via_sdpa`, faster there than their Triton kernel), which ElasticViT runs itself where it copies activations,
+    choosing per call between that and reordering weights; so CUDA takes the plan's attention only when a backend
+    is forced (use_backend). Where prefix_attention_separate has no kernel (a forced backend without one) its
+    reference would materialise the (S, H, N, N) scores, so separate q, k, v keep the SDPA routes there too.
     """
     if weight.device.type != "cpu" and _dispatch.forced_backend() is None:
         return False

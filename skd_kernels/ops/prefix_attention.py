@@ -7,10 +7,14 @@ Layouts (H heads, width r per head):
     out (S, N, r·H): column j·H + h — the rank-major column order the proj prefix GEMM reads.
 
 Kernels: csrc/cpu/prefix_attention.cpp (flash-style, packed tiles through MKL or oneDNN's brgemm, AVX-512
-softmax where the CPU has it), skd_kernels/triton/prefix_attention.py (CUDA, or CPU under
-TRITON_INTERPRET=1); no CUDA C++ kernel (Triton serves CUDA).
-skd_kernels/ops/prefix_attention_separate.py is the same op on separate q, k, v tensors (the same CPU and
-Triton kernels; it shares the checks, probabilities and backward below).
+softmax where the CPU has it), skd_kernels/triton/prefix_attention.py (CUDA when forced, or CPU under
+TRITON_INTERPRET=1), and on CUDA by default `via_sdpa` below: one copy of qkv to head-major order, torch's
+SDPA (flash / memory-efficient kernels, their fused backward), one copy back. On an H200 the Triton kernel
+ran at 0.26-0.51x the speed of that path (benchmarks/RESULTS.md, "H200, session 5" and "session 10"), so the
+CUDA backend is that composite and Triton runs only when forced; there is no CUDA C++ kernel.
+skd.ElasticViT's attention without the op runs `via_sdpa` too (with its rank masks and attention dropout).
+skd_kernels/ops/prefix_attention_separate.py is the same op on separate q, k, v tensors (the same kernels;
+it shares the checks, probabilities, copies and backward below).
 `reference` below is the oracle and last fallback; the backward (plain PyTorch, recomputing the
 probabilities) is shared by the compiled and Triton ops.
 """
@@ -21,6 +25,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from .. import _dispatch, _ops
 from .._common import FLOAT_DTYPES, accumulation_dtype, check_float
@@ -119,6 +124,38 @@ def rank_major(o: torch.Tensor) -> torch.Tensor:
     return o.permute(0, 2, 3, 1).reshape(s, n, r * h)
 
 
+def head_major(y: torch.Tensor, r: int, cols: int) -> torch.Tensor:
+    """y (..., r·cols) rank-major (column j·cols + c: rank j of column group c) -> (..., cols, r) dense, each
+    group's r dims contiguous, in one copy (per token, cache-local: 2.5x cheaper on ViT-B than gathering
+    straight into (3, S, H, N, r)). Not `.contiguous()`: at r = 1 the transpose already counts as contiguous
+    and keeps a last-dim stride of `cols`, which CUDA's SDPA rejects ("Input tensor must have contiguous last
+    dimension", on an H200)."""
+    return y.unflatten(-1, (r, cols)).transpose(-1, -2).clone(memory_format=torch.contiguous_format)
+
+
+def via_sdpa(qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tensor | None = None,
+             dropout_p: float = 0.0, rank_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """prefix_attention through torch's scaled_dot_product_attention: qkv copied head-major (`head_major`),
+    SDPA on per-head views, the output copied back rank-major. Plain PyTorch, so autograd records SDPA's
+    fused backward and torch.compile traces it. The op's CUDA kernel; ElasticViT's attention where it copies
+    activations.
+
+    qkv (S, N, r·3·H), attn_bias (S or 1, H or 1, N, N) | None as in `prefix_attention` (unchecked);
+    dropout_p: SDPA's attention dropout; rank_mask: (r,) multiplier of every head's q, k and v rank dims, in
+    qkv's dtype, or None. Returns (S, N, r·H) rank-major in qkv's dtype; zeros (S, N, 0) for r = 0.
+    """
+    s, n, c = qkv.shape
+    h = num_heads
+    r = c // (3 * h)
+    if r == 0:
+        return qkv.new_zeros(s, n, 0)
+    heads = head_major(qkv, r, 3 * h)  # (S, N, 3H, r)
+    if rank_mask is not None:
+        heads = heads * rank_mask
+    q, k, v = heads.view(s, n, 3, h, r).permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, N, r) views
+    return rank_major(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale))
+
+
 def fake(qkv: torch.Tensor, num_heads: int, scale: float, attn_bias: torch.Tensor | None) -> torch.Tensor:
     """Output metadata of the compiled and Triton ops (torch.compile, FakeTensorMode)."""
     torch._check(qkv.dim() == 3, lambda: "qkv must be (S, N, r*3*H)")
@@ -175,7 +212,7 @@ def register_autograd(qualname: str) -> None:
 _ops.register_differentiable(OP, fake, register_autograd)
 
 _dispatch.register_op(OP, {
-    "cuda": "no CUDA C++ kernel; the Triton kernel runs on CUDA",
+    "cuda": _dispatch.Kernel(via_sdpa, FLOAT_DTYPES),
     "triton": _dispatch.triton(OP),
     "cpu": _dispatch.compiled(OP, "CPU"),
     "reference": _dispatch.Kernel(reference, FLOAT_DTYPES),

@@ -6,18 +6,20 @@ the outputs of the q, k, v prefix GEMMs on rank-major rows, and the proj's rank-
 
 Kernels: the fused op's, run on three base pointers with rank stride H instead of 3H —
 csrc/cpu/prefix_attention.cpp (CPU) and skd_kernels/triton/prefix_attention.py (through
-skd_kernels/triton/prefix_attention_separate.py: CUDA, or CPU under TRITON_INTERPRET=1); no CUDA C++ kernel
-(Triton serves CUDA). `reference` is the oracle and last fallback; the backward is the fused op's
-plain-PyTorch one (`head_grads`), shared by the compiled and Triton ops.
+skd_kernels/triton/prefix_attention_separate.py: CUDA when forced, or CPU under TRITON_INTERPRET=1); on CUDA
+by default `via_sdpa` below (copies + torch's SDPA, faster there than the Triton kernel: see the fused op's
+module). `reference` is the oracle and last fallback; the backward is the fused op's plain-PyTorch one
+(`head_grads`), shared by the compiled and Triton ops.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _dispatch, _ops
 from .._common import FLOAT_DTYPES, accumulation_dtype, check_float
-from .prefix_attention import check_bias, check_heads_and_scale, head_grads, probabilities, rank_major
+from .prefix_attention import check_bias, check_heads_and_scale, head_grads, head_major, probabilities, rank_major
 
 OP = "prefix_attention_separate"
 
@@ -83,6 +85,28 @@ def reference(
     return rank_major(probabilities(qh, kh, scale, attn_bias) @ vh).to(q.dtype)
 
 
+def via_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float,
+             attn_bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+             rank_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """prefix_attention_separate through torch's scaled_dot_product_attention: q, k and v each copied
+    head-major (`head_major`), SDPA, the output copied back rank-major; plain PyTorch (the fused op's
+    `via_sdpa`). q, k, v (S, N, r·H), attn_bias as in `prefix_attention_separate` (unchecked); dropout_p: SDPA's
+    attention dropout; rank_mask: (r,) multiplier of every head's rank dims, in q's dtype, or None. Returns
+    (S, N, r·H) rank-major in q's dtype; zeros (S, N, 0) for r = 0."""
+    s, n, c = q.shape
+    h = num_heads
+    r = c // h
+    if r == 0:
+        return q.new_zeros(s, n, 0)
+    heads = []
+    for t in (q, k, v):
+        y = head_major(t, r, h)  # (S, N, H, r)
+        if rank_mask is not None:
+            y = y * rank_mask
+        heads.append(y.view(s, n, h, r).transpose(1, 2))  # (S, H, N, r) view
+    return rank_major(F.scaled_dot_product_attention(*heads, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale))
+
+
 def fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float,
          attn_bias: torch.Tensor | None) -> torch.Tensor:
     """Output metadata of the compiled and Triton ops (torch.compile, FakeTensorMode)."""
@@ -117,7 +141,7 @@ def register_autograd(qualname: str) -> None:
 _ops.register_differentiable(OP, fake, register_autograd)
 
 _dispatch.register_op(OP, {
-    "cuda": "no CUDA C++ kernel; the Triton kernel runs on CUDA",
+    "cuda": _dispatch.Kernel(via_sdpa, FLOAT_DTYPES),
     "triton": _dispatch.triton(OP),
     "cpu": _dispatch.compiled(OP, "CPU"),
     "reference": _dispatch.Kernel(reference, FLOAT_DTYPES),
