@@ -272,8 +272,9 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 def below_autograd(fn: Callable[..., object], *args: object) -> object:
-    """`fn(*args)` (`fn` a kernel from `kernel`) run below the dispatcher's autograd layer, for callers whose
-    inputs need no gradient (`needs_grad` is False) and are validated.
+    """`fn(*args)` (`fn` a kernel from `kernel`, or any code in which nothing must record autograd: skd's
+    no-grad elastic forward) run below the dispatcher's autograd layer, for callers whose inputs need no
+    gradient (`needs_grad` is False) and are validated.
 
     The Triton ops register their autograd from Python, and that layer costs ~5-8 µs per call even under
     no_grad, the order of a small GEMM (the compiled ops' own Autograd kernel is C++ and skips itself without

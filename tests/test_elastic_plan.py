@@ -77,6 +77,28 @@ def test_lean_no_grad_forward_equals_recording_forward(name: str, dtype: torch.d
             assert err <= tol
 
 
+@pytest.mark.parametrize("name", ["vit", "BertModel"])
+def test_no_grad_forward_runs_below_the_autograd_layer(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without grad mode the whole eager forward runs below the dispatcher's autograd layer (as seen by a hook
+    on the model's first module), with the values it has without that guard and an ordinary output; with grad
+    mode on the layer records as usual; the caller's dispatch state is restored either way."""
+    elastic, inputs = _family(name)
+    key = torch._C.DispatchKey.AutogradFunctionality  # what torch's AutoDispatchBelowAutograd excludes
+    seen = []
+    first = next(m for m in elastic.model.modules() if not list(m.children()))
+    first.register_forward_hook(lambda *_: seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(key)))
+    with torch.no_grad():
+        lean = _call(elastic, inputs)
+    assert seen == [True] and not torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+    assert lean.grad_fn is None and not lean.requires_grad
+    recorded = _call(elastic, inputs)
+    assert seen == [True, False] and recorded.grad_fn is not None
+    monkeypatch.setattr(skd_kernels._dispatch, "below_autograd", lambda fn, *args: fn(*args))
+    with torch.no_grad():
+        assert torch.equal(_call(elastic, inputs), lean)
+    assert seen == [True, False, False]
+
+
 def test_plan_follows_replaced_and_updated_weights() -> None:
     """A plan holds views of the weights: in-place updates are seen; a replaced Parameter or a dtype move
     (new storage) rebuilds the plan instead of reading stale memory."""

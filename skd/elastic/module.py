@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import skd_kernels
+from skd_kernels import _dispatch
 from skd_kernels.ops import prefix_attention as prefix_attention_op
 from skd_kernels.ops import prefix_attention_separate as separate_op
 
@@ -289,10 +290,16 @@ class ElasticViT(nn.Module):
             raise RuntimeError("ElasticViT cannot run inside standard_layout(); use elastic.model there")
 
     def _run(self, plan: Plan, masks: Masks | None, *args: Any, **kwargs: Any) -> Any:
-        """The forward through `plan`'s ops (`forward`'s, or a frozen capture's)."""
+        """The forward through `plan`'s ops (`forward`'s, or a frozen capture's). Where nothing can record
+        autograd (grad mode off, eager), every op runs below the dispatcher's autograd layer, as under
+        inference_mode but with ordinary tensors out: ~1 µs less host time per op (the digits-size ViT at batch
+        1 on CPU: 4-7 % of the forward)."""
         masks = self._checked_masks(plan.subnet, masks)
-        return self.adapter.run(args, kwargs, plan.subnet, functools.partial(self._attention, plan, masks),
-                                functools.partial(self._mlp, plan, masks))
+        attention, mlp = functools.partial(self._attention, plan, masks), functools.partial(self._mlp, plan, masks)
+        run = functools.partial(self.adapter.run, args, kwargs, plan.subnet, attention, mlp)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return run()
+        return _dispatch.below_autograd(run)
 
     def capture(self, *args: Any, subnet: Subnet | None = None, warmup: int = 3, frozen: bool = False,
                 **kwargs: Any) -> CapturedForward:
