@@ -1,7 +1,8 @@
 """Backend selection per op: CUDA ext → Triton → CPU ext → reference, by device, dtype and availability.
 
-Each op (skd_kernels/ops/<op>.py) registers its kernels here, one per backend that implements it; a
-backend may implement only some ops, or only some dtypes of an op, and an op may leave a backend out of its
+Each op (skd_kernels/ops/<op>.py) registers its kernels here, one per backend that implements it (a kernel
+may be a composite of torch ops where that measured fastest: the attention ops' CUDA one); a backend may
+implement only some ops, or only some dtypes of an op, and an op may leave a backend out of its
 automatic choice (`forced_only`: measured slower than the next in line). `use_backend(name)` (a context
 manager) or the env var SKD_KERNELS_BACKEND forces one backend; a forced backend that cannot run an op
 on the given tensors raises, saying why (wrong device, op not implemented, dtype not supported), instead
