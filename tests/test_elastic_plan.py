@@ -18,6 +18,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import skd_kernels
+from benchmarks.below_autograd import through_autograd
 from benchmarks.sdpa_routes import ROUTES, forced_route
 from skd import ElasticViT, Subnet
 from skd.elastic import plan as plan_module
@@ -93,10 +94,14 @@ def test_no_grad_forward_runs_below_the_autograd_layer(name: str, monkeypatch: p
     assert lean.grad_fn is None and not lean.requires_grad
     recorded = _call(elastic, inputs)
     assert seen == [True, False] and recorded.grad_fn is not None
+    with torch.no_grad():  # benchmarks/below_autograd.py's "before"
+        before = through_autograd(elastic, *inputs.values()) if "x" in inputs else through_autograd(elastic, **inputs)
+    assert seen == [True, False, False]
+    assert torch.equal(before if "x" in inputs else hf_helpers.main_output(before), lean)
     monkeypatch.setattr(skd_kernels._dispatch, "below_autograd", lambda fn, *args: fn(*args))
     with torch.no_grad():
         assert torch.equal(_call(elastic, inputs), lean)
-    assert seen == [True, False, False]
+    assert seen == [True, False, False, False]
 
 
 def test_plan_follows_replaced_and_updated_weights() -> None:
