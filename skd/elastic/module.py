@@ -292,8 +292,8 @@ class ElasticViT(nn.Module):
     def _run(self, plan: Plan, masks: Masks | None, *args: Any, **kwargs: Any) -> Any:
         """The forward through `plan`'s ops (`forward`'s, or a frozen capture's). Where nothing can record
         autograd (grad mode off, eager), every op runs below the dispatcher's autograd layer, as under
-        inference_mode but with ordinary tensors out: ~1 µs less host time per op (the digits-size ViT at batch
-        1 on CPU: 4-7 % of the forward)."""
+        inference_mode but with ordinary tensors out: less host time per op (the digits ViT at batch 1 on CPU: 3 %
+        of the forward, benchmarks/below_autograd.py)."""
         masks = self._checked_masks(plan.subnet, masks)
         attention, mlp = functools.partial(self._attention, plan, masks), functools.partial(self._mlp, plan, masks)
         run = functools.partial(self.adapter.run, args, kwargs, plan.subnet, attention, mlp)

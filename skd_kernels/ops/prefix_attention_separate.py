@@ -103,7 +103,7 @@ def via_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
         y = head_major(t, r, h)  # (S, N, H, r)
         if rank_mask is not None:
             y = y * rank_mask
-        heads.append(y.view(s, n, h, r).transpose(1, 2))  # (S, H, N, r) view
+        heads.append(y.transpose(1, 2))  # (S, H, N, r) view
     return rank_major(F.scaled_dot_product_attention(*heads, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale))
 
 
