@@ -276,7 +276,8 @@ class ElasticViT(nn.Module):
         (block, "mlp"): (h_b,)} multiplicative masks (any float dtype/device broadcastable to the
         activations) on the kept rank dims of q, k and v of every head, and on the kept post-activation
         MLP hidden units (e.g. channel dropout); absent keys mean no mask. Each subnet's ops are checked and
-        bound once and kept for later calls (skd/elastic/plan.py); without grad they skip the autograd layer.
+        bound once and kept for later calls (skd/elastic/plan.py). Without grad mode the whole forward runs below
+        the autograd layer (`_run`): a hook inside it cannot record autograd by re-enabling grad mode.
         """
         self._check_rank_major()
         if subnet is None:  # compiling: the symbolic twin (one graph for every width); eager: plain ints, faster
