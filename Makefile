@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test bench lint gpu-check gpu-piad-compiled
+.PHONY: setup demo test bench lint gpu-check gpu-piad-compiled gpu-eager
 setup: .venv/.skd-deps .venv/.skd-ext
 
 .venv/.skd-deps: pyproject.toml setup.py
@@ -46,8 +46,17 @@ gpu-check:
 # Dynamo's recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
 GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks)
 PIAD_MODEL ?= vit_small_patch16_224
+# the extension built for the present GPU (incremental: quick after gpu-check on the same machine)
+GPU_BUILD = MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=$$($(GPU_PY) -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
+	$(GPU_PY) setup.py -q build_ext --inplace
 gpu-piad-compiled:
-	MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=$$($(GPU_PY) -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
-		$(GPU_PY) setup.py -q build_ext --inplace
+	$(GPU_BUILD)
 	TORCH_LOGS=recompiles $(GPU_PY) -m benchmarks.piad_step --device cuda --amp --compile \
 		--model $(PIAD_MODEL) --batch 256 --repeats 3 --kernels > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
+
+# The eager no-grad forward on a lent GPU with and without session 16's below-autograd guard, beside the extracted
+# model (ViT-S and ViT-B, batch 64, bf16; about a minute after the build), into $OUT/eager.md (else benchmarks/).
+gpu-eager:
+	$(GPU_BUILD)
+	$(GPU_PY) -m benchmarks.below_autograd --device cuda --bf16 --batch 64 \
+		--models vit_small_patch16_224 vit_base_patch16_224 > $(GPU_OUT)/eager.md 2>&1
