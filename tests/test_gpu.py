@@ -33,7 +33,7 @@ import torch
 from kernel_helpers import prefix_linear_outputs, sweep
 
 import skd_kernels
-from skd_kernels import reference
+from skd_kernels import _dispatch, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("cuda", "triton")
@@ -57,9 +57,15 @@ def on_cuda(test: object) -> object:
     return test
 
 
-def _require(backend: str, device: str = "cuda") -> None:
-    if backend not in skd_kernels.available_backends(device):
-        pytest.skip(f"backend {backend!r} is not usable on {device} here")
+# the extension's (and Triton's) own ops; the attention ops' CUDA kernel is a composite that needs no build
+KERNEL_OPS = ("weighted_covariance", "taylor_scores", "prefix_linear")
+
+
+def _require(backend: str, device: str = "cuda", ops: tuple[str, ...] = ()) -> None:
+    """Skip unless `backend` runs on `device`, and runs each of `ops` there."""
+    for op in ops or (None,):
+        if not _dispatch._REGISTRY[backend].usable(device, op=op):
+            pytest.skip(f"backend {backend!r} does not run {op or 'ops'} on {device} here")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, relative_to_max: bool = False) -> None:
@@ -258,7 +264,7 @@ def test_split_product_arithmetic_keeps_fp32_accuracy(dtype: torch.dtype, case: 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weighted_covariance_vit_b_heads(backend: str, dtype: torch.dtype) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("weighted_covariance",))
     x = torch.randn(8 * 197, 768, device="cuda", dtype=dtype)
     w = torch.rand(8 * 197, device="cuda")
     with skd_kernels.use_backend(backend):
@@ -276,7 +282,7 @@ COV_SHAPES = [(1, 48, 1), (197, 144, 3), (129, 129, 1), (300, 400, 2), (5, 7, 7)
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
 @pytest.mark.parametrize(("n", "width", "groups"), COV_SHAPES)
 def test_weighted_covariance_odd_sizes(backend: str, dtype: torch.dtype, n: int, width: int, groups: int) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("weighted_covariance",))
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("Triton takes no fp64")
     x = (torch.randn(n, width, device="cuda", dtype=torch.float64) + 0.5).to(dtype)
@@ -290,7 +296,7 @@ def test_weighted_covariance_odd_sizes(backend: str, dtype: torch.dtype, n: int,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", SPLIT_CASES)
 def test_weighted_covariance_fp16_extreme_weights(backend: str, case: str) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("weighted_covariance",))
     x_scale, w_scale = SPLIT_CASES[case]
     x = ((torch.randn(197, 96, device="cuda") + 0.5) * x_scale).half()
     w = (torch.rand(197, device="cuda") + 0.1) * w_scale
@@ -302,7 +308,7 @@ def test_weighted_covariance_fp16_extreme_weights(backend: str, case: str) -> No
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_taylor_scores_vit_b_mlp(backend: str, dtype: torch.dtype) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("taylor_scores",))
     act = torch.randn(8, 197, 3072, device="cuda", dtype=dtype)
     grad = torch.randn(8, 197, 3072, device="cuda", dtype=dtype)
     with skd_kernels.use_backend(backend):
@@ -338,7 +344,7 @@ TAYLOR_SHAPES = [(1, 197, 3), (2, 197, 129), (3, 197, 264), (2, 16, 8), (1, 1, 1
                                 rotated=1, always=lambda case: case[0] == "cuda"))
 def test_taylor_scores_odd_sizes_and_layouts(backend: str, dtype: torch.dtype, shape: tuple[int, int, int],
                                              layout: str) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("taylor_scores",))
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("Triton takes no fp64")
     act = torch.randn(shape, device="cuda", dtype=dtype)
@@ -353,7 +359,7 @@ def test_taylor_scores_odd_sizes_and_layouts(backend: str, dtype: torch.dtype, s
 @pytest.mark.parametrize(("k_in", "k_out", "activation"), [(768, 3072, "gelu"), (384, 1536, "gelu_tanh"),
                                                           (3072, 768, "none"), (200, 577, "gelu")])
 def test_prefix_linear_vit_b_mlp(backend: str, dtype: torch.dtype, k_in: int, k_out: int, activation: str) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("prefix_linear",))
     d_in, d_out = (768, 3072) if k_in <= 768 else (3072, 768)
     x = torch.randn(8, 197, d_in, device="cuda", dtype=dtype)
     weight = torch.randn(d_out, d_in, device="cuda", dtype=dtype) / d_in**0.5
@@ -371,7 +377,7 @@ def test_prefix_linear_vit_b_mlp(backend: str, dtype: torch.dtype, k_in: int, k_
                                 rotated=2, always=lambda case: case[0] == "cuda"))
 def test_prefix_linear_odd_sizes(backend: str, dtype: torch.dtype, rows: int, k_in: int, k_out: int,
                                  activation: str, with_bias: bool) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("prefix_linear",))
     x = torch.randn(rows, 129, device="cuda", dtype=dtype)
     weight = torch.randn(257, 129, device="cuda", dtype=dtype) / 129**0.5
     bias = torch.randn(257, device="cuda", dtype=dtype) if with_bias else None
@@ -381,7 +387,7 @@ def test_prefix_linear_odd_sizes(backend: str, dtype: torch.dtype, rows: int, k_
 @on_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_linear_grads_vit_b(backend: str) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("prefix_linear",))
     x = torch.randn(4, 197, 768, device="cuda", requires_grad=True)
     weight = (torch.randn(3072, 768, device="cuda") / 768**0.5).requires_grad_(True)
     bias = torch.randn(3072, device="cuda", requires_grad=True)
@@ -417,7 +423,7 @@ def test_prefix_linear_records_torch_autograd_on_cuda(autocast: bool) -> None:
             assert "prefix_linear" not in type(y.grad_fn).__name__, name
             for a, b in zip(torch.autograd.grad(y.float(), (x, weight, bias), g), want, strict=True):
                 _close(a, b, torch.bfloat16 if autocast else torch.float32, relative_to_max=True)
-        if "cuda" in skd_kernels.available_backends("cuda"):
+        if _dispatch._REGISTRY["cuda"].usable("cuda", op="prefix_linear"):
             with skd_kernels.use_backend("cuda"):
                 assert "prefix_linear" in type(calls["public"]().grad_fn).__name__
 
@@ -927,7 +933,7 @@ BIG_MEMORY = pytest.mark.xdist_group("big_memory")
 @BIG_MEMORY
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("weighted_covariance",))
     _needs_memory(40)
     width = 520
     n = BIG // width + 1
@@ -949,7 +955,7 @@ def test_weighted_covariance_offsets_past_2_31(backend: str) -> None:
 @BIG_MEMORY
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_taylor_scores_offsets_past_2_31(backend: str) -> None:
-    _require(backend)
+    _require(backend, "cuda", ("taylor_scores",))
     _needs_memory(40)
     channels = 1100
     tokens = BIG // channels + 1
@@ -990,7 +996,7 @@ def _all_ops(device: str, raw: bool) -> None:
 @pytest.mark.parametrize("raw", (True, False), ids=("compiled_ops", "public_ops"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_host_sync(backend: str, raw: bool) -> None:
-    _require(backend)
+    _require(backend, "cuda", KERNEL_OPS)
     if raw and backend != "cuda":
         pytest.skip("the raw compiled ops are the cuda backend")
     with skd_kernels.use_backend(backend):
@@ -1009,7 +1015,7 @@ def test_no_host_sync(backend: str, raw: bool) -> None:
 def test_device_guard_second_device(backend: str) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
-    _require(backend, "cuda:1")
+    _require(backend, "cuda:1", KERNEL_OPS)
     # Tensors on cuda:1 while cuda:0 is current, on a side stream of cuda:1: the kernels must launch on
     # cuda:1, on its current stream, ordered after the inputs' producers.
     side = torch.cuda.Stream(device="cuda:1")
