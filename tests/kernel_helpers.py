@@ -95,6 +95,14 @@ def sweep(axes: dict[str, Sequence], rotated: int, always: Callable[[tuple], boo
     return ",".join(names), params
 
 
+def padding_mask(s: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(S, 1, N, N), stride 0 over queries (as ElasticViT expands a padding mask): each sequence's last third of
+    keys at -inf, its first keys kept."""
+    mask = torch.zeros(s, 1, 1, n)
+    mask[..., n - n // 3:] = float("-inf")
+    return mask.to(dtype).expand(s, 1, n, n)
+
+
 def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
     """Prints max/mean |got - want| (then asserts), so a failure shows how far off it was."""
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"

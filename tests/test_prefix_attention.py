@@ -16,6 +16,7 @@ from kernel_helpers import (
     assert_close,
     backend_dtype_shape_params,
     largest_cpu_allocation,
+    padding_mask,
     scale,
     supports,
 )
@@ -49,14 +50,6 @@ def _run(backend: str, qkv: torch.Tensor, h: int, bias: torch.Tensor | None) -> 
         return skd_kernels.prefix_attention(qkv, h, SCALE, bias)
 
 
-def _padding(s: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """(S, 1, N, N) stride 0 over queries: each sequence's last keys at -inf (as ElasticViT expands a padding
-    mask), the first key kept."""
-    keep = torch.rand(s, 1, 1, n) < 0.6
-    keep[..., 0] = True
-    return torch.zeros(s, 1, 1, n).masked_fill(~keep, float("-inf")).to(dtype).expand(s, 1, n, n)
-
-
 # (S, N, H, r): one token and r = 1, odd N and r, ViT-S heads at N = 197, r = 32
 VIA_SDPA_SHAPES = [(2, 1, 1, 1), (3, 11, 4, 5), (2, 197, 6, 8), (1, 65, 3, 32)]
 
@@ -68,7 +61,7 @@ def test_via_sdpa_matches_reference(dtype: torch.dtype, s: int, n: int, h: int, 
     and strided qkv, without bias, with a per-head one and with a padding mask, equal the reference."""
     c = 3 * h * r
     for qkv in (_qkv(s, n, h, r, dtype), torch.randn(s, n, c + 5).to(dtype)[..., :c]):
-        for bias in (None, _bias(s, n, h, dtype), _padding(s, n, dtype)):
+        for bias in (None, _bias(s, n, h, dtype), padding_mask(s, n, dtype)):
             out = prefix_attention_op.via_sdpa(qkv, h, SCALE, bias)
             assert out.shape == (s, n, r * h) and out.dtype == dtype
             _check(out, qkv, h, bias, f"via_sdpa {dtype} qkv{tuple(qkv.stride())} bias={bias is not None}")

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from kernel_helpers import CPU, OUTPUT_TOL, assert_close, largest_cpu_allocation, scale
+from kernel_helpers import CPU, OUTPUT_TOL, assert_close, largest_cpu_allocation, padding_mask, scale
 
 import skd_kernels
 from skd_kernels import _dispatch, reference
@@ -73,10 +73,8 @@ def test_via_sdpa_matches_reference(dtype: torch.dtype, shape: tuple[int, int, i
     c = h * r
     strided = [torch.randn(s, n, c + 3).to(dtype)[..., :c], torch.randn(n, s, c).to(dtype).transpose(0, 1),
                torch.randn(s, n, 2 * c).to(dtype)[..., ::2]]
-    padding = torch.zeros(s, 1, 1, n)
-    padding[..., n - n // 3:] = float("-inf")
     for qkv in (_qkv(s, n, h, r, dtype), strided):
-        for bias in (None, _bias(s, n, h, dtype), padding.to(dtype).expand(s, 1, n, n)):
+        for bias in (None, _bias(s, n, h, dtype), padding_mask(s, n, dtype)):
             out = separate_op.via_sdpa(*qkv, h, SCALE, bias)
             assert out.shape == (s, n, c) and out.dtype == dtype
             _check(out, qkv, h, bias, f"via_sdpa {dtype} strides {[t.stride() for t in qkv]} bias={bias is not None}")
