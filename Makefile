@@ -42,7 +42,8 @@ gpu-check:
 
 # PIAD's compiled training step on a lent GPU, on its own: compiling ViT-S takes minutes there (161 s for two graphs
 # on an H200 in session 15; one graph since), more than gpu-check has. Builds for the present GPU, then times eager and compiled steps at
-# batch 256, and a profiled step's kernel time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with
+# batch 256 beside the dense models of both widths (compiled too: two more graphs), and a profiled step's kernel
+# time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with
 # Dynamo's recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
 GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks)
 PIAD_MODEL ?= vit_small_patch16_224
@@ -52,7 +53,7 @@ GPU_BUILD = MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=$$($(GPU_PY) -c "import torch; prin
 gpu-piad-compiled:
 	$(GPU_BUILD)
 	TORCH_LOGS=recompiles $(GPU_PY) -m benchmarks.piad_step --device cuda --amp --compile \
-		--model $(PIAD_MODEL) --batch 256 --repeats 3 --kernels > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
+		--model $(PIAD_MODEL) --batch 256 --repeats 3 --kernels --dense > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
 
 # The eager no-grad forward on a lent GPU with and without session 16's below-autograd guard, beside the extracted
 # model (ViT-S and ViT-B, batch 64, bf16; about a minute after the build), into $OUT/eager.md (else benchmarks/).

@@ -23,8 +23,8 @@ Sections, most valuable first so that a run cut short keeps what matters; every 
      (SDPA on head-major copies of the activations vs of the kept weights, ViT-S and ViT-B batch 64, bf16);
      benchmarks/elastic_capture.py (ElasticViT.capture's CUDA graphs, plain and frozen, vs eager and vs the captured
      extracted model, batch 1 and 64); benchmarks/piad_step.py (a 1/3-MACs PIAD step vs a full one, ViT-S batch 64
-     and 256, bf16 autocast, and its kernel time by kind of work); benchmarks/elastic_profile.py --train (a
-     training step's host vs GPU time);
+     and 256, bf16 autocast, against the dense models of both widths, and its kernel time by kind of work);
+     benchmarks/elastic_profile.py --train (a training step's host vs GPU time);
      benchmarks/elastic_compile.py at batch 1 under CUDA graphs (graph count, compiled vs eager and vs the
      compiled extracted model); benchmarks/wpac_cost.py (WPAC on 1024 samples vs a plain forward+backward, ViT-S,
      and its peak memory at 1024 vs 256 samples);
@@ -83,7 +83,7 @@ SECTIONS = ("Environment", "Build", "Tests", "Elastic", "Profile", "Benchmarks",
 LIMITS = {"build": 80, "tests": 160, "elastic": 210, "profile": 15, "bench": 30, "sanitizer": 85}
 # within LIMITS["elastic"], in this order; a step gets what is left of the section's limit if less
 ELASTIC_LIMITS = {"elastic latency": 25, "elastic profile": 25, "gemm routes": 25, "sdpa routes": 35,
-                  "elastic capture": 25, "piad step": 25, "train profile": 30, "elastic compile": 70,
+                  "elastic capture": 25, "piad step": 30, "train profile": 30, "elastic compile": 70,
                   "wpac cost": 40}
 # The whole call, well inside a 15-minute lease that also pays for the machine's start; a step never runs
 # past it (its limit shrinks to what is left, or it is skipped).
@@ -119,8 +119,9 @@ CAPTURE_ARGS = ["--models", "vit_small", "--batches", "1", "64", "--dtype", "bf1
 # (host-bound on the H200: 0.98x at batch 64, 0.85x at 256, session 14). Its --compile (PIADTrainer(compile=True))
 # compiles for minutes there, more than this check has: run it on its own.
 PIAD_STEP_ARGS = ["--device", "cuda", "--amp", "--model", "vit_small_patch16_224", "--batch", "64", "256",
-                  "--repeats", "3", "--kernels"]
-DRY_PIAD_STEP_ARGS = ["--model", "vit_digits", "--batch", "8", "--repeats", "1", "--threads", "1", "--kernels"]
+                  "--repeats", "3", "--kernels", "--dense"]
+DRY_PIAD_STEP_ARGS = ["--model", "vit_digits", "--batch", "8", "--repeats", "1", "--threads", "1", "--kernels",
+                      "--dense"]
 # ViT-B too since session 15: GPU-bound at batch 64, where the activation copies' bytes count more than launches
 SDPA_ROUTES_ARGS = ["--device", "cuda", "--models", "vit_small_patch16_224", "vit_base_patch16_224", "--batches", "64",
                     "--dtypes", "bf16", "--repeats", "3"]
@@ -432,9 +433,10 @@ def elastic(cuda: bool, budget: Budget) -> list[Step]:
     benchmarks/column_major.py's gemm routes (the GEMMs on weight views), benchmarks/sdpa_routes.py (attention on
     copied activations vs reordered weights: training, no-grad and captured), benchmarks/elastic_capture.py (CUDA
     graphs, plain and frozen), benchmarks/piad_step.py (a training step at 1/3 of the MACs vs a full one, batch 64
-    and 256, and what kind of kernels each spends its time in), elastic_profile.py --train (a training step's
-    host vs GPU time), benchmarks/elastic_compile.py (graphs for three widths, the compiled and CUDA-graph speeds)
-    and benchmarks/wpac_cost.py (WPAC's time vs a plain forward+backward, its peak memory vs samples)."""
+    and 256, each against the dense model of its width, and what kind of kernels each spends its time in),
+    elastic_profile.py --train (a training step's host vs GPU time), benchmarks/elastic_compile.py (graphs for
+    three widths, the compiled and CUDA-graph speeds) and benchmarks/wpac_cost.py (WPAC's time vs a plain
+    forward+backward, its peak memory vs samples)."""
     steps, section_end = [], budget.elapsed() + budget.limit("elastic")
     for name, module, args, dry_args in (
             ("elastic latency", "elastic_latency", [*ELASTIC_ARGS, *ELASTIC_EXTRA_ARGS],

@@ -5,7 +5,7 @@ through prefix views (masking would cost 1.0 ×). The two widths are timed inter
 so load from other processes hits both alike; medians.
 
     python -m benchmarks.piad_step [--model vit_digits] [--batch 64 [256 ...]] [--repeats 7] [--threads N]
-        [--cpu-time] [--device cpu|cuda] [--amp] [--compile] [--kernels]
+        [--cpu-time] [--device cpu|cuda] [--amp] [--compile] [--kernels] [--dense]
     python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
 
 On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a step's time includes its kernels.
@@ -16,6 +16,9 @@ width (full too, since session 15), and inductor's fused kernels take most of th
 `--kernels` then profiles one more step of each and splits its time by kind of work (GPU: kernel time; CPU: the
 ops' self time), to show what a narrower subnet shrinks (GEMMs, attention) and what it does not (norms, the
 optimizer, copies and casts).
+`--dense` also times the same step of each width's dense model (`elastic.extract`, with its own fused AdamW;
+compiled with `--compile`): its "/ full" is what a dense model of that size saves, the floor for the elastic
+model's, and "/ dense" is the elastic step over the dense one of its width.
 """
 
 from __future__ import annotations
@@ -80,19 +83,21 @@ def kinds_ms(fn: Callable[[], object], device: torch.device, steps: int = 2) -> 
     return out
 
 
-def kinds_table(batch: int, device: torch.device, rows: dict[tuple[str, int], dict[str, float]]) -> str:
-    """`kinds_ms` of each (mode, fraction index) as a table, with each narrower row over its mode's full one."""
+def kinds_table(batch: int, device: torch.device, rows: dict[tuple[str, str, int], dict[str, float]]) -> str:
+    """`kinds_ms` of each (model, mode, fraction index) as a table, with each narrower row over its model and mode's
+    full one."""
     what = "GPU ms of kernels" if device.type == "cuda" else "self CPU ms of ops"
     lines = [f"batch {batch}: {what} per step by kind (--kernels)",
-             "| mode | budget | " + " | ".join(KINDS) + " | total |", "|---|---|" + "---|" * (len(KINDS) + 1)]
-    for (mode, j), ms in rows.items():
+             "| model | mode | budget | " + " | ".join(KINDS) + " | total |",
+             "|---|---|---|" + "---|" * (len(KINDS) + 1)]
+    for (name, mode, j), ms in rows.items():
         cells = [ms[k] for k in KINDS] + [sum(ms.values())]
-        lines.append(f"| {mode} | {FRACTIONS[j]:.3f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        lines.append(f"| {name} | {mode} | {FRACTIONS[j]:.3f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
         if j:
-            full = rows[mode, 0]
+            full = rows[name, mode, 0]
             ratios = [ms[k] / full[k] if full[k] else float("nan") for k in KINDS] + \
                 [sum(ms.values()) / sum(full.values())]
-            lines.append(f"| {mode} | / full | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+            lines.append(f"| {name} | {mode} | / full | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     return "\n".join(lines)
 
 
@@ -104,6 +109,7 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast, as PIAD trains on a GPU")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
     ap.add_argument("--kernels", action="store_true", help="then split a profiled step's time by kind of work")
+    ap.add_argument("--dense", action="store_true", help="also time each width's dense (extracted) model")
     add_device_options(ap)
     args = ap.parse_args()
     clock = device_clock(ap, args)
@@ -116,33 +122,50 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, cpu"
     print(f"{args.model}, {where}, {'bf16 autocast' if args.amp else 'fp32'}, "
           f"{'process CPU' if args.cpu_time else 'wall'} time")
-    modes = {"eager": elastic} | ({"compiled": torch.compile(elastic, dynamic=True)} if args.compile else {})
-    print("| batch | mode | budget | MACs fraction | step ms | / full | / eager |\n|---|---|---|---|---|---|---|")
+    models = {"elastic": [(elastic, opt)] * len(FRACTIONS)}
+    if args.dense:  # each width's dense model, trained alike
+        dense = [elastic.extract(subnet).train() for subnet in subnets]
+        models["dense"] = [(m, build_optimizer(m, "adamw", lr=1e-4, weight_decay=0.05)) for m in dense]
+    # the elastic model as PIADTrainer(compile=True) compiles it; each dense model static, as a dense user would
+    compiled = {name: [(torch.compile(m, dynamic=name == "elastic"), o) for m, o in pairs]
+                for name, pairs in models.items()} if args.compile else {}
+    runs = {(name, "eager", j): pair for name, pairs in models.items() for j, pair in enumerate(pairs)}
+    runs |= {(name, "compiled", j): pair for name, pairs in compiled.items() for j, pair in enumerate(pairs)}
+    print("| batch | model | mode | budget | MACs fraction | step ms | / full | / eager | / dense |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, *cfg, device=args.device)
         y = torch.randint(0, model.num_classes, (batch,), device=args.device)
-        times = {(mode, j): [] for mode in modes for j in range(len(FRACTIONS))}
-        compiling = 0.0
+        steps = {key: functools.partial(step, m, o, x, y, args.amp) for key, (m, o) in runs.items()}
+        times = {key: [] for key in runs}
+        compiling = dict.fromkeys(compiled, 0.0)
+        graphs = dict.fromkeys(compiled, 0)
         for i in range(args.repeats + 1):  # round 0 warms up (and compiles)
-            for (mode, j), t in times.items():
-                elastic.set_subnet(subnet=subnets[j])
-                ms = call_ms(functools.partial(step, modes[mode], opt, x, y, args.amp), x.device, clock)
+            for key, t in times.items():
+                elastic.set_subnet(subnet=subnets[key[2]])
+                before = counters["stats"]["unique_graphs"]
+                ms = call_ms(steps[key], x.device, clock)
                 if i:
                     t.append(ms)
-                elif mode == "compiled":
-                    compiling += ms / 1e3
+                elif key[1] == "compiled":
+                    compiling[key[0]] += ms / 1e3
+                    graphs[key[0]] += counters["stats"]["unique_graphs"] - before
         ms = {key: statistics.median(t) for key, t in times.items()}
-        for (mode, j), t in ms.items():
-            print(f"| {batch} | {mode} | {FRACTIONS[j]:.3f} | {elastic.macs(subnets[j]) / elastic.full_macs:.3f} "
-                  f"| {t:.1f} | {t / ms[mode, 0]:.2f} | {t / ms['eager', j]:.2f} |", flush=True)
+        for (name, mode, j), t in ms.items():
+            dense_ratio = f"{t / ms['dense', mode, j]:.2f}" if ("dense", mode, j) in ms else "-"
+            fraction = elastic.macs(subnets[j]) / elastic.full_macs
+            print(f"| {batch} | {name} | {mode} | {FRACTIONS[j]:.3f} | {fraction:.3f} | {t:.1f} "
+                  f"| {t / ms[name, mode, 0]:.2f} | {t / ms[name, 'eager', j]:.2f} | {dense_ratio} |",
+                  flush=True)
         if args.compile:
-            print(f"(batch {batch}: the compiled steps' first calls took {compiling:.1f} s; "
-                  f"Dynamo graphs so far: {counters['stats']['unique_graphs']})", flush=True)
+            made = "; ".join(f"the {name} model's compiled first steps took {compiling[name]:.1f} s and made "
+                             f"{graphs[name]} new Dynamo graphs" for name in compiled)
+            print(f"(batch {batch}: {made})", flush=True)
         if args.kernels:
             rows = {}
-            for mode, j in times:
-                elastic.set_subnet(subnet=subnets[j])
-                rows[mode, j] = kinds_ms(functools.partial(step, modes[mode], opt, x, y, args.amp), x.device)
+            for key in times:
+                elastic.set_subnet(subnet=subnets[key[2]])
+                rows[key] = kinds_ms(steps[key], x.device)
             print(kinds_table(batch, x.device, rows), flush=True)
 
 

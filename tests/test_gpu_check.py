@@ -54,13 +54,15 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     # the profile's op tables of both models, and the compile table: a graph count per MACs fraction
     assert section["Elastic"].count("| op | self µs/forward |") == 2
     assert section["Elastic"].count("| op | self µs/step |") == 2  # the training step's profile
-    # the PIAD step at batch 8, eager, 1/3 of the MACs
-    piad = r"^\| 8 \| eager \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \| 1\.00 \|$"
+    # the PIAD step at batch 8, eager, 1/3 of the MACs: the elastic model over its dense one, and the dense one
+    piad = r"^\| 8 \| elastic \| eager \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \| 1\.00 \| [\d.]+ \|$"
     assert re.search(piad, section["Elastic"], flags=re.M)
-    # and its time by kind of work: both widths, and the narrower one over the full one
+    assert re.search(r"^\| 8 \| dense \| eager \| 0\.333 \| 0\.3\d\d \| [\d.]+ \| [\d.]+ \| 1\.00 \| 1\.00 \|$",
+                     section["Elastic"], flags=re.M)
+    # and its time by kind of work: both models at both widths, and each narrower one over its full one
     cells = len(piad_step.KINDS) + 1
-    kinds = rf"^\| eager \| (1\.000|0\.333|/ full)( \| [\d.]+){{{cells}}} \|$"
-    assert len(re.findall(kinds, section["Elastic"], flags=re.M)) == 3
+    kinds = rf"^\| (elastic|dense) \| eager \| (1\.000|0\.333|/ full)( \| [\d.]+){{{cells}}} \|$"
+    assert len(re.findall(kinds, section["Elastic"], flags=re.M)) == 6
     # WPAC's cost: its time over a plain forward+backward, and its peak memory at 4x the samples
     assert re.search(r"^time, 32 samples .* ratio median [\d.]+, best-of-each [\d.]+ \(target <= 1\.5\)$",
                      section["Elastic"], flags=re.M)

@@ -204,20 +204,32 @@ def test_no_grad_runs_on_views_on_cpu_and_cuda_but_onednn_only_on_cpu() -> None:
     assert not prefix_linear_op._onednn_runs(block, 40, 48)
 
 
-def test_recorded_calls_run_torch_autograd_on_cuda_only_unforced_and_eager() -> None:
-    """Where autograd records, CUDA calls under the automatic choice run `reference` (PyTorch's C++ autograd, not
-    the op's Python one); CPU calls, a forced backend and a torch.compile trace keep the op. The CUDA device is
+def test_recorded_calls_run_torch_autograd_unforced_and_eager() -> None:
+    """Where autograd records, CPU and CUDA calls under the automatic choice run `reference` (PyTorch's C++
+    autograd, not the op's Python one); a forced backend and a torch.compile trace keep the op. The CUDA device is
     only named here (no tensor on it); tests/test_gpu.py runs the path."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert prefix_linear_op._torch_autograd(cuda) and not prefix_linear_op._torch_autograd(cpu)
+    assert prefix_linear_op._torch_autograd(cuda) and prefix_linear_op._torch_autograd(cpu)
+    assert not prefix_linear_op._torch_autograd(torch.device("meta"))
     with skd_kernels.use_backend("reference"):
-        assert not prefix_linear_op._torch_autograd(cuda)
+        assert not prefix_linear_op._torch_autograd(cuda) and not prefix_linear_op._torch_autograd(cpu)
     seen = []
-    torch.compile(lambda x: seen.append(prefix_linear_op._torch_autograd(cuda)) or x, backend="eager")(torch.ones(1))
+    torch.compile(lambda x: seen.append(prefix_linear_op._torch_autograd(cpu)) or x, backend="eager")(torch.ones(1))
     assert seen == [False]
-    if prefix_linear_op._CPU_KERNEL is not None:  # CPU: the compiled op records its own node
-        x, weight, bias = _inputs((3,), 7, (9, 7), torch.float32, grad=True)
-        assert "prefix_linear" in type(skd_kernels.prefix_linear(x, weight, bias, 5, 4).grad_fn).__name__
+    x, weight, bias = _inputs((3,), 7, (9, 7), torch.float32, grad=True)
+    x.requires_grad_()
+    for call in (lambda: skd_kernels.prefix_linear(x, weight, bias, 5, 4, "gelu"),
+                 lambda: prefix_linear_op.bind(weight, bias, 5, 4, "gelu")(x)):
+        y = call()
+        assert "prefix_linear" not in type(y.grad_fn).__name__ and "Gelu" in type(y.grad_fn).__name__
+        got = torch.autograd.grad(y.square().sum(), (x, weight, bias))
+        want = torch.autograd.grad(reference.prefix_linear(x, weight, bias, 5, 4, "gelu").square().sum(),
+                                   (x, weight, bias))
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    if prefix_linear_op._CPU_KERNEL is not None:  # forced, the compiled op records its own node
+        with skd_kernels.use_backend("cpu"):
+            assert "prefix_linear" in type(skd_kernels.prefix_linear(x, weight, bias, 5, 4).grad_fn).__name__
 
 
 def _nodes(grad_fn: object) -> list[str]:

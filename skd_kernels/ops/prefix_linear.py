@@ -40,7 +40,7 @@ def prefix_linear(
     Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
     Differentiable in x, weight (gradient zero outside the block) and bias. Inside `torch.autocast` it
     computes in the autocast dtype, like F.linear (the leading block of weight is cast, not all of it).
-    On CUDA, where autograd records and no backend is forced, it runs the equivalent below (`_torch_autograd`).
+    Where autograd records eagerly and no backend is forced, it runs the equivalent below (`_torch_autograd`).
 
     Equivalent to::
 
@@ -110,15 +110,17 @@ def bind(
 
 def _torch_autograd(device: torch.device) -> bool:
     """Whether a call that autograd records runs `reference` (F.linear on the views, GELU; PyTorch's own C++
-    autograd nodes) instead of the op: on CUDA under the automatic choice, eagerly. There the compiled kernel is
-    the same cuBLAS GEMM on the same views (csrc/cuda/prefix_linear.cu), while the op adds a Python autograd
-    layer (custom-op wrapper, setup_context, `backward`; ~40 Python calls a GEMM's forward and backward) and its
-    backward recomputes a GELU GEMM's pre-activation, which F.gelu's node keeps (as a dense MLP does). PIAD's
-    training step is host-bound on an H200 and was 1.17x its extracted model's (ViT-S batch 64, bf16 autocast:
-    4508 vs 2040 Python calls a step; benchmarks/RESULTS.md, "session 14"). Not on CPU, where the op's bf16
-    oneDNN path beats F.linear in training (ViT-S bf16 1.05x slower on the views), not for a forced backend
-    (that kernel is asked for), and not while torch.compile traces (the graph keeps the op)."""
-    return device.type == "cuda" and not torch.compiler.is_compiling() and not _dispatch._forced_name()
+    autograd nodes) instead of the op: on CPU and CUDA under the automatic choice, eagerly. The op adds a Python
+    autograd layer (custom-op wrapper, setup_context, `backward`; ~40 Python calls a GEMM's forward and backward)
+    and its backward recomputes a GELU GEMM's pre-activation (fc1's GEMM once more), which F.gelu's node keeps, as
+    a dense MLP does. On CUDA, where the compiled kernel is the same cuBLAS GEMM on the same views
+    (csrc/cuda/prefix_linear.cu), PIAD's step is host-bound and was 1.17x its extracted model's (ViT-S batch 64,
+    bf16 autocast: 4508 vs 2040 Python calls a step; benchmarks/RESULTS.md, "session 14"). On CPU the op made
+    ElasticViT's training step 1.07x slower on ViT-S batch 16 in fp32 (1.08-1.10x on the digits ViT) and
+    0.99-1.02x in bf16 and under bf16 autocast, its bf16 oneDNN forward notwithstanding (benchmarks/RESULTS.md,
+    "Session 17"). Not for a forced backend (that kernel is asked for), and not while torch.compile traces (the
+    graph keeps the op)."""
+    return device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not _dispatch._forced_name()
 
 
 def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
