@@ -204,18 +204,22 @@ def test_no_grad_runs_on_views_on_cpu_and_cuda_but_onednn_only_on_cpu() -> None:
     assert not prefix_linear_op._onednn_runs(block, 40, 48)
 
 
-def test_recorded_calls_run_torch_autograd_unforced_and_eager() -> None:
+def test_recorded_calls_run_torch_autograd_unforced() -> None:
     """Where autograd records, CPU and CUDA calls under the automatic choice run `reference` (PyTorch's C++
-    autograd, not the op's Python one); a forced backend and a torch.compile trace keep the op. The CUDA device is
-    only named here (no tensor on it); tests/test_gpu.py runs the path."""
+    autograd, not the op's Python one), eagerly and in a torch.compile trace with grad mode on; a forced backend
+    and a compiled no-grad trace keep the op. The CUDA device is only named here (no tensor on it);
+    tests/test_gpu.py runs the path."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert prefix_linear_op._torch_autograd(cuda) and prefix_linear_op._torch_autograd(cpu)
     assert not prefix_linear_op._torch_autograd(torch.device("meta"))
     with skd_kernels.use_backend("reference"):
         assert not prefix_linear_op._torch_autograd(cuda) and not prefix_linear_op._torch_autograd(cpu)
     seen = []
-    torch.compile(lambda x: seen.append(prefix_linear_op._torch_autograd(cpu)) or x, backend="eager")(torch.ones(1))
-    assert seen == [False]
+    traced = torch.compile(lambda x: seen.append(prefix_linear_op._torch_autograd(cpu)) or x, backend="eager")
+    traced(torch.ones(1))
+    with torch.no_grad():
+        traced(torch.ones(1))
+    assert seen == [True, False]
     x, weight, bias = _inputs((3,), 7, (9, 7), torch.float32, grad=True)
     x.requires_grad_()
     for call in (lambda: skd_kernels.prefix_linear(x, weight, bias, 5, 4, "gelu"),

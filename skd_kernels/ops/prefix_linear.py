@@ -98,7 +98,7 @@ def bind(
                 or x.shape[-1] < k_in:
             check(x, weight, bias, k_in, k_out, activation)  # raises prefix_linear's error for this x
         if _dispatch.needs_grad(x, weight, bias):
-            if torch_autograd and not torch.compiler.is_compiling():
+            if torch_autograd and (not torch.compiler.is_compiling() or torch.is_grad_enabled()):
                 return reference(x, weight, bias, k_in, k_out, activation)
             return fn(x, weight, bias, k_in, k_out, activation)
         if not on_views:
@@ -118,9 +118,12 @@ def _torch_autograd(device: torch.device) -> bool:
     bf16 autocast: 4508 vs 2040 Python calls a step; benchmarks/RESULTS.md, "session 14"). On CPU the op made
     ElasticViT's training step 1.07x slower on ViT-S batch 16 in fp32 (1.08-1.10x on the digits ViT) and
     0.99-1.02x in bf16 and under bf16 autocast, its bf16 oneDNN forward notwithstanding (benchmarks/RESULTS.md,
-    "Session 17"). Not for a forced backend (that kernel is asked for), and not while torch.compile traces (the
-    graph keeps the op)."""
-    return device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not _dispatch._forced_name()
+    "Session 17"). Also while torch.compile traces with grad mode on (a training graph): inductor then fuses the
+    bias and GELU itself and its backward keeps the pre-activation (the digits ViT's compiled CPU step at 1/3 of the
+    MACs: 0.94x the op's). Not in a compiled no-grad forward, which keeps the op's kernel (oneDNN's bf16 linear on
+    CPU), and not for a forced backend (that kernel is asked for)."""
+    return (device.type in ("cpu", "cuda") and not _dispatch._forced_name()
+            and (not torch.compiler.is_compiling() or torch.is_grad_enabled()))
 
 
 def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
@@ -253,7 +256,15 @@ def reference(
 
     x: (..., >= k_in), weight: (out, in), bias: (out,) or None. Returns (..., k_out) in x's dtype.
     """
-    y = F.linear(_leading(x, -1, k_in), _block(weight, k_out, k_in), None if bias is None else _leading(bias, 0, k_out))
+    w_blk, b_blk = _block(weight, k_out, k_in), None if bias is None else _leading(bias, 0, k_out)
+    if torch.compiler.is_compiling() or x.shape[-1] != k_in:
+        # x's first k_in columns as 2-D rows the GEMM reads in place: F.linear on a narrowed (..., k_in) view folds
+        # its leading dims by a reshape, which copies it and, traced, guards on k_in being x's whole width (a
+        # graph per case)
+        rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).narrow(-1, 0, k_in)
+        y = F.linear(rows, w_blk, b_blk).view(*x.shape[:-1], k_out)
+    else:
+        y = F.linear(x, w_blk, b_blk)
     if activation == "gelu":
         y = F.gelu(y)
     elif activation == "gelu_tanh":
