@@ -40,7 +40,8 @@ def prefix_linear(
     Returns (..., k_out) in x's dtype. Only weight[:k_out, :k_in] is read and nothing is copied.
     Differentiable in x, weight (gradient zero outside the block) and bias. Inside `torch.autocast` it
     computes in the autocast dtype, like F.linear (the leading block of weight is cast, not all of it).
-    Where autograd records eagerly and no backend is forced, it runs the equivalent below (`_torch_autograd`).
+    Where autograd records (eagerly, or traced by torch.compile with grad mode on) and no backend is forced, it
+    runs the equivalent below (`_torch_autograd`).
 
     Equivalent to::
 
