@@ -105,12 +105,32 @@ def test_recorded_forward_is_the_kernels() -> None:
             assert_close(f"{dtype} grad {name}", a.grad, b.grad, rtol=rtol, atol=atol * max(scale(b.grad), 1.0))
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION, torch.float64))
+def test_stats_twin_returns_the_norms_mean_and_rstd(dtype: torch.dtype) -> None:
+    """add_layer_norm_stats (what a recorded forward runs): the op's sum and output, bitwise, and the mean and rstd
+    that ATen's native_layer_norm returns for the sum, in its dtype and shape (..., 1); leading dims, a padded x."""
+    for rows, d in ((5, 16), (1576, 384), (2, 385), (3, 1)):
+        x, residual, weight, bias = _inputs(rows, d, dtype)
+        x = torch.cat([x, torch.randn(rows, 3).to(dtype)], 1)[:, :d].view(1, rows, d)  # rows padded
+        residual = residual.view(1, rows, d)
+        for w, b in ((weight, bias), (None, None)):
+            s, out, mean, rstd = torch.ops.skd_kernels.add_layer_norm_stats(x, residual, w, b, EPS)
+            plain = torch.ops.skd_kernels.add_layer_norm(x, residual, w, b, EPS)
+            assert torch.equal(s, plain[0]) and torch.equal(out, plain[1])
+            _, want_mean, want_rstd = torch.ops.aten.native_layer_norm(s, [d], w, b, EPS)
+            assert mean.dtype == rstd.dtype == want_mean.dtype and mean.shape == rstd.shape == (1, rows, 1)
+            rtol, atol = OUTPUT_TOL[dtype]
+            label = f"{dtype} ({rows}, {d}) weight={w is not None}"
+            assert_close(f"{label} mean", mean, want_mean, rtol=rtol, atol=atol * max(scale(want_mean), 1.0))
+            assert_close(f"{label} rstd", rstd, want_rstd, rtol=rtol, atol=atol * scale(want_rstd))
+
+
 def test_opcheck_compiled_op() -> None:
-    op = torch.ops.skd_kernels.add_layer_norm.default
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        x, residual, weight, bias = _inputs(5, 37, dtype)
-        torch.library.opcheck(op, (x.view(5, 1, 37), residual.view(5, 1, 37), weight, bias, EPS))
-        torch.library.opcheck(op, (x, residual, None, None, EPS))
+    for op in (torch.ops.skd_kernels.add_layer_norm.default, torch.ops.skd_kernels.add_layer_norm_stats.default):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            x, residual, weight, bias = _inputs(5, 37, dtype)
+            torch.library.opcheck(op, (x.view(5, 1, 37), residual.view(5, 1, 37), weight, bias, EPS))
+            torch.library.opcheck(op, (x, residual, None, None, EPS))
 
 
 def test_compiled_function_matches_eager() -> None:

@@ -2,8 +2,9 @@
 followed by the next norm; a post-norm block's `LayerNorm(x + f(x))`).
 
 Kernel: csrc/cpu/add_layer_norm.cpp (AVX-512; 1.3-1.7x ATen's add + layer_norm at ViT-S/B rows on this CPU),
-forward only: with a gradient to record, `_Backward` below differentiates it through ATen's layer_norm backward,
-so a model's forward is the same whether or not it records one, eager or compiled. `reference` below is the
+forward only: with a gradient to record, `_Backward` below runs its twin `add_layer_norm_stats` (the norm's mean
+and rstd too) and differentiates it through ATen's layer_norm backward, so a model's forward is the same whether
+or not it records one, eager or compiled. `reference` below is the
 oracle and the path of CUDA (ATen's two kernels, which inductor fuses itself under torch.compile; no Triton kernel
 yet).
 """
@@ -17,6 +18,7 @@ from .. import _dispatch, _ops
 from .._common import FLOAT_DTYPES, check_float
 
 OP = "add_layer_norm"
+STATS_OP = "add_layer_norm_stats"  # the kernel's twin that also returns the norm's mean and rstd
 
 
 def add_layer_norm(
@@ -49,7 +51,7 @@ def run_checked(
     fn = _dispatch.kernel(OP, x.device, x.dtype)
     # the reference records its own gradient; needs_grad is also True while torch.compile traces
     if fn is not reference and _dispatch.needs_grad(x, residual, weight, bias):
-        return _Backward.apply(x, residual, weight, bias, eps, fn)
+        return _Backward.apply(x, residual, weight, bias, eps)
     return fn(x, residual, weight, bias, eps)
 
 
@@ -89,29 +91,27 @@ def reference(
 
 
 class _Backward(torch.autograd.Function):
-    """The kernel's forward with LayerNorm's gradient: d/dx = d/dresidual = grad_s + layer_norm_backward(grad_out),
-    from the stored sum (mean and rstd recomputed by ATen: the kernel returns neither)."""
+    """The CPU kernel's forward (its twin, which also returns the norm's mean and rstd) with LayerNorm's gradient:
+    d/dx = d/dresidual = grad_s + layer_norm_backward(grad_out), from the stored sum, mean and rstd (before session
+    17 ATen recomputed them: a LayerNorm forward more per norm in every training step)."""
 
     @staticmethod
     def forward(ctx: object, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, eps: float, fn: object) -> tuple[torch.Tensor, torch.Tensor]:
-        s, out = fn(x, residual, weight, bias, eps)
-        ctx.save_for_backward(s, weight, bias)
-        ctx.eps = eps
+                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s, out, mean, rstd = torch.ops.skd_kernels.add_layer_norm_stats(x, residual, weight, bias, eps)
+        ctx.save_for_backward(s, mean, rstd, weight, bias)
         return s, out
 
     @staticmethod
     def backward(ctx: object, grad_s: torch.Tensor | None, grad_out: torch.Tensor | None) -> tuple:
-        s, weight, bias = ctx.saved_tensors
+        s, mean, rstd, weight, bias = ctx.saved_tensors
         grad_w = grad_b = None
         if grad_out is not None:
-            shape = [s.shape[-1]]
-            _, mean, rstd = torch.ops.aten.native_layer_norm(s, shape, weight, bias, ctx.eps)
             mask = [True, weight is not None and ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
             grad_in, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-                grad_out.contiguous(), s, shape, mean, rstd, weight, bias, mask)
+                grad_out.contiguous(), s, [s.shape[-1]], mean, rstd, weight, bias, mask)
             grad_s = grad_in if grad_s is None else grad_s + grad_in
-        return grad_s, grad_s, grad_w, grad_b, None, None
+        return grad_s, grad_s, grad_w, grad_b, None
 
 
 def fake(
@@ -122,8 +122,18 @@ def fake(
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
+def fake_stats(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output metadata of `add_layer_norm_stats`: `fake`'s, and mean and rstd (..., 1) in x's dtype."""
+    stat = (*x.shape[:-1], 1)
+    return (*fake(x, residual, weight, bias, eps), x.new_empty(stat), x.new_empty(stat))
+
+
 if _ops.has_schema(OP):
     torch.library.register_fake(f"skd_kernels::{OP}")(fake)
+if _ops.has_schema(STATS_OP):
+    torch.library.register_fake(f"skd_kernels::{STATS_OP}")(fake_stats)
 
 _dispatch.register_op(OP, {
     "cuda": "not implemented: CUDA runs the reference's two ATen kernels",
