@@ -160,8 +160,13 @@ def test_autocast_training_compiles_one_inductor_graph_for_full_narrow_and_mixed
     slices a column-major weight (fc2) through its transpose, so the backward's zero-filled buffer holds a dense
     block at every width and inductor does not guard on the width being full (it did: a graph per pattern of
     full-width MLPs, the full width's own on the H200). The gradients equal eager's."""
-    elastic = _elastic().train()
-    x = torch.randn(2, 3, 32, 32)
+    assert_autocast_training_is_one_graph(_elastic().train(), torch.randn(2, 3, 32, 32))
+
+
+def assert_autocast_training_is_one_graph(elastic: ElasticViT, x: torch.Tensor) -> None:
+    """torch.compile(elastic) (inductor) trained under bf16 autocast on x's device at full width, narrower widths
+    and two mixes of full-width and narrower MLPs (a 2-block model): one graph, and each subnet's gradients those
+    of the eager model (tests/test_gpu.py runs it on CUDA)."""
     torch._dynamo.reset()
     compiled = torch.compile(elastic, backend="inductor", dynamic=True)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -172,7 +177,7 @@ def test_autocast_training_compiles_one_inductor_graph_for_full_narrow_and_mixed
         grads = []
         for model in (compiled, elastic):
             elastic.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 loss = model(x).float().square().sum()
             loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in elastic.parameters() if p.grad is not None]))
