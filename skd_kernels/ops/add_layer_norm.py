@@ -4,9 +4,8 @@ followed by the next norm; a post-norm block's `LayerNorm(x + f(x))`).
 Kernel: csrc/cpu/add_layer_norm.cpp (AVX-512; 1.3-1.7x ATen's add + layer_norm at ViT-S/B rows on this CPU),
 forward only: with a gradient to record, `_Backward` below runs its twin `add_layer_norm_stats` (the norm's mean
 and rstd too) and differentiates it through ATen's layer_norm backward, so a model's forward is the same whether
-or not it records one, eager or compiled. `reference` below is the
-oracle and the path of CUDA (ATen's two kernels, which inductor fuses itself under torch.compile; no Triton kernel
-yet).
+or not it records one, eager or compiled. `reference` below is the oracle and the path of CUDA (ATen's two
+kernels, which inductor fuses itself under torch.compile; no Triton kernel yet).
 """
 
 from __future__ import annotations
