@@ -41,10 +41,10 @@ gpu-check:
 	$(GPU_PY) -m benchmarks.gpu_check --out $(GPU_REPORT)
 
 # PIAD's compiled training step on a lent GPU, on its own: compiling ViT-S takes minutes there (161 s for two graphs
-# on an H200 in session 15; one graph since), more than gpu-check has. Builds for the present GPU, then times eager and compiled steps at
-# batch 256 beside the dense models of both widths (compiled too: two more graphs), and a profiled step's kernel
-# time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with
-# Dynamo's recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
+# on an H200 in session 15; one graph since), more than gpu-check has. Builds for the present GPU, then times eager
+# and compiled steps at batch 256 beside the dense models of both widths (compiled too: two more graphs), and a
+# profiled step's kernel time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with Dynamo's
+# recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
 GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks)
 PIAD_MODEL ?= vit_small_patch16_224
 # the extension built for the present GPU (incremental: quick after gpu-check on the same machine)
