@@ -33,10 +33,6 @@ TORCH_LIBRARY(skd_kernels, m) {
   // (..., D) in x's dtype: a pre-norm block's residual add and the next norm in one pass. No Autograd kernel: the
   // public op differentiates it in Python with ATen's LayerNorm backward.
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
-  // The same with the norm's mean and rstd, (..., 1) in x's dtype as ATen's native_layer_norm returns them: what
-  // its backward reads, so a recorded forward need not recompute them.
-  m.def("add_layer_norm_stats(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
   // The differentiable ops' twins: the same schema and kernels, and the autograd (backward in Python,
   // skd_kernels/ops/<op>.py) that the op reaches only when it has a gradient to record (autograd_or_below).
   m.def("_prefix_linear_autograd(Tensor x, Tensor weight, Tensor? bias, SymInt k_in, SymInt k_out, str activation) "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from kernel_helpers import LOW_PRECISION, OUTPUT_TOL, assert_close, backend_dtype_shape_params, backends_of, scale
@@ -72,8 +74,8 @@ def test_inputs_are_not_modified() -> None:
 
 @pytest.mark.parametrize("backend", backends_of(OP))
 def test_gradients(backend: str) -> None:
-    """float64 gradcheck of both outputs in every input (the kernel's forward with LayerNorm's backward on the CPU
-    backend), with weight and bias, without them, and through the sum alone or the norm alone."""
+    """float64 gradcheck of both outputs in every input, with weight and bias, without them, and through the sum
+    alone or the norm alone (a recorded call runs the reference's ATen ops under every backend)."""
     x, residual, weight, bias = (t.double().requires_grad_() for t in _inputs(3, 11, torch.float64))
     for outputs in ((0.5, 1.0), (1.0, 0.0), (0.0, 1.0)):
         def fn(*args: torch.Tensor, outputs: tuple = outputs) -> torch.Tensor:
@@ -85,59 +87,59 @@ def test_gradients(backend: str) -> None:
         assert torch.autograd.gradcheck(lambda a, b, fn=fn: fn(a, b, None, None), (x, residual))
 
 
-def test_recorded_forward_is_the_kernels() -> None:
-    """With a gradient to record the outputs are the kernel's own (bitwise, fp32 and bf16), so a model's forward
-    does not depend on whether it records one; the gradients match the reference's."""
+@pytest.mark.parametrize("forced", (None, "cpu"))
+def test_recorded_calls_run_torch_autograd(forced: str | None) -> None:
+    """A call that autograd records runs ATen's add and LayerNorm (their own autograd nodes, the reference's values
+    bitwise), forced CPU backend or not; without a gradient to record, the CPU kernel runs."""
     for dtype in (torch.float32, torch.bfloat16):
         x, residual, weight, bias = _inputs(6, 385, dtype)
-        with skd_kernels.use_backend("cpu"):
+        with skd_kernels.use_backend(forced) if forced else contextlib.nullcontext():
             plain = skd_kernels.add_layer_norm(x, residual, weight, bias, EPS)
             leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
             recorded = skd_kernels.add_layer_norm(*leaves, EPS)
-        assert all(torch.equal(a, b.detach()) for a, b in zip(plain, recorded, strict=True))
-        ref_leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-        want = reference.add_layer_norm(*ref_leaves, EPS)
-        g = [torch.randn_like(t) for t in want]
-        torch.autograd.backward(recorded, g)
-        torch.autograd.backward(want, g)
-        rtol, atol = OUTPUT_TOL[dtype]
-        for name, a, b in zip(("x", "residual", "weight", "bias"), leaves, ref_leaves, strict=True):
-            assert_close(f"{dtype} grad {name}", a.grad, b.grad, rtol=rtol, atol=atol * max(scale(b.grad), 1.0))
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION, torch.float64))
-def test_stats_twin_returns_the_norms_mean_and_rstd(dtype: torch.dtype) -> None:
-    """add_layer_norm_stats (what a recorded forward runs): the op's sum and output, bitwise, and the mean and rstd
-    that ATen's native_layer_norm returns for the sum, in its dtype and shape (..., 1); leading dims, a padded x."""
-    for rows, d in ((5, 16), (1576, 384), (2, 385), (3, 1)):
-        x, residual, weight, bias = _inputs(rows, d, dtype)
-        x = torch.cat([x, torch.randn(rows, 3).to(dtype)], 1)[:, :d].view(1, rows, d)  # rows padded
-        residual = residual.view(1, rows, d)
-        for w, b in ((weight, bias), (None, None)):
-            s, out, mean, rstd = torch.ops.skd_kernels.add_layer_norm_stats(x, residual, w, b, EPS)
-            plain = torch.ops.skd_kernels.add_layer_norm(x, residual, w, b, EPS)
-            assert torch.equal(s, plain[0]) and torch.equal(out, plain[1])
-            _, want_mean, want_rstd = torch.ops.aten.native_layer_norm(s, [d], w, b, EPS)
-            assert mean.dtype == rstd.dtype == want_mean.dtype and mean.shape == rstd.shape == (1, rows, 1)
-            rtol, atol = OUTPUT_TOL[dtype]
-            label = f"{dtype} ({rows}, {d}) weight={w is not None}"
-            assert_close(f"{label} mean", mean, want_mean, rtol=rtol, atol=atol * max(scale(want_mean), 1.0))
-            assert_close(f"{label} rstd", rstd, want_rstd, rtol=rtol, atol=atol * scale(want_rstd))
+        assert all(torch.equal(a, b) for a, b in zip(
+            plain, torch.ops.skd_kernels.add_layer_norm(x, residual, weight, bias, EPS), strict=True))
+        assert type(recorded[0].grad_fn).__name__ == "AddBackward0"
+        assert type(recorded[1].grad_fn).__name__ == "NativeLayerNormBackward0"
+        with torch.no_grad():
+            want = reference.add_layer_norm(x, residual, weight, bias, EPS)
+        assert all(torch.equal(a.detach(), b) for a, b in zip(recorded, want, strict=True))
 
 
 def test_opcheck_compiled_op() -> None:
-    for op in (torch.ops.skd_kernels.add_layer_norm.default, torch.ops.skd_kernels.add_layer_norm_stats.default):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            x, residual, weight, bias = _inputs(5, 37, dtype)
-            torch.library.opcheck(op, (x.view(5, 1, 37), residual.view(5, 1, 37), weight, bias, EPS))
-            torch.library.opcheck(op, (x, residual, None, None, EPS))
+    op = torch.ops.skd_kernels.add_layer_norm.default
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x, residual, weight, bias = _inputs(5, 37, dtype)
+        torch.library.opcheck(op, (x.view(5, 1, 37), residual.view(5, 1, 37), weight, bias, EPS))
+        torch.library.opcheck(op, (x, residual, None, None, EPS))
 
 
 def test_compiled_function_matches_eager() -> None:
-    """torch.compile traces the op in one graph (the CPU kernel as an opaque op, its fake kernel for the shapes)."""
+    """torch.compile traces the op in one graph: without grad the CPU kernel as an opaque op (its fake kernel for
+    the shapes), in a training graph the reference's ATen ops, whose gradients are eager's."""
     x, residual, weight, bias = _inputs(7, 24, torch.float32)
-    fn = torch.compile(lambda *a: skd_kernels.add_layer_norm(*a, EPS), fullgraph=True, backend="eager")
-    _check(fn(x, residual, weight, bias), x, residual, weight, bias, "compiled")
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda *a: skd_kernels.add_layer_norm(*a, EPS), fullgraph=True, backend=backend)
+    with torch.no_grad():
+        _check(fn(x, residual, weight, bias), x, residual, weight, bias, "compiled")
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    got = fn(*leaves)
+    _check(tuple(t.detach() for t in got), x, residual, weight, bias, "compiled training")
+    eager = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    want = reference.add_layer_norm(*eager, EPS)
+    g = [torch.randn_like(t) for t in want]
+    torch.autograd.backward(got, g)
+    torch.autograd.backward(want, g)
+    for name, a, b in zip(("x", "residual", "weight", "bias"), leaves, eager, strict=True):
+        assert_close(f"grad {name}", a.grad, b.grad, rtol=1e-5, atol=1e-5 * max(scale(b.grad), 1.0))
+    ops = [{str(n.target) for n in gm.graph.nodes if n.op == "call_function"} for gm in graphs]
+    assert len(ops) == 2
+    assert "skd_kernels.add_layer_norm.default" in ops[0] and not any("skd_kernels" in o for o in ops[1])
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

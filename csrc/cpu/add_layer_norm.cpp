@@ -10,7 +10,6 @@
 
 #include <cmath>
 #include <optional>
-#include <vector>
 
 #include "avx512.h"
 #include "common.h"
@@ -22,11 +21,10 @@
 namespace skd::cpu {
 namespace {
 
-// Rows [begin, end) of x and r (D values each, unit stride, rows `ld` apart) into s and out (contiguous rows), and
-// each row's mean and rstd into `mean` and `rstd` (rounded to T) unless they are null.
+// Rows [begin, end) of x and r (D values each, unit stride, rows `ld` apart) into s and out (contiguous rows).
 template <typename T, bool kNativeBF16>
 SKD_AVX512_BF16 void rows_avx512(const T* x, const T* r, const T* w, const T* b, float eps, int64_t D, int64_t ld_x,
-                                 int64_t ld_r, int64_t begin, int64_t end, T* s, T* out, T* mean_out, T* rstd_out) {
+                                 int64_t ld_r, int64_t begin, int64_t end, T* s, T* out) {
   const float inv_d = 1.f / static_cast<float>(D);
   for (int64_t i = begin; i < end; ++i) {
     const T* xi = x + i * ld_x;
@@ -39,20 +37,14 @@ SKD_AVX512_BF16 void rows_avx512(const T* x, const T* r, const T* w, const T* b,
       store16<T, kNativeBF16>(si + t, _mm512_add_ps(load16(xi + t, k), load16(ri + t, k)), k);
       acc = _mm512_add_ps(acc, load16(si + t, k));  // the rounded sum, as F.layer_norm(x + r) reads it
     }
-    const float mean_f = _mm512_reduce_add_ps(acc) * inv_d;
-    const __m512 mean = _mm512_set1_ps(mean_f);
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * inv_d);
     __m512 sq = _mm512_setzero_ps();
     for (int64_t t = 0; t < D; t += 16) {
       const __mmask16 k = lanes16(D, t);
       const __m512 c = _mm512_maskz_sub_ps(k, load16(si + t, k), mean);
       sq = _mm512_fmadd_ps(c, c, sq);
     }
-    const float rstd_f = 1.f / std::sqrt(_mm512_reduce_add_ps(sq) * inv_d + eps);
-    const __m512 rstd = _mm512_set1_ps(rstd_f);
-    if (mean_out != nullptr) {
-      mean_out[i] = static_cast<T>(mean_f);
-      rstd_out[i] = static_cast<T>(rstd_f);
-    }
+    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sq) * inv_d + eps));
     for (int64_t t = 0; t < D; t += 16) {
       const __mmask16 k = lanes16(D, t);
       __m512 y = _mm512_mul_ps(_mm512_sub_ps(load16(si + t, k), mean), rstd);
@@ -63,11 +55,9 @@ SKD_AVX512_BF16 void rows_avx512(const T* x, const T* r, const T* w, const T* b,
   }
 }
 
-// (s, out, mean, rstd); mean and rstd (..., 1) as ATen's native_layer_norm returns them for these inputs (x's dtype),
-// or undefined unless `stats`.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_impl(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool stats) {
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      const std::optional<at::Tensor>& bias, double eps) {
   TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes(), "x and residual must share one shape (..., D), got ",
               x.sizes(), " and ", residual.sizes());
   TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.device() == residual.device(),
@@ -85,9 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_impl(
   const bool vec = has_avx512() && (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf);
   if (!vec || x.numel() == 0) {  // (empty: no rows to reshape to)
     at::Tensor s = at::add(x, residual);
-    if (!stats) return {s, at::layer_norm(s, {D}, weight, bias, eps), at::Tensor(), at::Tensor()};
-    auto [out, mean, rstd] = at::native_layer_norm(s, {D}, weight, bias, eps);
-    return {s, out, mean, rstd};
+    return {s, at::layer_norm(s, {D}, weight, bias, eps)};
   }
   // Rows are read with unit stride, `ld` apart: a 2-D view of each input when its rows are, else a copy.
   const auto rows_of = [D](const at::Tensor& t) {
@@ -97,13 +85,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_impl(
   const at::Tensor x2 = rows_of(x), r2 = rows_of(residual);
   const at::Tensor w = has_w ? weight->contiguous() : at::Tensor(), b = has_b ? bias->contiguous() : at::Tensor();
   at::Tensor s = at::empty(x.sizes(), x.options()), out = at::empty(x.sizes(), x.options());
-  at::Tensor mean, rstd;
-  if (stats) {
-    std::vector<int64_t> stat_sizes(x.sizes().begin(), x.sizes().end());
-    stat_sizes.back() = 1;
-    mean = at::empty(stat_sizes, x.options());
-    rstd = at::empty(stat_sizes, x.options());
-  }
   const int64_t M = x2.size(0);
   // ~64 KB of input per task: threads take rows, not parts of one
   const int64_t grain = std::max<int64_t>(1, 16384 / D);
@@ -113,12 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_impl(
     const T* wp = has_w ? w.const_data_ptr<T>() : nullptr;
     const T* bp = has_b ? b.const_data_ptr<T>() : nullptr;
     const bool native = std::is_same_v<T, at::BFloat16> && has_avx512_bf16();
-    T* mp = stats ? mean.mutable_data_ptr<T>() : nullptr;
-    T* rp = stats ? rstd.mutable_data_ptr<T>() : nullptr;
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
       (native ? rows_avx512<T, true> : rows_avx512<T, false>)(
           x2.const_data_ptr<T>(), r2.const_data_ptr<T>(), wp, bp, eps_f, D, x2.stride(0), r2.stride(0), begin, end,
-          s.mutable_data_ptr<T>(), out.mutable_data_ptr<T>(), mp, rp);
+          s.mutable_data_ptr<T>(), out.mutable_data_ptr<T>());
     });
   };
   if (st == at::kFloat) {
@@ -128,22 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_impl(
   } else {
     run(at::Half(0.f));
   }
-  return {s, out, mean, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
-                                                      const std::optional<at::Tensor>& weight,
-                                                      const std::optional<at::Tensor>& bias, double eps) {
-  auto [s, out, mean, rstd] = add_layer_norm_impl(x, residual, weight, bias, eps, false);
   return {s, out};
-}
-
-// With the norm's mean and rstd, which its backward (ATen's native_layer_norm_backward) reads: a recorded forward
-// need not recompute them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_stats_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
-  return add_layer_norm_impl(x, residual, weight, bias, eps, true);
 }
 
 }  // namespace
@@ -151,7 +115,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_stats_
 
 #pragma GCC diagnostic pop
 
-TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) {
-  m.impl("add_layer_norm", &skd::cpu::add_layer_norm_cpu);
-  m.impl("add_layer_norm_stats", &skd::cpu::add_layer_norm_stats_cpu);
-}
+TORCH_LIBRARY_IMPL(skd_kernels, CPU, m) { m.impl("add_layer_norm", &skd::cpu::add_layer_norm_cpu); }

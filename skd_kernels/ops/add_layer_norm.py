@@ -2,10 +2,9 @@
 followed by the next norm; a post-norm block's `LayerNorm(x + f(x))`).
 
 Kernel: csrc/cpu/add_layer_norm.cpp (AVX-512; 1.3-1.7x ATen's add + layer_norm at ViT-S/B rows on this CPU),
-forward only: with a gradient to record, `_Backward` below runs its twin `add_layer_norm_stats` (the norm's mean
-and rstd too) and differentiates it through ATen's layer_norm backward, so a model's forward is the same whether
-or not it records one, eager or compiled. `reference` below is the oracle and the path of CUDA (ATen's two
-kernels, which inductor fuses itself under torch.compile; no Triton kernel yet).
+forward only: with a gradient to record (eagerly, or traced by torch.compile with grad mode on), the op runs
+`reference` below, whose ATen ops record PyTorch's own autograd nodes. `reference` is also the oracle and the path
+of CUDA (ATen's two kernels, which inductor fuses itself under torch.compile; no Triton kernel yet).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from .. import _dispatch, _ops
 from .._common import FLOAT_DTYPES, check_float
 
 OP = "add_layer_norm"
-STATS_OP = "add_layer_norm_stats"  # the kernel's twin that also returns the norm's mean and rstd
 
 
 def add_layer_norm(
@@ -31,7 +29,8 @@ def add_layer_norm(
 
     x, residual: (..., D), one shape and dtype (fp32/bf16/fp16/fp64); weight, bias: (D,) in that dtype, or None.
     Returns (s, out), both (..., D) in x's dtype; s is rounded to the dtype before it is normalised, as in the
-    two-op form. Differentiable in every tensor.
+    two-op form. Differentiable in every tensor: where autograd records, under any backend, it runs the
+    equivalent below (`run_checked`).
 
     Equivalent to::
 
@@ -46,11 +45,17 @@ def run_checked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """add_layer_norm without `check`, for a caller that has established what it checks (skd/models/residual.py
     fuses only plain LayerNorms over x's last dim with matching dtypes and devices): its ~4 µs are the fused
-    op's whole gain at a small model's sizes."""
-    fn = _dispatch.kernel(OP, x.device, x.dtype)
-    # the reference records its own gradient; needs_grad is also True while torch.compile traces
-    if fn is not reference and _dispatch.needs_grad(x, residual, weight, bias):
-        return _Backward.apply(x, residual, weight, bias, eps)
+    op's whole gain at a small model's sizes.
+
+    A call that autograd records, eagerly or traced by torch.compile with grad mode on, runs `reference`: ATen's
+    add and LayerNorm with their own C++ autograd nodes, as a dense model trains (inductor fuses the two itself).
+    The kernel inside a Python autograd Function (its backward ATen's LayerNorm backward from the kernel's sum,
+    mean and rstd) made ElasticViT's training step 3-7 % slower on the digits ViT and no faster on ViT-S (fp32,
+    bf16; CPU, 1 thread: benchmarks/RESULTS.md, "Session 18"). A compiled no-grad forward keeps the kernel."""
+    fn = _dispatch.kernel(OP, x.device, x.dtype)  # a forced backend without a kernel for these tensors raises
+    # needs_grad is True whenever torch.compile traces: grad mode tells a training graph from a no-grad one
+    if _dispatch.needs_grad(x, residual, weight, bias) and torch.is_grad_enabled():
+        return reference(x, residual, weight, bias, eps)
     return fn(x, residual, weight, bias, eps)
 
 
@@ -89,29 +94,6 @@ def reference(
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
 
 
-class _Backward(torch.autograd.Function):
-    """The CPU kernel's forward (its twin, which also returns the norm's mean and rstd) with LayerNorm's gradient:
-    d/dx = d/dresidual = grad_s + layer_norm_backward(grad_out), from the stored sum, mean and rstd (before session
-    17 ATen recomputed them: a LayerNorm forward more per norm in every training step)."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        s, out, mean, rstd = torch.ops.skd_kernels.add_layer_norm_stats(x, residual, weight, bias, eps)
-        ctx.save_for_backward(s, mean, rstd, weight, bias)
-        return s, out
-
-    @staticmethod
-    def backward(ctx: object, grad_s: torch.Tensor | None, grad_out: torch.Tensor | None) -> tuple:
-        s, mean, rstd, weight, bias = ctx.saved_tensors
-        grad_w = grad_b = None
-        if grad_out is not None:
-            mask = [True, weight is not None and ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3]]
-            grad_in, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-                grad_out.contiguous(), s, [s.shape[-1]], mean, rstd, weight, bias, mask)
-            grad_s = grad_in if grad_s is None else grad_s + grad_in
-        return grad_s, grad_s, grad_w, grad_b, None
-
 
 def fake(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
@@ -121,18 +103,9 @@ def fake(
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-def fake_stats(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output metadata of `add_layer_norm_stats`: `fake`'s, and mean and rstd (..., 1) in x's dtype."""
-    stat = (*x.shape[:-1], 1)
-    return (*fake(x, residual, weight, bias, eps), x.new_empty(stat), x.new_empty(stat))
-
 
 if _ops.has_schema(OP):
     torch.library.register_fake(f"skd_kernels::{OP}")(fake)
-if _ops.has_schema(STATS_OP):
-    torch.library.register_fake(f"skd_kernels::{STATS_OP}")(fake_stats)
 
 _dispatch.register_op(OP, {
     "cuda": "not implemented: CUDA runs the reference's two ATen kernels",
