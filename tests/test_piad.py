@@ -5,6 +5,7 @@ import itertools
 import pytest
 import timm
 import torch
+from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import skd
@@ -404,3 +405,37 @@ def test_compiled_steps_train_like_eager_ones():
     apart = torch.cat([(got[k] - want[k]).flatten() for k in start])
     print(f"weights apart / moved: {apart.norm() / moved.norm():.1e}")
     assert apart.norm() <= 1e-3 * moved.norm()
+
+
+def test_fused_adamw_steps_column_major_matrices_through_their_transposes():
+    """PIAD's AdamW updates column-major matrices (skd's stored proj and fc2) as torch's fused AdamW updates the same
+    values stored contiguously (to rounding: the kernel's vector loop and scalar tail take other elements), without
+    copying them (the CPU kernel copies a non-contiguous tensor in and out); parameters and moments keep their
+    shapes and strides."""
+    from skd.piad.recipe import FusedAdamW
+
+    torch.manual_seed(0)
+    values = [torch.randn(5, 7), torch.randn(6, 6), torch.randn(4, 3), torch.randn(9)]
+    layouts = [True, True, False, False]  # column-major?
+    ours = [nn.Parameter(v.t().contiguous().t() if col else v.clone()) for v, col in zip(values, layouts, strict=True)]
+    twins = [nn.Parameter(v.clone()) for v in values]
+    assert [not p.is_contiguous() for p in ours] == layouts
+    opt = FusedAdamW([{"params": ours[:3], "weight_decay": 0.05}, {"params": ours[3:], "weight_decay": 0.0}],
+                     lr=1e-2, fused=True)
+    ref = torch.optim.AdamW([{"params": twins[:3], "weight_decay": 0.05}, {"params": twins[3:], "weight_decay": 0.0}],
+                            lr=1e-2, fused=True)
+    for step in range(3):
+        for p, q in zip(ours, twins, strict=True):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = torch.empty_like(p).copy_(g), g.clone()  # gradients take their parameter's strides
+        ref.step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            opt.step()
+        copies = [e.input_shapes for e in prof.events() if e.key in ("aten::copy_", "aten::clone")]
+        assert not [shapes for shapes in copies if shapes and shapes[0]], step  # (the step counters' are 0-dim)
+    for p, q, v, col in zip(ours, twins, values, layouts, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, v) and p.is_contiguous() != col  # stepped, in its own layout
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-9)
+            assert opt.state[p][key].shape == p.shape and opt.state[p][key].stride() == p.stride()

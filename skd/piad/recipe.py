@@ -38,13 +38,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+class FusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW (one pass per parameter instead of a pass per Adam term: 27 vs 85 ms per step on ViT-S,
+    CPU, 1 thread, a cost that does not shrink with the subnet: benchmarks/piad_step.py), stepping each column-major
+    matrix through its transpose.
+
+    skd stores proj and fc2 weights column-major (skd/elastic/layout.py), and so are their gradients and moments.
+    The CPU kernel copies every tensor it is given that is not contiguous in and out on each step: 1.75x the
+    optimizer's time on ViT-S's proj and fc2 (benchmarks/RESULTS.md, "Session 18"). Their transposes are contiguous
+    views of the same memory, and AdamW is elementwise, so the update is the same, bitwise; the optimizer's state
+    keeps the parameters' shapes (checkpoints are unchanged)."""
+
+    def _init_group(self, group: dict, params: list[torch.Tensor], *lists: list) -> object:
+        """torch's: lists of the group's parameters that have gradients, their gradients, moments and steps; then each
+        column-major matrix, and every tensor of its shape at its index in the lists, is replaced by its transpose.
+        If torch renames this hook, the transposes are skipped, not the update."""
+        out = super()._init_group(group, params, *lists)
+        columns = {i: p.shape for i, p in enumerate(params)
+                   if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()}
+        for tensors in (params, *lists):
+            for i, shape in columns.items():
+                if i < len(tensors) and isinstance(tensors[i], torch.Tensor) and tensors[i].shape == shape:
+                    tensors[i] = tensors[i].t()
+        return out
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> Optimizer:
-    """"adamw" (torch's fused AdamW, betas (0.9, 0.999)) or "sgd" (momentum 0.9, Nesterov), over `param_groups`."""
+    """"adamw" (`FusedAdamW`: torch's fused AdamW, betas (0.9, 0.999)) or "sgd" (momentum 0.9, Nesterov), over
+    `param_groups`."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        # fused: one pass per parameter instead of a pass per Adam term; 27 vs 85 ms per step on ViT-S (CPU,
-        # 1 thread), a cost that does not shrink with the subnet (benchmarks/piad_step.py)
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
+        return FusedAdamW(groups, lr=lr, fused=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     raise ValueError(f"optimizer={name!r} must be one of {OPTIMIZERS}")
