@@ -1,7 +1,7 @@
 """Elastic latency: ElasticViT at MACs fractions vs the extract()ed dense model of the same shape.
 
-For the digits ViT (skd.digits: 4 blocks, width 96, 32 px) and vit_tiny / vit_small / vit_base shapes
-(random init, 224 px) and MACs fractions 1/4, 1/3, 1/2, 2/3, 1, prints per fraction: elastic ms,
+For the digits ViT (skd.digits: 4 blocks, width 96, 32 px), vit_tiny / vit_small / vit_base and swin_tiny
+shapes (random init, 224 px) and MACs fractions 1/4, 1/3, 1/2, 2/3, 1, prints per fraction: elastic ms,
 extracted ms, their ratio (issue 14: <= 1.03 on ViT-Ti/S/B, <= 1.10 on the digits ViT), latency(f) /
 latency(1) (target <= f + 0.05 on ViT-S/B) and the width-switch time (target < 1 ms, flat across sizes).
 `--multiple-of 1 8` chooses each budget's widths at both granularities (ElasticViT.multiple_of; default:
@@ -37,7 +37,8 @@ FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
 # default batches per model: the digits ViT at serving (1) and training (64) size; the ViTs at a full
 # forward of ~0.1-1 s on a 2-core CPU
 MODELS = {"vit_digits": ("vit_digits", (1, 64)), "vit_tiny": ("vit_tiny_patch16_224", (8,)),
-          "vit_small": ("vit_small_patch16_224", (4,)), "vit_base": ("vit_base_patch16_224", (1,))}
+          "vit_small": ("vit_small_patch16_224", (4,)), "vit_base": ("vit_base_patch16_224", (1,)),
+          "swin_tiny": ("swin_tiny_patch4_window7_224", (1,))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
