@@ -54,8 +54,8 @@ class FusedAdamW(torch.optim.AdamW):
         column-major matrix, and every tensor of its shape at its index in the lists, is replaced by its transpose.
         If torch renames this hook, the transposes are skipped, not the update."""
         out = super()._init_group(group, params, *lists)
-        columns = {i: p.shape for i, p in enumerate(params)
-                   if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()}
+        # column-major: unit stride down a column (a per-step test over every parameter: a cheap one)
+        columns = {i: p.shape for i, p in enumerate(params) if p.dim() == 2 and p.stride(0) == 1 and p.shape[0] > 1}
         for tensors in (params, *lists):
             for i, shape in columns.items():
                 if i < len(tensors) and isinstance(tensors[i], torch.Tensor) and tensors[i].shape == shape:
