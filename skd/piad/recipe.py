@@ -41,21 +41,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class FusedAdamW(torch.optim.AdamW):
     """torch's fused AdamW (one pass per parameter instead of a pass per Adam term: 27 vs 85 ms per step on ViT-S,
     CPU, 1 thread, a cost that does not shrink with the subnet: benchmarks/piad_step.py), stepping each column-major
-    matrix through its transpose.
+    CPU matrix through its transpose.
 
     skd stores proj and fc2 weights column-major (skd/elastic/layout.py), and so are their gradients and moments.
     The CPU kernel copies every tensor it is given that is not contiguous in and out on each step: 1.75x the
     optimizer's time on ViT-S's proj and fc2 (benchmarks/RESULTS.md, "Session 18"). Their transposes are contiguous
-    views of the same memory, and AdamW is elementwise, so the update is the same, bitwise; the optimizer's state
-    keeps the parameters' shapes (checkpoints are unchanged)."""
+    views of the same memory, and AdamW is elementwise, so the update is the same (to rounding: the kernel's vector
+    loop and scalar tail take other elements); the optimizer's state keeps the parameters' shapes (checkpoints are
+    unchanged). CUDA's fused kernel takes any tensors of matching strides as they are."""
 
     def _init_group(self, group: dict, params: list[torch.Tensor], *lists: list) -> object:
         """torch's: lists of the group's parameters that have gradients, their gradients, moments and steps; then each
         column-major matrix, and every tensor of its shape at its index in the lists, is replaced by its transpose.
         If torch renames this hook, the transposes are skipped, not the update."""
         out = super()._init_group(group, params, *lists)
-        # column-major: unit stride down a column (a per-step test over every parameter: a cheap one)
-        columns = {i: p.shape for i, p in enumerate(params) if p.dim() == 2 and p.stride(0) == 1 and p.shape[0] > 1}
+        # column-major CPU matrices: unit stride down a column (a per-step test over every parameter: a cheap one)
+        columns = {i: p.shape for i, p in enumerate(params)
+                   if p.is_cpu and p.dim() == 2 and p.stride(0) == 1 and p.shape[0] > 1}
         for tensors in (params, *lists):
             for i, shape in columns.items():
                 if i < len(tensors) and isinstance(tensors[i], torch.Tensor) and tensors[i].shape == shape:
