@@ -128,8 +128,10 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_full_recipe_calibrates_forward_only(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """wpac+ with joint_qk and the MLP compensated reads no gradient statistic (skd.wpac.gradient_features): its
     calibration runs no loss and no backward, so data without labels is fine, and the model equals the one
-    calibrated through the gradient pass. A qk_norm model's Q/K permutation is in Taylor order: it still needs
-    labels, refused before the model changes."""
+    calibrated through the gradient pass, up to rounding: a forward that records a gradient runs ATen's LayerNorm
+    where a no-grad one runs skd's fused add_layer_norm, and the joint Q/K solve amplifies that (4e-5 of the largest
+    qkv weight, vit_cls). A qk_norm model's Q/K permutation is in Taylor order: it still needs labels, refused
+    before the model changes."""
     module = importlib.import_module("skd.wpac")
     model, data = model_and_data(name)
     unlabelled = [{k: v for k, v in b.items() if k != "labels"} if isinstance(b, dict) else b[0] for b in data]
@@ -146,7 +148,7 @@ def test_full_recipe_calibrates_forward_only(name: str, monkeypatch: pytest.Monk
     expected, got = _tensors(through_gradients), _tensors(model)
     assert expected.keys() == got.keys() and len(got) > len(before)  # means, covariances and fits stored
     for key, t in expected.items():
-        torch.testing.assert_close(got[key], t, rtol=1e-5, atol=1e-6 * float(t.detach().abs().max()), msg=key)
+        torch.testing.assert_close(got[key], t, rtol=1e-4, atol=1e-4 * float(t.detach().abs().max()), msg=key)
 
 
 @pytest.mark.parametrize("block", [0, 1])
