@@ -30,8 +30,8 @@ TORCH_LIBRARY(skd_kernels, m) {
   m.def("prefix_attention_separate(Tensor q, Tensor k, Tensor v, int num_heads, float scale, Tensor? attn_bias) "
         "-> Tensor");
   // x, residual (..., D), weight, bias (D,) or None -> (s = x + residual, LayerNorm(s) over D with eps), both
-  // (..., D) in x's dtype: a pre-norm block's residual add and the next norm in one pass. No Autograd kernel: the
-  // public op differentiates it in Python with ATen's LayerNorm backward.
+  // (..., D) in x's dtype: a pre-norm block's residual add and the next norm in one pass. No Autograd kernel: where
+  // autograd records, the public op runs its reference (ATen's add and LayerNorm) instead.
   m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
   // The differentiable ops' twins: the same schema and kernels, and the autograd (backward in Python,
   // skd_kernels/ops/<op>.py) that the op reaches only when it has a gradient to record (autograd_or_below).

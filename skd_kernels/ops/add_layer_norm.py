@@ -94,14 +94,12 @@ def reference(
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
 
 
-
 def fake(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output metadata of the compiled op (FakeTensorMode, opcheck)."""
     torch._check(x.shape == residual.shape, lambda: "x and residual of one shape")
     return x.new_empty(x.shape), x.new_empty(x.shape)
-
 
 
 if _ops.has_schema(OP):
