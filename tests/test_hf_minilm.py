@@ -167,3 +167,19 @@ def test_wpac_beats_taylor_at_a_quarter_of_every_head(_minilm, calibration, held
     print(scores)
     assert scores["wpac"]["mean_cosine"] > scores["taylor"]["mean_cosine"] + 0.03
     assert scores["wpac"]["spearman"] > scores["taylor"]["spearman"]
+
+
+def test_piad_step_benchmark_trains_the_real_minilm(folder, capsys, monkeypatch) -> None:
+    """benchmarks/piad_step.py --model minilm: the real model's elastic and dense training steps (contrastive loss on
+    skd.text's sentences) at full width and 1/3 of the MACs, each a row of the table."""
+    import sys
+
+    from benchmarks import piad_step
+
+    monkeypatch.setattr(sys, "argv", ["piad_step", "--model", "minilm", "--batch", "2", "--repeats", "1",
+                                      "--dense", "--max-length", str(MAX_LENGTH)])
+    piad_step.main()
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    assert [(r[2].strip(), r[4].strip()) for r in rows] == [("elastic", "1.000"), ("elastic", "0.333"),
+                                                            ("dense", "1.000"), ("dense", "0.333")]
+    assert all(float(r[6]) > 0 for r in rows) and abs(float(rows[1][5]) - 1 / 3) < 0.02  # step ms, MACs fraction
