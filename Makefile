@@ -44,7 +44,8 @@ gpu-check:
 # on an H200 in session 15; one graph since), more than gpu-check has. Builds for the present GPU, then times eager
 # and compiled steps at batch 256 beside the dense models of both widths (compiled too: two more graphs), and a
 # profiled step's kernel time by kind of work, into $OUT/piad-compiled.md (else benchmarks/), with Dynamo's
-# recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B).
+# recompile reasons in piad-compiled.log (PIAD_MODEL=vit_base_patch16_224 for ViT-B). In fp32: compiled bf16
+# autocast training gave wrong gradients on CUDA (session 18), and PIADTrainer and piad_step refuse it.
 GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks)
 PIAD_MODEL ?= vit_small_patch16_224
 # the extension built for the present GPU (incremental: quick after gpu-check on the same machine)
@@ -52,7 +53,7 @@ GPU_BUILD = MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=$$($(GPU_PY) -c "import torch; prin
 	$(GPU_PY) setup.py -q build_ext --inplace
 gpu-piad-compiled:
 	$(GPU_BUILD)
-	TORCH_LOGS=recompiles $(GPU_PY) -m benchmarks.piad_step --device cuda --amp --compile \
+	TORCH_LOGS=recompiles $(GPU_PY) -m benchmarks.piad_step --device cuda --compile \
 		--model $(PIAD_MODEL) --batch 256 --repeats 3 --kernels --dense > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
 
 # The eager no-grad forward on a lent GPU with and without session 16's below-autograd guard, beside the extracted

@@ -17,7 +17,8 @@ On a GPU, `--device cuda --amp` is PIAD's own setting there (bf16 autocast); a s
 There a small batch is host-bound (ViT-S at 64 on an H200: the 1/3 step took 1.03x the full one), and the MACs
 saved show only once the GPU's work outlasts the host's: give several batches to see where. `--compile` also
 times the step through `torch.compile(elastic, dynamic=True)` (PIADTrainer(compile=True)): one graph serves every
-width (full too, since session 15), and inductor's fused kernels take most of the host's per-op work away.
+width (full too, since session 15), and inductor's fused kernels take most of the host's per-op work away; not
+with `--amp` on CUDA, refused as PIADTrainer refuses it (skd.piad.trainer.check_compile: wrong gradients there).
 `--kernels` then profiles one more step of each and splits its time by kind of work (GPU: kernel time; CPU: the
 ops' self time), to show what a narrower subnet shrinks (GEMMs, attention) and what it does not (norms, the
 optimizer, copies and casts).
@@ -45,6 +46,7 @@ import skd
 import skd.digits  # registers vit_digits with timm
 from skd.losses import contrastive_loss
 from skd.piad.recipe import build_optimizer
+from skd.piad.trainer import check_compile
 from skd.timing import add_device_options, call_ms, device_clock, synchronize
 
 FRACTIONS = (1.0, 1 / 3)
@@ -159,6 +161,10 @@ def main() -> None:
     add_device_options(ap)
     args = ap.parse_args()
     clock = device_clock(ap, args)
+    try:  # as PIADTrainer: compiled bf16 training on CUDA gave wrong gradients
+        check_compile(args.compile, args.amp, torch.device(args.device))
+    except ValueError as e:
+        ap.error(str(e))
     torch.manual_seed(0)
     work = minilm_workload(args.max_length) if args.model == "minilm" else timm_workload(args.model)
     model = work.model.to(args.device)

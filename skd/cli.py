@@ -522,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the training steps (one graph serves every width that skips no module): a "
-                        "minute or more up front, then faster steps where eager ones are host-bound (a GPU)")
+                        "minute or more up front, then faster steps where eager ones are host-bound (a GPU); on "
+                        "CUDA with --no-amp only (compiled bf16 gradients were wrong there)")
     t.add_argument("--distill", action="store_true",
                    help="distil the input model's full-width outputs (logits or embeddings) into every subnet: "
                         "what an unlabelled text encoder needs")

@@ -698,19 +698,23 @@ def test_captured_forward_replays_its_subnet(family: str, dtype: torch.dtype, sd
 
 
 @on_cuda
-def test_sdpa_route_on_cuda_follows_host_and_device_time(routes_taken: list[str]) -> None:
-    """From S*N >= D tokens (16 x 17 >= 192): the eager CUDA forward without autograd copies the activations
-    (host-bound, it launches fewer kernels that way); capture's warm-up and graph, and training, reorder the
-    weights."""
+def test_sdpa_route_on_cuda_follows_the_token_count(routes_taken: list[str]) -> None:
+    """On CUDA, where the attention op has no kernel of its own, SDPA on head-major weights from S*N >= D tokens
+    (16 x 17 >= 192), eager without autograd (since session 18), in capture's warm-up and graph, and in training;
+    on the activations' copies below that (3 x 17 < 192)."""
     from skd import ElasticViT
 
     model, inputs = _elastic_case("timm_vit")
     elastic = ElasticViT(model).eval().to("cuda")
-    x = inputs[""].to("cuda").repeat(16, 1, 1, 1)
+    small = inputs[""].to("cuda")
+    x = small.repeat(16, 1, 1, 1)
     taken = routes_taken
     blocks = len(elastic.head_dims)
     with torch.no_grad():
         elastic(x)
+        assert taken == ["_sdpa_reordering_weights"] * blocks
+        taken.clear()
+        elastic(small)
         assert taken == ["_sdpa_copying_activations"] * blocks
         taken.clear()
         elastic.capture(x, warmup=1)  # the warm-up takes the capture's route: it builds the plan's orders
@@ -892,6 +896,10 @@ def test_piad_on_the_device_trains_like_on_cpu(family: str, device: str) -> None
 
 @on_cuda
 @pytest.mark.device_long  # inductor compiles a forward and a backward graph
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "inductor's dynamic-shape bf16 training graphs of ElasticViT gave gradients 0.40-0.42 off eager's on an H200 "
+    "(torch 2.11; aot_eager exact, fp32 and static compiles right): PIADTrainer refuses compile=True with bf16 "
+    "autocast on CUDA (skd.piad.trainer.check_compile). Strict: a torch that passes this should lift the refusal"))
 def test_compiled_autocast_training_is_one_graph_with_eager_gradients_on_cuda() -> None:
     """PIAD's compiled step on the GPU (inductor, bf16 autocast, forward and backward), where its GEMMs trace
     prefix_linear's reference (session 17; the op before): full width, narrower ones and subnets mixing full-width
@@ -903,6 +911,26 @@ def test_compiled_autocast_training_is_one_graph_with_eager_gradients_on_cuda() 
 
     model, inputs = _elastic_case("vit_cls")
     assert_autocast_training_is_one_graph(ElasticViT(model).cuda().train(), inputs[""].cuda())
+
+
+@on_cuda
+def test_piad_refuses_compiled_bf16_training_on_cuda() -> None:
+    """PIADTrainer(compile=True) on CUDA, where amp (bf16 autocast) is the default: a ValueError naming the way out,
+    before the model is wrapped (its weights and layout unchanged); with amp=False it is accepted."""
+    from torch.utils.data import TensorDataset
+
+    from skd import PIADTrainer
+
+    model, inputs = _elastic_case("vit_cls")
+    model = model.cuda()
+    images = inputs[""].cpu().repeat(4, 1, 1, 1)  # one global batch (PIAD_STEPS: 4) at least
+    data = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="use compile=False, or amp=False"):
+        PIADTrainer(model, data, compile=True, **PIAD_STEPS)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not getattr(model, "_skd_wrapped", False)
+    assert not PIADTrainer(model, data, compile=True, amp=False, **PIAD_STEPS).amp
 
 
 @on_cuda

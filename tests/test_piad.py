@@ -407,6 +407,18 @@ def test_compiled_steps_train_like_eager_ones():
     assert apart.norm() <= 1e-3 * moved.norm()
 
 
+def test_compiled_bf16_training_on_cuda_is_refused():
+    """compile=True with bf16 autocast on CUDA raises before anything is compiled (inductor's graphs gave wrong
+    gradients there: tests/test_gpu.py); CPU, fp32 on CUDA and eager bf16 on CUDA pass the check."""
+    from skd.piad.trainer import check_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with pytest.raises(ValueError, match="compile=True with bf16 autocast on CUDA"):
+        check_compile(True, True, cuda)
+    for compile, amp, device in ((True, False, cuda), (False, True, cuda), (True, True, cpu)):
+        check_compile(compile, amp, device)
+
+
 def test_fused_adamw_steps_column_major_matrices_through_their_transposes():
     """PIAD's AdamW updates column-major matrices (skd's stored proj and fc2) as torch's fused AdamW updates the same
     values stored contiguously (to rounding: the kernel's vector loop and scalar tail take other elements), without

@@ -26,7 +26,7 @@ from ..models.inert import through
 from ..subnet import DropoutList, Subnet
 from ..timing import time_ms
 from .budget import Budgets, LatencyTable, multiple_of_for
-from .capture import CapturedForward, capturing
+from .capture import CapturedForward
 from .layout import RankMajorLayout, store_columns_
 from .plan import Plan
 from .symbolic import symbolic_widths
@@ -361,8 +361,7 @@ class ElasticViT(nn.Module):
 
         Without autograd, where the attention op has a kernel (CPU), the op on the rank-major GEMM outputs;
         otherwise SDPA, which needs each head's dims contiguous: whichever of the activations or the kept
-        attention weights is smaller is reordered head-major for it (the activations in an eager CUDA forward
-        without autograd, where host time rules)."""
+        attention weights is smaller is reordered head-major for it."""
         spec, p = self.adapter.blocks[i], plan.blocks[i]
         r = p.r
         s, n, _ = x.shape
@@ -378,15 +377,12 @@ class ElasticViT(nn.Module):
             if bias is not None:  # the ops take (S or 1, H or 1, N, N): a padding mask's (S, 1, 1, N) is expanded
                 bias = bias.to(ys[0].dtype).expand(*bias.shape[:2], n, n)  # (stride 0 over queries: no copy)
             return p.proj(p.attention(*ys, bias))
-        # A frozen plan's copies are made. Otherwise, from S*N >= D tokens the kept weights are fewer to reorder,
-        # except in an eager CUDA forward without autograd: host-bound there, the weight gathers' extra launches
-        # cost more than the copies they save (H200, ViT-S batch 64 bf16: 1.03-1.08x, with the qkv bias gathered
-        # per call; since session 15 it is kept, `HeadMajor._bias`, and both routes launch two kernels a block:
-        # benchmarks/sdpa_routes.py's no-grad rows on ViT-S and ViT-B re-measure it), which win in `capture`'s
-        # graphs (its warm-up too, which builds the plan's orders), compiled, and in training (0.88-0.96x).
-        eager_cuda_inference = (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                                and not capturing())
-        reorders_weights = p.head_major.frozen is not None or (s * n >= x.shape[-1] and not eager_cuda_inference)
+        # A frozen plan's copies are made. Otherwise, from S*N >= D tokens the kept weights are fewer to reorder. Until
+        # session 18 eager CUDA forwards without autograd copied the activations anyway (host-bound, where the
+        # weights route launched more kernels); since the qkv bias's reorder is kept (`HeadMajor._bias`) both launch
+        # two a block, and the H200 measured the weights route at 0.84-1.04x the copies there (geometric mean 0.96,
+        # ViT-S and ViT-B batch 64 bf16; 0.90x at ViT-B's full width; benchmarks/sdpa_routes.py).
+        reorders_weights = p.head_major.frozen is not None or s * n >= x.shape[-1]
         route = self._sdpa_reordering_weights if reorders_weights else self._sdpa_copying_activations
         return route(plan, masks, i, x, bias, dropout)
 

@@ -37,6 +37,17 @@ from .schedule import ProgressiveSchedule
 LossFn = Callable[[Any, Any], torch.Tensor]  # loss_fn(output, batch) -> scalar
 
 
+def check_compile(compile: bool, amp: bool, device: torch.device) -> None:
+    """Refuses compiled bf16-autocast training on CUDA (ValueError): inductor's dynamic-shape graphs of ElasticViT's
+    training step gave gradients 0.40-0.42 (relative) off eager's and fp32's there, while the same graph compiled
+    without inductor (aot_eager) matched exactly, compiled in fp32 to 2-5e-4, and compiled statically to 7e-3, as a
+    dense model does (an H200, torch 2.11: benchmarks/RESULTS.md, "NVIDIA H200, session 18"). Eager bf16 training
+    and compiled fp32 training stay available; CPU's compiled bf16 gradients match eager's."""
+    if compile and amp and device.type == "cuda":
+        raise ValueError("compile=True with bf16 autocast on CUDA trains on wrong gradients (inductor's dynamic-shape "
+                         "graphs were 0.4 off eager's on an H200, torch 2.11): use compile=False, or amp=False")
+
+
 class PIADTrainer:
     """Train an ElasticViT super-network so every subnetwork along its Dropout List is good (or a baseline).
 
@@ -70,6 +81,7 @@ class PIADTrainer:
     skipped branches compiles its own (a width of 0: a Dropout List at a low target drops whole modules, nested,
     so at most one pattern per module; layerdrop any). Each graph costs seconds to a minute of compiling (ViT-S on
     an H200: ~50 s); it pays where an eager step is host-bound, on a GPU (benchmarks/piad_step.py --compile).
+    Not with bf16 autocast on CUDA, which raises (`check_compile`: inductor's graphs gave wrong gradients there).
     Evaluation and importance passes stay eager.
     Reporting (`skd.piad.report`): progress bars (training and importance passes) that keep their final
     state when `progress`; one line per epoch when `verbose` (default: as `progress`; loss, lr, list
@@ -151,15 +163,17 @@ class PIADTrainer:
         self.loss_fn, self.label_smoothing = loss_fn, label_smoothing
         self.seed, self.clip_grad = seed, clip_grad
 
-        init_from_env()
-        self.rank, self.world = rank_world()
-        self.elastic = model if isinstance(model, ElasticViT) else ElasticViT(model)
-        self.adapter = self.elastic.adapter
-        self.device = next(self.elastic.parameters()).device
+        self.device = next(model.parameters()).device
         if teacher is not None and next(teacher.parameters()).device != self.device:
             raise ValueError(f"the teacher is on {next(teacher.parameters()).device}, the model on {self.device}: "
                              "move both to one device")
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        check_compile(compile, self.amp, self.device)  # before the model is wrapped: a refused call changes nothing
+
+        init_from_env()
+        self.rank, self.world = rank_world()
+        self.elastic = model if isinstance(model, ElasticViT) else ElasticViT(model)
+        self.adapter = self.elastic.adapter
         # what the steps call: the modules themselves, or compiled wrappers sharing their parameters
         self._student = torch.compile(self.elastic, dynamic=True) if compile else self.elastic
         self._teacher = torch.compile(self.teacher, dynamic=True) if compile and teacher is not None else self.teacher
