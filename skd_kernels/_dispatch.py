@@ -272,6 +272,13 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def traced_without_grad() -> bool:
+    """Whether torch.compile is tracing a no-grad forward: `needs_grad` is True there too, but nothing records, so
+    an op keeps its kernel in the graph where a recorded call (eager, or a traced training graph) would run its
+    PyTorch composite (prefix_linear's `_torch_autograd`, add_layer_norm's `run_checked`)."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 def below_autograd(fn: Callable[..., object], *args: object) -> object:
     """`fn(*args)` (`fn` a kernel from `kernel`, or any code in which nothing must record autograd: skd's
     no-grad elastic forward) run below the dispatcher's autograd layer, for callers whose inputs need no

@@ -53,8 +53,7 @@ def run_checked(
     mean and rstd) made ElasticViT's training step 3-7 % slower on the digits ViT and no faster on ViT-S (fp32,
     bf16; CPU, 1 thread: benchmarks/RESULTS.md, "Session 18"). A compiled no-grad forward keeps the kernel."""
     fn = _dispatch.kernel(OP, x.device, x.dtype)  # a forced backend without a kernel for these tensors raises
-    # needs_grad is True whenever torch.compile traces: grad mode tells a training graph from a no-grad one
-    if _dispatch.needs_grad(x, residual, weight, bias) and torch.is_grad_enabled():
+    if _dispatch.needs_grad(x, residual, weight, bias) and not _dispatch.traced_without_grad():
         return reference(x, residual, weight, bias, eps)
     return fn(x, residual, weight, bias, eps)
 

@@ -99,7 +99,7 @@ def bind(
                 or x.shape[-1] < k_in:
             check(x, weight, bias, k_in, k_out, activation)  # raises prefix_linear's error for this x
         if _dispatch.needs_grad(x, weight, bias):
-            if torch_autograd and not _traced_without_grad():
+            if torch_autograd and not _dispatch.traced_without_grad():
                 return reference(x, weight, bias, k_in, k_out, activation)
             return fn(x, weight, bias, k_in, k_out, activation)
         if not on_views:
@@ -123,12 +123,7 @@ def _torch_autograd(device: torch.device) -> bool:
     bias and GELU itself and its backward keeps the pre-activation (the digits ViT's compiled CPU step at 1/3 of the
     MACs: 0.94x the op's). Not in a compiled no-grad forward, which keeps the op's kernel (oneDNN's bf16 linear on
     CPU), and not for a forced backend (that kernel is asked for)."""
-    return device.type in ("cpu", "cuda") and not _dispatch._forced_name() and not _traced_without_grad()
-
-
-def _traced_without_grad() -> bool:
-    """Whether torch.compile is tracing a no-grad forward, whose graph keeps the op's kernel (`_torch_autograd`)."""
-    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    return device.type in ("cpu", "cuda") and not _dispatch._forced_name() and not _dispatch.traced_without_grad()
 
 
 def _views_run(fn: Callable[..., object], device: torch.device) -> bool:
