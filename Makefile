@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test bench lint gpu-check gpu-piad-compiled gpu-eager
+.PHONY: setup demo test bench lint gpu-check gpu-piad-compiled gpu-eager gpu-compiled-gradients
 setup: .venv/.skd-deps .venv/.skd-ext
 
 .venv/.skd-deps: pyproject.toml setup.py
@@ -55,6 +55,14 @@ gpu-piad-compiled:
 	$(GPU_BUILD)
 	TORCH_LOGS=recompiles $(GPU_PY) -m benchmarks.piad_step --device cuda --compile \
 		--model $(PIAD_MODEL) --batch 256 --repeats 3 --kernels --dense > $(GPU_OUT)/piad-compiled.md 2> $(GPU_OUT)/piad-compiled.log
+
+# Which compiler setting gives compiled bf16-autocast training wrong gradients on CUDA (session 18: 0.40 off eager's,
+# so PIADTrainer refuses it): every variant of benchmarks/compiled_gradients.py in its own process, 6 at a time,
+# into $OUT/compiled-gradients.md (else benchmarks/), rewritten as each ends.
+gpu-compiled-gradients:
+	$(GPU_BUILD)
+	$(GPU_PY) -m benchmarks.compiled_gradients --device cuda --jobs 6 --timeout 240 \
+		--out $(GPU_OUT)/compiled-gradients.md > $(GPU_OUT)/compiled-gradients.log 2>&1
 
 # The eager no-grad forward on a lent GPU with and without session 16's below-autograd guard, beside the extracted
 # model (ViT-S and ViT-B, batch 64, bf16; about a minute after the build), into $OUT/eager.md (else benchmarks/).

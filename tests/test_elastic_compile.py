@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import hf_helpers
 import pytest
-import timm
 import torch
 from elastic_oracle import compiled_counting, rel_err
 from timm.models.swin_transformer import SwinTransformer
 from torch.profiler import ProfilerActivity, profile
 
 import skd_kernels
+from benchmarks import compiled_gradients
 from skd import ElasticViT, Subnet
 from skd.compensation import set_input_mean
 
@@ -22,13 +23,8 @@ KEEPS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _elastic() -> ElasticViT:
-    """A 2-block ViT-Ti-width model (head_dim 64, hidden 768) on 32 px inputs, weights perturbed, eval mode."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
-    with torch.no_grad():  # random init leaves biases at 0: make every term matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return ElasticViT(model).eval()
+    """benchmarks/compiled_gradients.py's model: 2 blocks of ViT-Ti width (head_dim 64, hidden 768), 32 px, eval."""
+    return compiled_gradients.tiny_elastic()
 
 
 def test_one_graph_serves_four_widths_and_any_subnet() -> None:
@@ -230,3 +226,33 @@ def test_one_graph_where_the_forced_backend_is_a_trace_constant(monkeypatch: pyt
                 y = compiled(x)
             assert counter.frame_count == 1 and rel_err(y, elastic(x)) <= 1e-6
     assert not [e.key for e in prof.events() if e.key.startswith("skd_kernels::")]  # the references' aten ops
+
+
+def test_compiled_gradients_reports_each_variant(tmp_path: Path) -> None:
+    """benchmarks/compiled_gradients.py (the device's diagnosis of compiled bf16 training) on CPU, where inductor's
+    bf16 graph is right: per subnet a gradient error within the tolerance but not 0 (bf16 GEMMs fused otherwise
+    than eager's), the report written to --out; a variant past its time limit is a row saying so."""
+    out = tmp_path / "report.md"
+    (row,) = compiled_gradients.main(["--device", "cpu", "--variants", "inductor", "--jobs", "1", "--out", str(out)])
+    assert row["error"] is None and row["missing"] == [] and len(row["subnets"]) == 2
+    assert all(0 < s["grad_err"] <= compiled_gradients.TOLERANCE for s in row["subnets"]), row
+    assert "every subnet: inductor@12." in out.read_text()
+    stopped = compiled_gradients._child("aot_eager", 3, "cpu", 1, 0.5)
+    assert stopped["error"] == "stopped at its 0.5 s limit" and stopped["subnets"] == []
+
+
+def test_compiled_gradients_overrides_only_what_this_torch_has() -> None:
+    """A variant's config overrides hold inside the block and are undone after; names this torch lacks are
+    returned, not set."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    variant = compiled_gradients.Variant(inductor={"triton.persistent_reductions": False, "no_such.option": 1},
+                                         functorch={"backward_pass_autocast": "off"})
+    before = (torch._inductor.config.triton.persistent_reductions, torch._functorch.config.backward_pass_autocast)
+    with compiled_gradients._config(variant) as missing:
+        assert missing == ["no_such.option"]
+        assert torch._inductor.config.triton.persistent_reductions is False
+        assert torch._functorch.config.backward_pass_autocast == "off"
+    assert (torch._inductor.config.triton.persistent_reductions,
+            torch._functorch.config.backward_pass_autocast) == before != (False, "off")
