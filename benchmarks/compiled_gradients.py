@@ -6,8 +6,9 @@ Session 18's lease (an H200, torch 2.11) found inductor's dynamic-shape training
 compile right to 7e-3; PIADTrainer has refused compile=True with bf16 autocast on CUDA since
 (skd.piad.trainer.check_compile). This script narrows it on the next device: every variant changes one thing
 against the failing case ("inductor": dynamic=True, bf16 autocast) and reports, per subnet (full width, then
-narrower), the compiled forward's output error, the gradients' error (max-norm, relative) and the worst
-parameters. A variant that fixes it names a workaround; the worst parameters say where the error enters.
+narrower), the compiled forward's output error, the gradients' error (max-norm, relative), the worst
+parameters and the wrong one nearest the output (where the error enters the backward). A variant that fixes it
+names a workaround.
 
     python -m benchmarks.compiled_gradients --device cuda [--jobs 6] [--variants a,b] [--out report.md]
     python -m benchmarks.compiled_gradients --device cpu --variants inductor,aot_eager --jobs 2   # CPU check
@@ -159,14 +160,18 @@ def run_variant(name: str, batch: int, device: str) -> dict:
                 outs.append(out.detach())
                 grads.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                               for p in elastic.parameters() if p.requires_grad])
-            per_param = sorted(((rel_err(a, b), n) for n, a, b in zip(names, *grads, strict=True)
-                                if b.abs().sum() > 0), reverse=True)
+            errs = [(n, rel_err(a, b)) for n, a, b in zip(names, *grads, strict=True) if b.abs().sum() > 0]
+            per_param = sorted(((e, n) for n, e in errs), reverse=True)
+            # backward reaches parameters in roughly reverse model order: the wrong gradient nearest the output
+            # marks where the error enters
+            entry = next(((n, e) for n, e in reversed(errs) if e > TOLERANCE), None)
             row["subnets"].append({
                 "subnet": f"attn={list(subnet.attn)} mlp={list(subnet.mlp)}",
                 "out_err": rel_err(*outs),
                 "grad_err": rel_err(torch.cat([g.flatten() for g in grads[0]]),
                                     torch.cat([g.flatten() for g in grads[1]])),
-                "worst": [[n, e] for e, n in per_param[:3]]})
+                "worst": [[n, e] for e, n in per_param[:3]],
+                "entry": entry})
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -195,17 +200,18 @@ def _child(name: str, batch: int, device: str, threads: int, timeout: float) -> 
 
 def report(rows: list[dict], header: str) -> str:
     """The markdown table of rows (in run order) under `header`, and which variants come within TOLERANCE."""
-    lines = [header, "", "| variant | batch | subnet | output err | gradient err | worst parameters (err) | s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| variant | batch | subnet | output err | gradient err | worst parameters (err) | "
+             "wrong nearest the output | s |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         note = f" (lacks {', '.join(row['missing'])})" if row.get("missing") else ""
         if row["error"]:
-            lines.append(f"| {row['variant']}{note} | {row['batch']} | - | - | - | {row['error']} | "
+            lines.append(f"| {row['variant']}{note} | {row['batch']} | - | - | - | {row['error']} | - | "
                          f"{row['seconds']:.0f} |")
         for s in row["subnets"]:
             worst = ", ".join(f"{n} {e:.1e}" for n, e in s["worst"])
+            entry = "none" if s["entry"] is None else f"{s['entry'][0]} {s['entry'][1]:.1e}"
             lines.append(f"| {row['variant']}{note} | {row['batch']} | {s['subnet']} | {s['out_err']:.1e} | "
-                         f"{s['grad_err']:.1e} | {worst} | {row['seconds']:.0f} |")
+                         f"{s['grad_err']:.1e} | {worst} | {entry} | {row['seconds']:.0f} |")
     right = [f"{r['variant']}@{r['batch']}" for r in rows
              if not r["error"] and r["subnets"] and all(s["grad_err"] <= TOLERANCE for s in r["subnets"])]
     lines += ["", f"Within {TOLERANCE:g} of eager's gradients in every subnet: {', '.join(right) or 'none'}."]
