@@ -256,3 +256,20 @@ def test_compiled_gradients_overrides_only_what_this_torch_has() -> None:
         assert torch._functorch.config.backward_pass_autocast == "off"
     assert (torch._inductor.config.triton.persistent_reductions,
             torch._functorch.config.backward_pass_autocast) == before != (False, "off")
+
+
+def test_compiled_gradients_narrows_where_the_failing_case_is_wrong() -> None:
+    """A plain run's plan once the failing case has run on both routes: wrong on the weights route, the queued
+    variants stay; right there but wrong on the activations route, they move there; right on both, none run."""
+    cg = compiled_gradients
+
+    def row(grad_err: float) -> dict:
+        return {"error": None, "subnets": [{"grad_err": grad_err}, {"grad_err": 1e-3}]}
+
+    wrong, fine = row(0.4), row(1e-3)
+    weights, activations = cg.BASELINES
+    assert cg._narrowed({weights: wrong, activations: wrong}) == (None, "")
+    moved, note = cg._narrowed({weights: fine, activations: wrong})
+    assert moved == [(v, cg.ACTIVATIONS_ROUTE_BATCH) for v in cg.VARIANTS if v != "inductor"] and "activations" in note
+    assert cg._narrowed({weights: fine, activations: fine})[0] == []
+    assert not cg.right({"error": "exit 1: boom", "subnets": []})
