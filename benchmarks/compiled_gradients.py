@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -263,7 +265,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs = BASELINES + [(v, WEIGHTS_ROUTE_BATCH) for v in VARIANTS if v != "inductor"]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    header = (f"## Compiled training vs eager, {device}, torch {torch.__version__}\n\nbf16 autocast unless the "
+    triton = importlib.util.find_spec("triton") and importlib.metadata.version("triton")
+    header = (f"## Compiled training vs eager, {device}, torch {torch.__version__}, triton {triton or 'absent'}\n\n"
+              "bf16 autocast unless the "
               "variant says fp32; errors max |compiled - eager| / max |eager|, the gradients' over every parameter")
     rows: dict[tuple[str, int], dict] = {}
     note, narrowing = "", not args.variants
