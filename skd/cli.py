@@ -378,7 +378,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     _check_budgets("--macs", [args.macs], elastic)
     elastic.set_subnet(macs=args.macs)
     save(elastic.extract(), args.out, extra=extra or None)
-    print(f"wrote {args.out}: {elastic.macs() / 1e6:.2f} M MACs per image "
+    print(f"wrote {args.out}: {elastic.macs() / 1e6:.2f} M MACs per sample "
           f"({elastic.macs() / elastic.full_macs:.3f} of the full model), subnet {elastic.subnet}")
 
 
@@ -410,7 +410,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     dl = elastic.dropout_list
     print(f"dropout list: {'none (uniform budgets)' if dl is None else f'{len(dl)} units'}")
     print(f"budget widths: multiples of {elastic.multiple_of} (or full, or 0)")
-    print(f"full MACs:    {elastic.full_macs / 1e6:.2f} M per image")
+    print(f"full MACs:    {elastic.full_macs / 1e6:.2f} M per sample")
     for row in extra.get("history") or []:
         print("epoch:        " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()))
