@@ -133,7 +133,7 @@ def tiny_elastic() -> ElasticViT:
 
 def run_variant(name: str, batch: int, device: str) -> dict:
     """One (variant, batch) in this process: per subnet, the compiled step's output and gradient errors against
-    eager and the three worst parameters. Returns the row as plain data."""
+    eager, the three worst parameters and the wrong one nearest the output. Returns the row as plain data."""
     variant = VARIANTS[name]
     elastic = tiny_elastic().to(device).train()
     torch.manual_seed(1)
@@ -267,13 +267,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     triton = importlib.util.find_spec("triton") and importlib.metadata.version("triton")
     header = (f"## Compiled training vs eager, {device}, torch {torch.__version__}, triton {triton or 'absent'}\n\n"
-              "bf16 autocast unless the "
-              "variant says fp32; errors max |compiled - eager| / max |eager|, the gradients' over every parameter")
+              "bf16 autocast unless the variant says fp32; errors max |compiled - eager| / max |eager|, the "
+              "gradients' over every parameter")
     rows: dict[tuple[str, int], dict] = {}
     note, narrowing = "", not args.variants
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        def submit(batch: list[tuple[str, int]]) -> dict:
-            return {pool.submit(_child, v, b, args.device, threads, args.timeout): (v, b) for v, b in batch}
+        def submit(todo: list[tuple[str, int]]) -> dict:
+            return {pool.submit(_child, v, b, args.device, threads, args.timeout): (v, b) for v, b in todo}
 
         pending = submit(runs)
         while pending:
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     done = [rows[r] for r in runs if r in rows]
     print(report(done, header, note))
     return done
+
 
 if __name__ == "__main__":
     main()
